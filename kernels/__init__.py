@@ -1,0 +1,14 @@
+"""Triton kernels of mlkd_fast, installed as ``mlkd_fast.kernels``: one file per op, each holding
+its kernels, their launchers and the ``torch.library`` custom ops with their autograd.
+
+- :mod:`mlkd_fast.kernels.kd_kl`: temperature KL on logits, loss and gradient in one pass.
+- :mod:`mlkd_fast.kernels.correlation`: tiled batch-correlation KL (never builds the M x N matrix).
+
+``TRITON_INTERPRET=1`` must be set before this package is imported for the kernels to run on CPU
+tensors (the interpreter reads it when ``@triton.jit`` runs).
+"""
+import os
+
+import triton  # noqa: F401  (fails fast where Triton is missing; mlkd_fast.backends catches it)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,333 @@
+"""Batch-correlation KL (SPEC 2.2), tiled like flash attention: the (M, N) matrices never exist.
+
+For each network, with inverse row norms r = 1 / max(||x||, eps):
+    x_ij = (a_i . b_j) r^a_i r^b_j / tau            (student: x^s, teacher: x^t)
+    l_i  = sum_j P_ij (log P_ij - log Q_ij),  P = softmax_j(x^t), Q = softmax_j(x^s)
+         = A_i / Z^t_i - lse^t_i + lse^s_i,   A_i = sum_j e^(x^t_ij - m^t_i) (x^t_ij - x^s_ij)
+The forward streams column tiles, keeping per row the online maxima, sums and A (O(M) state), and
+stores l, lse^s, lse^t. With d loss / d l_i = g_i the student gradient is
+    d loss / d x^s_ij = g_i (Q_ij - P_ij)
+    d loss / d a^_i   = sum_j g_i (Q_ij - P_ij) / tau * b^_j          (row pass, programs over rows)
+    d loss / d b^_j   = sum_i g_i (Q_ij - P_ij) / tau * a^_i          (column pass, no atomics)
+with a^ = a r^a; both passes recompute the tiles of x^s and x^t from the saved lse's, and
+d a = r (d a^ - a^ (a^ . d a^)) (while ||a|| > eps) finishes the normalisation in PyTorch.
+
+Work: forward 2 M N (Ds + Dt) flops; backward 2x that for the recomputation plus 2 M N Ds per pass.
+Memory read: each program of the forward reads its row block once and every column block once:
+(M/BM) * N * (Ds + Dt) elements; extra memory is O(M + N) (lse's, norms) beyond the gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+NORM_EPS = 1e-8
+
+
+@triton.jit
+def _sim_tile(
+    A_ptr, A_stride, rows, row_ok, RA,  # row features (M, D), their (BM,) indices/mask/inverse norms
+    B_ptr, B_stride, cols, col_ok, RB,  # column features (N, D)
+    D, inv_tau,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """(BM, BN) tile of the scaled cosine similarities x_ij = a_i.b_j r_i r_j / tau (fp32)."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    a = tl.load(A_ptr + rows[:, None].to(tl.int64) * A_stride + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    b = tl.load(B_ptr + cols[:, None].to(tl.int64) * B_stride + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    dots = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    return dots * (RA * inv_tau)[:, None] * RB[None, :]
+
+
+@triton.jit
+def _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG: tl.constexpr):
+    ok = col_ok[None, :] & (rows[:, None] >= 0)
+    if EXCLUDE_DIAG:
+        ok = ok & (rows[:, None] != cols[None, :])
+    return ok
+
+
+@triton.jit
+def _corr_fwd_kernel(
+    AS_ptr, AS_stride, AT_ptr, AT_stride,  # student (M, Ds), teacher (M, Dt) row features
+    BS_ptr, BS_stride, BT_ptr, BT_stride,  # student (N, Ds), teacher (N, Dt) column features
+    RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # fp32 inverse norms (M,), (M,), (N,), (N,)
+    Loss_ptr, LseS_ptr, LseT_ptr,  # (M,) fp32 outputs: l_i, lse^s_i, lse^t_i
+    M, N, DS, DT, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ra_s = tl.load(RAS_ptr + rows, mask=row_ok, other=0.0)
+    ra_t = tl.load(RAT_ptr + rows, mask=row_ok, other=0.0)
+    m_s = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    m_t = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    z_s = tl.zeros((BLOCK_M,), tl.float32)
+    z_t = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        rb_s = tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)
+        rb_t = tl.load(RBT_ptr + cols, mask=col_ok, other=0.0)
+        x_s = _sim_tile(AS_ptr, AS_stride, rows, row_ok, ra_s, BS_ptr, BS_stride, cols, col_ok, rb_s,
+                        DS, inv_tau, BLOCK_DS, PRECISION)
+        x_t = _sim_tile(AT_ptr, AT_stride, rows, row_ok, ra_t, BT_ptr, BT_stride, cols, col_ok, rb_t,
+                        DT, inv_tau, BLOCK_DT, PRECISION)
+        ok = _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG)
+        x_s = tl.where(ok, x_s, -float("inf"))
+        x_t = tl.where(ok, x_t, -float("inf"))
+
+        new_m_s = tl.maximum(m_s, tl.max(x_s, axis=1))
+        ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
+        z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(x_s - ref_s[:, None]), axis=1)
+        m_s = new_m_s
+        new_m_t = tl.maximum(m_t, tl.max(x_t, axis=1))
+        ref_t = tl.where(new_m_t == -float("inf"), 0.0, new_m_t)
+        rescale = tl.exp(m_t - ref_t)
+        e_t = tl.exp(x_t - ref_t[:, None])
+        z_t = z_t * rescale + tl.sum(e_t, axis=1)
+        acc = acc * rescale + tl.sum(tl.where(ok, e_t * (x_t - x_s), 0.0), axis=1)
+        m_t = new_m_t
+    lse_s = m_s + tl.log(z_s)
+    lse_t = m_t + tl.log(z_t)
+    tl.store(Loss_ptr + rows, acc / z_t - lse_t + lse_s, mask=row_ok)
+    tl.store(LseS_ptr + rows, lse_s, mask=row_ok)
+    tl.store(LseT_ptr + rows, lse_t, mask=row_ok)
+
+
+@triton.jit
+def _corr_bwd_rows_kernel(
+    AS_ptr, AS_stride, AT_ptr, AT_stride,  # row features
+    BS_ptr, BS_stride, BT_ptr, BT_stride,  # column features
+    RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms
+    LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
+    DA_ptr, DA_stride,  # (M, Ds) fp32 out: d loss / d a^ (normalised rows)
+    M, N, DS, DT, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ra_s = tl.load(RAS_ptr + rows, mask=row_ok, other=0.0)
+    ra_t = tl.load(RAT_ptr + rows, mask=row_ok, other=0.0)
+    lse_s = tl.load(LseS_ptr + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(LseT_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(G_ptr + rows, mask=row_ok, other=0.0)
+    d = tl.arange(0, BLOCK_DS)
+    d_ok = d < DS
+    acc = tl.zeros((BLOCK_M, BLOCK_DS), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        rb_s = tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)
+        rb_t = tl.load(RBT_ptr + cols, mask=col_ok, other=0.0)
+        x_s = _sim_tile(AS_ptr, AS_stride, rows, row_ok, ra_s, BS_ptr, BS_stride, cols, col_ok, rb_s,
+                        DS, inv_tau, BLOCK_DS, PRECISION)
+        x_t = _sim_tile(AT_ptr, AT_stride, rows, row_ok, ra_t, BT_ptr, BT_stride, cols, col_ok, rb_t,
+                        DT, inv_tau, BLOCK_DT, PRECISION)
+        ok = _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG)
+        q = tl.where(ok, tl.exp(x_s - lse_s[:, None]), 0.0)
+        p = tl.where(ok, tl.exp(x_t - lse_t[:, None]), 0.0)
+        # d loss / d a^_i = sum_j [g_i (Q - P)_ij / tau * r^b_j] b_j
+        w = (g * inv_tau)[:, None] * (q - p) * rb_s[None, :]
+        b = tl.load(BS_ptr + cols[:, None].to(tl.int64) * BS_stride + d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
+    tl.store(DA_ptr + rows[:, None].to(tl.int64) * DA_stride + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _corr_bwd_cols_kernel(
+    AS_ptr, AS_stride, AT_ptr, AT_stride,  # row features
+    BS_ptr, BS_stride, BT_ptr, BT_stride,  # column features
+    RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms
+    LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
+    DB_ptr, DB_stride,  # (N, Ds) fp32 out: d loss / d b^ (normalised columns)
+    M, N, DS, DT, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rb_s = tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)
+    rb_t = tl.load(RBT_ptr + cols, mask=col_ok, other=0.0)
+    d = tl.arange(0, BLOCK_DS)
+    d_ok = d < DS
+    acc = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
+    for start in range(0, M, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ra_s = tl.load(RAS_ptr + rows, mask=row_ok, other=0.0)
+        ra_t = tl.load(RAT_ptr + rows, mask=row_ok, other=0.0)
+        lse_s = tl.load(LseS_ptr + rows, mask=row_ok, other=0.0)
+        lse_t = tl.load(LseT_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(G_ptr + rows, mask=row_ok, other=0.0)
+        x_s = _sim_tile(AS_ptr, AS_stride, rows, row_ok, ra_s, BS_ptr, BS_stride, cols, col_ok, rb_s,
+                        DS, inv_tau, BLOCK_DS, PRECISION)
+        x_t = _sim_tile(AT_ptr, AT_stride, rows, row_ok, ra_t, BT_ptr, BT_stride, cols, col_ok, rb_t,
+                        DT, inv_tau, BLOCK_DT, PRECISION)
+        ok = _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG) & row_ok[:, None]
+        q = tl.where(ok, tl.exp(x_s - lse_s[:, None]), 0.0)
+        p = tl.where(ok, tl.exp(x_t - lse_t[:, None]), 0.0)
+        # d loss / d b^_j = sum_i [g_i (Q - P)_ij / tau * r^a_i] a_i
+        w = (g * inv_tau * ra_s)[:, None] * (q - p)
+        a = tl.load(AS_ptr + rows[:, None].to(tl.int64) * AS_stride + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.dot(tl.trans(w.to(a.dtype)), a, input_precision=PRECISION)
+    tl.store(DB_ptr + cols[:, None].to(tl.int64) * DB_stride + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _inv_norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
+
+
+def _config(ds: int, dt: int) -> dict:
+    block_ds = max(16, triton.next_power_of_2(ds))
+    block_dt = max(16, triton.next_power_of_2(dt))
+    widest = max(block_ds, block_dt)
+    block = 64 if widest <= 128 else 32 if widest <= 512 else 16
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_DS=block_ds, BLOCK_DT=block_dt,
+                num_warps=4 if widest <= 128 else 8)
+
+
+def _precision(x: Tensor) -> str:
+    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _operands(a_s, a_t, b_s, b_t):
+    square = b_s is None
+    # fp64 runs in fp32 (tl.dot has no fp64 path on tensor cores); other dtypes as they are.
+    a_s, a_t = (x.float() if x.dtype == torch.float64 else x for x in (a_s, a_t))
+    b_s, b_t = (a_s, a_t) if square else (x.float() if x.dtype == torch.float64 else x for x in (b_s, b_t))
+    return square, a_s, a_t, b_s, b_t
+
+
+def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool):
+    square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
+    m, n = a_s.shape[0], b_s.shape[0]
+    ra_s, ra_t = _inv_norms(a_s), _inv_norms(a_t)
+    rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
+    loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
+    lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
+    cfg = _config(a_s.shape[1], a_t.shape[1])
+    _corr_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
+        ra_s, ra_t, rb_s, rb_t, loss, lse_s, lse_t,
+        m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau,
+        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg,
+    )
+    return loss, lse_s, lse_t
+
+
+def _norm_backward(x: Tensor, inv_norm: Tensor, d_hat: Tensor) -> Tensor:
+    """Gradient through x^ = x / max(||x||, eps) given d loss / d x^ (fp32)."""
+    x_hat = x.float() * inv_norm[:, None]
+    radial = (x_hat * d_hat).sum(dim=1, keepdim=True) * (inv_norm < 1.0 / NORM_EPS)[:, None]
+    return inv_norm[:, None] * (d_hat - x_hat * radial)
+
+
+def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: bool):
+    orig_a, orig_b = a_s, b_s
+    square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
+    m, n = a_s.shape[0], b_s.shape[0]
+    ra_s, ra_t = _inv_norms(a_s), _inv_norms(a_t)
+    rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
+    g = g.to(torch.float32).contiguous()
+    cfg = _config(a_s.shape[1], a_t.shape[1])
+    d_a_hat = torch.empty((m, a_s.shape[1]), dtype=torch.float32, device=a_s.device)
+    d_b_hat = torch.empty((n, b_s.shape[1]), dtype=torch.float32, device=a_s.device)
+    common = (a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
+              ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, g)
+    sizes = (m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau)
+    _corr_bwd_rows_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        *common, d_a_hat, d_a_hat.stride(0), *sizes,
+        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
+    _corr_bwd_cols_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        *common, d_b_hat, d_b_hat.stride(0), *sizes,
+        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
+    if square:
+        d_a = _norm_backward(a_s, ra_s, d_a_hat + d_b_hat).to(orig_a.dtype)
+        return d_a, torch.empty(0, dtype=orig_a.dtype, device=orig_a.device)
+    d_a = _norm_backward(a_s, ra_s, d_a_hat).to(orig_a.dtype)
+    d_b = _norm_backward(b_s, rb_s, d_b_hat).to(orig_b.dtype)
+    return d_a, d_b
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops + autograd
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mlkd_fast_triton::correlation_fwd", mutates_args=())
+def correlation_fwd_op(
+    student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor], teacher_cols: Optional[Tensor],
+    tau: float, exclude_diagonal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row correlation KL ``l_i`` and the row log-sum-exps of both similarity matrices (fp32)."""
+    return _launch_fwd(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)
+
+
+@correlation_fwd_op.register_fake
+def _(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal):
+    m = student_rows.shape[0]
+    return tuple(student_rows.new_empty(m, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("mlkd_fast_triton::correlation_bwd", mutates_args=())
+def correlation_bwd_op(
+    grad_rows: Tensor, student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor],
+    teacher_cols: Optional[Tensor], lse_s: Tensor, lse_t: Tensor, tau: float, exclude_diagonal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum_i grad_rows_i l_i`` for the student rows and columns (columns: empty in
+    square mode, where the rows receive both)."""
+    return _launch_bwd(grad_rows, student_rows, teacher_rows, student_cols, teacher_cols, lse_s, lse_t,
+                       tau, exclude_diagonal)
+
+
+@correlation_bwd_op.register_fake
+def _(grad_rows, student_rows, teacher_rows, student_cols, teacher_cols, lse_s, lse_t, tau, exclude_diagonal):
+    d_b = student_cols.new_empty(student_cols.shape) if student_cols is not None else student_rows.new_empty(0)
+    return student_rows.new_empty(student_rows.shape), d_b
+
+
+def _corr_setup_context(ctx, inputs, output):
+    a_s, a_t, b_s, b_t, tau, exclude_diag = inputs
+    _, lse_s, lse_t = output
+    ctx.tau, ctx.exclude_diag, ctx.square = tau, exclude_diag, b_s is None
+    if ctx.square:
+        ctx.save_for_backward(a_s, a_t, lse_s, lse_t)
+    else:
+        ctx.save_for_backward(a_s, a_t, b_s, b_t, lse_s, lse_t)
+
+
+def _corr_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
+    if ctx.square:
+        a_s, a_t, lse_s, lse_t = ctx.saved_tensors
+        b_s = b_t = None
+    else:
+        a_s, a_t, b_s, b_t, lse_s, lse_t = ctx.saved_tensors
+    d_a, d_b = correlation_bwd_op(grad_rows, a_s, a_t, b_s, b_t, lse_s, lse_t, ctx.tau, ctx.exclude_diag)
+    return d_a, None, (None if ctx.square else d_b), None, None, None
+
+
+correlation_fwd_op.register_autograd(_corr_backward, setup_context=_corr_setup_context)
+
+
+def correlation_kl_rows(
+    student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor], teacher_cols: Optional[Tensor],
+    tau: float, exclude_diagonal: bool,
+) -> Tensor:
+    """Per-row correlation KL (fp32, length M) with autograd to the student features; the teacher
+    features are constants."""
+    rows, _, _ = correlation_fwd_op(student_rows, teacher_rows.detach(), student_cols,
+                                    None if teacher_cols is None else teacher_cols.detach(), float(tau),
+                                    bool(exclude_diagonal))
+    return rows

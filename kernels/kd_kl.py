@@ -1,0 +1,294 @@
+"""Temperature KL on raw logits (SPEC 2.1): loss and gradient in one pass over the data.
+
+Per row, with u = t / T, v = s / T, p = softmax(u), q = softmax(v):
+    l       = sum_c p_c (log p_c - log q_c)
+            = A / Z_t - lse_t + lse_s,   A = sum_c e^(u_c - m_t) (u_c - v_c),  Z_t = sum_c e^(u_c - m_t)
+    d(T^2 l)/ds = T (q - p)                        (student gradient, stored in the forward)
+    d(T^2 l)/dt = T p (log p - log q - l)           (teacher gradient, online distillation only)
+A -inf teacher logit has p = 0: its term of A and its teacher gradient are exactly 0 (never 0 * inf).
+A, Z and the maxima m are accumulated online over column chunks, so rows of any length work.
+
+Bytes per element (bf16 in/out), row fits on chip: read s, t (4) + write grad_s (2) = 6 bytes, one
+pass; the teacher gradient adds 2 more. Longer rows (or few rows) use two passes: a stats pass that
+reads s, t (4) and a gradient pass that reads them again and writes the gradient (6).
+The backward multiplies the stored gradient by d loss / d l_i (read 2 + write 2), on the device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import INTERPRET
+
+MAX_FUSED_BLOCK = 16384  # longest row held on chip by one program (elements)
+SPLIT_BLOCK = 4096  # column chunk of the two-pass path
+
+
+@triton.jit
+def _kd_kl_fused_kernel(
+    S_ptr, S_stride,  # student logits (N, C), unit column stride
+    T_ptr, T_stride,  # teacher logits (N, C)
+    Mask_ptr,  # (N,) uint8 row mask, read only when HAS_MASK
+    Loss_ptr,  # (N,) fp32: T^2 * l_i
+    GS_ptr, GS_stride,  # (N, C) student gradient, written when STUDENT_GRAD
+    GT_ptr, GT_stride,  # (N, C) teacher gradient, written when TEACHER_GRAD
+    C, inv_temp, temp,
+    BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    in_row = cols < C
+    keep = 1.0
+    if HAS_MASK:
+        keep = tl.load(Mask_ptr + row).to(tl.float32)
+    v = tl.load(S_ptr + row * S_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
+    u = tl.load(T_ptr + row * T_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
+
+    m_s = tl.max(v, axis=0)
+    m_s = tl.where(m_s == -float("inf"), 0.0, m_s)
+    e_s = tl.exp(v - m_s)
+    lse_s = m_s + tl.log(tl.sum(e_s, axis=0))
+    m_t = tl.max(u, axis=0)
+    m_t = tl.where(m_t == -float("inf"), 0.0, m_t)
+    e_t = tl.exp(u - m_t)
+    z_t = tl.sum(e_t, axis=0)
+    lse_t = m_t + tl.log(z_t)
+    a = tl.sum(tl.where(u == -float("inf"), 0.0, e_t * (u - v)), axis=0)
+    kl = a / z_t - lse_t + lse_s
+    tl.store(Loss_ptr + row, kl * temp * temp * keep)
+
+    p = e_t / z_t
+    if STUDENT_GRAD:
+        g_s = temp * (tl.exp(v - lse_s) - p) * keep
+        tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=in_row)
+    if TEACHER_GRAD:
+        g_t = tl.where(u == -float("inf"), 0.0, temp * p * ((u - lse_t) - (v - lse_s) - kl)) * keep
+        tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _kd_kl_stats_kernel(
+    S_ptr, S_stride,  # student logits (N, C)
+    T_ptr, T_stride,  # teacher logits (N, C)
+    Stats_ptr,  # (N, SPLITS, 5) fp32 partials: m_s, z_s, m_t, z_t, A (each relative to its own max)
+    C, span, inv_temp,
+    BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * span
+    hi = tl.minimum(lo + span, C)
+    m_s = -float("inf")
+    z_s = 0.0
+    m_t = -float("inf")
+    z_t = 0.0
+    a = 0.0
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < hi
+        v = tl.load(S_ptr + row * S_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        u = tl.load(T_ptr + row * T_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        new_m_s = tl.maximum(m_s, tl.max(v, axis=0))
+        ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
+        z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(v - ref_s), axis=0)
+        m_s = new_m_s
+        new_m_t = tl.maximum(m_t, tl.max(u, axis=0))
+        ref_t = tl.where(new_m_t == -float("inf"), 0.0, new_m_t)
+        rescale = tl.exp(m_t - ref_t)
+        e_t = tl.exp(u - ref_t)
+        z_t = z_t * rescale + tl.sum(e_t, axis=0)
+        a = a * rescale + tl.sum(tl.where(u == -float("inf"), 0.0, e_t * (u - v)), axis=0)
+        m_t = new_m_t
+    out = Stats_ptr + (row * SPLITS + split) * 5
+    tl.store(out + 0, tl.where(m_s == -float("inf"), 0.0, m_s))
+    tl.store(out + 1, z_s)
+    tl.store(out + 2, tl.where(m_t == -float("inf"), 0.0, m_t))
+    tl.store(out + 3, z_t)
+    tl.store(out + 4, a)
+
+
+@triton.jit
+def _kd_kl_grad_kernel(
+    S_ptr, S_stride,  # student logits (N, C)
+    T_ptr, T_stride,  # teacher logits (N, C)
+    Row_ptr,  # (N, 4) fp32: lse_s, lse_t, l_i, keep
+    GS_ptr, GS_stride,  # (N, C) student gradient
+    GT_ptr, GT_stride,  # (N, C) teacher gradient, when TEACHER_GRAD
+    C, span, inv_temp, temp,
+    BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    lo = tl.program_id(1) * span
+    hi = tl.minimum(lo + span, C)
+    lse_s = tl.load(Row_ptr + row * 4 + 0)
+    lse_t = tl.load(Row_ptr + row * 4 + 1)
+    kl = tl.load(Row_ptr + row * 4 + 2)
+    keep = tl.load(Row_ptr + row * 4 + 3)
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < hi
+        v = tl.load(S_ptr + row * S_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        u = tl.load(T_ptr + row * T_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        p = tl.exp(u - lse_t)
+        if STUDENT_GRAD:
+            g_s = temp * (tl.exp(v - lse_s) - p) * keep
+            tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=ok)
+        if TEACHER_GRAD:
+            g_t = tl.where(u == -float("inf"), 0.0, temp * p * ((u - lse_t) - (v - lse_s) - kl)) * keep
+            tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    X_ptr, X_stride,  # (N, C) stored gradient
+    G_ptr,  # (N,) fp32 d loss / d l_i
+    Out_ptr, Out_stride,  # (N, C) out = X * G[:, None], fp32 math
+    C,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < C
+    g = tl.load(G_ptr + row)
+    x = tl.load(X_ptr + row * X_stride + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out_ptr + row * Out_stride + cols, (x * g).to(Out_ptr.dtype.element_ty), mask=ok)
+
+
+def _num_warps(block: int) -> int:
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _launch_kd_kl(
+    s: Tensor, t: Tensor, row_mask: Optional[Tensor], temperature: float,
+    student_grad: bool, teacher_grad: bool,
+    fused_block: Optional[int] = None, splits: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs the kernels; ``fused_block`` / ``splits`` override the heuristics (tests use them)."""
+    n, c = s.shape
+    dev = s.device
+    rows = torch.empty(n, dtype=torch.float32, device=dev)
+    grad_s = torch.empty((n, c), dtype=s.dtype, device=dev) if student_grad else s.new_empty(0)
+    grad_t = torch.empty((n, c), dtype=t.dtype, device=dev) if teacher_grad else t.new_empty(0)
+    gs_stride = grad_s.stride(0) if student_grad else 0
+    gt_stride = grad_t.stride(0) if teacher_grad else 0
+    mask_u8 = row_mask.view(torch.uint8) if row_mask is not None else rows  # dummy pointer if no mask
+    block = fused_block or min(triton.next_power_of_2(c), MAX_FUSED_BLOCK)
+    n_programs = _target_programs(dev)
+    use_fused = splits is None and c <= block and (n >= n_programs // 4 or c <= SPLIT_BLOCK)
+    if use_fused:
+        _kd_kl_fused_kernel[(n,)](
+            s, s.stride(0), t, t.stride(0), mask_u8, rows,
+            grad_s, gs_stride, grad_t, gt_stride,
+            c, 1.0 / temperature, temperature,
+            BLOCK=block, HAS_MASK=row_mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+            num_warps=_num_warps(block),
+        )
+        return rows, grad_s, grad_t
+
+    chunk = min(SPLIT_BLOCK, triton.next_power_of_2(c)) if fused_block is None else fused_block
+    n_chunks = triton.cdiv(c, chunk)
+    if splits is None:
+        splits = max(1, min(n_chunks, triton.cdiv(n_programs, n)))
+    span = triton.cdiv(n_chunks, splits) * chunk
+    splits = triton.cdiv(c, span)
+    stats = torch.empty((n, splits, 5), dtype=torch.float32, device=dev)
+    _kd_kl_stats_kernel[(n, splits)](
+        s, s.stride(0), t, t.stride(0), stats, c, span, 1.0 / temperature,
+        BLOCK=chunk, SPLITS=splits, num_warps=_num_warps(chunk),
+    )
+    # Merge the partial statistics of each row's splits (tiny: N x SPLITS).
+    m_s, z_s, m_t, z_t, a = stats.unbind(-1)
+    top_s = m_s.amax(dim=1, keepdim=True)
+    top_t = m_t.amax(dim=1, keepdim=True)
+    w_t = torch.exp(m_t - top_t)
+    lse_s = top_s.squeeze(1) + torch.log((z_s * torch.exp(m_s - top_s)).sum(dim=1))
+    z_t_row = (z_t * w_t).sum(dim=1)
+    lse_t = top_t.squeeze(1) + torch.log(z_t_row)
+    kl = (a * w_t).sum(dim=1) / z_t_row - lse_t + lse_s
+    keep = torch.ones_like(kl) if row_mask is None else row_mask.to(torch.float32)
+    rows.copy_(kl * (temperature * temperature) * keep)
+    if student_grad or teacher_grad:
+        row_stats = torch.stack([lse_s, lse_t, kl, keep], dim=1).contiguous()
+        _kd_kl_grad_kernel[(n, splits)](
+            s, s.stride(0), t, t.stride(0), row_stats,
+            grad_s, gs_stride, grad_t, gt_stride,
+            c, span, 1.0 / temperature, temperature,
+            BLOCK=chunk, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, num_warps=_num_warps(chunk),
+        )
+    return rows, grad_s, grad_t
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops + autograd
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mlkd_fast_triton::kd_kl", mutates_args=())
+def kd_kl_op(
+    student: Tensor, teacher: Tensor, row_mask: Optional[Tensor], temperature: float,
+    student_grad: bool, teacher_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``T^2 * KL`` (fp32) and the stored gradients ``d(T^2 l_i)/ds``, ``d(T^2 l_i)/dt``
+    (empty when not requested)."""
+    return _launch_kd_kl(student, teacher, row_mask, temperature, student_grad, teacher_grad)
+
+
+@kd_kl_op.register_fake
+def _(student, teacher, row_mask, temperature, student_grad, teacher_grad):
+    n, c = student.shape
+    rows = student.new_empty(n, dtype=torch.float32)
+    grad_s = student.new_empty((n, c)) if student_grad else student.new_empty(0)
+    grad_t = teacher.new_empty((n, c)) if teacher_grad else teacher.new_empty(0)
+    return rows, grad_s, grad_t
+
+
+@torch.library.custom_op("mlkd_fast_triton::scale_rows", mutates_args=())
+def scale_rows_op(x: Tensor, g: Tensor) -> Tensor:
+    """``x * g[:, None]`` with fp32 math, stored in ``x.dtype`` (the KL backward)."""
+    n, c = x.shape
+    out = torch.empty((n, c), dtype=x.dtype, device=x.device)
+    g32 = g.to(torch.float32).contiguous()
+    block = min(triton.next_power_of_2(c), 4096)
+    _scale_rows_kernel[(n, triton.cdiv(c, block))](x, x.stride(0), g32, out, out.stride(0), c, BLOCK=block,
+                                                    num_warps=_num_warps(block))
+    return out
+
+
+@scale_rows_op.register_fake
+def _(x, g):
+    return x.new_empty(x.shape)
+
+
+def _kd_kl_setup_context(ctx, inputs, output):
+    _, _, _, _, student_grad, teacher_grad = inputs
+    ctx.student_grad, ctx.teacher_grad = student_grad, teacher_grad
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _kd_kl_backward(ctx, grad_rows, _grad_s, _grad_t):
+    stored_s, stored_t = ctx.saved_tensors
+    d_student = scale_rows_op(stored_s, grad_rows) if ctx.student_grad else None
+    d_teacher = scale_rows_op(stored_t, grad_rows) if ctx.teacher_grad else None
+    return d_student, d_teacher, None, None, None, None
+
+
+kd_kl_op.register_autograd(_kd_kl_backward, setup_context=_kd_kl_setup_context)
+
+
+def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_mask: Optional[Tensor] = None) -> Tensor:
+    """Per-row ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (fp32, length N) with autograd.
+
+    Gradients are computed in the forward only for the inputs that will need them.
+    """
+    grad_on = torch.is_grad_enabled()
+    rows, _, _ = kd_kl_op(student, teacher, row_mask, float(temperature),
+                          grad_on and student.requires_grad, grad_on and teacher.requires_grad)
+    return rows

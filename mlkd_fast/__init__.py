@@ -1,0 +1,27 @@
+"""mlkd_fast: fused Multi-level knowledge-distillation losses for PyTorch.
+
+Where things live:
+- losses (``MLKDLoss``, ``KDLoss``, ``CorrelationLoss``): :mod:`mlkd_fast.losses`
+- functional ops and input checks: :mod:`mlkd_fast.functional`
+- the pure-PyTorch reference of every op: :mod:`mlkd_fast.reference`
+- Triton kernels, one file per op: :mod:`mlkd_fast.kernels` (``kernels/`` in the source tree)
+- the compiled C++/CUDA ops (``csrc/``): :mod:`mlkd_fast._native`
+- backend choice: :mod:`mlkd_fast.backends`
+"""
+from . import functional, reference
+from .backends import BackendStatus, available_backends
+from .losses import PAPER_WEIGHTS, CorrelationLoss, KDLoss, MLKDLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLKDLoss",
+    "KDLoss",
+    "CorrelationLoss",
+    "PAPER_WEIGHTS",
+    "available_backends",
+    "BackendStatus",
+    "functional",
+    "reference",
+    "__version__",
+]

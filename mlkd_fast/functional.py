@@ -1,0 +1,241 @@
+"""Functional losses: input checks (SPEC section 4), backend dispatch, and the shared reduction.
+
+Every backend computes per-row losses; the reduction below is plain PyTorch on a length-N vector, so
+it is identical for all backends, needs no host synchronisation and traces under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _native, reference
+from .backends import resolve_backend
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+__all__ = ["kd_kl_div", "correlation_kl", "REDUCTIONS"]
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+def _check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float32/float16/bfloat16/float64), got {x.dtype}")
+    return x
+
+
+def _check_positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def _check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def _check_same_device(tensors: dict[str, Optional[Tensor]]) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; move them to one device")
+    return first
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    """Kernels take any row stride; they copy only when the last stride is not 1."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# temperature KL (SPEC 2.1)
+# ---------------------------------------------------------------------------------------------
+def kd_kl_div(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    reduction: str = "batchmean",
+    row_mask: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Hinton KD loss ``T^2 * KL(softmax(t/T) || softmax(s/T))`` on raw logits.
+
+    Args:
+        student_logits: ``(..., C)`` logits of the student, any float dtype.
+        teacher_logits: same shape as ``student_logits``. It receives a gradient only if it
+            requires grad (online / mutual distillation); detach it otherwise. ``-inf`` entries are
+            masked classes (probability 0, contribute exactly 0).
+        temperature: T > 0.
+        reduction: ``"batchmean"`` (sum / number of counted rows, default), ``"sum"``, ``"mean"``
+            (sum / (rows * C), as ``torch.nn.functional.kl_div``) or ``"none"`` (per-row losses of
+            shape ``(...)``, already times ``T^2``).
+        row_mask: optional bool tensor of shape ``(...)``; False rows (padding tokens, say) give 0 and
+            are not counted by ``batchmean``/``mean``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (see :mod:`mlkd_fast.backends`).
+
+    Returns:
+        An fp32 scalar (fp64 for fp64 inputs), or the per-row vector for ``reduction="none"``.
+    """
+    s = _check_tensor(student_logits, "student_logits")
+    t = _check_tensor(teacher_logits, "teacher_logits")
+    if s.ndim < 2:
+        raise ValueError(f"student_logits must have shape (N, C) (or (..., C)), got ndim {s.ndim}")
+    if t.ndim != s.ndim:
+        raise ValueError(f"teacher_logits must have shape {tuple(s.shape)} like student_logits, got ndim {t.ndim}")
+    if s.shape[:-1] != t.shape[:-1]:
+        raise ValueError(f"student_logits and teacher_logits disagree on the rows N: {tuple(s.shape)} vs {tuple(t.shape)}")
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(f"student_logits and teacher_logits disagree on the classes C: {s.shape[-1]} vs {t.shape[-1]}")
+    if s.numel() == 0:
+        raise ValueError(f"empty batch: student_logits has shape {tuple(s.shape)}")
+    temperature = _check_positive(temperature, "temperature")
+    reduction = _check_reduction(reduction)
+    if row_mask is not None:
+        if not isinstance(row_mask, Tensor):
+            raise TypeError(f"row_mask must be a bool torch.Tensor, got {type(row_mask).__name__}")
+        if row_mask.dtype != torch.bool:
+            raise TypeError(f"row_mask must have dtype torch.bool, got {row_mask.dtype}")
+        if row_mask.shape != s.shape[:-1]:
+            raise ValueError(f"row_mask must have shape {tuple(s.shape[:-1])} (the rows N), got {tuple(row_mask.shape)}")
+    device = _check_same_device({"student_logits": s, "teacher_logits": t, "row_mask": row_mask})
+    name = resolve_backend(backend, device)
+
+    lead_shape = s.shape[:-1]
+    num_classes = s.shape[-1]
+    s2 = _last_dim_contiguous(s.reshape(-1, num_classes))
+    t2 = _last_dim_contiguous(t.reshape(-1, num_classes))
+    mask = None if row_mask is None else row_mask.reshape(-1)
+
+    if name == "torch":
+        rows = reference.kd_kl_rows(s2, t2, temperature, mask)
+    elif name == "triton":
+        from .kernels import kd_kl
+
+        rows = kd_kl.kd_kl_rows(s2, t2, temperature, mask)
+    else:
+        rows = _native.kd_kl_rows(s2, t2, temperature, mask)
+
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    counted = rows.new_tensor(rows.numel()) if mask is None else mask.sum().to(rows.dtype).clamp_min(1)
+    if reduction == "mean":
+        counted = counted * num_classes
+    return total / counted
+
+
+# ---------------------------------------------------------------------------------------------
+# correlation KL (SPEC 2.2)
+# ---------------------------------------------------------------------------------------------
+def correlation_kl(
+    student_feats: Tensor,
+    teacher_feats: Tensor,
+    student_cols: Optional[Tensor] = None,
+    teacher_cols: Optional[Tensor] = None,
+    tau: float = 0.5,
+    reduction: str = "batchmean",
+    keep_diagonal: bool = False,
+    scale_by_tau_sq: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """KL between the row-softmaxes of the teacher and student batch cosine-similarity matrices.
+
+    ``S = normalize(rows) @ normalize(cols).T / tau`` for each network, ``P = softmax_row(S_t)``,
+    ``Q = softmax_row(S_s)``, ``l_i = KL(P_i || Q_i)``.
+
+    Args:
+        student_feats: ``(M, Ds)`` student row features (gets the gradient).
+        teacher_feats: ``(M, Dt)`` teacher row features; always treated as constants (detached).
+        student_cols, teacher_cols: optional ``(N, Ds)`` / ``(N, Dt)`` column features
+            (rectangular mode, e.g. rotated rows vs plain columns). Both or neither. Without them
+            the matrix is square (columns = rows).
+        tau: similarity temperature > 0.
+        reduction: ``"batchmean"`` (sum / M, default), ``"sum"``, ``"mean"`` (sum / (M * counted
+            columns)), ``"none"`` (per-row vector of length M).
+        keep_diagonal: square mode only: keep the self-similarity column (excluded by default).
+        scale_by_tau_sq: multiply the loss by ``tau^2`` (SSKD style).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
+    """
+    a_s = _check_tensor(student_feats, "student_feats")
+    a_t = _check_tensor(teacher_feats, "teacher_feats")
+    for x, name in ((a_s, "student_feats"), (a_t, "teacher_feats")):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must have shape (M, D), got ndim {x.ndim}")
+    if a_s.shape[0] != a_t.shape[0]:
+        raise ValueError(f"student_feats and teacher_feats disagree on the rows M: {a_s.shape[0]} vs {a_t.shape[0]}")
+    if (student_cols is None) != (teacher_cols is None):
+        raise ValueError("student_cols and teacher_cols must be given together (rectangular mode) or not at all")
+    square = student_cols is None
+    if not square:
+        b_s = _check_tensor(student_cols, "student_cols")
+        b_t = _check_tensor(teacher_cols, "teacher_cols")
+        for x, name in ((b_s, "student_cols"), (b_t, "teacher_cols")):
+            if x.ndim != 2:
+                raise ValueError(f"{name} must have shape (N, D), got ndim {x.ndim}")
+        if b_s.shape[0] != b_t.shape[0]:
+            raise ValueError(f"student_cols and teacher_cols disagree on the columns N: {b_s.shape[0]} vs {b_t.shape[0]}")
+        if b_s.shape[1] != a_s.shape[1]:
+            raise ValueError(f"student_cols must have Ds = {a_s.shape[1]} features like student_feats, got {b_s.shape[1]}")
+        if b_t.shape[1] != a_t.shape[1]:
+            raise ValueError(f"teacher_cols must have Dt = {a_t.shape[1]} features like teacher_feats, got {b_t.shape[1]}")
+    else:
+        b_s = b_t = None
+    if a_s.shape[0] == 0 or (b_s is not None and b_s.shape[0] == 0):
+        raise ValueError("empty batch: correlation_kl needs at least one row and one column")
+    if a_s.shape[1] == 0 or a_t.shape[1] == 0:
+        raise ValueError("student_feats and teacher_feats need at least one feature column")
+    tau = _check_positive(tau, "tau")
+    reduction = _check_reduction(reduction)
+    device = _check_same_device(
+        {"student_feats": a_s, "teacher_feats": a_t, "student_cols": b_s, "teacher_cols": b_t}
+    )
+    n_cols = a_s.shape[0] if square else b_s.shape[0]
+    counted_cols = n_cols - 1 if (square and not keep_diagonal) else n_cols
+    if square and counted_cols < 2:
+        raise ValueError(
+            f"a square correlation needs at least 2 columns after excluding the diagonal; "
+            f"the batch has M = N = {n_cols} rows (keep_diagonal={keep_diagonal})"
+        )
+    name = resolve_backend(backend, device)
+
+    a_s = _last_dim_contiguous(a_s)
+    a_t = _last_dim_contiguous(a_t.detach())
+    if not square:
+        b_s = _last_dim_contiguous(b_s)
+        b_t = _last_dim_contiguous(b_t.detach())
+    exclude_diagonal = square and not keep_diagonal
+    if name == "torch":
+        rows = reference.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, keep_diagonal=not exclude_diagonal)
+    elif name == "triton":
+        from .kernels import correlation
+
+        rows = correlation.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, exclude_diagonal)
+    else:
+        rows = _native.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, exclude_diagonal)
+
+    if scale_by_tau_sq:
+        rows = rows * (tau * tau)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / rows.shape[0]
+    return total / (rows.shape[0] * counted_cols)

@@ -1,0 +1,238 @@
+"""``nn.Module`` losses: a thin layer over :mod:`mlkd_fast.functional` (SPEC 2.3, 3)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as MF
+from . import reference
+
+__all__ = ["KDLoss", "CorrelationLoss", "MLKDLoss", "PAPER_WEIGHTS"]
+
+
+class KDLoss(nn.Module):
+    """Temperature KL on logits (SPEC 2.1); see :func:`mlkd_fast.functional.kd_kl_div`."""
+
+    def __init__(self, temperature: float = 4.0, reduction: str = "batchmean", backend: str = "auto") -> None:
+        super().__init__()
+        MF._check_positive(temperature, "temperature")
+        MF._check_reduction(reduction)
+        self.temperature = float(temperature)
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, row_mask: Optional[Tensor] = None) -> Tensor:
+        return MF.kd_kl_div(student_logits, teacher_logits, self.temperature, self.reduction, row_mask, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class CorrelationLoss(nn.Module):
+    """Batch-correlation KL (SPEC 2.2); see :func:`mlkd_fast.functional.correlation_kl`."""
+
+    def __init__(
+        self,
+        tau: float = 0.5,
+        reduction: str = "batchmean",
+        keep_diagonal: bool = False,
+        scale_by_tau_sq: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        MF._check_positive(tau, "tau")
+        MF._check_reduction(reduction)
+        self.tau = float(tau)
+        self.reduction = reduction
+        self.keep_diagonal = keep_diagonal
+        self.scale_by_tau_sq = scale_by_tau_sq
+        self.backend = backend
+
+    def forward(
+        self,
+        student_feats: Tensor,
+        teacher_feats: Tensor,
+        student_cols: Optional[Tensor] = None,
+        teacher_cols: Optional[Tensor] = None,
+    ) -> Tensor:
+        return MF.correlation_kl(
+            student_feats, teacher_feats, student_cols, teacher_cols, self.tau, self.reduction,
+            self.keep_diagonal, self.scale_by_tau_sq, self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, reduction={self.reduction!r}, keep_diagonal={self.keep_diagonal}, "
+                f"scale_by_tau_sq={self.scale_by_tau_sq}, backend={self.backend!r}")
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    """Linear -> BN -> ReLU between every pair of dims, plain Linear at the end."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+# The released code's weights (SPEC 2.3 / ANCHORS): CE, KD, correlation, alignment, SupCon.
+PAPER_WEIGHTS = {
+    "cifar100": dict(w_ce=1.0, w_kd=0.0, w_corr=50.0, w_align=20.0, w_supcon=1.0),
+    "imagenet": dict(w_ce=1.0, w_kd=0.0, w_corr=20.0, w_align=10.0, w_supcon=0.5),
+}
+
+
+class MLKDLoss(nn.Module):
+    """The Multi-level KD objective (SPEC 2.3) as one drop-in loss.
+
+    ``total = w_ce CE(s, y) + w_kd KL_T(s, t) + w_corr Corr_tau(f_s, f_t)
+    + w_align (2 - 2 cos(h(f_s), f_t)) + w_supcon SupCon([g_s(f_s); g_t(f_t)], y)``
+
+    The projection heads (``align_head`` = h, ``supcon_student`` / ``supcon_teacher`` = g_s / g_t,
+    ``corr_head``) are parameters of this module: add ``loss_fn.parameters()`` to the optimiser.
+
+    Args:
+        student_dim, teacher_dim: feature widths Ds, Dt; needed only by the heads (alignment,
+            SupCon, ``corr_head``).
+        temperature: KD temperature T. tau: correlation temperature.
+        w_ce, w_kd, w_corr, w_align, w_supcon: term weights; a term of weight 0 is skipped and its
+            inputs may be None.
+        views: views per image in the batch. With ``views > 1`` the batch is view-major: rows
+            ``[0, B)`` are the plain views and rows ``[B, views * B)`` the augmented ones (e.g. the
+            90/180/270 degree rotations). CE then uses the plain views only and the correlation is
+            rectangular: rows = augmented views, columns = plain views. ``target`` has B labels.
+        corr_head: pass the student features through an MLP Ds -> Ds -> Ds before the correlation.
+        keep_diagonal, scale_by_tau_sq: correlation options (square mode), see
+            :func:`mlkd_fast.functional.correlation_kl`.
+        supcon_dim, supcon_temperature: SupCon embedding width and temperature.
+        backend: backend of the fused terms (KD and correlation).
+
+    After each call, ``loss_fn.last`` holds the detached, unweighted components
+    (``{"ce": ..., "kd": ..., "corr": ..., "align": ..., "supcon": ..., "total": ...}``) for logging.
+    """
+
+    def __init__(
+        self,
+        student_dim: Optional[int] = None,
+        teacher_dim: Optional[int] = None,
+        temperature: float = 4.0,
+        tau: float = 0.5,
+        w_ce: float = 1.0,
+        w_kd: float = 1.0,
+        w_corr: float = 1.0,
+        w_align: float = 0.0,
+        w_supcon: float = 0.0,
+        views: int = 1,
+        corr_head: bool = False,
+        keep_diagonal: bool = False,
+        scale_by_tau_sq: bool = False,
+        supcon_dim: int = 128,
+        supcon_temperature: float = 0.07,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature = MF._check_positive(temperature, "temperature")
+        self.tau = MF._check_positive(tau, "tau")
+        self.supcon_temperature = MF._check_positive(supcon_temperature, "supcon_temperature")
+        self.weights = {"ce": float(w_ce), "kd": float(w_kd), "corr": float(w_corr),
+                        "align": float(w_align), "supcon": float(w_supcon)}
+        for name, w in self.weights.items():
+            if not w >= 0:
+                raise ValueError(f"w_{name} must be >= 0, got {w}")
+        if not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be a positive int, got {views!r}")
+        self.views = views
+        self.keep_diagonal = keep_diagonal
+        self.scale_by_tau_sq = scale_by_tau_sq
+        self.backend = backend
+
+        needs_dims = [n for n, on in (("w_align", w_align > 0), ("w_supcon", w_supcon > 0), ("corr_head", corr_head)) if on]
+        if needs_dims and (student_dim is None or teacher_dim is None):
+            raise ValueError(f"student_dim and teacher_dim are required for {', '.join(needs_dims)} (their heads)")
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.align_head = _mlp([student_dim, 16 * teacher_dim, teacher_dim]) if w_align > 0 else None
+        self.supcon_student = nn.Linear(student_dim, supcon_dim) if w_supcon > 0 else None
+        self.supcon_teacher = nn.Linear(teacher_dim, supcon_dim) if w_supcon > 0 else None
+        self.corr_head = _mlp([student_dim, student_dim, student_dim]) if corr_head else None
+        self.last: dict[str, Tensor] = {}
+
+    @classmethod
+    def paper(cls, dataset: str, student_dim: int, teacher_dim: int, **overrides) -> "MLKDLoss":
+        """The authors' released recipe: 4 rotation views, rectangular correlation with a student
+        MLP head (no diagonal mask, no tau^2), alignment and SupCon heads, their weights for
+        ``"cifar100"`` or ``"imagenet"``. Keyword ``overrides`` replace any constructor argument."""
+        if dataset not in PAPER_WEIGHTS:
+            raise ValueError(f"dataset must be one of {', '.join(map(repr, PAPER_WEIGHTS))}; got {dataset!r}")
+        kwargs = dict(PAPER_WEIGHTS[dataset], temperature=4.0, tau=0.5, views=4, corr_head=True)
+        kwargs.update(overrides)
+        return cls(student_dim=student_dim, teacher_dim=teacher_dim, **kwargs)
+
+    def _plain(self, x: Tensor, name: str) -> Tensor:
+        """The plain (first-view) rows of a view-major batch."""
+        if x.shape[0] % self.views:
+            raise ValueError(f"{name} has {x.shape[0]} rows, not a multiple of views={self.views}")
+        return x[: x.shape[0] // self.views]
+
+    def forward(
+        self,
+        student_logits: Optional[Tensor] = None,
+        teacher_logits: Optional[Tensor] = None,
+        student_feats: Optional[Tensor] = None,
+        teacher_feats: Optional[Tensor] = None,
+        target: Optional[Tensor] = None,
+    ) -> Tensor:
+        w = self.weights
+        required = {
+            "student_logits": w["ce"] > 0 or w["kd"] > 0,
+            "teacher_logits": w["kd"] > 0,
+            "student_feats": w["corr"] > 0 or w["align"] > 0 or w["supcon"] > 0,
+            "teacher_feats": w["corr"] > 0 or w["align"] > 0 or w["supcon"] > 0,
+            "target": w["ce"] > 0 or w["supcon"] > 0,
+        }
+        given = {"student_logits": student_logits, "teacher_logits": teacher_logits,
+                 "student_feats": student_feats, "teacher_feats": teacher_feats, "target": target}
+        for name, needed in required.items():
+            if needed and given[name] is None:
+                raise ValueError(f"{name} is required by the nonzero weights {self._weights_str()}")
+
+        parts: dict[str, Tensor] = {}
+        if w["ce"] > 0:
+            parts["ce"] = F.cross_entropy(self._plain(student_logits, "student_logits").float(), target)
+        if w["kd"] > 0:
+            parts["kd"] = MF.kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
+                                       "batchmean", backend=self.backend)
+        if w["corr"] > 0:
+            parts["corr"] = self._correlation(student_feats, teacher_feats)
+        if w["align"] > 0:
+            parts["align"] = reference.feature_alignment(self.align_head(student_feats), teacher_feats.detach())
+        if w["supcon"] > 0:
+            emb = torch.cat([self.supcon_student(student_feats), self.supcon_teacher(teacher_feats.detach())])
+            labels = target.repeat(2 * self.views)
+            parts["supcon"] = reference.supcon_loss(emb, labels, self.supcon_temperature)
+
+        if not parts:
+            raise ValueError("every weight is 0: MLKDLoss has nothing to compute")
+        total = sum(w[k] * v for k, v in parts.items())
+        self.last = {k: v.detach() for k, v in parts.items()}
+        self.last["total"] = total.detach()
+        return total
+
+    def _correlation(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        f_s = self.corr_head(student_feats) if self.corr_head is not None else student_feats
+        f_t = teacher_feats.detach()
+        if self.views == 1:
+            return MF.correlation_kl(f_s, f_t, tau=self.tau, keep_diagonal=self.keep_diagonal,
+                                     scale_by_tau_sq=self.scale_by_tau_sq, backend=self.backend)
+        plain = self._plain(f_s, "student_feats").shape[0]
+        return MF.correlation_kl(f_s[plain:], f_t[plain:], f_s[:plain], f_t[:plain], tau=self.tau,
+                                 scale_by_tau_sq=self.scale_by_tau_sq, backend=self.backend)
+
+    def _weights_str(self) -> str:
+        return ", ".join(f"w_{k}={v:g}" for k, v in self.weights.items() if v > 0)
+
+    def extra_repr(self) -> str:
+        return (f"{self._weights_str()}, temperature={self.temperature}, tau={self.tau}, "
+                f"views={self.views}, backend={self.backend!r}")

@@ -1,0 +1,97 @@
+"""Build of mlkd_fast: pure Python + Triton always; the compiled csrc/ library when it can be built.
+
+Environment switches (never a GPU probe; the build machine need not have one):
+  MLKD_FAST_SKIP_NATIVE=1   build no compiled library (pure Python + Triton)
+  MLKD_FAST_SKIP_CUDA=1     build the C++ CPU kernels only
+  MLKD_FAST_FORCE_NATIVE=1  fail the install if the compiled library (CUDA too, unless skipped)
+                            cannot be built, instead of falling back
+  MLKD_FAST_CUDA_ARCHS      target architectures, default "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST)
+CUDA kernels are compiled when torch has CUDA and a CUDA toolkit (CUDA_HOME or nvcc on PATH) is found.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import warnings
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["mlkd_fast", "mlkd_fast.train", "mlkd_fast.kernels"]
+PACKAGE_DIR = {"mlkd_fast.kernels": "kernels"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _native_extensions():
+    """(ext_modules, cmdclass) for the compiled library, or ([], {}) when it is skipped."""
+    if _flag("MLKD_FAST_SKIP_NATIVE"):
+        return [], {}
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp_sources:
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        if _flag("MLKD_FAST_FORCE_NATIVE"):
+            raise
+        warnings.warn("torch is not importable at build time (use --no-build-isolation): "
+                      "building mlkd_fast without its compiled library")
+        return [], {}
+
+    with_cuda = bool(torch.version.cuda) and not _flag("MLKD_FAST_SKIP_CUDA") and bool(cu_sources)
+    if with_cuda and cpp_extension.CUDA_HOME is None:
+        if _flag("MLKD_FAST_FORCE_NATIVE"):
+            raise RuntimeError("MLKD_FAST_FORCE_NATIVE=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        warnings.warn("no CUDA toolkit found (CUDA_HOME / nvcc): building the C++ CPU kernels only")
+        with_cuda = False
+
+    cxx_flags = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MLKD_FAST_CUDA_ARCHS", "8.0;9.0"))
+        ext = cpp_extension.CUDAExtension(
+            "mlkd_fast._C",
+            cpp_sources + cu_sources,
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DMLKD_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++17", "-DMLKD_WITH_CUDA", "--use_fast_math",
+                         "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            py_limited_api=True,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "mlkd_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
+        )
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """Falls back to a pure-Python install when the compiler fails, unless forced."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                if _flag("MLKD_FAST_FORCE_NATIVE"):
+                    raise
+                warnings.warn(f"building the compiled library failed ({exc}); mlkd_fast installs "
+                              "without it (backend='native' will say why). Set "
+                              "MLKD_FAST_FORCE_NATIVE=1 to make this an error.")
+                print(f"mlkd_fast: native build failed: {exc}", file=sys.stderr)
+
+    return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = _native_extensions()
+
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)
