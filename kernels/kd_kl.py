@@ -2,7 +2,9 @@
 
 Per row, with u = t / T, v = s / T, p = softmax(u), q = softmax(v):
     l       = sum_c p_c (log p_c - log q_c)
-            = A / Z_t - lse_t + lse_s,   A = sum_c e^(u_c - m_t) (u_c - v_c),  Z_t = sum_c e^(u_c - m_t)
+            = A / Z_t + (m_s - m_t) + (log Z_s - log Z_t),   A = sum_c e^(u_c - m_t) (u_c - v_c)
+with m the row maxima and Z = sum_c e^(x_c - m); every log-probability is formed as (x - m) - log Z,
+never x - (m + log Z), which would round at the scale of the logits (1e4 and more).
     d(T^2 l)/ds = T (q - p)                        (student gradient, stored in the forward)
     d(T^2 l)/dt = T p (log p - log q - l)           (teacher gradient, online distillation only)
 A -inf teacher logit has p = 0: its term of A and its teacher gradient are exactly 0 (never 0 * inf).
@@ -48,25 +50,28 @@ def _kd_kl_fused_kernel(
     v = tl.load(S_ptr + row * S_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
     u = tl.load(T_ptr + row * T_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
 
+    # Shift by the row maxima before anything else: m + log z rounds at the scale of the logits.
     m_s = tl.max(v, axis=0)
     m_s = tl.where(m_s == -float("inf"), 0.0, m_s)
     e_s = tl.exp(v - m_s)
-    lse_s = m_s + tl.log(tl.sum(e_s, axis=0))
+    z_s = tl.sum(e_s, axis=0)
     m_t = tl.max(u, axis=0)
     m_t = tl.where(m_t == -float("inf"), 0.0, m_t)
     e_t = tl.exp(u - m_t)
     z_t = tl.sum(e_t, axis=0)
-    lse_t = m_t + tl.log(z_t)
     a = tl.sum(tl.where(u == -float("inf"), 0.0, e_t * (u - v)), axis=0)
-    kl = a / z_t - lse_t + lse_s
+    log_z_s = tl.log(z_s)
+    log_z_t = tl.log(z_t)
+    kl = a / z_t + (m_s - m_t) + (log_z_s - log_z_t)
     tl.store(Loss_ptr + row, kl * temp * temp * keep)
 
     p = e_t / z_t
     if STUDENT_GRAD:
-        g_s = temp * (tl.exp(v - lse_s) - p) * keep
+        g_s = temp * (e_s / z_s - p) * keep
         tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=in_row)
     if TEACHER_GRAD:
-        g_t = tl.where(u == -float("inf"), 0.0, temp * p * ((u - lse_t) - (v - lse_s) - kl)) * keep
+        log_ratio = ((u - m_t) - log_z_t) - ((v - m_s) - log_z_s)
+        g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_ratio - kl)) * keep
         tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -115,7 +120,7 @@ def _kd_kl_stats_kernel(
 def _kd_kl_grad_kernel(
     S_ptr, S_stride,  # student logits (N, C)
     T_ptr, T_stride,  # teacher logits (N, C)
-    Row_ptr,  # (N, 4) fp32: lse_s, lse_t, l_i, keep
+    Row_ptr,  # (N, 6) fp32: m_s, log z_s, m_t, log z_t, l_i, keep
     GS_ptr, GS_stride,  # (N, C) student gradient
     GT_ptr, GT_stride,  # (N, C) teacher gradient, when TEACHER_GRAD
     C, span, inv_temp, temp,
@@ -124,21 +129,25 @@ def _kd_kl_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     lo = tl.program_id(1) * span
     hi = tl.minimum(lo + span, C)
-    lse_s = tl.load(Row_ptr + row * 4 + 0)
-    lse_t = tl.load(Row_ptr + row * 4 + 1)
-    kl = tl.load(Row_ptr + row * 4 + 2)
-    keep = tl.load(Row_ptr + row * 4 + 3)
+    m_s = tl.load(Row_ptr + row * 6 + 0)
+    log_z_s = tl.load(Row_ptr + row * 6 + 1)
+    m_t = tl.load(Row_ptr + row * 6 + 2)
+    log_z_t = tl.load(Row_ptr + row * 6 + 3)
+    kl = tl.load(Row_ptr + row * 6 + 4)
+    keep = tl.load(Row_ptr + row * 6 + 5)
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         ok = cols < hi
         v = tl.load(S_ptr + row * S_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
         u = tl.load(T_ptr + row * T_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
-        p = tl.exp(u - lse_t)
+        log_p = (u - m_t) - log_z_t
+        log_q = (v - m_s) - log_z_s
+        p = tl.exp(log_p)
         if STUDENT_GRAD:
-            g_s = temp * (tl.exp(v - lse_s) - p) * keep
+            g_s = temp * (tl.exp(log_q) - p) * keep
             tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=ok)
         if TEACHER_GRAD:
-            g_t = tl.where(u == -float("inf"), 0.0, temp * p * ((u - lse_t) - (v - lse_s) - kl)) * keep
+            g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl)) * keep
             tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=ok)
 
 
@@ -211,14 +220,15 @@ def _launch_kd_kl(
     top_s = m_s.amax(dim=1, keepdim=True)
     top_t = m_t.amax(dim=1, keepdim=True)
     w_t = torch.exp(m_t - top_t)
-    lse_s = top_s.squeeze(1) + torch.log((z_s * torch.exp(m_s - top_s)).sum(dim=1))
+    log_z_s = torch.log((z_s * torch.exp(m_s - top_s)).sum(dim=1))
     z_t_row = (z_t * w_t).sum(dim=1)
-    lse_t = top_t.squeeze(1) + torch.log(z_t_row)
-    kl = (a * w_t).sum(dim=1) / z_t_row - lse_t + lse_s
+    log_z_t = torch.log(z_t_row)
+    top_s, top_t = top_s.squeeze(1), top_t.squeeze(1)
+    kl = (a * w_t).sum(dim=1) / z_t_row + (top_s - top_t) + (log_z_s - log_z_t)
     keep = torch.ones_like(kl) if row_mask is None else row_mask.to(torch.float32)
     rows.copy_(kl * (temperature * temperature) * keep)
     if student_grad or teacher_grad:
-        row_stats = torch.stack([lse_s, lse_t, kl, keep], dim=1).contiguous()
+        row_stats = torch.stack([top_s, log_z_s, top_t, log_z_t, kl, keep], dim=1).contiguous()
         _kd_kl_grad_kernel[(n, splits)](
             s, s.stride(0), t, t.stride(0), row_stats,
             grad_s, gs_stride, grad_t, gt_stride,

@@ -1,0 +1,85 @@
+"""MLKDLoss: default weights, the paper preset's terms, logged components, heads as parameters."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlkd_fast
+from mlkd_fast import functional as MF, reference
+
+
+def _batch(n=12, c=10, ds=8, dt=6, views=1):
+    return (torch.randn(n * views, c, requires_grad=True), torch.randn(n * views, c),
+            torch.randn(n * views, ds, requires_grad=True), torch.randn(n * views, dt), torch.randint(0, c, (n,)))
+
+
+def test_default_weights_are_ce_plus_kd_plus_correlation():
+    s, t, fs, ft, y = _batch()
+    loss_fn = mlkd_fast.MLKDLoss(backend="torch")
+    total = loss_fn(s, t, fs, ft, y)
+    expected = (F.cross_entropy(s, y) + MF.kd_kl_div(s, t, 4.0, backend="torch")
+                + MF.correlation_kl(fs, ft, tau=0.5, backend="torch"))
+    torch.testing.assert_close(total, expected)
+    assert set(loss_fn.last) == {"ce", "kd", "corr", "total"}
+    torch.testing.assert_close(loss_fn.last["total"], expected.detach())
+    total.backward()
+    assert s.grad is not None and fs.grad is not None
+
+
+def test_zero_weight_terms_need_no_input():
+    s, t, fs, ft, y = _batch()
+    kd_only = mlkd_fast.MLKDLoss(w_ce=0, w_corr=0, backend="torch")
+    torch.testing.assert_close(kd_only(s, t), MF.kd_kl_div(s, t, 4.0, backend="torch"))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        mlkd_fast.MLKDLoss(backend="torch")(s, None, fs, ft, y)
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "imagenet"])
+def test_paper_preset_terms(dataset):
+    b, views, ds, dt, c = 6, 4, 8, 6, 10
+    s, t, fs, ft, y = _batch(b, c, ds, dt, views)
+    torch.manual_seed(1)
+    loss_fn = mlkd_fast.MLKDLoss.paper(dataset, ds, dt, backend="torch")
+    w = mlkd_fast.PAPER_WEIGHTS[dataset]
+    assert loss_fn.weights == {"ce": w["w_ce"], "kd": w["w_kd"], "corr": w["w_corr"], "align": w["w_align"], "supcon": w["w_supcon"]}
+    assert loss_fn.views == 4 and loss_fn.corr_head is not None
+    # heads: h = Ds -> 16 Dt -> Dt, corr head Ds -> Ds -> Ds, SupCon Linear -> 128
+    linears = [m for m in loss_fn.align_head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(ds, 16 * dt), (16 * dt, dt)]
+    assert loss_fn.supcon_student.out_features == 128 and loss_fn.supcon_teacher.in_features == dt
+    loss_fn.eval()  # BatchNorm with running stats: the heads give the same output twice
+    total = loss_fn(s, None, fs, ft, y)
+    assert set(loss_fn.last) == {"ce", "corr", "align", "supcon", "total"}
+    # each term recomputed by hand
+    ce = F.cross_entropy(s[:b], y)
+    h = loss_fn.corr_head(fs)
+    corr = reference.correlation_kl_rows(h[b:], ft[b:], h[:b], ft[:b], 0.5).mean()
+    align = reference.feature_alignment(loss_fn.align_head(fs), ft)
+    emb = torch.cat([loss_fn.supcon_student(fs), loss_fn.supcon_teacher(ft)])
+    supcon = reference.supcon_loss(emb, y.repeat(8), 0.07)
+    for name, value in {"ce": ce, "corr": corr, "align": align, "supcon": supcon}.items():
+        torch.testing.assert_close(loss_fn.last[name], value.detach(), msg=name)
+    expected = w["w_ce"] * ce + w["w_corr"] * corr + w["w_align"] * align + w["w_supcon"] * supcon
+    torch.testing.assert_close(total, expected)
+
+
+def test_heads_are_parameters_that_train():
+    s, t, fs, ft, y = _batch(8, 10, 8, 6, 4)
+    loss_fn = mlkd_fast.MLKDLoss.paper("imagenet", 8, 6, backend="torch")
+    params = list(loss_fn.parameters())
+    assert params, "the heads must be parameters of the loss module"
+    loss_fn(s, None, fs, ft, y).backward()
+    assert all(p.grad is not None for p in params)
+
+
+def test_views_must_divide_the_batch():
+    s, t, fs, ft, y = _batch(6, 10, 8, 6, 1)
+    loss_fn = mlkd_fast.MLKDLoss(views=4, w_kd=0, backend="torch")
+    with pytest.raises(ValueError, match="views"):
+        loss_fn(s[:5], None, fs[:5], ft[:5], y)
+
+
+def test_kd_and_correlation_modules_match_functional():
+    s, t, fs, ft, _ = _batch()
+    torch.testing.assert_close(mlkd_fast.KDLoss(2.0, "sum", backend="torch")(s, t), MF.kd_kl_div(s, t, 2.0, "sum", backend="torch"))
+    torch.testing.assert_close(mlkd_fast.CorrelationLoss(0.3, scale_by_tau_sq=True, backend="torch")(fs, ft),
+                               0.09 * MF.correlation_kl(fs, ft, tau=0.3, backend="torch"))
