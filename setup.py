@@ -51,7 +51,7 @@ def _native_extensions():
         warnings.warn("no CUDA toolkit found (CUDA_HOME / nvcc): building the C++ CPU kernels only")
         with_cuda = False
 
-    cxx_flags = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MLKD_FAST_CUDA_ARCHS", "8.0;9.0"))
         ext = cpp_extension.CUDAExtension(
@@ -59,7 +59,7 @@ def _native_extensions():
             cpp_sources + cu_sources,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DMLKD_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "-DMLKD_WITH_CUDA", "--use_fast_math",
+                "nvcc": ["-O3", "-DMLKD_WITH_CUDA", "--use_fast_math",
                          "--expt-relaxed-constexpr", "-lineinfo"],
             },
             py_limited_api=True,

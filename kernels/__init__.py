@@ -12,3 +12,9 @@ import os
 import triton  # noqa: F401  (fails fast where Triton is missing; mlkd_fast.backends catches it)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+from .._autograd import register  # noqa: E402
+from . import correlation, kd_kl  # noqa: E402,F401
+
+# Fakes and autograd of the mlkd_fast_triton::* ops (the same glue serves the compiled ops).
+register("mlkd_fast_triton")

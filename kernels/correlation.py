@@ -275,12 +275,6 @@ def correlation_fwd_op(
     return _launch_fwd(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)
 
 
-@correlation_fwd_op.register_fake
-def _(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal):
-    m = student_rows.shape[0]
-    return tuple(student_rows.new_empty(m, dtype=torch.float32) for _ in range(3))
-
-
 @torch.library.custom_op("mlkd_fast_triton::correlation_bwd", mutates_args=())
 def correlation_bwd_op(
     grad_rows: Tensor, student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor],
@@ -290,35 +284,6 @@ def correlation_bwd_op(
     square mode, where the rows receive both)."""
     return _launch_bwd(grad_rows, student_rows, teacher_rows, student_cols, teacher_cols, lse_s, lse_t,
                        tau, exclude_diagonal)
-
-
-@correlation_bwd_op.register_fake
-def _(grad_rows, student_rows, teacher_rows, student_cols, teacher_cols, lse_s, lse_t, tau, exclude_diagonal):
-    d_b = student_cols.new_empty(student_cols.shape) if student_cols is not None else student_rows.new_empty(0)
-    return student_rows.new_empty(student_rows.shape), d_b
-
-
-def _corr_setup_context(ctx, inputs, output):
-    a_s, a_t, b_s, b_t, tau, exclude_diag = inputs
-    _, lse_s, lse_t = output
-    ctx.tau, ctx.exclude_diag, ctx.square = tau, exclude_diag, b_s is None
-    if ctx.square:
-        ctx.save_for_backward(a_s, a_t, lse_s, lse_t)
-    else:
-        ctx.save_for_backward(a_s, a_t, b_s, b_t, lse_s, lse_t)
-
-
-def _corr_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
-    if ctx.square:
-        a_s, a_t, lse_s, lse_t = ctx.saved_tensors
-        b_s = b_t = None
-    else:
-        a_s, a_t, b_s, b_t, lse_s, lse_t = ctx.saved_tensors
-    d_a, d_b = correlation_bwd_op(grad_rows, a_s, a_t, b_s, b_t, lse_s, lse_t, ctx.tau, ctx.exclude_diag)
-    return d_a, None, (None if ctx.square else d_b), None, None, None
-
-
-correlation_fwd_op.register_autograd(_corr_backward, setup_context=_corr_setup_context)
 
 
 def correlation_kl_rows(

@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET
 
 MAX_FUSED_BLOCK = 16384  # longest row held on chip by one program (elements)
 SPLIT_BLOCK = 4096  # column chunk of the two-pass path
@@ -251,15 +250,6 @@ def kd_kl_op(
     return _launch_kd_kl(student, teacher, row_mask, temperature, student_grad, teacher_grad)
 
 
-@kd_kl_op.register_fake
-def _(student, teacher, row_mask, temperature, student_grad, teacher_grad):
-    n, c = student.shape
-    rows = student.new_empty(n, dtype=torch.float32)
-    grad_s = student.new_empty((n, c)) if student_grad else student.new_empty(0)
-    grad_t = teacher.new_empty((n, c)) if teacher_grad else teacher.new_empty(0)
-    return rows, grad_s, grad_t
-
-
 @torch.library.custom_op("mlkd_fast_triton::scale_rows", mutates_args=())
 def scale_rows_op(x: Tensor, g: Tensor) -> Tensor:
     """``x * g[:, None]`` with fp32 math, stored in ``x.dtype`` (the KL backward)."""
@@ -270,27 +260,6 @@ def scale_rows_op(x: Tensor, g: Tensor) -> Tensor:
     _scale_rows_kernel[(n, triton.cdiv(c, block))](x, x.stride(0), g32, out, out.stride(0), c, BLOCK=block,
                                                     num_warps=_num_warps(block))
     return out
-
-
-@scale_rows_op.register_fake
-def _(x, g):
-    return x.new_empty(x.shape)
-
-
-def _kd_kl_setup_context(ctx, inputs, output):
-    _, _, _, _, student_grad, teacher_grad = inputs
-    ctx.student_grad, ctx.teacher_grad = student_grad, teacher_grad
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _kd_kl_backward(ctx, grad_rows, _grad_s, _grad_t):
-    stored_s, stored_t = ctx.saved_tensors
-    d_student = scale_rows_op(stored_s, grad_rows) if ctx.student_grad else None
-    d_teacher = scale_rows_op(stored_t, grad_rows) if ctx.teacher_grad else None
-    return d_student, d_teacher, None, None, None, None
-
-
-kd_kl_op.register_autograd(_kd_kl_backward, setup_context=_kd_kl_setup_context)
 
 
 def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_mask: Optional[Tensor] = None) -> Tensor:

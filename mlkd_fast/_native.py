@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Optional
-
 import torch
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -54,5 +52,26 @@ def status(device: torch.device):
     return BackendStatus(False, f"no native kernels for device type {device.type!r}")
 
 
-def ops() -> Optional[object]:
-    return torch.ops.mlkd_fast if LOADED else None
+if LOADED:
+    from ._autograd import register as _register
+
+    _register("mlkd_fast")
+
+
+def kd_kl_rows(student, teacher, temperature: float, row_mask=None):
+    """Per-row ``T^2 * KL`` through the compiled ``mlkd_fast::kd_kl`` op (autograd included)."""
+    if student.dtype != teacher.dtype:  # the kernels read one dtype; promote the narrower input
+        common = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(common), teacher.to(common)
+    grad_on = torch.is_grad_enabled()
+    rows, _, _ = torch.ops.mlkd_fast.kd_kl(student, teacher, row_mask, float(temperature),
+                                           grad_on and student.requires_grad, grad_on and teacher.requires_grad)
+    return rows
+
+
+def correlation_kl_rows(student_rows, teacher_rows, student_cols, teacher_cols, tau: float, exclude_diagonal: bool):
+    """Per-row correlation KL through the compiled ``mlkd_fast::correlation_fwd`` op (teacher detached)."""
+    rows, _, _ = torch.ops.mlkd_fast.correlation_fwd(
+        student_rows, teacher_rows.detach(), student_cols,
+        None if teacher_cols is None else teacher_cols.detach(), float(tau), bool(exclude_diagonal))
+    return rows

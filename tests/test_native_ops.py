@@ -1,0 +1,66 @@
+"""The compiled library: ops registered, opcheck of each, fakes, soft loading."""
+import pytest
+import torch
+
+from conftest import require_backend
+from mlkd_fast import _native
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    require_backend("native", request.param)
+    return torch.device(request.param)
+
+
+def test_ops_are_registered(device):
+    for name in ("kd_kl", "scale_rows", "correlation_fwd", "correlation_bwd", "built_with_cuda"):
+        assert hasattr(torch.ops.mlkd_fast, name)
+    assert isinstance(torch.ops.mlkd_fast.built_with_cuda(), bool)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_every_op(device, requires_grad):
+    s = torch.randn(6, 70, device=device, requires_grad=requires_grad)
+    t = torch.randn(6, 70, device=device, requires_grad=requires_grad)
+    mask = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool, device=device)
+    torch.library.opcheck(torch.ops.mlkd_fast.kd_kl.default, (s, t, None, 2.0, requires_grad, False))
+    torch.library.opcheck(torch.ops.mlkd_fast.kd_kl.default, (s, t, mask, 3.0, requires_grad, requires_grad))
+    torch.library.opcheck(torch.ops.mlkd_fast.scale_rows.default, (torch.randn(6, 70, device=device), torch.rand(6, device=device)))
+    a_s = torch.randn(20, 16, device=device, requires_grad=requires_grad)
+    a_t = torch.randn(20, 24, device=device)
+    b_s = torch.randn(7, 16, device=device, requires_grad=requires_grad)
+    b_t = torch.randn(7, 24, device=device)
+    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, None, None, 0.5, True))
+    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, b_s, b_t, 0.5, False))
+    _, lse_s, lse_t = torch.ops.mlkd_fast.correlation_fwd(a_s.detach(), a_t, b_s.detach(), b_t, 0.5, False)
+    torch.library.opcheck(torch.ops.mlkd_fast.correlation_bwd.default,
+                          (torch.rand(20, device=device), a_s.detach(), a_t, b_s.detach(), b_t, lse_s, lse_t, 0.5, False))
+
+
+def test_fakes_give_shapes_and_dtypes(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        s = torch.empty(5, 33, dtype=torch.bfloat16, device=device)
+        rows, gs, gt = torch.ops.mlkd_fast.kd_kl(s, s, None, 2.0, True, False)
+        assert rows.shape == (5,) and rows.dtype == torch.float32
+        assert gs.shape == (5, 33) and gs.dtype == torch.bfloat16 and gt.numel() == 0
+        a = torch.empty(9, 4, device=device)
+        out = torch.ops.mlkd_fast.correlation_fwd(a, torch.empty(9, 6, device=device), None, None, 0.5, True)
+        assert all(o.shape == (9,) and o.dtype == torch.float32 for o in out)
+
+
+def test_mixed_dtypes_are_promoted(device):
+    s = torch.randn(4, 50, device=device, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(4, 50, device=device)
+    rows = _native.kd_kl_rows(s, t, 2.0)
+    rows.sum().backward()
+    assert rows.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+
+
+def test_missing_library_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_PACKAGE_DIR", str(tmp_path))
+    loaded, reason = _native._load()
+    assert not loaded and "not built" in reason
+    (tmp_path / "_C.so").write_bytes(b"not a library")
+    loaded, reason = _native._load()
+    assert not loaded and "failed to load" in reason
