@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace mlkd_fast {
 
@@ -20,7 +21,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Temperature KL, one row at a time (rows in parallel).
 //   l = A / Z_t + (m_s - m_t) + (log Z_s - log Z_t),  A = sum_c e^(u_c - m_t) (u_c - v_c)
 //   d(T^2 l)/ds = T (q - p),   d(T^2 l)/dt = T p (log p - log q - l)
-// Three sweeps over a row that stays in L1/L2: maxima, sums, gradients.
+// Three sweeps over a row that stays in L1/L2: maxima, sums (exps kept), gradients.
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t>
 static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* t, int64_t t_stride,
@@ -29,6 +30,8 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
   const float inv_t = 1.0f / temperature;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    // e^(v - m_s), e^(u - m_t) of the current row, kept for the gradient sweep (halves the exps).
+    std::vector<float> e_s(c), e_t(c);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* sr = s + i * s_stride;
       const scalar_t* tr = t + i * t_stride;
@@ -45,25 +48,29 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
       for (int64_t j = 0; j < c; ++j) {
         const float v = static_cast<float>(sr[j]) * inv_t;
         const float u = static_cast<float>(tr[j]) * inv_t;
-        const float e_t = std::exp(u - m_t);
-        z_s += std::exp(v - m_s);
-        z_t += e_t;
-        if (u != kNegInf) a += e_t * (u - v);
+        e_s[j] = std::exp(v - m_s);
+        e_t[j] = std::exp(u - m_t);
+        z_s += e_s[j];
+        z_t += e_t[j];
+        if (u != kNegInf) a += e_t[j] * (u - v);
       }
       const float log_z_s = static_cast<float>(std::log(z_s)), log_z_t = static_cast<float>(std::log(z_t));
       const float kl = static_cast<float>(a / z_t) + (m_s - m_t) + (log_z_s - log_z_t);
       rows[i] = kl * temperature * temperature * keep;
-      if (gs == nullptr && gt == nullptr) continue;
-      for (int64_t j = 0; j < c; ++j) {
-        const float v = static_cast<float>(sr[j]) * inv_t;
-        const float u = static_cast<float>(tr[j]) * inv_t;
-        const float log_p = (u - m_t) - log_z_t;
-        const float log_q = (v - m_s) - log_z_s;
-        const float p = std::exp(log_p);
-        if (gs != nullptr) gs[i * c + j] = static_cast<scalar_t>(temperature * (std::exp(log_q) - p) * keep);
-        if (gt != nullptr) {
-          const float g = (u == kNegInf) ? 0.0f : temperature * p * (log_p - log_q - kl) * keep;
-          gt[i * c + j] = static_cast<scalar_t>(g);
+      const float inv_z_s = static_cast<float>(1.0 / z_s), inv_z_t = static_cast<float>(1.0 / z_t);
+      if (gs != nullptr) {
+        scalar_t* out = gs + i * c;
+        for (int64_t j = 0; j < c; ++j)
+          out[j] = static_cast<scalar_t>(temperature * (e_s[j] * inv_z_s - e_t[j] * inv_z_t) * keep);
+      }
+      if (gt != nullptr) {
+        scalar_t* out = gt + i * c;
+        for (int64_t j = 0; j < c; ++j) {
+          const float u = static_cast<float>(tr[j]) * inv_t;
+          const float v = static_cast<float>(sr[j]) * inv_t;
+          const float log_ratio = ((u - m_t) - log_z_t) - ((v - m_s) - log_z_s);
+          const float g = (u == kNegInf) ? 0.0f : temperature * e_t[j] * inv_z_t * (log_ratio - kl) * keep;
+          out[j] = static_cast<scalar_t>(g);
         }
       }
     }
