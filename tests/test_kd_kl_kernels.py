@@ -5,7 +5,7 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1; the same tests run on CU
 import pytest
 import torch
 
-from mlkd_fast import functional as MF, reference
+from mlkd_fast import functional as MF
 
 # tolerances per input dtype: (loss rtol, gradient atol relative to the largest |grad|)
 TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-3, 1.6e-2)}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import require_backend
-from mlkd_fast import functional as MF, reference
+from mlkd_fast import reference
 
 DEVICES = ["cpu", "cuda"]
 
