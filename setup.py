@@ -51,7 +51,9 @@ def _native_extensions():
         warnings.warn("no CUDA toolkit found (CUDA_HOME / nvcc): building the C++ CPU kernels only")
         with_cuda = False
 
-    cxx_flags = ["-O3"]
+    # at::parallel_for's OpenMP path is inline: without -fopenmp the extension runs it serially.
+    omp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx_flags = ["-O3"] + omp
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MLKD_FAST_CUDA_ARCHS", "8.0;9.0"))
         ext = cpp_extension.CUDAExtension(
@@ -62,11 +64,13 @@ def _native_extensions():
                 "nvcc": ["-O3", "-DMLKD_WITH_CUDA", "--use_fast_math",
                          "--expt-relaxed-constexpr", "-lineinfo"],
             },
+            extra_link_args=omp,
             py_limited_api=True,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "mlkd_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
+            "mlkd_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=omp,
+            py_limited_api=True,
         )
 
     class BuildExt(cpp_extension.BuildExtension):

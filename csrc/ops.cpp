@@ -7,10 +7,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace mlkd_fast {
 
@@ -19,58 +27,268 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ------------------------------------------------------------------------------------------
 // Temperature KL, one row at a time (rows in parallel).
-//   l = A / Z_t + (m_s - m_t) + (log Z_s - log Z_t),  A = sum_c e^(u_c - m_t) (u_c - v_c)
-//   d(T^2 l)/ds = T (q - p),   d(T^2 l)/dt = T p (log p - log q - l)
-// Three sweeps over a row that stays in L1/L2: maxima, sums (exps kept), gradients.
+//   v = s / T, u = t / T;  l = A / Z_t + (m_s - m_t) + (log Z_s - log Z_t),
+//   A = sum_c e^(u_c - m_t) (u_c - v_c);  d(T^2 l)/ds = T (q - p),  d(T^2 l)/dt = T p (log p - log q - l)
+// A row is read once from memory into fp32 scratch (v, u, and their exps) that stays in L1/L2.
+// The sweeps over the scratch have an AVX2+FMA version (8 lanes, chosen at run time when the CPU
+// has it) and a portable scalar one; fp32 partial sums per 1024 columns are summed in double.
 // ------------------------------------------------------------------------------------------
+constexpr int64_t kSumBlock = 1024;
+
+// e^x, branch-free: x = k ln2 + r, |r| <= ln2 / 2, e^r by the degree-6 Cephes polynomial (~1 ulp),
+// 2^k through the exponent bits. Below -87 it returns exactly 0 (a -inf logit gives p = 0);
+// inputs are <= 0 here (x - row max); NaN stays NaN.
+constexpr float kExpLow = -87.0f, kExpHigh = 88.0f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kRoundMagic = 12582912.0f;
+constexpr float kExpP0 = 1.9875691500e-4f, kExpP1 = 1.3981999507e-3f, kExpP2 = 8.3334519073e-3f,
+                kExpP3 = 4.1665795894e-2f, kExpP4 = 1.6666665459e-1f, kExpP5 = 5.0000001201e-1f;
+
+static inline float exp_scalar(float x) {
+  const float xc = std::min(std::max(x, kExpLow), kExpHigh);
+  const float k = (xc * kLog2e + kRoundMagic) - kRoundMagic;
+  const float r = (xc - k * kLn2Hi) - k * kLn2Lo;
+  float p = kExpP0;
+  p = p * r + kExpP1;
+  p = p * r + kExpP2;
+  p = p * r + kExpP3;
+  p = p * r + kExpP4;
+  p = p * r + kExpP5;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < kExpLow ? 0.0f : y * scale;
+}
+
+struct KlSums {
+  double z_s = 0.0, z_t = 0.0, a = 0.0;
+};
+
+// The four sweeps. scale_and_max: out = x / T, returns max(out). exp_and_sums: e_s = e^(v - m_s),
+// e_t = e^(u - m_t), Z_s, Z_t and A (0 where u = -inf). student_grad_row: T (q - p) keep =
+// e_s w_s - e_t w_t. teacher_grad_row: T p (log p - log q - l) keep = e_t w_t ((u - v) + offset),
+// 0 where u = -inf, offset = (m_s + log Z_s) - (m_t + log Z_t) - l.
+namespace scalar_sweeps {
+static float scale_and_max(const float* x, float inv_t, float* out, int64_t c) {
+  float m = kNegInf;
+  for (int64_t j = 0; j < c; ++j) {
+    out[j] = x[j] * inv_t;
+    m = out[j] > m ? out[j] : m;  // NaN never wins; it reaches the sums and so the loss
+  }
+  return m;
+}
+
+static KlSums exp_and_sums(const float* v, const float* u, float m_s, float m_t, float* e_s, float* e_t,
+                           int64_t c) {
+  KlSums sums;
+  for (int64_t b0 = 0; b0 < c; b0 += kSumBlock) {
+    const int64_t b1 = std::min(c, b0 + kSumBlock);
+    float zs = 0.0f, zt = 0.0f, aa = 0.0f;
+    for (int64_t j = b0; j < b1; ++j) {
+      e_s[j] = exp_scalar(v[j] - m_s);
+      e_t[j] = exp_scalar(u[j] - m_t);
+      zs += e_s[j];
+      zt += e_t[j];
+      aa += u[j] == kNegInf ? 0.0f : e_t[j] * (u[j] - v[j]);
+    }
+    sums.z_s += zs;
+    sums.z_t += zt;
+    sums.a += aa;
+  }
+  return sums;
+}
+
+static void student_grad_row(const float* e_s, const float* e_t, float w_s, float w_t, float* out, int64_t c) {
+  for (int64_t j = 0; j < c; ++j) out[j] = e_s[j] * w_s - e_t[j] * w_t;
+}
+
+static void teacher_grad_row(const float* v, const float* u, const float* e_t, float w_t, float offset, float* out,
+                             int64_t c) {
+  for (int64_t j = 0; j < c; ++j) out[j] = u[j] == kNegInf ? 0.0f : e_t[j] * w_t * ((u[j] - v[j]) + offset);
+}
+}  // namespace scalar_sweeps
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MLKD_HAVE_AVX2_SWEEPS 1
+namespace avx2_sweeps {
+#define MLKD_AVX2 __attribute__((target("avx2,fma")))
+
+MLKD_AVX2 static inline __m256 exp8(__m256 x) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLow)), _mm256_set1_ps(kExpHigh));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), xc));
+  __m256 p = _mm256_set1_ps(kExpP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  // max/min above turned NaN into a bound: put NaN back (unordered compare), then zero below kExpLow.
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  const __m256 low = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_LT_OQ);
+  return _mm256_andnot_ps(low, _mm256_blendv_ps(e, x, nan));
+}
+
+MLKD_AVX2 static inline float hsum(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+MLKD_AVX2 static float scale_and_max(const float* x, float inv_t, float* out, int64_t c) {
+  const __m256 it = _mm256_set1_ps(inv_t);
+  __m256 mv = _mm256_set1_ps(kNegInf);
+  int64_t j = 0;
+  for (; j + 8 <= c; j += 8) {
+    const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + j), it);
+    _mm256_storeu_ps(out + j, y);
+    mv = _mm256_max_ps(y, mv);  // a NaN y loses to mv, as in the scalar sweep
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  float m = scalar_sweeps::scale_and_max(x + j, inv_t, out + j, c - j);
+  for (float l : lanes) m = l > m ? l : m;
+  return m;
+}
+
+MLKD_AVX2 static KlSums exp_and_sums(const float* v, const float* u, float m_s, float m_t, float* e_s, float* e_t,
+                                     int64_t c) {
+  KlSums sums;
+  const __m256 ms = _mm256_set1_ps(m_s), mt = _mm256_set1_ps(m_t), ninf = _mm256_set1_ps(kNegInf);
+  const int64_t c8 = c - c % 8;
+  for (int64_t b0 = 0; b0 < c8; b0 += kSumBlock) {
+    __m256 zs = _mm256_setzero_ps(), zt = _mm256_setzero_ps(), aa = _mm256_setzero_ps();
+    for (int64_t j = b0; j < std::min(c8, b0 + kSumBlock); j += 8) {
+      const __m256 vv = _mm256_loadu_ps(v + j), uu = _mm256_loadu_ps(u + j);
+      const __m256 es = exp8(_mm256_sub_ps(vv, ms)), et = exp8(_mm256_sub_ps(uu, mt));
+      _mm256_storeu_ps(e_s + j, es);
+      _mm256_storeu_ps(e_t + j, et);
+      zs = _mm256_add_ps(zs, es);
+      zt = _mm256_add_ps(zt, et);
+      const __m256 d = _mm256_mul_ps(et, _mm256_sub_ps(uu, vv));
+      aa = _mm256_add_ps(aa, _mm256_andnot_ps(_mm256_cmp_ps(uu, ninf, _CMP_EQ_OQ), d));
+    }
+    sums.z_s += hsum(zs);
+    sums.z_t += hsum(zt);
+    sums.a += hsum(aa);
+  }
+  const KlSums tail = scalar_sweeps::exp_and_sums(v + c8, u + c8, m_s, m_t, e_s + c8, e_t + c8, c - c8);
+  sums.z_s += tail.z_s;
+  sums.z_t += tail.z_t;
+  sums.a += tail.a;
+  return sums;
+}
+
+MLKD_AVX2 static void student_grad_row(const float* e_s, const float* e_t, float w_s, float w_t, float* out,
+                                       int64_t c) {
+  const __m256 ws = _mm256_set1_ps(w_s), wt = _mm256_set1_ps(w_t);
+  int64_t j = 0;
+  for (; j + 8 <= c; j += 8)
+    _mm256_storeu_ps(out + j, _mm256_fmsub_ps(_mm256_loadu_ps(e_s + j), ws,
+                                              _mm256_mul_ps(_mm256_loadu_ps(e_t + j), wt)));
+  scalar_sweeps::student_grad_row(e_s + j, e_t + j, w_s, w_t, out + j, c - j);
+}
+
+MLKD_AVX2 static void teacher_grad_row(const float* v, const float* u, const float* e_t, float w_t, float offset,
+                                       float* out, int64_t c) {
+  const __m256 wt = _mm256_set1_ps(w_t), off = _mm256_set1_ps(offset), ninf = _mm256_set1_ps(kNegInf);
+  int64_t j = 0;
+  for (; j + 8 <= c; j += 8) {
+    const __m256 uu = _mm256_loadu_ps(u + j);
+    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(e_t + j), wt),
+                                   _mm256_add_ps(_mm256_sub_ps(uu, _mm256_loadu_ps(v + j)), off));
+    _mm256_storeu_ps(out + j, _mm256_andnot_ps(_mm256_cmp_ps(uu, ninf, _CMP_EQ_OQ), g));
+  }
+  scalar_sweeps::teacher_grad_row(v + j, u + j, e_t + j, w_t, offset, out + j, c - j);
+}
+#undef MLKD_AVX2
+}  // namespace avx2_sweeps
+#endif
+
+// The sweeps of this CPU, chosen once.
+struct KlSweeps {
+  float (*scale_and_max)(const float*, float, float*, int64_t);
+  KlSums (*exp_and_sums)(const float*, const float*, float, float, float*, float*, int64_t);
+  void (*student_grad_row)(const float*, const float*, float, float, float*, int64_t);
+  void (*teacher_grad_row)(const float*, const float*, const float*, float, float, float*, int64_t);
+};
+
+static const KlSweeps& kl_sweeps() {
+  static const KlSweeps sweeps = [] {
+#ifdef MLKD_HAVE_AVX2_SWEEPS
+    if (std::getenv("MLKD_FAST_NO_SIMD") == nullptr && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+      return KlSweeps{avx2_sweeps::scale_and_max, avx2_sweeps::exp_and_sums, avx2_sweeps::student_grad_row,
+                      avx2_sweeps::teacher_grad_row};
+#endif
+    return KlSweeps{scalar_sweeps::scale_and_max, scalar_sweeps::exp_and_sums, scalar_sweeps::student_grad_row,
+                    scalar_sweeps::teacher_grad_row};
+  }();
+  return sweeps;
+}
+
 template <typename scalar_t>
 static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* t, int64_t t_stride,
                            const bool* mask, float* rows, scalar_t* gs, scalar_t* gt, int64_t n, int64_t c,
                            float temperature) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const float inv_t = 1.0f / temperature;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+  const KlSweeps& sw = kl_sweeps();
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    // e^(v - m_s), e^(u - m_t) of the current row, kept for the gradient sweep (halves the exps).
-    std::vector<float> e_s(c), e_t(c);
+    // fp32 scratch: v, u, e_s, e_t, and a staging row for dtype conversions.
+    std::vector<float> scratch(static_cast<size_t>(kFloat ? 4 : 5) * c);
+    float* v = scratch.data();
+    float* u = v + c;
+    float* e_s = u + c;
+    float* e_t = e_s + c;
+    float* stage = kFloat ? nullptr : e_t + c;
+    auto load = [&](const scalar_t* src, float* dst) -> float {
+      if constexpr (kFloat) {
+        return sw.scale_and_max(src, inv_t, dst, c);
+      } else {
+        for (int64_t j = 0; j < c; ++j) stage[j] = static_cast<float>(src[j]);
+        return sw.scale_and_max(stage, inv_t, dst, c);
+      }
+    };
+    auto store = [&](const float* src, scalar_t* dst) {
+      if constexpr (!kFloat)
+        for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+    };
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* sr = s + i * s_stride;
-      const scalar_t* tr = t + i * t_stride;
       const float keep = (mask == nullptr || mask[i]) ? 1.0f : 0.0f;
-      float m_s = kNegInf, m_t = kNegInf;
-      for (int64_t j = 0; j < c; ++j) {
-        m_s = std::max(m_s, static_cast<float>(sr[j]) * inv_t);
-        m_t = std::max(m_t, static_cast<float>(tr[j]) * inv_t);
-      }
-      // NaN never wins std::max, but it reaches the sums below and so the loss.
-      if (m_s == kNegInf) m_s = 0.0f;
+      float m_s = load(s + i * s_stride, v);
+      float m_t = load(t + i * t_stride, u);
+      if (m_s == kNegInf) m_s = 0.0f;  // an all -inf row: keep the arithmetic finite
       if (m_t == kNegInf) m_t = 0.0f;
-      double z_s = 0.0, z_t = 0.0, a = 0.0;  // long rows: fp32 running sums drift
-      for (int64_t j = 0; j < c; ++j) {
-        const float v = static_cast<float>(sr[j]) * inv_t;
-        const float u = static_cast<float>(tr[j]) * inv_t;
-        e_s[j] = std::exp(v - m_s);
-        e_t[j] = std::exp(u - m_t);
-        z_s += e_s[j];
-        z_t += e_t[j];
-        if (u != kNegInf) a += e_t[j] * (u - v);
-      }
-      const float log_z_s = static_cast<float>(std::log(z_s)), log_z_t = static_cast<float>(std::log(z_t));
-      const float kl = static_cast<float>(a / z_t) + (m_s - m_t) + (log_z_s - log_z_t);
+      const KlSums sums = sw.exp_and_sums(v, u, m_s, m_t, e_s, e_t, c);
+      const float log_z_s = static_cast<float>(std::log(sums.z_s));
+      const float log_z_t = static_cast<float>(std::log(sums.z_t));
+      const float kl = static_cast<float>(sums.a / sums.z_t) + (m_s - m_t) + (log_z_s - log_z_t);
       rows[i] = kl * temperature * temperature * keep;
-      const float inv_z_s = static_cast<float>(1.0 / z_s), inv_z_t = static_cast<float>(1.0 / z_t);
+      const float w_s = static_cast<float>(temperature * keep / sums.z_s);
+      const float w_t = static_cast<float>(temperature * keep / sums.z_t);
       if (gs != nullptr) {
         scalar_t* out = gs + i * c;
-        for (int64_t j = 0; j < c; ++j)
-          out[j] = static_cast<scalar_t>(temperature * (e_s[j] * inv_z_s - e_t[j] * inv_z_t) * keep);
+        if constexpr (kFloat) {
+          sw.student_grad_row(e_s, e_t, w_s, w_t, out, c);
+        } else {
+          sw.student_grad_row(e_s, e_t, w_s, w_t, stage, c);
+          store(stage, out);
+        }
       }
       if (gt != nullptr) {
         scalar_t* out = gt + i * c;
-        for (int64_t j = 0; j < c; ++j) {
-          const float u = static_cast<float>(tr[j]) * inv_t;
-          const float v = static_cast<float>(sr[j]) * inv_t;
-          const float log_ratio = ((u - m_t) - log_z_t) - ((v - m_s) - log_z_s);
-          const float g = (u == kNegInf) ? 0.0f : temperature * e_t[j] * inv_z_t * (log_ratio - kl) * keep;
-          out[j] = static_cast<scalar_t>(g);
+        const float offset = (m_s + log_z_s) - (m_t + log_z_t) - kl;
+        if constexpr (kFloat) {
+          sw.teacher_grad_row(v, u, e_t, w_t, offset, out, c);
+        } else {
+          sw.teacher_grad_row(v, u, e_t, w_t, offset, stage, c);
+          store(stage, out);
         }
       }
     }
