@@ -1,7 +1,7 @@
 """``nn.Module`` losses: a thin layer over :mod:`mlkd_fast.functional` (SPEC 2.3, 3)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,10 @@ class CorrelationLoss(nn.Module):
         keep_diagonal: bool = False,
         scale_by_tau_sq: bool = False,
         backend: str = "auto",
+        correlation_gather: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
         super().__init__()
+        self.correlation_gather = correlation_gather
         MF._check_positive(tau, "tau")
         MF._check_reduction(reduction)
         self.tau = float(tau)
@@ -109,6 +111,10 @@ class MLKDLoss(nn.Module):
             :func:`mlkd_fast.functional.correlation_kl`.
         supcon_dim, supcon_temperature: SupCon embedding width and temperature.
         backend: backend of the fused terms (KD and correlation).
+        correlation_gather: optional function applied to each block of correlation features (rows
+            and columns, student and teacher) before the correlation, e.g. a differentiable
+            all-gather so that under DDP the correlation spans the global batch
+            (:func:`mlkd_fast.train.distributed.gather_with_grad`).
 
     After each call, ``loss_fn.last`` holds the detached, unweighted components
     (``{"ce": ..., "kd": ..., "corr": ..., "align": ..., "supcon": ..., "total": ...}``) for logging.
@@ -132,8 +138,10 @@ class MLKDLoss(nn.Module):
         supcon_dim: int = 128,
         supcon_temperature: float = 0.07,
         backend: str = "auto",
+        correlation_gather: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
         super().__init__()
+        self.correlation_gather = correlation_gather
         self.temperature = MF._check_positive(temperature, "temperature")
         self.tau = MF._check_positive(tau, "tau")
         self.supcon_temperature = MF._check_positive(supcon_temperature, "supcon_temperature")
@@ -223,11 +231,13 @@ class MLKDLoss(nn.Module):
     def _correlation(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
         f_s = self.corr_head(student_feats) if self.corr_head is not None else student_feats
         f_t = teacher_feats.detach()
+        gather = self.correlation_gather or (lambda x: x)
         if self.views == 1:
-            return MF.correlation_kl(f_s, f_t, tau=self.tau, keep_diagonal=self.keep_diagonal,
+            return MF.correlation_kl(gather(f_s), gather(f_t), tau=self.tau, keep_diagonal=self.keep_diagonal,
                                      scale_by_tau_sq=self.scale_by_tau_sq, backend=self.backend)
         plain = self._plain(f_s, "student_feats").shape[0]
-        return MF.correlation_kl(f_s[plain:], f_t[plain:], f_s[:plain], f_t[:plain], tau=self.tau,
+        return MF.correlation_kl(gather(f_s[plain:]), gather(f_t[plain:]), gather(f_s[:plain]), gather(f_t[:plain]),
+                                 tau=self.tau,
                                  scale_by_tau_sq=self.scale_by_tau_sq, backend=self.backend)
 
     def _weights_str(self) -> str:

@@ -1,85 +1,267 @@
-"""One epoch of training or evaluation, shared by the teacher, the student and the baseline."""
+"""Training one network (teacher, student or baseline) for some epochs: the step, the epoch, the
+evaluation, checkpoints every epoch, exact resume, and a clean stop on SIGTERM / SIGINT.
+
+Read top to bottom: :func:`build_loss` -> :class:`DistillStep` (what DDP wraps) -> :func:`run_phase`.
+"""
 from __future__ import annotations
 
+import contextlib
+import math
+import signal
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import MLKDLoss
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .distributed import DistInfo, sum_across
 
 LOSSES = ("mlkd", "kd", "ce", "paper")
 
 
-def build_loss(name: str, student_dim: int, teacher_dim: int, temperature: float, backend: str) -> Optional[MLKDLoss]:
-    """The student's objective; ``None`` for plain cross-entropy without a teacher."""
+def build_loss(name: str, student_dim: int, teacher_dim: int, temperature: float, backend: str,
+               views: int = 1, preset: str = "cifar100") -> Optional[MLKDLoss]:
+    """The student's objective; ``None`` for plain cross-entropy without a teacher.
+
+    ``mlkd``: CE + KD + correlation (rectangular over rotation views when ``views > 1``); ``kd``: CE +
+    KD; ``paper``: the authors' weights and heads (``preset`` "cifar100" or "imagenet")."""
     if name == "ce":
         return None
     if name == "mlkd":
-        return MLKDLoss(student_dim, teacher_dim, temperature=temperature, backend=backend)
+        return MLKDLoss(student_dim, teacher_dim, temperature=temperature, views=views, backend=backend)
     if name == "kd":
-        return MLKDLoss(student_dim, teacher_dim, temperature=temperature, w_corr=0.0, backend=backend)
+        return MLKDLoss(student_dim, teacher_dim, temperature=temperature, w_corr=0.0, views=views, backend=backend)
     if name == "paper":
-        # The released recipe's terms and weights, on single-view batches (no rotations here).
-        return MLKDLoss.paper("cifar100", student_dim, teacher_dim, views=1, corr_head=True, backend=backend)
+        return MLKDLoss.paper(preset, student_dim, teacher_dim, views=views, corr_head=True, backend=backend)
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {name!r}")
 
 
-def iterate_batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True):
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+class DistillStep(nn.Module):
+    """Student + loss heads, the module DDP wraps (the teacher stays outside, frozen).
+
+    ``forward(x, y, teacher_out)`` returns the scalar training loss; without ``loss_fn`` it is the
+    cross-entropy of the plain views."""
+
+    def __init__(self, student: nn.Module, loss_fn: Optional[MLKDLoss]) -> None:
+        super().__init__()
+        self.student, self.loss_fn = student, loss_fn
+
+    def forward(self, x: Tensor, y: Tensor, teacher_out: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        logits, feats = self.student(x)
+        if self.loss_fn is None:
+            return F.cross_entropy(logits[: y.shape[0]].float(), y)
+        t_logits, t_feats = teacher_out
+        return self.loss_fn(logits, t_logits, feats, t_feats, y)
 
 
-def train_epoch(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    optimizer: torch.optim.Optimizer,
-    batch_size: int,
-    gen: torch.Generator,
-    loss_fn: Optional[MLKDLoss] = None,
-    teacher: Optional[nn.Module] = None,
-    augment: Optional[Callable[[Tensor, torch.Generator], Tensor]] = None,
-) -> dict[str, float]:
-    """Trains ``model`` for one epoch; with ``loss_fn`` the teacher's outputs are distilled.
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the loop saves a checkpoint at the next step boundary and returns."""
 
-    Returns the mean loss and the images/s of the epoch.
-    """
-    model.train()
-    if loss_fn is not None:
-        loss_fn.train()
-    total, count, start = 0.0, 0, time.perf_counter()
-    for idx in iterate_batches(len(x), batch_size, gen):
-        if len(idx) < 2:  # BatchNorm and the square correlation need two rows
-            continue
-        xb, yb = x[idx], y[idx]
-        if augment is not None:
-            xb = augment(xb, gen)
-        logits, feats = model(xb)
-        if loss_fn is None:
-            loss = F.cross_entropy(logits, yb)
-        else:
-            with torch.inference_mode():
-                t_logits, t_feats = teacher(xb)
-            loss = loss_fn(logits, t_logits.clone(), feats, t_feats.clone(), yb)
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Phase:
+    """One network's training: its model, optimiser, schedule, and (for a student) the teacher."""
+
+    name: str
+    model: nn.Module                   # unwrapped (for checkpoints and evaluation)
+    step_module: nn.Module             # DistillStep, possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    epochs: int
+    arch: str
+    loss_fn: Optional[MLKDLoss] = None
+    teacher: Optional[nn.Module] = None
+    views: int = 1
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+
+    def state(self, epoch: int, step: int, completed: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoint of this phase at (epoch, step); ``completed`` holds the results of finished phases."""
+        return {"phase": self.name, "completed": dict(completed), "arch": self.arch, "epoch": epoch, "step": step,
+                "model": self.model.state_dict(),
+                "loss_fn": self.loss_fn.state_dict() if self.loss_fn is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": None,  # bf16 autocast needs no loss scaling, so there is no scaler state
+                "best": (self.best_top1, self.best_epoch), "history": self.history, "rng": rng_state()}
+
+    def load(self, ckpt: dict[str, Any]) -> tuple[int, int]:
+        """Restores a checkpoint of this phase; returns ``(epoch, step)`` to continue from."""
+        if ckpt.get("arch") != self.arch:
+            raise ValueError(f"checkpoint is of --arch {ckpt.get('arch')!r} but this {self.name} is {self.arch!r}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            if self.loss_fn is not None:
+                self.loss_fn.load_state_dict(ckpt["loss_fn"])
+        except (RuntimeError, AttributeError, TypeError) as exc:
+            raise ValueError(f"checkpoint does not fit this {self.name} ({self.arch}, loss heads): "
+                             f"{str(exc).splitlines()[0]}") from exc
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.best_top1, self.best_epoch = ckpt["best"]
+        self.history = list(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+        return ckpt["epoch"], ckpt["step"]
+
+
+@dataclass
+class RunContext:
+    """What every phase shares: device, precision, ranks, output, logging, stop conditions."""
+
+    device: torch.device
+    dist: DistInfo
+    amp_dtype: Optional[torch.dtype]
+    checkpoint_path: str
+    log: Callable[[dict], None]
+    stop: StopFlag
+    progress: bool = True
+    max_steps: Optional[int] = None     # optimiser steps in this invocation, then stop as if signalled
+    steps_done: int = 0
+    completed: dict = field(default_factory=dict)  # results of the phases already finished
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def should_stop(self, step: int) -> bool:
+        if self.max_steps is not None and self.steps_done >= self.max_steps:
+            return True
+        if not self.dist.enabled:
+            return self.stop.requested
+        if step % 20:  # ranks agree on stopping every 20 steps (one tiny all-reduce)
+            return False
+        return sum_across([float(self.stop.requested)], self.device)[0] > 0
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the train extra
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
+                unit="step")
+
+
+def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunContext) -> dict[str, Any]:
+    """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to."""
+    phase.step_module.train()
+    if phase.teacher is not None:
+        phase.teacher.eval()
+    views = phase.views
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    images, steps = 0, 0
+    bar = _progress(source.steps_per_epoch(), start_step, f"{phase.name} {epoch + 1}/{phase.epochs}",
+                    ctx.progress and ctx.dist.main)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    start = time.perf_counter()
+    interrupted_at = None
+    for step, (x, y) in enumerate(source.epoch(epoch, start_step), start=start_step):
+        if ctx.should_stop(step):
+            interrupted_at = step
+            break
+        if views > 1:
+            from .data import with_rotations
+
+            x = with_rotations(x, views)
+        teacher_out = None
+        if phase.teacher is not None:
+            with torch.no_grad(), ctx.autocast():
+                teacher_out = phase.teacher(x)
+        with ctx.autocast():
+            loss = phase.step_module(x, y, teacher_out)
+        phase.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
+        phase.optimizer.step()
+        total += loss.detach().double() * y.shape[0]
+        images += y.shape[0]
+        steps += 1
+        ctx.steps_done += 1
+        if bar is not None:
+            bar.update(1)
+            if steps % 10 == 1:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{images * ctx.dist.world / elapsed:.0f}")
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
     elapsed = time.perf_counter() - start
-    return {"loss": total / max(count, 1), "images_per_s": count / max(elapsed, 1e-9)}
+    if bar is not None:
+        bar.close()
+    loss_sum, count = sum_across([float(total), float(images)], ctx.device)
+    return {"loss": loss_sum / max(count, 1), "images": count, "seconds": elapsed, "steps": steps,
+            "images_per_s": count / max(elapsed, 1e-9), "step_ms": 1e3 * elapsed / max(steps, 1),
+            "interrupted_at": interrupted_at}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(model: nn.Module, batches, ctx: RunContext) -> float:
+    """Top-1 accuracy in percent over this rank's share of ``batches``, summed over ranks."""
     model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits, _ = model(x[start:start + batch_size])
-        correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
-    return 100.0 * correct / len(x)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    count = 0
+    for x, y in batches:
+        with ctx.autocast():
+            logits, _ = model(x)
+        correct += (logits.argmax(1) == y).sum()
+        count += y.shape[0]
+    c, n = sum_across([float(correct), float(count)], ctx.device)
+    return 100.0 * c / max(n, 1)
+
+
+def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], ctx: RunContext,
+              resume: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Trains ``phase`` to its last epoch (or until stopped); checkpoints after every epoch and when
+    stopped. Returns ``{"finished": bool, "last_top1", "best_top1", "best_epoch", "images_per_s"}``."""
+    epoch, step = phase.load(resume) if resume is not None else (0, 0)
+    last_top1 = phase.history[-1]["top1"] if phase.history else float("nan")
+    while epoch < phase.epochs:
+        stats = train_epoch(phase, source, epoch, step, ctx)
+        if stats["interrupted_at"] is not None:
+            if ctx.dist.main:
+                save_checkpoint(ctx.checkpoint_path, phase.state(epoch, stats["interrupted_at"], ctx.completed))
+            return {"finished": False, "epoch": epoch, "step": stats["interrupted_at"]}
+        phase.scheduler.step()
+        top1 = evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None else float("nan")
+        if top1 > phase.best_top1:
+            phase.best_top1, phase.best_epoch = top1, epoch + 1
+        last_top1 = top1
+        record = {"phase": phase.name, "epoch": epoch + 1, "loss": round(stats["loss"], 5),
+                  "top1": round(top1, 3) if not math.isnan(top1) else None,
+                  "images_per_s": round(stats["images_per_s"], 1), "step_ms": round(stats["step_ms"], 2),
+                  "lr": phase.optimizer.param_groups[0]["lr"], "corrupt_images": getattr(source, "corrupt", 0)}
+        if phase.loss_fn is not None and phase.loss_fn.last:
+            record.update({k: round(float(v), 5) for k, v in phase.loss_fn.last.items()})
+        phase.history.append({"epoch": epoch + 1, "top1": top1, "images_per_s": stats["images_per_s"]})
+        ctx.log(record)
+        epoch, step = epoch + 1, 0
+        if ctx.dist.main:
+            save_checkpoint(ctx.checkpoint_path, phase.state(epoch, 0, ctx.completed))
+    rates = [h["images_per_s"] for h in phase.history]
+    return {"finished": True, "last_top1": last_top1, "best_top1": phase.best_top1, "best_epoch": phase.best_epoch,
+            "last_epoch": phase.epochs, "images_per_s": sum(rates) / max(len(rates), 1)}

@@ -1,7 +1,14 @@
 """Networks for the training loop; each returns ``(logits, pooled penultimate features)``."""
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import Tensor, nn
+
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
+DIGITS_ARCHS = ("cnn-small", "cnn-large")
+ARCHS = DIGITS_ARCHS + TORCHVISION_ARCHS
 
 
 class SmallCNN(nn.Module):
@@ -29,9 +36,58 @@ class SmallCNN(nn.Module):
         return self.fc(feats), feats
 
 
-def digits_teacher() -> SmallCNN:
-    return SmallCNN((32, 64, 128))
+class WithFeatures(nn.Module):
+    """A torchvision classifier split at its last pooling: ``(head(f), f)`` with ``f`` the pooled
+    features (the input of ``fc`` / ``classifier``)."""
+
+    def __init__(self, net: nn.Module, head_name: str) -> None:
+        super().__init__()
+        self.head = getattr(net, head_name)
+        setattr(net, head_name, nn.Identity())
+        self.body = net
+        first = self.head if isinstance(self.head, nn.Linear) else next(m for m in self.head if isinstance(m, nn.Linear))
+        self.feature_dim = first.in_features
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.body(x)
+        return self.head(feats), feats
 
 
-def digits_student() -> SmallCNN:
-    return SmallCNN((8, 16, 32))
+def build_model(arch: str, num_classes: int, weights_path: str | None = None) -> nn.Module:
+    """A network by name; ``weights_path`` loads a state dict (of the plain torchvision model, of
+    this wrapper, or a ``{"model": state_dict}`` checkpoint) with a clear error when it does not fit."""
+    if arch == "cnn-small":
+        model: nn.Module = SmallCNN((8, 16, 32), num_classes)
+    elif arch == "cnn-large":
+        model = SmallCNN((32, 64, 128), num_classes)
+    elif arch in TORCHVISION_ARCHS:
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise ImportError(f"--arch {arch} needs torchvision: pip install torchvision") from exc
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        model = WithFeatures(net, "fc" if arch.startswith("resnet") else "classifier")
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if weights_path is not None:
+        load_weights(model, weights_path, arch)
+    return model
+
+
+def load_weights(model: nn.Module, path: str, arch: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} does not hold a state dict")
+    if isinstance(model, WithFeatures) and not any(k.startswith(("body.", "head.")) for k in state):
+        # a plain torchvision state dict: its fc / classifier keys are the head's
+        head = "fc." if "fc.weight" in state else "classifier."
+        state = {("head." + k[len(head):]) if k.startswith(head) else "body." + k: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"weights {path!r} do not fit --arch {arch} (a checkpoint of another architecture or "
+                         f"class count?): {str(exc).splitlines()[0]} ...") from exc

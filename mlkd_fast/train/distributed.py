@@ -1,0 +1,68 @@
+"""DDP plumbing for ``torchrun``: process group, rank info, metric reduction, gathering with gradient.
+
+Under ``torchrun --nproc_per_node N -m mlkd_fast.train ...`` every process trains its shard of each
+global batch (``--batch-size`` is per process, the global batch is ``batch_size * N``); NCCL on
+GPUs, gloo on CPU. Only the student and the loss heads are wrapped in DDP; the teacher is a
+frozen copy on every rank.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (a copy of the input when not distributed)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All ranks' ``x`` concatenated along dim 0, differentiable: the gradient of each rank's slice
+    is summed over the ranks' losses, which DDP's gradient averaging turns back into the gradient of
+    one global loss."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))

@@ -1,0 +1,234 @@
+"""The training loop beyond the digits default: exact resume, SIGTERM, DDP (gloo, 2 processes),
+the global correlation, the robustness-study data options, folder and synthetic data, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mlkd_fast.train import data as D
+from mlkd_fast.train.__main__ import main
+from mlkd_fast.train.models import build_model
+
+SHORT = ["--teacher-epochs", "3", "--epochs", "3", "--quiet"]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_resume_after_interruptions_gives_the_same_weights(tmp_path):
+    full = main(["--out", str(tmp_path / "full"), *SHORT])
+    part = str(tmp_path / "part")
+    # 21 steps per epoch: stop inside the teacher's 2nd epoch, then inside the student's 1st
+    assert main(["--out", part, *SHORT, "--max-steps", "30"]) == {"interrupted": True}
+    ckpt = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
+    assert (ckpt["phase"], ckpt["epoch"], ckpt["step"]) == ("teacher", 1, 9)
+    assert main(["--out", part, *SHORT, "--resume", "--max-steps", "40"]) == {"interrupted": True}
+    ckpt = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
+    assert (ckpt["phase"], ckpt["epoch"], ckpt["step"]) == ("student", 0, 7)
+    resumed = main(["--out", part, *SHORT, "--resume"])
+    _same_weights(tmp_path / "full" / "teacher.pt", os.path.join(part, "teacher.pt"))
+    _same_weights(tmp_path / "full" / "student.pt", os.path.join(part, "student.pt"))
+    for key in ("teacher_top1", "student_top1", "best_top1", "best_epoch"):
+        assert resumed[key] == full[key], key
+    epochs = [json.loads(line)["epoch"] for line in open(os.path.join(part, "metrics.jsonl"))]
+    assert epochs == [1, 2, 3, 1, 2, 3]  # each epoch logged once across the three invocations
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mlkd_fast.train", "--out", str(out), "--teacher-epochs", "400",
+                             "--epochs", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "continue with --resume" in stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["phase"] == "teacher" and ckpt["epoch"] < 400
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # no torn temp files left
+
+
+def test_torchrun_two_processes_on_cpu_all_reduces_metrics(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "mlkd_fast.train", "--out", str(out), "--teacher-epochs", "2", "--epochs", "2",
+           "--batch-size", "32", "--global-correlation", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # the logged accuracy is over the whole test set (both ranks' shards summed)
+    _, _, x_test, y_test = D.load_digits_split(seed=0)
+    student = build_model("cnn-small", 10, str(out / "student.pt")).eval()
+    with torch.no_grad():
+        top1 = 100.0 * (student(x_test)[0].argmax(1) == y_test).float().mean().item()
+    assert summary["student_top1"] == pytest.approx(top1, abs=1e-6)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["images_per_s"] > 0 for r in records)
+
+
+_GLOBAL_CORR_WORKER = r"""
+import os, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from mlkd_fast import MLKDLoss
+from mlkd_fast.train.distributed import gather_with_grad
+rank, world = int(sys.argv[1]), 2
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+dist.init_process_group("gloo", rank=rank, world_size=world)
+torch.manual_seed(0)
+x, t = torch.randn(12, 6), torch.randn(12, 5)
+head = torch.nn.Linear(6, 7)
+loss_fn = MLKDLoss(w_ce=0, w_kd=0, w_corr=1, backend="torch", correlation_gather=gather_with_grad)
+model = DDP(head)
+shard = slice(rank * 6, rank * 6 + 6)
+loss = loss_fn(student_feats=model(x[shard]), teacher_feats=t[shard])
+loss.backward()
+if rank == 0:
+    torch.save({"loss": loss.detach(), "grad": head.weight.grad.clone()}, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_global_correlation_under_ddp_equals_the_single_process_loss_and_gradient(tmp_path):
+    from mlkd_fast import MLKDLoss
+
+    path = tmp_path / "rank0.pt"
+    procs = [subprocess.Popen([sys.executable, "-c", _GLOBAL_CORR_WORKER, str(r), str(path), "29533"])
+             for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    got = torch.load(path)
+    torch.manual_seed(0)
+    x, t = torch.randn(12, 6), torch.randn(12, 5)
+    head = torch.nn.Linear(6, 7)
+    loss = MLKDLoss(w_ce=0, w_kd=0, w_corr=1, backend="torch")(student_feats=head(x), teacher_feats=t)
+    loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach())
+    torch.testing.assert_close(got["grad"], head.weight.grad)
+
+
+def test_label_noise_flips_exactly_the_requested_fraction():
+    y = torch.arange(10).repeat(50)
+    noisy, flipped = D.add_label_noise(y, 0.3, 10, seed=4)
+    assert int(flipped.sum()) == 150
+    assert (noisy[flipped] != y[flipped]).all() and torch.equal(noisy[~flipped], y[~flipped])
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    again, _ = D.add_label_noise(y, 0.3, 10, seed=4)
+    other, _ = D.add_label_noise(y, 0.3, 10, seed=5)
+    assert torch.equal(noisy, again) and not torch.equal(noisy, other)
+
+
+def test_imbalance_makes_a_long_tail_with_the_requested_ratio():
+    y = torch.arange(10).repeat(100)
+    keep = D.imbalance_indices(y, 10.0, seed=0)
+    counts = torch.bincount(y[keep], minlength=10)
+    assert counts[0] == 100 and counts[-1] == 10
+    assert (counts[:-1] >= counts[1:]).all()
+
+
+def test_digits_run_with_noise_and_imbalance_reports_the_data(tmp_path):
+    summary = main(["--out", str(tmp_path), "--teacher-epochs", "1", "--epochs", "1", "--quiet",
+                    "--label-noise", "0.2", "--imbalance", "5"])
+    assert summary["noisy_labels"] == round(0.2 * summary["train_samples"])
+    assert summary["train_samples"] < 1347
+
+
+def test_rotations_and_paper_preset_on_synthetic_images_bf16_channels_last(tmp_path):
+    summary = main(["--data", "synthetic", "--arch", "resnet18", "--teacher-arch", "resnet18", "--image-size", "32",
+                    "--num-classes", "10", "--batch-size", "4", "--steps-per-epoch", "2", "--epochs", "1",
+                    "--rotations", "4", "--loss", "paper", "--precision", "bf16", "--channels-last", "on",
+                    "--out", str(tmp_path), "--quiet"])
+    assert summary["student_top1"] is None and summary["images_per_s"] > 0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"ce", "corr", "align", "supcon"} <= set(record)
+
+
+def _image_folder(root, classes=("a", "b"), per_class=6, corrupt=0):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (40, 36, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    for i in range(corrupt):
+        (root / "train" / classes[0] / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+
+
+def test_image_folder_run_skips_and_counts_corrupt_files(tmp_path):
+    _image_folder(tmp_path / "data", corrupt=1)
+    weights = tmp_path / "teacher.pt"
+    torch.save(build_model("resnet18", 2).state_dict(), weights)
+    summary = main(["--data", str(tmp_path / "data"), "--arch", "resnet18", "--teacher-arch", "resnet18",
+                    "--teacher-weights", str(weights), "--image-size", "32", "--batch-size", "4", "--epochs", "1",
+                    "--workers", "0", "--out", str(tmp_path / "out"), "--quiet"])
+    assert summary["classes"] == 2 and summary["train_samples"] == 13 and summary["val_samples"] == 12
+    assert 0.0 <= summary["student_top1"] <= 100.0
+    # 13 files, 3 global batches of 4; whether the broken file falls in them depends on the order
+    assert summary["corrupt_images"] in (0, 1)
+
+
+def test_image_folder_fail_mode_names_the_corrupt_file(tmp_path):
+    _image_folder(tmp_path / "data", per_class=1, corrupt=1)
+    samples = D.scan_image_folder(str(tmp_path / "data" / "train"))[1]
+    dataset = D.ImageFiles(samples, D.folder_transforms(True, 16), on_corrupt="fail")
+    bad = [i for i, (p, _) in enumerate(samples) if "broken" in p][0]
+    with pytest.raises(RuntimeError, match="broken0.jpg"):
+        dataset[bad]
+    skipping = D.ImageFiles(samples, D.folder_transforms(True, 16))
+    images, labels, n_bad = D.collate_skipping([skipping[i] for i in range(len(samples))])
+    assert n_bad == 1 and images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
+
+
+def test_missing_and_empty_folders_give_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(tmp_path / "nowhere"), "--teacher-weights", "x.pt"])
+    assert exc.value.code == 2 and "no such folder" in capsys.readouterr().err
+    _image_folder(tmp_path / "data", per_class=1)
+    os.makedirs(tmp_path / "data" / "train" / "empty")
+    with pytest.raises(ValueError, match="empty.*holds no images"):
+        D.scan_image_folder(str(tmp_path / "data" / "train"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(tmp_path / "data")])
+    assert "--teacher-weights is required" in capsys.readouterr().err
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "r18.pt"
+    torch.save(build_model("resnet18", 10).state_dict(), path)
+    with pytest.raises(ValueError, match="do not fit --arch resnet34"):
+        build_model("resnet34", 10, str(path))
+    torch.save({"model": build_model("cnn-large", 10).state_dict()}, path)
+    build_model("cnn-large", 10, str(path))  # our own checkpoints load
+    with pytest.raises(ValueError, match="do not fit --arch cnn-small"):
+        build_model("cnn-small", 10, str(path))
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    out = str(tmp_path / "run")
+    main(["--out", out, *SHORT, "--max-steps", "70"])  # stops inside the student phase
+    with pytest.raises(ValueError, match="checkpoint is of --arch 'cnn-small'"):
+        main(["--out", out, *SHORT, "--resume", "--arch", "cnn-large"])
+
+
+def test_compiled_student_and_teacher_train(tmp_path):
+    summary = main(["--out", str(tmp_path), "--teacher-epochs", "1", "--epochs", "1", "--compile", "--quiet"])
+    assert summary["student_top1"] > 10.0
