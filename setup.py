@@ -26,6 +26,34 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _find_cuda_home():
+    """The CUDA toolkit root for torch's extension builder when CUDA_HOME is unset: the folder above
+    nvcc's bin/. A wrapper script named nvcc (as on some machines) names the real nvcc on its
+    last line; without this, torch guesses the wrapper's parent and the link fails on -lcudart."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    real = os.path.realpath(nvcc)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(4)
+            is_script = head[:2] == b"#!"
+            lines = (head + f.read(65536)).decode(errors="ignore").strip().splitlines() if is_script else []
+    except OSError:
+        return None
+    if lines:
+        for token in reversed(lines[-1].replace('"', " ").replace("'", " ").split()):
+            if token.endswith(os.path.join("bin", "nvcc")) and os.path.isfile(token):
+                real = os.path.realpath(token)
+                break
+    root = os.path.dirname(os.path.dirname(real))
+    return root if os.path.isdir(os.path.join(root, "include")) else None
+
+
 def _native_extensions():
     """(ext_modules, cmdclass) for the compiled library, or ([], {}) when it is skipped."""
     if _flag("MLKD_FAST_SKIP_NATIVE"):
@@ -34,6 +62,10 @@ def _native_extensions():
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if not cpp_sources:
         return [], {}
+    if cu_sources and not _flag("MLKD_FAST_SKIP_CUDA"):
+        cuda_home = _find_cuda_home()
+        if cuda_home:
+            os.environ["CUDA_HOME"] = cuda_home  # read when torch.utils.cpp_extension is imported
     try:
         import torch
         from torch.utils import cpp_extension
