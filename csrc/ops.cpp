@@ -1,5 +1,6 @@
-// mlkd_fast compiled ops: the schemas (defined once here) and the C++ CPU kernels.
-// CUDA kernels, when built, register for the CUDA dispatch key in csrc/*.cu.
+// mlkd_fast compiled ops: the schemas (defined once here), the C++ CPU kernels, and (when built with
+// CUDA) the CUDA registrations: the KL kernels of csrc/kd_kl_cuda.cu, launched on the current
+// stream, and the tiled correlation below, whose tiles are cuBLAS matmuls on the GPU.
 //
 // Semantics are those of the Triton ops in kernels/ (see their docstrings); the Python side
 // (mlkd_fast/_native.py) adds the fake implementations and autograd.
@@ -18,6 +19,13 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#endif
+
+#ifdef MLKD_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda_ops.h"
 #endif
 
 namespace mlkd_fast {
@@ -329,11 +337,12 @@ at::Tensor scale_rows_cpu(const at::Tensor& x, const at::Tensor& g) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Correlation KL on CPU: (BM x BN) tiles of both similarity matrices from BLAS matmuls of the
-// normalised features; per-row online log-sum-exps; never an (M x N) matrix. The backward walks
-// the same tiles once, accumulating the row and the column gradients together.
+// Correlation KL, tiled (CPU, and CUDA through the same ATen calls): (BM x BN) tiles of both
+// similarity matrices from BLAS / cuBLAS matmuls of the normalised features; per-row online
+// log-sum-exps; never an (M x N) matrix (extra memory O(tile^2 + (M + N) D)). The backward walks the
+// same tiles once, accumulating the row and the column gradients together.
 // ------------------------------------------------------------------------------------------
-constexpr int64_t kTile = 1024;
+static int64_t corr_tile(const at::Tensor& x) { return x.is_cuda() ? 4096 : 1024; }
 
 static at::Tensor inv_norms(const at::Tensor& x) {
   return at::linalg_vector_norm(x, 2, {1}, false, at::kFloat).clamp_min(kNormEps).reciprocal();
@@ -376,12 +385,12 @@ static std::pair<at::Tensor, at::Tensor> corr_tiles(const CorrOperands& o, int64
   return {x_s, x_t};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_cpu(const at::Tensor& a_s, const at::Tensor& a_t,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_tiled(const at::Tensor& a_s, const at::Tensor& a_t,
                                                                    const c10::optional<at::Tensor>& b_s,
                                                                    const c10::optional<at::Tensor>& b_t, double tau,
                                                                    bool exclude_diagonal) {
   const auto o = corr_operands(a_s, a_t, b_s, b_t);
-  const int64_t m = o.a_s.size(0), n = o.b_s.size(0);
+  const int64_t m = o.a_s.size(0), n = o.b_s.size(0), kTile = corr_tile(a_s);
   const double inv_tau = 1.0 / tau;
   auto loss = at::empty({m}, o.a_s.options());
   auto lse_s = at::empty({m}, o.a_s.options());
@@ -424,12 +433,12 @@ static at::Tensor norm_backward(const at::Tensor& x_hat, const at::Tensor& inv_n
   return inv_norm.unsqueeze(1) * (d_hat - x_hat * radial);
 }
 
-std::tuple<at::Tensor, at::Tensor> correlation_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& a_s,
+std::tuple<at::Tensor, at::Tensor> correlation_bwd_tiled(const at::Tensor& grad_rows, const at::Tensor& a_s,
                                                        const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
                                                        const c10::optional<at::Tensor>& b_t, const at::Tensor& lse_s,
                                                        const at::Tensor& lse_t, double tau, bool exclude_diagonal) {
   const auto o = corr_operands(a_s, a_t, b_s, b_t);
-  const int64_t m = o.a_s.size(0), n = o.b_s.size(0);
+  const int64_t m = o.a_s.size(0), n = o.b_s.size(0), kTile = corr_tile(a_s);
   const double inv_tau = 1.0 / tau;
   auto g = grad_rows.to(at::kFloat).contiguous();
   auto d_a_hat = at::zeros_like(o.a_s);
@@ -478,8 +487,61 @@ TORCH_LIBRARY(mlkd_fast, m) {
 TORCH_LIBRARY_IMPL(mlkd_fast, CPU, m) {
   m.impl("kd_kl", &kd_kl_cpu);
   m.impl("scale_rows", &scale_rows_cpu);
-  m.impl("correlation_fwd", &correlation_fwd_cpu);
-  m.impl("correlation_bwd", &correlation_bwd_cpu);
+  m.impl("correlation_fwd", &correlation_fwd_tiled);
+  m.impl("correlation_bwd", &correlation_bwd_tiled);
 }
+
+#ifdef MLKD_WITH_CUDA
+static CudaDtype cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return CudaDtype::kFloat;
+    case at::kHalf: return CudaDtype::kHalf;
+    case at::kBFloat16: return CudaDtype::kBFloat16;
+    default: TORCH_CHECK(false, "mlkd_fast CUDA kernels take float32, float16 or bfloat16, got ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                          const c10::optional<at::Tensor>& row_mask,
+                                                          double temperature, bool student_grad, bool teacher_grad) {
+  check_kd_inputs(student, teacher, row_mask);
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_kl (CUDA): student and teacher dtypes differ");
+  TORCH_CHECK(teacher.device() == student.device() && (!row_mask.has_value() || row_mask->device() == student.device()),
+              "kd_kl (CUDA): student, teacher and row_mask must be on one device");
+  const c10::cuda::CUDAGuard guard(student.device());
+  const int64_t n = student.size(0), c = student.size(1);
+  auto rows = at::empty({n}, student.options().dtype(at::kFloat));
+  auto grad_s = student_grad ? at::empty({n, c}, student.options()) : at::empty({0}, student.options());
+  auto grad_t = teacher_grad ? at::empty({n, c}, teacher.options()) : at::empty({0}, teacher.options());
+  at::Tensor mask = row_mask.has_value() ? row_mask->contiguous() : at::Tensor();
+  KdKlArgs args{cuda_dtype(student.scalar_type()), student.const_data_ptr(), student.stride(0),
+                teacher.const_data_ptr(), teacher.stride(0), mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+                rows.mutable_data_ptr<float>(), student_grad ? grad_s.mutable_data_ptr() : nullptr,
+                teacher_grad ? grad_t.mutable_data_ptr() : nullptr, n, c, static_cast<float>(temperature)};
+  const cudaError_t err = kd_kl_cuda_launch(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "kd_kl CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return {rows, grad_s, grad_t};
+}
+
+at::Tensor scale_rows_cuda(const at::Tensor& x, const at::Tensor& g) {
+  TORCH_CHECK(x.dim() == 2 && g.dim() == 1 && g.size(0) == x.size(0), "scale_rows: x (N, C) and g (N,)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xc = x.contiguous();
+  auto gc = g.to(at::kFloat).contiguous();
+  auto out = at::empty_like(xc);
+  const cudaError_t err = scale_rows_cuda_launch(cuda_dtype(x.scalar_type()), xc.const_data_ptr(),
+                                                 gc.const_data_ptr<float>(), out.mutable_data_ptr(), xc.size(0),
+                                                 xc.size(1), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "scale_rows CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(mlkd_fast, CUDA, m) {
+  m.impl("kd_kl", &kd_kl_cuda);
+  m.impl("scale_rows", &scale_rows_cuda);
+  m.impl("correlation_fwd", &correlation_fwd_tiled);
+  m.impl("correlation_bwd", &correlation_bwd_tiled);
+}
+#endif
 
 }  // namespace mlkd_fast

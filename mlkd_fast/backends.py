@@ -7,8 +7,10 @@ Backends:
 - ``native``: the compiled ``csrc/`` extension: CUDA kernels for CUDA tensors, C++ kernels for CPU
   tensors.
 
-``auto`` picks native, then Triton, on CUDA and native, then torch, on CPU. ``MLKD_FAST_BACKEND``
-replaces ``auto`` (an explicit ``backend=`` argument wins over the variable).
+``auto`` picks Triton, then native, on CUDA and native, then torch, on CPU. (Triton leads on CUDA
+until the native CUDA kernels have been checked and timed on a GPU; its correlation is the fused
+flash-style kernel, the native one cuBLAS tiles.) ``MLKD_FAST_BACKEND`` replaces ``auto`` (an
+explicit ``backend=`` argument wins over the variable).
 """
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     else:
         source = ""
     if backend == "auto":
-        order = ("native", "triton") if device.type == "cuda" else ("native", "torch")
+        order = ("triton", "native") if device.type == "cuda" else ("native", "torch")
         for name in order:
             if backend_status(name, device):
                 return name

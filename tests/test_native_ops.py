@@ -99,3 +99,14 @@ def test_cpu_simd_sweeps_match_portable_ones(tmp_path):
     rows, grad_s, grad_t = results["simd"][0]
     assert torch.isnan(rows[1]) and torch.isfinite(rows[0]) and torch.isfinite(grad_t[0]).all()
     assert (grad_t[0, ::3] == 0).all()
+
+
+def test_cuda_kernels_are_built_when_the_build_was_forced():
+    """CI installs with MLKD_FAST_FORCE_NATIVE=1 next to a CUDA toolkit: the library must hold the
+    CUDA kernels (compiled by nvcc), not only the C++ CPU ones."""
+    import os
+
+    if os.environ.get("MLKD_FAST_FORCE_NATIVE") != "1" or not torch.version.cuda \
+            or os.environ.get("MLKD_FAST_SKIP_CUDA") == "1":
+        pytest.skip("only meaningful for a forced build with a CUDA torch (as in CI)")
+    assert _native.LOADED and torch.ops.mlkd_fast.built_with_cuda()

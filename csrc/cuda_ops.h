@@ -1,0 +1,31 @@
+// Launchers of the CUDA kernels (csrc/*.cu) on raw pointers: the .cu files need no torch headers,
+// ops.cpp turns tensors into these arguments and registers the CUDA implementations.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mlkd_fast {
+
+enum class CudaDtype { kFloat, kHalf, kBFloat16 };
+
+struct KdKlArgs {
+  CudaDtype dtype;
+  const void* student;    // (N, C), last stride 1
+  int64_t s_stride;       // elements between rows
+  const void* teacher;    // (N, C), last stride 1, same dtype
+  int64_t t_stride;
+  const bool* row_mask;   // (N,) or nullptr
+  float* rows;            // (N,) out: T^2 l_i, 0 on masked rows
+  void* grad_student;     // (N, C) contiguous out, or nullptr
+  void* grad_teacher;     // (N, C) contiguous out, or nullptr
+  int64_t n, c;
+  float temperature;
+};
+
+cudaError_t kd_kl_cuda_launch(const KdKlArgs& args, cudaStream_t stream);
+cudaError_t scale_rows_cuda_launch(CudaDtype dtype, const void* x, const float* g, void* out, int64_t n, int64_t c,
+                                   cudaStream_t stream);
+
+}  // namespace mlkd_fast
