@@ -112,13 +112,7 @@ def plots(rows: list[dict], folder: str) -> list[str]:
                     ax.plot(labels, [p[1] for p in pts], marker="o", label=provider)
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_ylabel("speed-up over eager (fwd+bwd)")
-            ax.set_title(f"{op} on {device}")
-            ax.legend()
-            fig.tight_layout()
-            path = os.path.join(folder, f"{op}_{device}_speedup.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_finish(plt, fig, ax, f"{op} on {device}", os.path.join(folder, f"{op}_{device}_speedup.png")))
     sel = [r for r in rows if r.get("op") == "correlation" and r.get("pass_") == "fwd+bwd" and r.get("peak_extra_mib")]
     for device in sorted({r["device"] for r in sel}):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -129,14 +123,18 @@ def plots(rows: list[dict], folder: str) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("batch M = N")
         ax.set_ylabel("peak extra memory (MiB), fwd+bwd")
-        ax.set_title(f"correlation memory on {device} (a missing point: out of memory)")
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(folder, f"correlation_{device}_memory.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(plt, fig, ax, f"correlation memory on {device} (a missing point: out of memory)",
+                               os.path.join(folder, f"correlation_{device}_memory.png")))
     return written
+
+
+def _finish(plt, fig, ax, title: str, path: str) -> str:
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def update_readme(readme: str, table: str, plot_paths: list[str]) -> None:

@@ -135,6 +135,15 @@ def measure(benchmark, step, device: str) -> None:
     benchmark.pedantic(synced, rounds=1 if TINY else 5, iterations=1, warmup_rounds=0 if TINY else 1)
 
 
+def measure_pass(benchmark, fn, student, teacher, backward: bool, device: str) -> None:
+    """Times ``fn(student, teacher)``: the forward alone (no autograd) or forward + the student's gradient."""
+    def step():
+        loss = fn(student, teacher)
+        return torch.autograd.grad(loss, student)[0] if backward else loss
+
+    measure(benchmark, step if backward else torch.no_grad()(step), device)
+
+
 @pytest.mark.parametrize("provider", KL_PROVIDERS)
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("shape_dev", [(s, d) for d in DEVICES for s in KL_SHAPES[d]],
@@ -150,15 +159,7 @@ def test_kd_kl(benchmark, provider, pass_, shape_dev):
                                 dtype=str(dtype)[6:], bytes=(3 if backward else 2) * n * c * elem)
     s = torch.randn(n, c, device=device, dtype=dtype, requires_grad=backward)
     t = torch.randn(n, c, device=device, dtype=dtype)
-    fn = kl_fn(provider)
-
-    def step():
-        loss = fn(s, t)
-        return torch.autograd.grad(loss, s)[0] if backward else loss
-
-    if not backward:
-        step = torch.no_grad()(step)
-    measure(benchmark, step, device)
+    measure_pass(benchmark, kl_fn(provider), s, t, backward, device)
 
 
 @pytest.mark.parametrize("provider", CORR_PROVIDERS)
@@ -177,15 +178,7 @@ def test_correlation(benchmark, provider, pass_, size_dev):
                                 dtype=str(dtype)[6:], flops=flops)
     a_s = torch.randn(m, d, device=device, dtype=dtype, requires_grad=backward)
     a_t = torch.randn(m, d, device=device, dtype=dtype)
-    fn = corr_fn(provider)
-
-    def step():
-        loss = fn(a_s, a_t)
-        return torch.autograd.grad(loss, a_s)[0] if backward else loss
-
-    if not backward:
-        step = torch.no_grad()(step)
-    measure(benchmark, step, device)
+    measure_pass(benchmark, corr_fn(provider), a_s, a_t, backward, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

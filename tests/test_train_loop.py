@@ -232,3 +232,29 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
 def test_compiled_student_and_teacher_train(tmp_path):
     summary = main(["--out", str(tmp_path), "--teacher-epochs", "1", "--epochs", "1", "--compile", "--quiet"])
     assert summary["student_top1"] > 10.0
+
+
+def test_device_decoding_path_trains_and_skips_corrupt_files(tmp_path):
+    """``--decode device``: the workers read bytes, decoding and augmentation run on the training
+    device (nvJPEG on CUDA; here the CPU twin of the same code)."""
+    from PIL import Image
+
+    _image_folder(tmp_path / "data", corrupt=1)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "data" / "train" / "b" / "real.jpg")
+    datas = [D.ImageBytes(D.scan_image_folder(str(tmp_path / "data" / "train"))[1])[i] for i in range(3)]
+    weights = tmp_path / "teacher.pt"
+    torch.save(build_model("resnet18", 2).state_dict(), weights)
+    summary = main(["--data", str(tmp_path / "data"), "--arch", "resnet18", "--teacher-arch", "resnet18",
+                    "--teacher-weights", str(weights), "--image-size", "32", "--batch-size", "4", "--epochs", "1",
+                    "--workers", "0", "--decode", "device", "--out", str(tmp_path / "out"), "--quiet"])
+    assert summary["train_samples"] == 14 and 0.0 <= summary["student_top1"] <= 100.0
+    assert len(datas) == 3 and datas[0][0].dtype == torch.uint8
+    samples = D.scan_image_folder(str(tmp_path / "data" / "train"))[1]
+    raw = [D.ImageBytes(samples)[i] for i in range(len(samples))]
+    decoded = D.decode_on_device([r[0] for r in raw], [r[2] for r in raw], torch.device("cpu"))
+    assert sum(img is None for img in decoded) == 1
+    assert all(img.shape[0] == 3 for img in decoded if img is not None)
+    batch = D.augment_on_device([img for img in decoded if img is not None], True, 24)
+    assert batch.shape == (len(samples) - 1, 3, 24, 24) and batch.dtype == torch.uint8
+    with pytest.raises(RuntimeError, match="broken0.jpg"):
+        D.decode_on_device([r[0] for r in raw], [r[2] for r in raw], torch.device("cpu"), on_corrupt="fail")

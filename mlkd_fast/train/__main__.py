@@ -45,6 +45,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--steps-per-epoch", type=int, default=100, help="steps of a synthetic epoch (default: %(default)s)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per GPU for folder data (default: %(default)s)")
+    g.add_argument("--decode", choices=("workers", "device"), default="workers",
+                   help="folder data: decode + augment with PIL in the loader workers, or read bytes in the "
+                        "workers and decode (nvJPEG on CUDA) + augment on the training device (default: %(default)s)")
     g.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip",
                    help="an undecodable image: skip and count it, or fail naming the file (default: %(default)s)")
     g.add_argument("--rotations", type=int, choices=(1, 4), default=1,
@@ -191,7 +194,8 @@ class Run:
                 raise SystemExit(f"mlkd-train: {len(train_samples)} training images are fewer than one global "
                                  f"batch ({self.shard.batch_size * self.shard.world})")
             common = dict(shard=self.shard, seed=a.seed, device=self.device, image_size=a.image_size,
-                          workers=a.workers, channels_last=self.channels_last, on_corrupt=a.on_corrupt)
+                          workers=a.workers, channels_last=self.channels_last, on_corrupt=a.on_corrupt,
+                          decode=a.decode)
             self.train = D.FolderSource(train_samples, train=True, **common)
             self.val = D.FolderSource(val_samples, train=False, **common)
             self.eval_batches = lambda: self.val.epoch(0)

@@ -243,6 +243,77 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.transform(img), label
 
 
+class ImageBytes(torch.utils.data.Dataset):
+    """Raw file bytes of a folder split, for decoding on the training device (``--decode device``):
+    the workers only read files, so few CPU cores can feed a GPU (nvJPEG decodes the JPEGs)."""
+
+    def __init__(self, samples: list[tuple[str, int]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from torchvision.io import read_file
+
+        path, label = self.samples[i]
+        return read_file(path), label, path
+
+
+def collate_bytes(batch):
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+
+
+def _decode_one(data: Tensor, device: torch.device) -> Tensor:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    is_jpeg = data.numel() > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
+    if device.type == "cuda" and is_jpeg:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+
+
+def decode_on_device(datas: list[Tensor], paths: list[str], device: torch.device,
+                     on_corrupt: str = "skip") -> list[Optional[Tensor]]:
+    """Decodes file bytes to (3, h, w) uint8 images on ``device`` (JPEGs batched through nvJPEG on
+    CUDA); an undecodable file gives ``None``, or with ``on_corrupt="fail"`` an error naming it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type == "cuda" and all(d.numel() > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in datas):
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            pass  # one bad file fails the batch: find it below, one by one
+    images: list[Optional[Tensor]] = []
+    for data, path in zip(datas, paths):
+        try:
+            images.append(_decode_one(data, device))
+        except RuntimeError as exc:
+            if on_corrupt == "fail":
+                raise RuntimeError(f"cannot decode image {path!r}: {exc}") from exc
+            images.append(None)
+    return images
+
+
+def augment_on_device(images: list[Tensor], train: bool, size: int) -> Tensor:
+    """RandomResizedCrop + horizontal flip (train) or resize + centre crop (eval), image by image on
+    the images' device; returns a (n, 3, size, size) uint8 batch."""
+    from torchvision.transforms import RandomResizedCrop
+    from torchvision.transforms.v2 import functional as TF
+
+    out = []
+    for img in images:
+        if train:
+            top, left, h, w = RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+            if bool(torch.rand(()) < 0.5):
+                img = img.flip(-1)
+        else:
+            img = TF.center_crop(TF.resize(img, [int(math.ceil(size * 256 / 224))], antialias=True), [size, size])
+        out.append(img)
+    return torch.stack(out)
+
+
 def collate_skipping(batch):
     """Stacks the decodable samples of a batch; returns ``(images, labels, n_corrupt)``."""
     good = [b for b in batch if b is not None]
@@ -294,10 +365,14 @@ class FolderSource:
     workers: int = 4
     channels_last: bool = False
     on_corrupt: str = "skip"
+    decode: str = "workers"   # "workers": PIL in the loader processes; "device": bytes decoded on the device
     corrupt: int = 0
 
     def __post_init__(self) -> None:
-        self.dataset = ImageFiles(self.samples, folder_transforms(self.train, self.image_size), self.on_corrupt)
+        if self.decode == "device":
+            self.dataset = ImageBytes(self.samples)
+        else:
+            self.dataset = ImageFiles(self.samples, folder_transforms(self.train, self.image_size), self.on_corrupt)
         self.sampler = ShardSampler(len(self.samples), self.shard, self.seed) if self.train else None
         self._loader = None
 
@@ -307,8 +382,9 @@ class FolderSource:
         return math.ceil(len(self.samples) / self.shard.batch_size)
 
     def _make_loader(self):
-        kwargs = dict(batch_size=self.shard.batch_size, num_workers=self.workers, collate_fn=collate_skipping,
-                      pin_memory=self.device.type == "cuda")
+        collate = collate_bytes if self.decode == "device" else collate_skipping
+        kwargs = dict(batch_size=self.shard.batch_size, num_workers=self.workers, collate_fn=collate,
+                      pin_memory=self.device.type == "cuda" and self.decode != "device")
         if self.workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=4)
         if self.train:
@@ -326,8 +402,18 @@ class FolderSource:
                 self._loader = None
         if self._loader is None:
             self._loader = self._make_loader()
-        for images, labels, bad in self._loader:
-            self.corrupt += bad
+        for images, labels, extra in self._loader:
+            if self.decode == "device":
+                decoded = decode_on_device(images, extra, self.device, self.on_corrupt)
+                good = [i for i, img in enumerate(decoded) if img is not None]
+                self.corrupt += len(decoded) - len(good)
+                if not good:
+                    continue
+                images = augment_on_device([decoded[i] for i in good], self.train, self.image_size)
+                labels = labels[good]
+                yield normalize_images(images, self.channels_last), labels.to(self.device, non_blocking=True)
+                continue
+            self.corrupt += extra
             if images is None:
                 continue
             x = images.to(self.device, non_blocking=True)
