@@ -303,23 +303,32 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
   });
 }
 
-static void check_kd_inputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& mask) {
+// The checks and the outputs of kd_kl, shared by the CPU and the CUDA implementation.
+struct KdKlOutputs {
+  at::Tensor rows, grad_s, grad_t, mask;  // mask: contiguous row_mask, or undefined
+};
+
+static KdKlOutputs kd_kl_outputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& mask,
+                                 bool student_grad, bool teacher_grad) {
   TORCH_CHECK(s.dim() == 2 && t.sizes() == s.sizes(), "kd_kl: student and teacher must be (N, C) of one shape");
   TORCH_CHECK(s.stride(1) == 1 && t.stride(1) == 1, "kd_kl: the last stride must be 1");
+  TORCH_CHECK(s.scalar_type() == t.scalar_type(), "kd_kl: student and teacher dtypes differ");
   TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->numel() == s.size(0)),
               "kd_kl: row_mask must be a bool vector of length N");
+  TORCH_CHECK(t.device() == s.device() && (!mask.has_value() || mask->device() == s.device()),
+              "kd_kl: student, teacher and row_mask must be on one device");
+  const int64_t n = s.size(0), c = s.size(1);
+  return {at::empty({n}, s.options().dtype(at::kFloat)),
+          student_grad ? at::empty({n, c}, s.options()) : at::empty({0}, s.options()),
+          teacher_grad ? at::empty({n, c}, t.options()) : at::empty({0}, t.options()),
+          mask.has_value() ? mask->contiguous() : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                          const c10::optional<at::Tensor>& row_mask,
                                                          double temperature, bool student_grad, bool teacher_grad) {
-  check_kd_inputs(student, teacher, row_mask);
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_kl (CPU): student and teacher dtypes differ");
+  auto [rows, grad_s, grad_t, mask] = kd_kl_outputs(student, teacher, row_mask, student_grad, teacher_grad);
   const int64_t n = student.size(0), c = student.size(1);
-  auto rows = at::empty({n}, student.options().dtype(at::kFloat));
-  auto grad_s = student_grad ? at::empty({n, c}, student.options()) : at::empty({0}, student.options());
-  auto grad_t = teacher_grad ? at::empty({n, c}, teacher.options()) : at::empty({0}, teacher.options());
-  at::Tensor mask = row_mask.has_value() ? row_mask->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_kl_cpu", [&] {
     kd_kl_rows_cpu<scalar_t>(student.const_data_ptr<scalar_t>(), student.stride(0),
                              teacher.const_data_ptr<scalar_t>(), teacher.stride(0),
@@ -504,16 +513,9 @@ static CudaDtype cuda_dtype(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                           const c10::optional<at::Tensor>& row_mask,
                                                           double temperature, bool student_grad, bool teacher_grad) {
-  check_kd_inputs(student, teacher, row_mask);
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_kl (CUDA): student and teacher dtypes differ");
-  TORCH_CHECK(teacher.device() == student.device() && (!row_mask.has_value() || row_mask->device() == student.device()),
-              "kd_kl (CUDA): student, teacher and row_mask must be on one device");
   const c10::cuda::CUDAGuard guard(student.device());
+  auto [rows, grad_s, grad_t, mask] = kd_kl_outputs(student, teacher, row_mask, student_grad, teacher_grad);
   const int64_t n = student.size(0), c = student.size(1);
-  auto rows = at::empty({n}, student.options().dtype(at::kFloat));
-  auto grad_s = student_grad ? at::empty({n, c}, student.options()) : at::empty({0}, student.options());
-  auto grad_t = teacher_grad ? at::empty({n, c}, teacher.options()) : at::empty({0}, teacher.options());
-  at::Tensor mask = row_mask.has_value() ? row_mask->contiguous() : at::Tensor();
   KdKlArgs args{cuda_dtype(student.scalar_type()), student.const_data_ptr(), student.stride(0),
                 teacher.const_data_ptr(), teacher.stride(0), mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
                 rows.mutable_data_ptr<float>(), student_grad ? grad_s.mutable_data_ptr() : nullptr,

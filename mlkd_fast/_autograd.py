@@ -34,8 +34,8 @@ def _fake_correlation_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau, exclude_diag
     return a_s.new_empty(a_s.shape), (b_s.new_empty(b_s.shape) if b_s is not None else a_s.new_empty(0))
 
 
-def register(namespace: str, fakes: bool = True) -> None:
-    """Registers fakes (unless the op definitions carry their own) and autograd for ``namespace``."""
+def register(namespace: str) -> None:
+    """Registers the fakes and the autograd of ``namespace``'s ops."""
     ops = getattr(torch.ops, namespace)
 
     def kd_kl_setup_context(ctx, inputs, output):
@@ -65,9 +65,8 @@ def register(namespace: str, fakes: bool = True) -> None:
         d_a, d_b = ops.correlation_bwd(grad_rows, a_s, a_t, b_s, b_t, lse_s, lse_t, ctx.tau, ctx.exclude_diag)
         return d_a, None, (None if ctx.square else d_b), None, None, None
 
-    if fakes:
-        for name, fake in (("kd_kl", _fake_kd_kl), ("scale_rows", _fake_scale_rows),
-                           ("correlation_fwd", _fake_correlation_fwd), ("correlation_bwd", _fake_correlation_bwd)):
-            torch.library.register_fake(f"{namespace}::{name}", fake)
+    for name, fake in (("kd_kl", _fake_kd_kl), ("scale_rows", _fake_scale_rows),
+                       ("correlation_fwd", _fake_correlation_fwd), ("correlation_bwd", _fake_correlation_bwd)):
+        torch.library.register_fake(f"{namespace}::{name}", fake)
     torch.library.register_autograd(f"{namespace}::kd_kl", kd_kl_backward, setup_context=kd_kl_setup_context)
     torch.library.register_autograd(f"{namespace}::correlation_fwd", corr_backward, setup_context=corr_setup_context)

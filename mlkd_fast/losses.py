@@ -41,10 +41,8 @@ class CorrelationLoss(nn.Module):
         keep_diagonal: bool = False,
         scale_by_tau_sq: bool = False,
         backend: str = "auto",
-        correlation_gather: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
         super().__init__()
-        self.correlation_gather = correlation_gather
         MF._check_positive(tau, "tau")
         MF._check_reduction(reduction)
         self.tau = float(tau)

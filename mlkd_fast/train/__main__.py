@@ -202,7 +202,7 @@ class Run:
 
     # ---- models and phases ----------------------------------------------------------------
     def make_phase(self, name: str, arch: str, epochs: int, loss: str,
-                   teacher: Optional[torch.nn.Module] = None, teacher_dim: int = 0) -> Phase:
+                   teacher: Optional[torch.nn.Module] = None) -> Phase:
         a = self.args
         torch.manual_seed(a.seed + {"teacher": 0, "student": 100, "baseline": 100}[name])
         model = build_model(arch, self.num_classes).to(self.device)
@@ -212,7 +212,7 @@ class Run:
         loss_fn = None
         if teacher is not None:
             preset = "cifar100" if a.digits else "imagenet"
-            loss_fn = build_loss(loss, model.feature_dim, teacher_dim, a.temperature, a.backend, views, preset)
+            loss_fn = build_loss(loss, model.feature_dim, teacher.feature_dim, a.temperature, a.backend, views, preset)
             loss_fn = loss_fn.to(self.device)
             if a.global_correlation:
                 loss_fn.correlation_gather = gather_with_grad
@@ -306,7 +306,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 teacher = run.frozen(phase.model)
             else:  # synthetic: a random teacher is enough to measure throughput
                 teacher = run.frozen(build_model(args.teacher_arch, run.num_classes))
-        teacher_dim = build_model(args.teacher_arch, 1).feature_dim if teacher is not None else 0
         if "teacher" in done:
             summary["teacher_top1"] = done["teacher"]["last_top1"]
 
@@ -316,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             phases.append(("baseline", "ce", None))
         for name, loss, t in phases:
             if name not in done:
-                phase = run.make_phase(name, args.arch, args.epochs, loss, t, teacher_dim)
+                phase = run.make_phase(name, args.arch, args.epochs, loss, t)
                 if not train(phase):
                     return _stopped(metrics)
         if metrics is not None:

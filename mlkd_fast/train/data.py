@@ -264,11 +264,14 @@ def collate_bytes(batch):
     return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
 
 
+def _is_jpeg(data: Tensor) -> bool:
+    return data.numel() > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8  # the JPEG SOI marker
+
+
 def _decode_one(data: Tensor, device: torch.device) -> Tensor:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    is_jpeg = data.numel() > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
-    if device.type == "cuda" and is_jpeg:
+    if device.type == "cuda" and _is_jpeg(data):
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     return decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True)
 
@@ -279,7 +282,7 @@ def decode_on_device(datas: list[Tensor], paths: list[str], device: torch.device
     CUDA); an undecodable file gives ``None``, or with ``on_corrupt="fail"`` an error naming it."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    if device.type == "cuda" and all(d.numel() > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in datas):
+    if device.type == "cuda" and all(_is_jpeg(d) for d in datas):
         try:
             return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:

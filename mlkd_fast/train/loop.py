@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..losses import MLKDLoss
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .data import with_rotations
 from .distributed import DistInfo, sum_across
 
 LOSSES = ("mlkd", "kd", "ce", "paper")
@@ -187,8 +188,6 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
             interrupted_at = step
             break
         if views > 1:
-            from .data import with_rotations
-
             x = with_rotations(x, views)
         teacher_out = None
         if phase.teacher is not None:
