@@ -39,6 +39,9 @@ def register(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
 
     def kd_kl_setup_context(ctx, inputs, output):
+        # The stored-gradient outputs never receive a gradient; without this autograd would fill an
+        # (N, C) tensor of zeros for each of them on every backward (a full extra pass over memory).
+        ctx.set_materialize_grads(False)
         ctx.student_grad, ctx.teacher_grad = inputs[4], inputs[5]
         ctx.save_for_backward(output[1], output[2])
 
@@ -49,6 +52,7 @@ def register(namespace: str) -> None:
         return d_student, d_teacher, None, None, None, None
 
     def corr_setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
         a_s, a_t, b_s, b_t, tau, exclude_diag = inputs
         ctx.tau, ctx.exclude_diag, ctx.square = tau, exclude_diag, b_s is None
         if ctx.square:

@@ -1,4 +1,6 @@
 """The compiled library: ops registered, opcheck of each, fakes, soft loading."""
+import sys
+
 import pytest
 import torch
 
@@ -110,3 +112,48 @@ def test_cuda_kernels_are_built_when_the_build_was_forced():
             or os.environ.get("MLKD_FAST_SKIP_CUDA") == "1":
         pytest.skip("only meaningful for a forced build with a CUDA torch (as in CI)")
     assert _native.LOADED and torch.ops.mlkd_fast.built_with_cuda()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output block cache is Linux-only")
+def test_large_cpu_outputs_reuse_freed_blocks_without_aliasing():
+    """Outputs of >= 2 MiB come from a block cache: live outputs never share memory, a freed block is
+    handed out again, and every element of a reused block is overwritten."""
+    require_backend("native", "cpu")
+    from mlkd_fast import reference
+
+    ops = torch.ops.mlkd_fast
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 300, 2000, generator=g).unbind(0)  # 2.3 MiB per gradient
+    first = ops.kd_kl(s, t, None, 2.0, True, False)[1]
+    second = ops.kd_kl(s * 2, t, None, 2.0, True, False)[1]
+    assert first.data_ptr() != second.data_ptr()
+    freed = first.data_ptr()
+    first.fill_(float("nan"))  # stale content a reuse must not leak
+    del first
+    mask = torch.arange(300) % 3 != 0
+    rows, reused, _ = ops.kd_kl(s, t, mask, 2.0, True, False)
+    assert reused.data_ptr() == freed
+    s64 = s.double().requires_grad_()
+    expected = torch.autograd.grad(reference.kd_kl_rows(s64, t.double(), 2.0, row_mask=mask).sum(), s64)[0]
+    torch.testing.assert_close(reused.double(), expected, rtol=1e-5, atol=1e-7)
+    scaled = ops.scale_rows(second, torch.full((300,), 0.5))
+    torch.testing.assert_close(scaled, second * 0.5)
+    assert scaled.data_ptr() not in (second.data_ptr(), reused.data_ptr())
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_backward_fills_no_zero_gradients(backend):
+    """The stored-gradient outputs of kd_kl get no gradient; autograd must not materialise (N, C)
+    zeros for them on every backward."""
+    require_backend(backend, "cpu")
+    from mlkd_fast import functional
+
+    s = torch.randn(8, 300, requires_grad=True)
+    t = torch.randn(8, 300)
+    loss = functional.kd_kl_div(s, t, backend=backend)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    fills = [(e.key, e.input_shapes) for e in prof.key_averages(group_by_input_shape=True)
+             if e.key in ("aten::zeros", "aten::zero_", "aten::fill_", "aten::zeros_like")]
+    assert not [f for f in fills if [8, 300] in f[1] or any(300 in shape for shape in f[1])], fills
+    assert s.grad is not None and s.grad.abs().sum() > 0
