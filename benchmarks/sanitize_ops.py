@@ -11,7 +11,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         s = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)
         t = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)
         mask = torch.rand(n, device="cuda") > 0.3
-        MF.kd_kl_div(s, t, 2.0, row_mask=mask, backend="native").backward()
+        loss = MF.kd_kl_div(s, t, 2.0, row_mask=mask, backend="native", weight=0.5)
+        (2.0 * loss).backward(retain_graph=True)  # scale_rows (out of place)
+        (3.0 * loss).backward()  # scale_rows_ (in place)
+        MF.kd_kl_div(s, t, 2.0, backend="native").backward()  # scale_rows_, every row skipped
     for m, n, d in ((150, 150, 40), (96, 32, 24)):
         a_s = torch.randn(m, d, device="cuda", dtype=dtype, requires_grad=True)
         a_t = torch.randn(m, d + 8, device="cuda", dtype=dtype)

@@ -16,10 +16,10 @@ struct KdKlArgs {
   int64_t s_stride;       // elements between rows
   const void* teacher;    // (N, C), last stride 1, same dtype
   int64_t t_stride;
-  const bool* row_mask;   // (N,) or nullptr
-  float* rows;            // (N,) out: T^2 l_i, 0 on masked rows
-  void* grad_student;     // (N, C) contiguous out, or nullptr
-  void* grad_teacher;     // (N, C) contiguous out, or nullptr
+  const float* row_weight;  // (N,) fp32 w_i, or nullptr (all 1)
+  float* rows;            // (N,) out: w_i T^2 l_i
+  void* grad_student;     // (N, C) contiguous out, w_i d(T^2 l_i)/ds, or nullptr
+  void* grad_teacher;     // (N, C) contiguous out, w_i d(T^2 l_i)/dt, or nullptr
   int64_t n, c;
   float temperature;
 };
@@ -27,5 +27,8 @@ struct KdKlArgs {
 cudaError_t kd_kl_cuda_launch(const KdKlArgs& args, cudaStream_t stream);
 cudaError_t scale_rows_cuda_launch(CudaDtype dtype, const void* x, const float* g, void* out, int64_t n, int64_t c,
                                    cudaStream_t stream);
+// x[i, :] *= g[i] in place, rows with g[i] == 1 untouched (read N floats when all are 1).
+cudaError_t scale_rows_inplace_cuda_launch(CudaDtype dtype, void* x, int64_t x_stride, const float* g, int64_t n,
+                                           int64_t c, cudaStream_t stream);
 
 }  // namespace mlkd_fast

@@ -110,15 +110,15 @@ template <typename T, int kVec, int kThreads>
 __global__ void __launch_bounds__(kThreads) kd_kl_rows_kernel(
     const T* __restrict__ s, int64_t s_stride,   // (N, C) student logits, last stride 1
     const T* __restrict__ t, int64_t t_stride,   // (N, C) teacher logits
-    const bool* __restrict__ mask,               // (N,) or null
-    float* __restrict__ rows,                    // (N,) T^2 l_i (0 where masked)
+    const float* __restrict__ weight,            // (N,) row weights w_i, or null (all 1)
+    float* __restrict__ rows,                    // (N,) w_i T^2 l_i
     T* __restrict__ grad_s, T* __restrict__ grad_t,  // (N, C) contiguous, or null
     int64_t c, float temperature) {
   const int64_t row = blockIdx.x;
   const T* sr = s + row * s_stride;
   const T* tr = t + row * t_stride;
   const float inv_t = 1.0f / temperature;
-  const float keep = (mask == nullptr || mask[row]) ? 1.0f : 0.0f;
+  const float keep = weight == nullptr ? 1.0f : weight[row];
   const int64_t packs = c / kVec;
 
   RowStats st{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f};
@@ -167,6 +167,17 @@ __global__ void scale_rows_kernel(const T* __restrict__ x, const float* __restri
     out[i] = from_float<T>(to_float(x[i]) * g[i / c]);
 }
 
+template <typename T>
+__global__ void scale_rows_inplace_kernel(T* __restrict__ x, int64_t x_stride, const float* __restrict__ g, int64_t n,
+                                          int64_t c) {
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const float gi = g[row];
+    if (gi == 1.0f) continue;  // the same for the whole block: no divergence
+    T* xr = x + row * x_stride;
+    for (int64_t j = threadIdx.x; j < c; j += blockDim.x) xr[j] = from_float<T>(to_float(xr[j]) * gi);
+  }
+}
+
 template <typename T, int kVec>
 void launch_rows(const KdKlArgs& a, cudaStream_t stream) {
   const T* s = static_cast<const T*>(a.student);
@@ -175,13 +186,13 @@ void launch_rows(const KdKlArgs& a, cudaStream_t stream) {
   T* gt = static_cast<T*>(a.grad_teacher);
   const dim3 grid(static_cast<unsigned>(a.n));
   if (a.c >= 16384) {
-    kd_kl_rows_kernel<T, kVec, 1024><<<grid, 1024, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_mask, a.rows, gs, gt,
+    kd_kl_rows_kernel<T, kVec, 1024><<<grid, 1024, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_weight, a.rows, gs, gt,
                                                                 a.c, a.temperature);
   } else if (a.c >= 2048) {
-    kd_kl_rows_kernel<T, kVec, 512><<<grid, 512, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_mask, a.rows, gs, gt,
+    kd_kl_rows_kernel<T, kVec, 512><<<grid, 512, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_weight, a.rows, gs, gt,
                                                               a.c, a.temperature);
   } else {
-    kd_kl_rows_kernel<T, kVec, 128><<<grid, 128, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_mask, a.rows, gs, gt,
+    kd_kl_rows_kernel<T, kVec, 128><<<grid, 128, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_weight, a.rows, gs, gt,
                                                               a.c, a.temperature);
   }
 }
@@ -229,6 +240,26 @@ cudaError_t scale_rows_cuda_launch(CudaDtype dtype, const void* x, const float* 
     case CudaDtype::kBFloat16:
       scale_rows_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), g,
                                                                      static_cast<__nv_bfloat16*>(out), numel, c);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t scale_rows_inplace_cuda_launch(CudaDtype dtype, void* x, int64_t x_stride, const float* g, int64_t n,
+                                           int64_t c, cudaStream_t stream) {
+  if (n == 0 || c == 0) return cudaSuccess;
+  const int threads = c >= 1024 ? 256 : 128;
+  const unsigned grid = static_cast<unsigned>(n < 65535 * 4 ? n : 65535 * 4);
+  switch (dtype) {
+    case CudaDtype::kFloat:
+      scale_rows_inplace_kernel<float><<<grid, threads, 0, stream>>>(static_cast<float*>(x), x_stride, g, n, c);
+      break;
+    case CudaDtype::kHalf:
+      scale_rows_inplace_kernel<__half><<<grid, threads, 0, stream>>>(static_cast<__half*>(x), x_stride, g, n, c);
+      break;
+    case CudaDtype::kBFloat16:
+      scale_rows_inplace_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(static_cast<__nv_bfloat16*>(x), x_stride, g,
+                                                                             n, c);
       break;
   }
   return cudaGetLastError();

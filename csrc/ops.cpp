@@ -180,8 +180,9 @@ struct KlSums {
 };
 
 // The four sweeps. scale_and_max: out = x / T, returns max(out). exp_and_sums: e_s = e^(v - m_s),
-// e_t = e^(u - m_t), Z_s, Z_t and A (0 where u = -inf). student_grad_row: T (q - p) keep =
-// e_s w_s - e_t w_t. teacher_grad_row: T p (log p - log q - l) keep = e_t w_t ((u - v) + offset),
+// e_t = e^(u - m_t), Z_s, Z_t and A (0 where u = -inf). With keep the row weight (mask, reduction,
+// loss weight): student_grad_row: T (q - p) keep = e_s w_s - e_t w_t. teacher_grad_row:
+// T p (log p - log q - l) keep = e_t w_t ((u - v) + offset),
 // 0 where u = -inf, offset = (m_s + log Z_s) - (m_t + log Z_t) - l.
 namespace scalar_sweeps {
 static float scale_and_max(const float* x, float inv_t, float* out, int64_t c) {
@@ -348,7 +349,7 @@ static const KlSweeps& kl_sweeps() {
 
 template <typename scalar_t>
 static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* t, int64_t t_stride,
-                           const bool* mask, float* rows, scalar_t* gs, scalar_t* gt, int64_t n, int64_t c,
+                           const float* weight, float* rows, scalar_t* gs, scalar_t* gt, int64_t n, int64_t c,
                            float temperature) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const float inv_t = 1.0f / temperature;
@@ -377,7 +378,7 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
         for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<scalar_t>(src[j]);
     };
     for (int64_t i = begin; i < end; ++i) {
-      const float keep = (mask == nullptr || mask[i]) ? 1.0f : 0.0f;
+      const float keep = weight == nullptr ? 1.0f : weight[i];
       float m_s = load(s + i * s_stride, v);
       float m_t = load(t + i * t_stride, u);
       if (m_s == kNegInf) m_s = 0.0f;  // an all -inf row: keep the arithmetic finite
@@ -414,34 +415,34 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
 
 // The checks and the outputs of kd_kl, shared by the CPU and the CUDA implementation.
 struct KdKlOutputs {
-  at::Tensor rows, grad_s, grad_t, mask;  // mask: contiguous row_mask, or undefined
+  at::Tensor rows, grad_s, grad_t, weight;  // weight: contiguous row_weight, or undefined
 };
 
-static KdKlOutputs kd_kl_outputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& mask,
+static KdKlOutputs kd_kl_outputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& weight,
                                  bool student_grad, bool teacher_grad) {
   TORCH_CHECK(s.dim() == 2 && t.sizes() == s.sizes(), "kd_kl: student and teacher must be (N, C) of one shape");
   TORCH_CHECK(s.stride(1) == 1 && t.stride(1) == 1, "kd_kl: the last stride must be 1");
   TORCH_CHECK(s.scalar_type() == t.scalar_type(), "kd_kl: student and teacher dtypes differ");
-  TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->numel() == s.size(0)),
-              "kd_kl: row_mask must be a bool vector of length N");
-  TORCH_CHECK(t.device() == s.device() && (!mask.has_value() || mask->device() == s.device()),
-              "kd_kl: student, teacher and row_mask must be on one device");
+  TORCH_CHECK(!weight.has_value() || (weight->scalar_type() == at::kFloat && weight->numel() == s.size(0)),
+              "kd_kl: row_weight must be a float32 vector of length N");
+  TORCH_CHECK(t.device() == s.device() && (!weight.has_value() || weight->device() == s.device()),
+              "kd_kl: student, teacher and row_weight must be on one device");
   const int64_t n = s.size(0), c = s.size(1);
   return {at::empty({n}, s.options().dtype(at::kFloat)),
           student_grad ? empty_output({n, c}, s.options()) : at::empty({0}, s.options()),
           teacher_grad ? empty_output({n, c}, t.options()) : at::empty({0}, t.options()),
-          mask.has_value() ? mask->contiguous() : at::Tensor()};
+          weight.has_value() ? weight->contiguous() : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                         const c10::optional<at::Tensor>& row_mask,
+                                                         const c10::optional<at::Tensor>& row_weight,
                                                          double temperature, bool student_grad, bool teacher_grad) {
-  auto [rows, grad_s, grad_t, mask] = kd_kl_outputs(student, teacher, row_mask, student_grad, teacher_grad);
+  auto [rows, grad_s, grad_t, weight] = kd_kl_outputs(student, teacher, row_weight, student_grad, teacher_grad);
   const int64_t n = student.size(0), c = student.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_kl_cpu", [&] {
     kd_kl_rows_cpu<scalar_t>(student.const_data_ptr<scalar_t>(), student.stride(0),
                              teacher.const_data_ptr<scalar_t>(), teacher.stride(0),
-                             mask.defined() ? mask.const_data_ptr<bool>() : nullptr, rows.mutable_data_ptr<float>(),
+                             weight.defined() ? weight.const_data_ptr<float>() : nullptr, rows.mutable_data_ptr<float>(),
                              student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr,
                              teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr, n, c,
                              static_cast<float>(temperature));
@@ -468,6 +469,29 @@ at::Tensor scale_rows_cpu(const at::Tensor& x, const at::Tensor& g) {
     });
   });
   return out;
+}
+
+// In place, for the KL backward when autograd frees the graph after it: rows whose factor is exactly 1
+// (every row after `total.backward()`, the weights being folded into the stored gradient) are skipped,
+// so the common backward reads N floats instead of the whole gradient.
+void scale_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& g) {
+  TORCH_CHECK(x.dim() == 2 && g.dim() == 1 && g.size(0) == x.size(0), "scale_rows_: x must be (N, C), g (N,)");
+  TORCH_CHECK(x.stride(1) == 1, "scale_rows_: the last stride of x must be 1");
+  const auto gf = g.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const int64_t n = x.size(0), c = x.size(1), stride = x.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_rows_inplace_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* gp = gf.const_data_ptr<acc_t>();
+    scalar_t* data = x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(c, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t gi = gp[i];
+        if (gi == acc_t(1)) continue;
+        scalar_t* row = data + i * stride;
+        for (int64_t j = 0; j < c; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(row[j]) * gi);
+      }
+    });
+  });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -609,9 +633,10 @@ bool built_with_cuda() {
 
 TORCH_LIBRARY(mlkd_fast, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
-  m.def("kd_kl(Tensor student, Tensor teacher, Tensor? row_mask, float temperature, bool student_grad, "
+  m.def("kd_kl(Tensor student, Tensor teacher, Tensor? row_weight, float temperature, bool student_grad, "
         "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
   m.def("scale_rows(Tensor x, Tensor g) -> Tensor");
+  m.def("scale_rows_(Tensor(a!) x, Tensor g) -> ()");
   m.def("correlation_fwd(Tensor student_rows, Tensor teacher_rows, Tensor? student_cols, Tensor? teacher_cols, "
         "float tau, bool exclude_diagonal) -> (Tensor, Tensor, Tensor)");
   m.def("correlation_bwd(Tensor grad_rows, Tensor student_rows, Tensor teacher_rows, Tensor? student_cols, "
@@ -621,6 +646,7 @@ TORCH_LIBRARY(mlkd_fast, m) {
 TORCH_LIBRARY_IMPL(mlkd_fast, CPU, m) {
   m.impl("kd_kl", &kd_kl_cpu);
   m.impl("scale_rows", &scale_rows_cpu);
+  m.impl("scale_rows_", &scale_rows_inplace_cpu);
   m.impl("correlation_fwd", &correlation_fwd_tiled);
   m.impl("correlation_bwd", &correlation_bwd_tiled);
 }
@@ -636,13 +662,13 @@ static CudaDtype cuda_dtype(at::ScalarType t) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                          const c10::optional<at::Tensor>& row_mask,
+                                                          const c10::optional<at::Tensor>& row_weight,
                                                           double temperature, bool student_grad, bool teacher_grad) {
   const c10::cuda::CUDAGuard guard(student.device());
-  auto [rows, grad_s, grad_t, mask] = kd_kl_outputs(student, teacher, row_mask, student_grad, teacher_grad);
+  auto [rows, grad_s, grad_t, weight] = kd_kl_outputs(student, teacher, row_weight, student_grad, teacher_grad);
   const int64_t n = student.size(0), c = student.size(1);
   KdKlArgs args{cuda_dtype(student.scalar_type()), student.const_data_ptr(), student.stride(0),
-                teacher.const_data_ptr(), teacher.stride(0), mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+                teacher.const_data_ptr(), teacher.stride(0), weight.defined() ? weight.const_data_ptr<float>() : nullptr,
                 rows.mutable_data_ptr<float>(), student_grad ? grad_s.mutable_data_ptr() : nullptr,
                 teacher_grad ? grad_t.mutable_data_ptr() : nullptr, n, c, static_cast<float>(temperature)};
   const cudaError_t err = kd_kl_cuda_launch(args, c10::cuda::getCurrentCUDAStream().stream());
@@ -663,9 +689,21 @@ at::Tensor scale_rows_cuda(const at::Tensor& x, const at::Tensor& g) {
   return out;
 }
 
+void scale_rows_inplace_cuda(const at::Tensor& x, const at::Tensor& g) {
+  TORCH_CHECK(x.dim() == 2 && g.dim() == 1 && g.size(0) == x.size(0), "scale_rows_: x (N, C) and g (N,)");
+  TORCH_CHECK(x.stride(1) == 1, "scale_rows_: the last stride of x must be 1");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto gc = g.to(at::kFloat).contiguous();
+  const cudaError_t err = scale_rows_inplace_cuda_launch(cuda_dtype(x.scalar_type()), x.mutable_data_ptr(), x.stride(0),
+                                                         gc.const_data_ptr<float>(), x.size(0), x.size(1),
+                                                         c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "scale_rows_ CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
 TORCH_LIBRARY_IMPL(mlkd_fast, CUDA, m) {
   m.impl("kd_kl", &kd_kl_cuda);
   m.impl("scale_rows", &scale_rows_cuda);
+  m.impl("scale_rows_", &scale_rows_inplace_cuda);
   m.impl("correlation_fwd", &correlation_fwd_tiled);
   m.impl("correlation_bwd", &correlation_bwd_tiled);
 }

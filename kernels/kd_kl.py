@@ -13,7 +13,10 @@ A, Z and the maxima m are accumulated online over column chunks, so rows of any 
 Bytes per element (bf16 in/out), row fits on chip: read s, t (4) + write grad_s (2) = 6 bytes, one
 pass; the teacher gradient adds 2 more. Longer rows (or few rows) use two passes: a stats pass that
 reads s, t (4) and a gradient pass that reads them again and writes the gradient (6).
-The backward multiplies the stored gradient by d loss / d l_i (read 2 + write 2), on the device.
+Row weights w_i (the reduction and the loss weight) are folded into the loss row and the stored
+gradient, so that after `total.backward()` d loss / d row is exactly 1 and the backward, when autograd
+frees the graph after it, reads one float per row and writes nothing; otherwise it multiplies the
+stored gradient by d loss / d row (read 2 + write 2), on the device, without a host sync.
 """
 from __future__ import annotations
 
@@ -33,19 +36,19 @@ SPLIT_BLOCK = 4096  # column chunk of the two-pass path
 def _kd_kl_fused_kernel(
     S_ptr, S_stride,  # student logits (N, C), unit column stride
     T_ptr, T_stride,  # teacher logits (N, C)
-    Mask_ptr,  # (N,) uint8 row mask, read only when HAS_MASK
-    Loss_ptr,  # (N,) fp32: T^2 * l_i
+    W_ptr,  # (N,) fp32 row weights w_i, read only when HAS_WEIGHT
+    Loss_ptr,  # (N,) fp32: w_i T^2 l_i
     GS_ptr, GS_stride,  # (N, C) student gradient, written when STUDENT_GRAD
     GT_ptr, GT_stride,  # (N, C) teacher gradient, written when TEACHER_GRAD
     C, inv_temp, temp,
-    BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < C
     keep = 1.0
-    if HAS_MASK:
-        keep = tl.load(Mask_ptr + row).to(tl.float32)
+    if HAS_WEIGHT:
+        keep = tl.load(W_ptr + row)
     v = tl.load(S_ptr + row * S_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
     u = tl.load(T_ptr + row * T_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
 
@@ -166,6 +169,24 @@ def _scale_rows_kernel(
     tl.store(Out_ptr + row * Out_stride + cols, (x * g).to(Out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _scale_rows_inplace_kernel(
+    X_ptr, X_stride,  # (N, C) stored gradient, scaled in place
+    G_ptr,  # (N,) fp32 d loss / d l_i
+    C,
+    BLOCK: tl.constexpr,
+):
+    # Rows with g == 1 (all of them after `total.backward()`: the weights are folded into the stored
+    # gradient) are left alone: 4 bytes read per row instead of 2 x the row.
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(G_ptr + row)
+    if g != 1.0:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < C
+        x = tl.load(X_ptr + row * X_stride + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(X_ptr + row * X_stride + cols, (x * g).to(X_ptr.dtype.element_ty), mask=ok)
+
+
 def _num_warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
@@ -177,7 +198,7 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _launch_kd_kl(
-    s: Tensor, t: Tensor, row_mask: Optional[Tensor], temperature: float,
+    s: Tensor, t: Tensor, row_weight: Optional[Tensor], temperature: float,
     student_grad: bool, teacher_grad: bool,
     fused_block: Optional[int] = None, splits: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -189,16 +210,16 @@ def _launch_kd_kl(
     grad_t = torch.empty((n, c), dtype=t.dtype, device=dev) if teacher_grad else t.new_empty(0)
     gs_stride = grad_s.stride(0) if student_grad else 0
     gt_stride = grad_t.stride(0) if teacher_grad else 0
-    mask_u8 = row_mask.view(torch.uint8) if row_mask is not None else rows  # dummy pointer if no mask
+    weight = row_weight.contiguous() if row_weight is not None else rows  # dummy pointer if no weights
     block = fused_block or min(triton.next_power_of_2(c), MAX_FUSED_BLOCK)
     n_programs = _target_programs(dev)
     use_fused = splits is None and c <= block and (n >= n_programs // 4 or c <= SPLIT_BLOCK)
     if use_fused:
         _kd_kl_fused_kernel[(n,)](
-            s, s.stride(0), t, t.stride(0), mask_u8, rows,
+            s, s.stride(0), t, t.stride(0), weight, rows,
             grad_s, gs_stride, grad_t, gt_stride,
             c, 1.0 / temperature, temperature,
-            BLOCK=block, HAS_MASK=row_mask is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+            BLOCK=block, HAS_WEIGHT=row_weight is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
             num_warps=_num_warps(block),
         )
         return rows, grad_s, grad_t
@@ -224,7 +245,7 @@ def _launch_kd_kl(
     log_z_t = torch.log(z_t_row)
     top_s, top_t = top_s.squeeze(1), top_t.squeeze(1)
     kl = (a * w_t).sum(dim=1) / z_t_row + (top_s - top_t) + (log_z_s - log_z_t)
-    keep = torch.ones_like(kl) if row_mask is None else row_mask.to(torch.float32)
+    keep = torch.ones_like(kl) if row_weight is None else row_weight.to(torch.float32)
     rows.copy_(kl * (temperature * temperature) * keep)
     if student_grad or teacher_grad:
         row_stats = torch.stack([top_s, log_z_s, top_t, log_z_t, kl, keep], dim=1).contiguous()
@@ -242,12 +263,12 @@ def _launch_kd_kl(
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("mlkd_fast_triton::kd_kl", mutates_args=())
 def kd_kl_op(
-    student: Tensor, teacher: Tensor, row_mask: Optional[Tensor], temperature: float,
+    student: Tensor, teacher: Tensor, row_weight: Optional[Tensor], temperature: float,
     student_grad: bool, teacher_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``T^2 * KL`` (fp32) and the stored gradients ``d(T^2 l_i)/ds``, ``d(T^2 l_i)/dt``
-    (empty when not requested)."""
-    return _launch_kd_kl(student, teacher, row_mask, temperature, student_grad, teacher_grad)
+    """Per-row ``w_i T^2 KL`` (fp32) and the stored gradients ``w_i d(T^2 l_i)/ds``,
+    ``w_i d(T^2 l_i)/dt`` (empty when not requested); ``w`` = ``row_weight`` (fp32, length N) or 1."""
+    return _launch_kd_kl(student, teacher, row_weight, temperature, student_grad, teacher_grad)
 
 
 @torch.library.custom_op("mlkd_fast_triton::scale_rows", mutates_args=())
@@ -262,12 +283,22 @@ def scale_rows_op(x: Tensor, g: Tensor) -> Tensor:
     return out
 
 
-def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_mask: Optional[Tensor] = None) -> Tensor:
-    """Per-row ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (fp32, length N) with autograd.
+@torch.library.custom_op("mlkd_fast_triton::scale_rows_", mutates_args=("x",))
+def scale_rows_inplace_op(x: Tensor, g: Tensor) -> None:
+    """``x *= g[:, None]`` in place, fp32 math; rows with ``g == 1`` are not touched."""
+    n, c = x.shape
+    g32 = g.to(torch.float32).contiguous()
+    block = min(triton.next_power_of_2(c), 4096)
+    _scale_rows_inplace_kernel[(n, triton.cdiv(c, block))](x, x.stride(0), g32, c, BLOCK=block,
+                                                           num_warps=_num_warps(block))
+
+
+def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_weight: Optional[Tensor] = None) -> Tensor:
+    """Per-row ``w_i T^2 KL(softmax(t/T) || softmax(s/T))`` (fp32, length N) with autograd.
 
     Gradients are computed in the forward only for the inputs that will need them.
     """
     grad_on = torch.is_grad_enabled()
-    rows, _, _ = kd_kl_op(student, teacher, row_mask, float(temperature),
+    rows, _, _ = kd_kl_op(student, teacher, row_weight, float(temperature),
                           grad_on and student.requires_grad, grad_on and teacher.requires_grad)
     return rows

@@ -40,6 +40,15 @@ def _check_positive(value: object, name: str) -> float:
     return value
 
 
+def _check_finite(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _check_reduction(reduction: object) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
@@ -71,6 +80,7 @@ def kd_kl_div(
     reduction: str = "batchmean",
     row_mask: Optional[Tensor] = None,
     backend: str = "auto",
+    weight: float = 1.0,
 ) -> Tensor:
     """Hinton KD loss ``T^2 * KL(softmax(t/T) || softmax(s/T))`` on raw logits.
 
@@ -86,6 +96,9 @@ def kd_kl_div(
         row_mask: optional bool tensor of shape ``(...)``; False rows (padding tokens, say) give 0 and
             are not counted by ``batchmean``/``mean``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (see :mod:`mlkd_fast.backends`).
+        weight: multiplies the result. Prefer it to multiplying afterwards: the fused backends fold
+            it (and the reduction) into the gradient they store in the forward, so that the backward
+            of ``total = ce + kd_kl_div(..., weight=w); total.backward()`` costs nothing.
 
     Returns:
         An fp32 scalar (fp64 for fp64 inputs), or the per-row vector for ``reduction="none"``.
@@ -104,6 +117,7 @@ def kd_kl_div(
         raise ValueError(f"empty batch: student_logits has shape {tuple(s.shape)}")
     temperature = _check_positive(temperature, "temperature")
     reduction = _check_reduction(reduction)
+    weight = _check_finite(weight, "weight")
     if row_mask is not None:
         if not isinstance(row_mask, Tensor):
             raise TypeError(f"row_mask must be a bool torch.Tensor, got {type(row_mask).__name__}")
@@ -122,22 +136,31 @@ def kd_kl_div(
 
     if name == "torch":
         rows = reference.kd_kl_rows(s2, t2, temperature, mask)
-    elif name == "triton":
-        from .kernels import kd_kl
-
-        rows = kd_kl.kd_kl_rows(s2, t2, temperature, mask)
+        row_weight = _kd_row_weights(mask, rows.shape[0], num_classes, reduction, weight, rows.dtype, device)
+        rows = rows if row_weight is None else rows * row_weight
     else:
-        rows = _native.kd_kl_rows(s2, t2, temperature, mask)
+        row_weight = _kd_row_weights(mask, s2.shape[0], num_classes, reduction, weight, torch.float32, device)
+        if name == "triton":
+            from .kernels import kd_kl
 
-    if reduction == "none":
-        return rows.reshape(lead_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    counted = rows.new_tensor(rows.numel()) if mask is None else mask.sum().to(rows.dtype).clamp_min(1)
-    if reduction == "mean":
-        counted = counted * num_classes
-    return total / counted
+            rows = kd_kl.kd_kl_rows(s2, t2, temperature, row_weight)
+        else:
+            rows = _native.kd_kl_rows(s2, t2, temperature, row_weight)
+    return rows.reshape(lead_shape) if reduction == "none" else rows.sum()
+
+
+def _kd_row_weights(mask: Optional[Tensor], n: int, c: int, reduction: str, weight: float, dtype: torch.dtype,
+                    device: torch.device) -> Optional[Tensor]:
+    """w_i with loss = sum_i w_i T^2 l_i (or the vector w_i T^2 l_i): the mask, the reduction's divisor
+    and the loss weight in one length-N vector, computed on the device (no host sync); None means 1."""
+    divisor = c if reduction == "mean" else 1
+    if mask is None:
+        scale = weight / (n * divisor) if reduction in ("batchmean", "mean") else weight
+        return None if scale == 1.0 else torch.full((n,), scale, dtype=dtype, device=device)
+    w = mask.to(dtype)
+    if reduction in ("batchmean", "mean"):
+        return w * (weight / divisor) / mask.sum().to(dtype).clamp_min(1)
+    return w if weight == 1.0 else w * weight
 
 
 # ---------------------------------------------------------------------------------------------

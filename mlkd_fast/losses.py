@@ -205,11 +205,13 @@ class MLKDLoss(nn.Module):
                 raise ValueError(f"{name} is required by the nonzero weights {self._weights_str()}")
 
         parts: dict[str, Tensor] = {}
+        weighted: dict[str, Tensor] = {}
         if w["ce"] > 0:
             parts["ce"] = F.cross_entropy(self._plain(student_logits, "student_logits").float(), target)
         if w["kd"] > 0:
-            parts["kd"] = MF.kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
-                                       "batchmean", backend=self.backend)
+            # weighted inside: the fused backends fold w_kd into their stored gradient
+            weighted["kd"] = MF.kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
+                                          "batchmean", backend=self.backend, weight=w["kd"])
         if w["corr"] > 0:
             parts["corr"] = self._correlation(student_feats, teacher_feats)
         if w["align"] > 0:
@@ -219,10 +221,11 @@ class MLKDLoss(nn.Module):
             labels = target.repeat(2 * self.views)
             parts["supcon"] = reference.supcon_loss(emb, labels, self.supcon_temperature)
 
-        if not parts:
+        if not parts and not weighted:
             raise ValueError("every weight is 0: MLKDLoss has nothing to compute")
-        total = sum(w[k] * v for k, v in parts.items())
+        total = sum(w[k] * v for k, v in parts.items()) + sum(weighted.values())
         self.last = {k: v.detach() for k, v in parts.items()}
+        self.last.update({k: v.detach() / w[k] for k, v in weighted.items()})
         self.last["total"] = total.detach()
         return total
 

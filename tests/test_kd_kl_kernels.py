@@ -132,3 +132,48 @@ def test_forward_only_under_no_grad(kernel_backend):
     with torch.no_grad():
         loss = MF.kd_kl_div(s.to(device), t.to(device), backend=backend)
     torch.testing.assert_close(loss.cpu().double(), MF.kd_kl_div(s.double(), t.double(), backend="torch"), rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_weight_is_folded_into_loss_and_gradient(kernel_backend, reduction):
+    backend, device = kernel_backend
+    s, t = torch.randn(9, 130, device=device), torch.randn(9, 130, device=device)
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.bool, device=device)
+    for m in (None, mask):
+        results = []
+        for weight in (1.0, 0.3):
+            x = s.clone().requires_grad_()
+            loss = MF.kd_kl_div(x, t, 3.0, reduction, m, backend=backend, weight=weight)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            results.append((loss, grad))
+        (plain, g_plain), (weighted, g_weighted) = results
+        torch.testing.assert_close(weighted, 0.3 * plain, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(g_weighted, 0.3 * g_plain, rtol=1e-5, atol=1e-7)  # q - p cancels
+
+
+def _scale_ops(fn):
+    """Runs fn under the profiler; returns which KL backward scaling ops ran."""
+    with torch.profiler.profile() as prof:
+        fn()
+    names = {e.key.split("::")[-1] for e in prof.key_averages() if "scale_rows" in e.key}
+    return names
+
+
+def test_backward_scales_in_place_only_when_the_graph_is_freed(kernel_backend):
+    """With retain_graph the stored gradient is scaled out of place, so every later backward sees it
+    unchanged; the last backward scales it in place (rows whose factor is 1 untouched)."""
+    backend, device = kernel_backend
+    s = torch.randn(7, 300, device=device, requires_grad=True)
+    t = torch.randn(7, 300, device=device)
+    loss = MF.kd_kl_div(s, t, 2.0, backend=backend, weight=0.7)
+    s64 = s.detach().double().cpu().requires_grad_()
+    (expected,) = torch.autograd.grad(MF.kd_kl_div(s64, t.double().cpu(), 2.0, backend="torch", weight=0.7), s64)
+
+    assert _scale_ops(lambda: (2.5 * loss).backward(retain_graph=True)) == {"scale_rows"}
+    first, s.grad = s.grad.clone(), None
+    assert _scale_ops(lambda: (2.5 * loss).backward(retain_graph=True)) == {"scale_rows"}
+    assert torch.equal(s.grad, first)
+    s.grad = None
+    assert _scale_ops(lambda: loss.backward()) == {"scale_rows_"}
+    torch.testing.assert_close(first.cpu().double(), 2.5 * expected, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(s.grad.cpu().double(), expected, rtol=1e-5, atol=1e-8)

@@ -83,3 +83,20 @@ def test_kd_and_correlation_modules_match_functional():
     torch.testing.assert_close(mlkd_fast.KDLoss(2.0, "sum", backend="torch")(s, t), MF.kd_kl_div(s, t, 2.0, "sum", backend="torch"))
     torch.testing.assert_close(mlkd_fast.CorrelationLoss(0.3, scale_by_tau_sq=True, backend="torch")(fs, ft),
                                0.09 * MF.correlation_kl(fs, ft, tau=0.3, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_weighted_kd_term_logs_the_unweighted_value(backend):
+    from conftest import require_backend
+
+    require_backend(backend, "cpu")
+    s, t, fs, ft, y = _batch()
+    loss_fn = mlkd_fast.MLKDLoss(w_ce=0.5, w_kd=2.5, w_corr=0.25, backend=backend)
+    total = loss_fn(s, t, fs, ft, y)
+    kd = MF.kd_kl_div(s, t, 4.0, backend="torch")
+    expected = 0.5 * F.cross_entropy(s, y) + 2.5 * kd + 0.25 * MF.correlation_kl(fs, ft, tau=0.5, backend="torch")
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(loss_fn.last["kd"], kd.detach())
+    total.backward()
+    (expected_grad,) = torch.autograd.grad(expected, s)
+    torch.testing.assert_close(s.grad, expected_grad, rtol=1e-5, atol=1e-7)

@@ -15,7 +15,7 @@ def device(request):
 
 
 def test_ops_are_registered(device):
-    for name in ("kd_kl", "scale_rows", "correlation_fwd", "correlation_bwd", "built_with_cuda"):
+    for name in ("kd_kl", "scale_rows", "scale_rows_", "correlation_fwd", "correlation_bwd", "built_with_cuda"):
         assert hasattr(torch.ops.mlkd_fast, name)
     assert isinstance(torch.ops.mlkd_fast.built_with_cuda(), bool)
 
@@ -24,10 +24,11 @@ def test_ops_are_registered(device):
 def test_opcheck_every_op(device, requires_grad):
     s = torch.randn(6, 70, device=device, requires_grad=requires_grad)
     t = torch.randn(6, 70, device=device, requires_grad=requires_grad)
-    mask = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool, device=device)
+    weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.0, 0.0], device=device)
     torch.library.opcheck(torch.ops.mlkd_fast.kd_kl.default, (s, t, None, 2.0, requires_grad, False))
-    torch.library.opcheck(torch.ops.mlkd_fast.kd_kl.default, (s, t, mask, 3.0, requires_grad, requires_grad))
+    torch.library.opcheck(torch.ops.mlkd_fast.kd_kl.default, (s, t, weight, 3.0, requires_grad, requires_grad))
     torch.library.opcheck(torch.ops.mlkd_fast.scale_rows.default, (torch.randn(6, 70, device=device), torch.rand(6, device=device)))
+    torch.library.opcheck(torch.ops.mlkd_fast.scale_rows_.default, (torch.randn(6, 70, device=device), weight))
     a_s = torch.randn(20, 16, device=device, requires_grad=requires_grad)
     a_t = torch.randn(20, 24, device=device)
     b_s = torch.randn(7, 16, device=device, requires_grad=requires_grad)
@@ -131,7 +132,7 @@ def test_large_cpu_outputs_reuse_freed_blocks_without_aliasing():
     first.fill_(float("nan"))  # stale content a reuse must not leak
     del first
     mask = torch.arange(300) % 3 != 0
-    rows, reused, _ = ops.kd_kl(s, t, mask, 2.0, True, False)
+    rows, reused, _ = ops.kd_kl(s, t, mask.float(), 2.0, True, False)
     assert reused.data_ptr() == freed
     s64 = s.double().requires_grad_()
     expected = torch.autograd.grad(reference.kd_kl_rows(s64, t.double(), 2.0, row_mask=mask).sum(), s64)[0]

@@ -32,10 +32,11 @@ def test_opcheck_kd_kl(device):
     from mlkd_fast.kernels import kd_kl
     s = torch.randn(6, 70, device=device, requires_grad=True)
     t = torch.randn(6, 70, device=device, requires_grad=True)
-    mask = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool, device=device)
-    for args in [(s, t, None, 2.0, True, False), (s, t, mask, 3.0, True, True), (s.detach(), t.detach(), None, 1.0, False, False)]:
+    weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.0, 0.0], device=device)
+    for args in [(s, t, None, 2.0, True, False), (s, t, weight, 3.0, True, True), (s.detach(), t.detach(), None, 1.0, False, False)]:
         torch.library.opcheck(kd_kl.kd_kl_op, args)
     torch.library.opcheck(kd_kl.scale_rows_op, (torch.randn(6, 70, device=device), torch.rand(6, device=device)))
+    torch.library.opcheck(kd_kl.scale_rows_inplace_op, (torch.randn(6, 70, device=device), weight))
 
 
 def test_opcheck_correlation(device):
