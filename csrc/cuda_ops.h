@@ -22,7 +22,17 @@ struct KdKlArgs {
   void* grad_teacher;     // (N, C) contiguous out, w_i d(T^2 l_i)/dt, or nullptr
   int64_t n, c;
   float temperature;
+  int64_t splits = 1;         // blocks per row (kd_kl_cuda_split); > 1 needs partials
+  int64_t span = 0;           // columns per block when split
+  float* partials = nullptr;  // (N, splits, 5) fp32 workspace when split
 };
+
+struct KdKlSplit {
+  int64_t splits, span;
+};
+
+// How kd_kl_cuda_launch cuts rows for (n, c) on the current device.
+KdKlSplit kd_kl_cuda_split(int64_t n, int64_t c);
 
 cudaError_t kd_kl_cuda_launch(const KdKlArgs& args, cudaStream_t stream);
 cudaError_t scale_rows_cuda_launch(CudaDtype dtype, const void* x, const float* g, void* out, int64_t n, int64_t c,

@@ -2,7 +2,8 @@
 // needs only the CUDA headers (fast to compile); ops.cpp wraps them as the CUDA implementation of
 // mlkd_fast::kd_kl and mlkd_fast::scale_rows.
 //
-// One block per row. v = s / T, u = t / T.
+// One block per row (or, for few long rows, a row split over blocks; see kd_kl_partials_kernel).
+// v = s / T, u = t / T.
 //   pass 1 (online, per thread, then merged across the block):
 //     m_s = max v, Z_s = sum e^(v - m_s);  m_t = max u, Z_t = sum e^(u - m_t),
 //     A = sum e^(u - m_t) (u - v)   (rescaled by e^(m_old - m_new) whenever a maximum grows)
@@ -15,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -106,6 +108,54 @@ struct alignas(sizeof(T) * kVec) Pack {
   T x[kVec];
 };
 
+// Stats of packs [p0, p1) of one row, merged across the block (every thread gets them).
+template <typename T, int kVec, int kThreads>
+__device__ __forceinline__ RowStats span_stats(const T* __restrict__ sr, const T* __restrict__ tr, int64_t p0,
+                                               int64_t p1, float inv_t) {
+  RowStats st{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f};
+  for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) {
+    const Pack<T, kVec> ps = reinterpret_cast<const Pack<T, kVec>*>(sr)[p];
+    const Pack<T, kVec> pt = reinterpret_cast<const Pack<T, kVec>*>(tr)[p];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) add_element(st, to_float(ps.x[k]) * inv_t, to_float(pt.x[k]) * inv_t);
+  }
+  return block_merge<kThreads>(st);
+}
+
+struct RowResult {
+  float kl, lse_s, lse_t;
+};
+
+__device__ __forceinline__ RowResult finish(const RowStats& st) {
+  const float m_s = st.m_s == kNegInf ? 0.0f : st.m_s;  // an all -inf row: keep the arithmetic finite
+  const float m_t = st.m_t == kNegInf ? 0.0f : st.m_t;
+  const float log_z_s = __logf(st.z_s), log_z_t = __logf(st.z_t);
+  return {st.a / st.z_t + (m_s - m_t) + (log_z_s - log_z_t), m_s + log_z_s, m_t + log_z_t};
+}
+
+// Pass 2 over packs [p0, p1): p = e^(u - lse_t), q = e^(v - lse_s); scale = T * w_i.
+template <typename T, int kVec, int kThreads>
+__device__ __forceinline__ void span_grads(const T* __restrict__ sr, const T* __restrict__ tr, T* gs_row, T* gt_row,
+                                           int64_t p0, int64_t p1, float inv_t, const RowResult& r, float scale) {
+  const float offset = r.lse_s - r.lse_t - r.kl;
+  for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) {
+    const Pack<T, kVec> ps = reinterpret_cast<const Pack<T, kVec>*>(sr)[p];
+    const Pack<T, kVec> pt = reinterpret_cast<const Pack<T, kVec>*>(tr)[p];
+    Pack<T, kVec> out_s, out_t;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const float v = to_float(ps.x[k]) * inv_t, u = to_float(pt.x[k]) * inv_t;
+      const float prob_t = u == kNegInf ? 0.0f : __expf(u - r.lse_t);
+      const float prob_s = __expf(v - r.lse_s);
+      out_s.x[k] = from_float<T>(scale * (prob_s - prob_t));
+      out_t.x[k] = from_float<T>(u == kNegInf ? 0.0f : scale * prob_t * ((u - v) + offset));
+    }
+    if (gs_row != nullptr) reinterpret_cast<Pack<T, kVec>*>(gs_row)[p] = out_s;
+    if (gt_row != nullptr) reinterpret_cast<Pack<T, kVec>*>(gt_row)[p] = out_t;
+  }
+}
+
+// One block per row: stats, loss row, gradients (the row is re-read mostly from L2).
 template <typename T, int kVec, int kThreads>
 __global__ void __launch_bounds__(kThreads) kd_kl_rows_kernel(
     const T* __restrict__ s, int64_t s_stride,   // (N, C) student logits, last stride 1
@@ -120,44 +170,52 @@ __global__ void __launch_bounds__(kThreads) kd_kl_rows_kernel(
   const float inv_t = 1.0f / temperature;
   const float keep = weight == nullptr ? 1.0f : weight[row];
   const int64_t packs = c / kVec;
-
-  RowStats st{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f};
-  for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
-    const Pack<T, kVec> ps = reinterpret_cast<const Pack<T, kVec>*>(sr)[p];
-    const Pack<T, kVec> pt = reinterpret_cast<const Pack<T, kVec>*>(tr)[p];
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) add_element(st, to_float(ps.x[k]) * inv_t, to_float(pt.x[k]) * inv_t);
-  }
-  st = block_merge<kThreads>(st);
-
-  const float m_s = st.m_s == kNegInf ? 0.0f : st.m_s;
-  const float m_t = st.m_t == kNegInf ? 0.0f : st.m_t;
-  const float log_z_s = __logf(st.z_s), log_z_t = __logf(st.z_t);
-  const float kl = st.a / st.z_t + (m_s - m_t) + (log_z_s - log_z_t);
-  if (threadIdx.x == 0) rows[row] = kl * temperature * temperature * keep;
+  const RowResult r = finish(span_stats<T, kVec, kThreads>(sr, tr, 0, packs, inv_t));
+  if (threadIdx.x == 0) rows[row] = r.kl * temperature * temperature * keep;
   if (grad_s == nullptr && grad_t == nullptr) return;
+  span_grads<T, kVec, kThreads>(sr, tr, grad_s == nullptr ? nullptr : grad_s + row * c,
+                                grad_t == nullptr ? nullptr : grad_t + row * c, 0, packs, inv_t, r,
+                                temperature * keep);
+}
 
-  // pass 2: p = e^(u - m_t - log Z_t), q = e^(v - m_s - log Z_s)
-  const float lse_s = m_s + log_z_s, lse_t = m_t + log_z_t;
-  const float offset = lse_s - lse_t - kl;
-  const float scale = temperature * keep;
-  T* gs_row = grad_s == nullptr ? nullptr : grad_s + row * c;
-  T* gt_row = grad_t == nullptr ? nullptr : grad_t + row * c;
-  for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
-    const Pack<T, kVec> ps = reinterpret_cast<const Pack<T, kVec>*>(sr)[p];
-    const Pack<T, kVec> pt = reinterpret_cast<const Pack<T, kVec>*>(tr)[p];
-    Pack<T, kVec> out_s, out_t;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float v = to_float(ps.x[k]) * inv_t, u = to_float(pt.x[k]) * inv_t;
-      const float prob_t = u == kNegInf ? 0.0f : __expf(u - lse_t);
-      const float prob_s = __expf(v - lse_s);
-      out_s.x[k] = from_float<T>(scale * (prob_s - prob_t));
-      out_t.x[k] = from_float<T>(u == kNegInf ? 0.0f : scale * prob_t * ((u - v) + offset));
-    }
-    if (gs_row != nullptr) reinterpret_cast<Pack<T, kVec>*>(gs_row)[p] = out_s;
-    if (gt_row != nullptr) reinterpret_cast<Pack<T, kVec>*>(gt_row)[p] = out_t;
+// Few rows, long rows: each row split over `splits` blocks of `span` columns (a multiple of 16, so of
+// kVec). Kernel 1 writes each span's stats to partials (N, splits, 5); kernel 2 merges a row's
+// partials in every block (splits is small), then writes the loss row (split 0) and its span's
+// gradients. Bytes per element as in the one-block path; the row is re-read from HBM or L2.
+template <typename T, int kVec, int kThreads>
+__global__ void __launch_bounds__(kThreads) kd_kl_partials_kernel(
+    const T* __restrict__ s, int64_t s_stride, const T* __restrict__ t, int64_t t_stride,
+    float* __restrict__ partials, int64_t c, int64_t span, float temperature) {
+  const int64_t row = blockIdx.y, split = blockIdx.x;
+  const int64_t packs = c / kVec, p0 = split * span / kVec, p1 = min(packs, (split + 1) * span / kVec);
+  const RowStats st = span_stats<T, kVec, kThreads>(s + row * s_stride, t + row * t_stride, p0, p1,
+                                                    1.0f / temperature);
+  if (threadIdx.x == 0) {
+    float* out = partials + (row * gridDim.x + split) * 5;
+    out[0] = st.m_s, out[1] = st.z_s, out[2] = st.m_t, out[3] = st.z_t, out[4] = st.a;
   }
+}
+
+template <typename T, int kVec, int kThreads>
+__global__ void __launch_bounds__(kThreads) kd_kl_split_grads_kernel(
+    const T* __restrict__ s, int64_t s_stride, const T* __restrict__ t, int64_t t_stride,
+    const float* __restrict__ weight, const float* __restrict__ partials, float* __restrict__ rows,
+    T* __restrict__ grad_s, T* __restrict__ grad_t, int64_t c, int64_t span, float temperature) {
+  const int64_t row = blockIdx.y, split = blockIdx.x;
+  RowStats st{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f};
+  for (unsigned k = 0; k < gridDim.x; ++k) {
+    const float* in = partials + (row * gridDim.x + k) * 5;
+    st = merge(st, RowStats{in[0], in[1], in[2], in[3], in[4]});
+  }
+  const RowResult r = finish(st);
+  const float keep = weight == nullptr ? 1.0f : weight[row];
+  if (split == 0 && threadIdx.x == 0) rows[row] = r.kl * temperature * temperature * keep;
+  if (grad_s == nullptr && grad_t == nullptr) return;
+  const int64_t packs = c / kVec, p0 = split * span / kVec, p1 = min(packs, (split + 1) * span / kVec);
+  span_grads<T, kVec, kThreads>(s + row * s_stride, t + row * t_stride,
+                                grad_s == nullptr ? nullptr : grad_s + row * c,
+                                grad_t == nullptr ? nullptr : grad_t + row * c, p0, p1, 1.0f / temperature, r,
+                                temperature * keep);
 }
 
 template <typename T>
@@ -184,6 +242,15 @@ void launch_rows(const KdKlArgs& a, cudaStream_t stream) {
   const T* t = static_cast<const T*>(a.teacher);
   T* gs = static_cast<T*>(a.grad_student);
   T* gt = static_cast<T*>(a.grad_teacher);
+  if (a.splits > 1) {  // rows of >= 16384 columns (kd_kl_cuda_splits): 1024 threads
+    const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.n));
+    kd_kl_partials_kernel<T, kVec, 1024><<<grid, 1024, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.partials, a.c,
+                                                                    a.span, a.temperature);
+    kd_kl_split_grads_kernel<T, kVec, 1024><<<grid, 1024, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_weight,
+                                                                       a.partials, a.rows, gs, gt, a.c, a.span,
+                                                                       a.temperature);
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(a.n));
   if (a.c >= 16384) {
     kd_kl_rows_kernel<T, kVec, 1024><<<grid, 1024, 0, stream>>>(s, a.s_stride, t, a.t_stride, a.row_weight, a.rows, gs, gt,
@@ -212,6 +279,18 @@ void launch_typed(const KdKlArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+KdKlSplit kd_kl_cuda_split(int64_t n, int64_t c) {
+  // One block per row keeps every SM busy once there are a few rows per SM; below that, long rows
+  // are cut into spans of >= 8192 columns so that about two blocks per SM run.
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (c < 16384 || n >= 2 * sms || n > 65535) return {1, c};
+  const int64_t splits = std::min<int64_t>((c + 8191) / 8192, (2 * sms + n - 1) / n);
+  if (splits <= 1) return {1, c};
+  const int64_t span = ((c + splits - 1) / splits + 15) / 16 * 16;
+  return {(c + span - 1) / span, span};
+}
 
 cudaError_t kd_kl_cuda_launch(const KdKlArgs& args, cudaStream_t stream) {
   if (args.n == 0) return cudaSuccess;

@@ -671,6 +671,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cuda(const at::Tensor& stud
                 teacher.const_data_ptr(), teacher.stride(0), weight.defined() ? weight.const_data_ptr<float>() : nullptr,
                 rows.mutable_data_ptr<float>(), student_grad ? grad_s.mutable_data_ptr() : nullptr,
                 teacher_grad ? grad_t.mutable_data_ptr() : nullptr, n, c, static_cast<float>(temperature)};
+  const KdKlSplit split = kd_kl_cuda_split(n, c);
+  at::Tensor partials;
+  if (split.splits > 1) {
+    partials = at::empty({n, split.splits, 5}, student.options().dtype(at::kFloat));
+    args.splits = split.splits;
+    args.span = split.span;
+    args.partials = partials.mutable_data_ptr<float>();
+  }
   const cudaError_t err = kd_kl_cuda_launch(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "kd_kl CUDA kernel launch failed: ", cudaGetErrorString(err));
   return {rows, grad_s, grad_t};

@@ -86,6 +86,20 @@ def test_teacher_gradient(kernel_backend, dtype):
     _check(backend, device, s, t, teacher_grad=True, mask=mask, reduction="batchmean", grad_out=torch.tensor(0.7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 131072), (2, 70001)])
+def test_few_long_rows(kernel_backend, dtype, shape):
+    """On CUDA these rows are split over several blocks / programs (vector loads at the even width);
+    on CPU the C++ kernel runs them whole."""
+    backend, device = kernel_backend
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("minutes under the interpreter; test_split_row_path_matches_reference covers Triton's split path")
+    s, t = (torch.randn(shape) * 3).to(dtype), (torch.randn(shape) * 3).to(dtype)
+    t[0, 1000:90000:7] = float("-inf")
+    mask = torch.tensor([True, False] + [True] * (shape[0] - 2))
+    _check(backend, device, s, t, teacher_grad=True, mask=mask, grad_out=torch.tensor(1.5))
+
+
 def test_minus_inf_teacher_logits_stay_finite(kernel_backend):
     backend, device = kernel_backend
     s, t = torch.randn(5, 200), torch.randn(5, 200)
