@@ -155,6 +155,18 @@ __device__ __forceinline__ void span_grads(const T* __restrict__ sr, const T* __
   }
 }
 
+// Weight 0 (a masked row): zero gradients over packs [p0, p1), whatever the row holds.
+template <typename T, int kVec, int kThreads>
+__device__ __forceinline__ void span_zero(T* gs_row, T* gt_row, int64_t p0, int64_t p1) {
+  Pack<T, kVec> zero;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) zero.x[k] = from_float<T>(0.0f);
+  for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) {
+    if (gs_row != nullptr) reinterpret_cast<Pack<T, kVec>*>(gs_row)[p] = zero;
+    if (gt_row != nullptr) reinterpret_cast<Pack<T, kVec>*>(gt_row)[p] = zero;
+  }
+}
+
 // One block per row: stats, loss row, gradients (the row is re-read mostly from L2).
 template <typename T, int kVec, int kThreads>
 __global__ void __launch_bounds__(kThreads) kd_kl_rows_kernel(
@@ -170,12 +182,17 @@ __global__ void __launch_bounds__(kThreads) kd_kl_rows_kernel(
   const float inv_t = 1.0f / temperature;
   const float keep = weight == nullptr ? 1.0f : weight[row];
   const int64_t packs = c / kVec;
+  T* gs_row = grad_s == nullptr ? nullptr : grad_s + row * c;
+  T* gt_row = grad_t == nullptr ? nullptr : grad_t + row * c;
+  if (keep == 0.0f) {  // uniform across the block
+    if (threadIdx.x == 0) rows[row] = 0.0f;
+    span_zero<T, kVec, kThreads>(gs_row, gt_row, 0, packs);
+    return;
+  }
   const RowResult r = finish(span_stats<T, kVec, kThreads>(sr, tr, 0, packs, inv_t));
   if (threadIdx.x == 0) rows[row] = r.kl * temperature * temperature * keep;
-  if (grad_s == nullptr && grad_t == nullptr) return;
-  span_grads<T, kVec, kThreads>(sr, tr, grad_s == nullptr ? nullptr : grad_s + row * c,
-                                grad_t == nullptr ? nullptr : grad_t + row * c, 0, packs, inv_t, r,
-                                temperature * keep);
+  if (gs_row == nullptr && gt_row == nullptr) return;
+  span_grads<T, kVec, kThreads>(sr, tr, gs_row, gt_row, 0, packs, inv_t, r, temperature * keep);
 }
 
 // Few rows, long rows: each row split over `splits` blocks of `span` columns (a multiple of 16, so of
@@ -202,20 +219,25 @@ __global__ void __launch_bounds__(kThreads) kd_kl_split_grads_kernel(
     const float* __restrict__ weight, const float* __restrict__ partials, float* __restrict__ rows,
     T* __restrict__ grad_s, T* __restrict__ grad_t, int64_t c, int64_t span, float temperature) {
   const int64_t row = blockIdx.y, split = blockIdx.x;
+  const int64_t packs = c / kVec, p0 = split * span / kVec, p1 = min(packs, (split + 1) * span / kVec);
+  T* gs_row = grad_s == nullptr ? nullptr : grad_s + row * c;
+  T* gt_row = grad_t == nullptr ? nullptr : grad_t + row * c;
+  const float keep = weight == nullptr ? 1.0f : weight[row];
+  if (keep == 0.0f) {
+    if (split == 0 && threadIdx.x == 0) rows[row] = 0.0f;
+    span_zero<T, kVec, kThreads>(gs_row, gt_row, p0, p1);
+    return;
+  }
   RowStats st{kNegInf, 0.0f, kNegInf, 0.0f, 0.0f};
   for (unsigned k = 0; k < gridDim.x; ++k) {
     const float* in = partials + (row * gridDim.x + k) * 5;
     st = merge(st, RowStats{in[0], in[1], in[2], in[3], in[4]});
   }
   const RowResult r = finish(st);
-  const float keep = weight == nullptr ? 1.0f : weight[row];
   if (split == 0 && threadIdx.x == 0) rows[row] = r.kl * temperature * temperature * keep;
-  if (grad_s == nullptr && grad_t == nullptr) return;
-  const int64_t packs = c / kVec, p0 = split * span / kVec, p1 = min(packs, (split + 1) * span / kVec);
-  span_grads<T, kVec, kThreads>(s + row * s_stride, t + row * t_stride,
-                                grad_s == nullptr ? nullptr : grad_s + row * c,
-                                grad_t == nullptr ? nullptr : grad_t + row * c, p0, p1, 1.0f / temperature, r,
-                                temperature * keep);
+  if (gs_row == nullptr && gt_row == nullptr) return;
+  span_grads<T, kVec, kThreads>(s + row * s_stride, t + row * t_stride, gs_row, gt_row, p0, p1, 1.0f / temperature,
+                                r, temperature * keep);
 }
 
 template <typename T>

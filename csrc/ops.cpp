@@ -379,6 +379,12 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
     };
     for (int64_t i = begin; i < end; ++i) {
       const float keep = weight == nullptr ? 1.0f : weight[i];
+      if (keep == 0.0f) {  // weight 0 (a masked row): exactly 0, whatever the row holds (NaN, all -inf)
+        rows[i] = 0.0f;
+        if (gs != nullptr) std::fill(gs + i * c, gs + (i + 1) * c, scalar_t(0));
+        if (gt != nullptr) std::fill(gt + i * c, gt + (i + 1) * c, scalar_t(0));
+        continue;
+      }
       float m_s = load(s + i * s_stride, v);
       float m_t = load(t + i * t_stride, u);
       if (m_s == kNegInf) m_s = 0.0f;  // an all -inf row: keep the arithmetic finite

@@ -65,15 +65,17 @@ def _kd_kl_fused_kernel(
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
     kl = a / z_t + (m_s - m_t) + (log_z_s - log_z_t)
-    tl.store(Loss_ptr + row, kl * temp * temp * keep)
+    # weight 0 (a masked row): exactly 0, whatever the row holds (NaN, all -inf)
+    tl.store(Loss_ptr + row, tl.where(keep == 0.0, 0.0, kl * temp * temp * keep))
 
     p = e_t / z_t
     if STUDENT_GRAD:
-        g_s = temp * (e_s / z_s - p) * keep
+        g_s = tl.where(keep == 0.0, 0.0, temp * (e_s / z_s - p) * keep)
         tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=in_row)
     if TEACHER_GRAD:
         log_ratio = ((u - m_t) - log_z_t) - ((v - m_s) - log_z_s)
-        g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_ratio - kl)) * keep
+        g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_ratio - kl) * keep)
+        g_t = tl.where(keep == 0.0, 0.0, g_t)
         tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -146,10 +148,11 @@ def _kd_kl_grad_kernel(
         log_q = (v - m_s) - log_z_s
         p = tl.exp(log_p)
         if STUDENT_GRAD:
-            g_s = temp * (tl.exp(log_q) - p) * keep
+            g_s = tl.where(keep == 0.0, 0.0, temp * (tl.exp(log_q) - p) * keep)
             tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=ok)
         if TEACHER_GRAD:
-            g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl)) * keep
+            g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl) * keep)
+            g_t = tl.where(keep == 0.0, 0.0, g_t)
             tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=ok)
 
 
@@ -246,7 +249,7 @@ def _launch_kd_kl(
     top_s, top_t = top_s.squeeze(1), top_t.squeeze(1)
     kl = (a * w_t).sum(dim=1) / z_t_row + (top_s - top_t) + (log_z_s - log_z_t)
     keep = torch.ones_like(kl) if row_weight is None else row_weight.to(torch.float32)
-    rows.copy_(kl * (temperature * temperature) * keep)
+    rows.copy_(torch.where(keep == 0, 0.0, kl * (temperature * temperature) * keep))
     if student_grad or teacher_grad:
         row_stats = torch.stack([top_s, log_z_s, top_t, log_z_t, kl, keep], dim=1).contiguous()
         _kd_kl_grad_kernel[(n, splits)](

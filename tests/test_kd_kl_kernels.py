@@ -78,6 +78,25 @@ def test_row_mask_zeroes_rows_and_their_gradient(kernel_backend):
     assert MF.kd_kl_div(s.to(device), t.to(device), row_mask=all_masked.to(device), backend=backend).item() == 0.0
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_masked_rows_are_zero_whatever_they_hold(kernel_backend, reduction):
+    """A masked row gives exactly 0 loss and 0 gradients even if it is NaN or all -inf, as the reference;
+    the other rows are as if the masked ones held ordinary logits."""
+    backend, device = kernel_backend
+    s, t = torch.randn(4, 70), torch.randn(4, 70)
+    mask = torch.tensor([True, False, True, False])
+    bad_s, bad_t = s.clone(), t.clone()
+    bad_s[1], bad_t[1] = float("nan"), float("inf")
+    bad_t[3] = float("-inf")
+    loss, grads = _run(backend, device, bad_s, bad_t, mask=mask, teacher_grad=True, reduction=reduction)
+    clean_loss, clean_grads = _run("torch", "cpu", s.double(), t.double(), mask=mask, teacher_grad=True,
+                                   reduction=reduction)
+    torch.testing.assert_close(loss.cpu().double(), clean_loss, rtol=2e-5, atol=1e-7)
+    for g, ref in zip(grads, clean_grads):
+        assert (g.cpu()[~mask] == 0).all()
+        torch.testing.assert_close(g.cpu().double(), ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_teacher_gradient(kernel_backend, dtype):
     backend, device = kernel_backend
