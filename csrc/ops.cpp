@@ -45,11 +45,11 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Large CPU outputs (the gradients, as big as the logits) come from a small cache of 2 MiB-aligned
 // blocks advised onto transparent huge pages. Why: glibc maps every allocation over 32 MiB afresh,
 // and a fresh 1024 x 32000 fp32 gradient (125 MiB) takes ~32k page faults when first written, ~50 ms
-// on the 2-core development VM, more than the KL kernel itself; a training step allocates two (the
-// forward's gradient and the backward's scaled copy). The cache keeps the last freed blocks (at most
-// kCachedBlocks, kCacheBytes in all) so that the next step reuses them without a fault, like the CUDA
-// caching allocator does on the GPU. Outputs under 2 MiB, other devices, other systems, or
-// MLKD_FAST_NO_OUTPUT_CACHE=1: plain at::empty.
+// on the 2-core development VM, more than the KL kernel itself; every step allocates one (the
+// forward's gradient; the backward's scaled copy too when the graph is kept). The cache keeps the
+// last freed blocks (at most kCachedBlocks, kCacheBytes in all) so that the next step reuses them
+// without a fault, like the CUDA caching allocator does on the GPU. Outputs under 2 MiB, other
+// devices, other systems, or MLKD_FAST_NO_OUTPUT_CACHE=1: plain at::empty.
 // ------------------------------------------------------------------------------------------
 #if defined(__linux__)
 constexpr size_t kHugePage = size_t(2) << 20;
@@ -357,7 +357,7 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
   const KlSweeps& sw = kl_sweeps();
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     // fp32 scratch: v, u, e_s, e_t, and a staging row for dtype conversions. Kept per thread across
-    // calls: freeing and re-faulting it each call fragments the 2 MiB pages the outputs ask for.
+    // calls, so that a call neither allocates it nor faults it in again.
     thread_local std::vector<float> scratch;
     scratch.resize(std::max(scratch.size(), static_cast<size_t>(kFloat ? 4 : 5) * c));
     float* v = scratch.data();
@@ -456,49 +456,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cpu(const at::Tensor& stude
   return {rows, grad_s, grad_t};
 }
 
-at::Tensor scale_rows_cpu(const at::Tensor& x, const at::Tensor& g) {
-  TORCH_CHECK(x.dim() == 2 && g.dim() == 1 && g.size(0) == x.size(0), "scale_rows: x must be (N, C), g (N,)");
-  const auto xc = x.contiguous();
-  const auto gf = g.to(xc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-  auto out = empty_output(xc.sizes(), xc.options());
-  const int64_t n = xc.size(0), c = xc.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "scale_rows_cpu", [&] {
-    const scalar_t* src = xc.const_data_ptr<scalar_t>();
-    using acc_t = at::opmath_type<scalar_t>;  // fp32 math for half types, result in x's dtype
+// dst[i, :] = src[i, :] * g[i], fp32 math for half types, result in src's dtype. In place (dst is src),
+// rows whose factor is exactly 1 are skipped: after `total.backward()` that is every row of the KL's
+// stored gradient (its weights are folded in), so that backward reads N floats and writes nothing.
+static void scale_rows_cpu_into(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& g) {
+  TORCH_CHECK(src.dim() == 2 && g.dim() == 1 && g.size(0) == src.size(0), "scale_rows: x must be (N, C), g (N,)");
+  TORCH_CHECK(src.stride(1) == 1 && dst.stride(1) == 1, "scale_rows: the last stride must be 1");
+  const bool in_place = src.is_same(dst);
+  const auto gf = g.to(src.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const int64_t n = src.size(0), c = src.size(1), src_stride = src.stride(0), dst_stride = dst.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "scale_rows_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const acc_t* gp = gf.const_data_ptr<acc_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(c, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t gi = gp[i];
-        for (int64_t j = 0; j < c; ++j) dst[i * c + j] = static_cast<scalar_t>(static_cast<acc_t>(src[i * c + j]) * gi);
+        if (in_place && gi == acc_t(1)) continue;
+        const scalar_t* row_in = in + i * src_stride;
+        scalar_t* row_out = out + i * dst_stride;
+        for (int64_t j = 0; j < c; ++j) row_out[j] = static_cast<scalar_t>(static_cast<acc_t>(row_in[j]) * gi);
       }
     });
   });
+}
+
+at::Tensor scale_rows_cpu(const at::Tensor& x, const at::Tensor& g) {
+  const auto xc = x.contiguous();
+  auto out = empty_output(xc.sizes(), xc.options());
+  scale_rows_cpu_into(xc, out, g);
   return out;
 }
 
-// In place, for the KL backward when autograd frees the graph after it: rows whose factor is exactly 1
-// (every row after `total.backward()`, the weights being folded into the stored gradient) are skipped,
-// so the common backward reads N floats instead of the whole gradient.
-void scale_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& g) {
-  TORCH_CHECK(x.dim() == 2 && g.dim() == 1 && g.size(0) == x.size(0), "scale_rows_: x must be (N, C), g (N,)");
-  TORCH_CHECK(x.stride(1) == 1, "scale_rows_: the last stride of x must be 1");
-  const auto gf = g.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-  const int64_t n = x.size(0), c = x.size(1), stride = x.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_rows_inplace_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gp = gf.const_data_ptr<acc_t>();
-    scalar_t* data = x.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(c, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t gi = gp[i];
-        if (gi == acc_t(1)) continue;
-        scalar_t* row = data + i * stride;
-        for (int64_t j = 0; j < c; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(row[j]) * gi);
-      }
-    });
-  });
-}
+void scale_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& g) { scale_rows_cpu_into(x, x, g); }
 
 // ------------------------------------------------------------------------------------------
 // Correlation KL, tiled (CPU, and CUDA through the same ATen calls): (BM x BN) tiles of both

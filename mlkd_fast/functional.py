@@ -31,22 +31,17 @@ def _check_tensor(x: object, name: str) -> Tensor:
     return x
 
 
+def _check_finite(value: object, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
+    return value
+
+
 def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return value
-
-
-def _check_finite(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return _check_finite(value, name, positive=True)
 
 
 def _check_reduction(reduction: object) -> str:
@@ -134,18 +129,18 @@ def kd_kl_div(
     t2 = _last_dim_contiguous(t.reshape(-1, num_classes))
     mask = None if row_mask is None else row_mask.reshape(-1)
 
+    # the kernels take fp32 weights; the reference computes in its own math dtype (fp64 for fp64 inputs)
+    weight_dtype = reference._math_dtype(s2, t2) if name == "torch" else torch.float32
+    row_weight = _kd_row_weights(mask, s2.shape[0], num_classes, reduction, weight, weight_dtype, device)
     if name == "torch":
         rows = reference.kd_kl_rows(s2, t2, temperature, mask)
-        row_weight = _kd_row_weights(mask, rows.shape[0], num_classes, reduction, weight, rows.dtype, device)
         rows = rows if row_weight is None else rows * row_weight
-    else:
-        row_weight = _kd_row_weights(mask, s2.shape[0], num_classes, reduction, weight, torch.float32, device)
-        if name == "triton":
-            from .kernels import kd_kl
+    elif name == "triton":
+        from .kernels import kd_kl
 
-            rows = kd_kl.kd_kl_rows(s2, t2, temperature, row_weight)
-        else:
-            rows = _native.kd_kl_rows(s2, t2, temperature, row_weight)
+        rows = kd_kl.kd_kl_rows(s2, t2, temperature, row_weight)
+    else:
+        rows = _native.kd_kl_rows(s2, t2, temperature, row_weight)
     return rows.reshape(lead_shape) if reduction == "none" else rows.sum()
 
 
