@@ -108,6 +108,7 @@ def _corr_bwd_rows_kernel(
     BS_ptr, BS_stride, BT_ptr, BT_stride,  # column features
     RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms
     LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
+    Scale_ptr,  # (1,) fp32 power of two: min(N, 1024) / max_j r^b_j
     DA_ptr, DA_stride,  # (M, Ds) fp32 out: d loss / d a^ (normalised rows)
     M, N, DS, DT, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
@@ -120,6 +121,7 @@ def _corr_bwd_rows_kernel(
     lse_s = tl.load(LseS_ptr + rows, mask=row_ok, other=0.0)
     lse_t = tl.load(LseT_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(G_ptr + rows, mask=row_ok, other=0.0)
+    scale = tl.load(Scale_ptr)
     d = tl.arange(0, BLOCK_DS)
     d_ok = d < DS
     acc = tl.zeros((BLOCK_M, BLOCK_DS), tl.float32)
@@ -135,11 +137,13 @@ def _corr_bwd_rows_kernel(
         ok = _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG)
         q = tl.where(ok, tl.exp(x_s - lse_s[:, None]), 0.0)
         p = tl.where(ok, tl.exp(x_t - lse_t[:, None]), 0.0)
-        # d loss / d a^_i = sum_j [g_i (Q - P)_ij / tau * r^b_j] b_j
-        w = (g * inv_tau)[:, None] * (q - p) * rb_s[None, :]
+        # d loss / d a^_i = g_i / tau * sum_j [(Q - P)_ij r^b_j] b_j; the bracket, scaled by a power of
+        # two to about 1024 / N, is the matmul operand in the input dtype (unscaled it underflows fp16).
+        w = (q - p) * (rb_s * scale)[None, :]
         b = tl.load(BS_ptr + cols[:, None].to(tl.int64) * BS_stride + d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
+    acc = acc * (g * inv_tau / scale)[:, None]
     tl.store(DA_ptr + rows[:, None].to(tl.int64) * DA_stride + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -149,6 +153,7 @@ def _corr_bwd_cols_kernel(
     BS_ptr, BS_stride, BT_ptr, BT_stride,  # column features
     RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms
     LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
+    Scale_ptr,  # (1,) fp32 power of two: min(M, 1024) / max_i |g_i r^a_i / tau|
     DB_ptr, DB_stride,  # (N, Ds) fp32 out: d loss / d b^ (normalised columns)
     M, N, DS, DT, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
@@ -158,6 +163,7 @@ def _corr_bwd_cols_kernel(
     col_ok = cols < N
     rb_s = tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)
     rb_t = tl.load(RBT_ptr + cols, mask=col_ok, other=0.0)
+    scale = tl.load(Scale_ptr)
     d = tl.arange(0, BLOCK_DS)
     d_ok = d < DS
     acc = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
@@ -176,11 +182,12 @@ def _corr_bwd_cols_kernel(
         ok = _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG) & row_ok[:, None]
         q = tl.where(ok, tl.exp(x_s - lse_s[:, None]), 0.0)
         p = tl.where(ok, tl.exp(x_t - lse_t[:, None]), 0.0)
-        # d loss / d b^_j = sum_i [g_i (Q - P)_ij / tau * r^a_i] a_i
-        w = (g * inv_tau * ra_s)[:, None] * (q - p)
+        # d loss / d b^_j = sum_i [g_i (Q - P)_ij / tau * r^a_i] a_i, the bracket scaled as in the row pass
+        w = (g * inv_tau * ra_s * scale)[:, None] * (q - p)
         a = tl.load(AS_ptr + rows[:, None].to(tl.int64) * AS_stride + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(tl.trans(w.to(a.dtype)), a, input_precision=PRECISION)
+    acc = acc / scale
     tl.store(DB_ptr + cols[:, None].to(tl.int64) * DB_stride + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
 
 
@@ -236,6 +243,17 @@ def _norm_backward(x: Tensor, inv_norm: Tensor, d_hat: Tensor) -> Tensor:
     return inv_norm[:, None] * (d_hat - x_hat * radial)
 
 
+def operand_scale(factors: Tensor, count: int) -> Tensor:
+    """(1,) fp32 power of two S with max |factors| * S about min(count, 1024), on the device (no sync).
+
+    The backward's matmul operand (Q - P)_ij times a per-row or per-column factor is of size ~1/count
+    times the factor; in fp16 it underflows at a few thousand rows (or large feature norms). Scaled by
+    S it is ~1024 / count at most 1024, and the fp32 result is divided by S exactly.
+    """
+    peak = factors.abs().amax().clamp_min(1e-30)
+    return torch.exp2(torch.floor(torch.log2(min(count, 1024) / peak))).reshape(1)
+
+
 def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: bool):
     orig_a, orig_b = a_s, b_s
     square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
@@ -250,10 +268,10 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: b
               ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, g)
     sizes = (m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau)
     _corr_bwd_rows_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        *common, d_a_hat, d_a_hat.stride(0), *sizes,
+        *common, operand_scale(rb_s, n), d_a_hat, d_a_hat.stride(0), *sizes,
         EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
     _corr_bwd_cols_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        *common, d_b_hat, d_b_hat.stride(0), *sizes,
+        *common, operand_scale(g * ra_s / tau, m), d_b_hat, d_b_hat.stride(0), *sizes,
         EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
     if square:
         d_a = _norm_backward(a_s, ra_s, d_a_hat + d_b_hat).to(orig_a.dtype)
