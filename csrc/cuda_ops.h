@@ -41,4 +41,42 @@ cudaError_t scale_rows_cuda_launch(CudaDtype dtype, const void* x, const float* 
 cudaError_t scale_rows_inplace_cuda_launch(CudaDtype dtype, void* x, int64_t x_stride, const float* g, int64_t n,
                                            int64_t c, cudaStream_t stream);
 
+// Fused correlation KL (csrc/correlation_cuda.cu): fp16/bf16 features on tensor cores (sm_80+).
+// One side of the similarity tiles: student and teacher features of the same n items.
+struct CorrSide {
+  const void* s;           // (n, Ds) student features, last stride 1
+  int64_t s_stride;
+  const void* t;           // (n, Dt) teacher features, last stride 1, same dtype
+  int64_t t_stride;
+  const float* inv_norm_s;  // (n,) 1 / max(||s_k||, eps)
+  const float* inv_norm_t;  // (n,)
+  int64_t n;
+};
+
+struct CorrArgs {
+  CudaDtype dtype;         // kHalf or kBFloat16
+  CorrSide rows, cols;     // the tile rows (a block owns 64) and the streamed tile columns
+  int64_t ds, dt;
+  float inv_tau;
+  bool exclude_diagonal;   // entries with row index == column index left out
+  // forward: (rows.n,) fp32 outputs l_i, lse^s_i, lse^t_i
+  float* loss = nullptr;
+  float* lse_s_out = nullptr;
+  float* lse_t_out = nullptr;
+  // backward: saved statistics and d loss / d l, indexed by the rows (row pass) or by the columns
+  // (column pass, stats_on_cols); output d loss / d (normalised row features), (rows.n, Ds) fp32.
+  const float* lse_s = nullptr;
+  const float* lse_t = nullptr;
+  const float* grad = nullptr;
+  bool stats_on_cols = false;
+  const float* operand_scale = nullptr;  // (1,) power of two keeping the fp16/bf16 operand in range
+  float* d_rows = nullptr;
+  int64_t d_rows_stride = 0;
+};
+
+// Whether the fused kernels run for this dtype on the current device (fp16/bf16, sm_80 or newer).
+bool correlation_cuda_fused_supported(CudaDtype dtype);
+cudaError_t correlation_fwd_cuda_launch(const CorrArgs& args, cudaStream_t stream);
+cudaError_t correlation_bwd_cuda_launch(const CorrArgs& args, cudaStream_t stream);
+
 }  // namespace mlkd_fast

@@ -705,12 +705,127 @@ void scale_rows_inplace_cuda(const at::Tensor& x, const at::Tensor& g) {
   TORCH_CHECK(err == cudaSuccess, "scale_rows_ CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Correlation on CUDA: fp16/bf16 features on sm_80+ take the fused tensor-core kernels of
+// correlation_cuda.cu; fp32 (and MLKD_FAST_CORR_TILED=1) the tiled cuBLAS code above.
+static bool corr_fused(const at::Tensor& a_s, const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
+                       const c10::optional<at::Tensor>& b_t) {
+  const auto t = a_s.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16) return false;
+  if (a_t.scalar_type() != t || (b_s && b_s->scalar_type() != t) || (b_t && b_t->scalar_type() != t)) return false;
+  const char* tiled = std::getenv("MLKD_FAST_CORR_TILED");  // read per call: benchmarks compare both paths
+  if (tiled != nullptr && *tiled != '\0' && std::strcmp(tiled, "0") != 0) return false;
+  return correlation_cuda_fused_supported(cuda_dtype(t));
+}
+
+struct FusedCorr {
+  at::Tensor a_s, a_t, b_s, b_t;      // contiguous features (b = a in square mode)
+  at::Tensor ra_s, ra_t, rb_s, rb_t;  // fp32 inverse norms
+  CorrSide side_a() const {
+    return {a_s.const_data_ptr(), a_s.stride(0), a_t.const_data_ptr(), a_t.stride(0), ra_s.const_data_ptr<float>(),
+            ra_t.const_data_ptr<float>(), a_s.size(0)};
+  }
+  CorrSide side_b() const {
+    return {b_s.const_data_ptr(), b_s.stride(0), b_t.const_data_ptr(), b_t.stride(0), rb_s.const_data_ptr<float>(),
+            rb_t.const_data_ptr<float>(), b_s.size(0)};
+  }
+};
+
+static FusedCorr fused_corr(const at::Tensor& a_s, const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
+                            const c10::optional<at::Tensor>& b_t) {
+  FusedCorr f;
+  f.a_s = a_s.contiguous();
+  f.a_t = a_t.contiguous();
+  f.ra_s = inv_norms(f.a_s);
+  f.ra_t = inv_norms(f.a_t);
+  if (b_s.has_value()) {
+    f.b_s = b_s->contiguous();
+    f.b_t = b_t->contiguous();
+    f.rb_s = inv_norms(f.b_s);
+    f.rb_t = inv_norms(f.b_t);
+  } else {
+    f.b_s = f.a_s;
+    f.b_t = f.a_t;
+    f.rb_s = f.ra_s;
+    f.rb_t = f.ra_t;
+  }
+  return f;
+}
+
+// (1,) fp32 power of two S with max |factors| S ~ min(count, 1024), computed on the device.
+static at::Tensor operand_scale(const at::Tensor& factors, int64_t count) {
+  const double target = static_cast<double>(std::min<int64_t>(count, 1024));
+  return at::exp2(at::floor(at::log2(factors.abs().amax().clamp_min(1e-30).reciprocal() * target))).reshape({1});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_cuda(const at::Tensor& a_s, const at::Tensor& a_t,
+                                                                  const c10::optional<at::Tensor>& b_s,
+                                                                  const c10::optional<at::Tensor>& b_t, double tau,
+                                                                  bool exclude_diagonal) {
+  const c10::cuda::CUDAGuard guard(a_s.device());
+  if (!corr_fused(a_s, a_t, b_s, b_t)) return correlation_fwd_tiled(a_s, a_t, b_s, b_t, tau, exclude_diagonal);
+  const FusedCorr f = fused_corr(a_s, a_t, b_s, b_t);
+  const int64_t m = a_s.size(0);
+  auto loss = at::empty({m}, f.ra_s.options());
+  auto lse_s = at::empty({m}, f.ra_s.options());
+  auto lse_t = at::empty({m}, f.ra_s.options());
+  CorrArgs args{cuda_dtype(a_s.scalar_type()), f.side_a(), f.side_b(), a_s.size(1), a_t.size(1),
+                static_cast<float>(1.0 / tau), exclude_diagonal};
+  args.loss = loss.mutable_data_ptr<float>();
+  args.lse_s_out = lse_s.mutable_data_ptr<float>();
+  args.lse_t_out = lse_t.mutable_data_ptr<float>();
+  const cudaError_t err = correlation_fwd_cuda_launch(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "correlation_fwd CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return {loss, lse_s, lse_t};
+}
+
+std::tuple<at::Tensor, at::Tensor> correlation_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& a_s,
+                                                      const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
+                                                      const c10::optional<at::Tensor>& b_t, const at::Tensor& lse_s,
+                                                      const at::Tensor& lse_t, double tau, bool exclude_diagonal) {
+  const c10::cuda::CUDAGuard guard(a_s.device());
+  if (!corr_fused(a_s, a_t, b_s, b_t))
+    return correlation_bwd_tiled(grad_rows, a_s, a_t, b_s, b_t, lse_s, lse_t, tau, exclude_diagonal);
+  const FusedCorr f = fused_corr(a_s, a_t, b_s, b_t);
+  const int64_t m = f.a_s.size(0), n = f.b_s.size(0), ds = f.a_s.size(1);
+  const auto g = grad_rows.to(at::kFloat).contiguous();
+  const auto ls = lse_s.to(at::kFloat).contiguous();
+  const auto lt = lse_t.to(at::kFloat).contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto pass = [&](const CorrSide& rows, const CorrSide& cols, bool stats_on_cols, const at::Tensor& scale,
+                  at::Tensor& d_rows) {
+    CorrArgs args{cuda_dtype(a_s.scalar_type()), rows, cols, ds, f.a_t.size(1), static_cast<float>(1.0 / tau),
+                  exclude_diagonal};
+    args.lse_s = ls.const_data_ptr<float>();
+    args.lse_t = lt.const_data_ptr<float>();
+    args.grad = g.const_data_ptr<float>();
+    args.stats_on_cols = stats_on_cols;
+    args.operand_scale = scale.const_data_ptr<float>();
+    args.d_rows = d_rows.mutable_data_ptr<float>();
+    args.d_rows_stride = d_rows.stride(0);
+    const cudaError_t err = correlation_bwd_cuda_launch(args, stream);
+    TORCH_CHECK(err == cudaSuccess, "correlation_bwd CUDA kernel launch failed: ", cudaGetErrorString(err));
+  };
+  auto d_a_hat = at::empty({m, ds}, f.ra_s.options());
+  auto d_b_hat = at::empty({n, ds}, f.ra_s.options());
+  const auto scale_rows_pass = operand_scale(f.rb_s, n);
+  const auto scale_cols_pass = operand_scale(g * f.ra_s * (1.0 / tau), m);
+  pass(f.side_a(), f.side_b(), false, scale_rows_pass, d_a_hat);
+  pass(f.side_b(), f.side_a(), true, scale_cols_pass, d_b_hat);
+  const auto a_hat = f.a_s.to(at::kFloat) * f.ra_s.unsqueeze(1);
+  if (!b_s.has_value()) {
+    return {norm_backward(a_hat, f.ra_s, d_a_hat + d_b_hat).to(a_s.scalar_type()), at::empty({0}, a_s.options())};
+  }
+  const auto b_hat = f.b_s.to(at::kFloat) * f.rb_s.unsqueeze(1);
+  return {norm_backward(a_hat, f.ra_s, d_a_hat).to(a_s.scalar_type()),
+          norm_backward(b_hat, f.rb_s, d_b_hat).to(b_s->scalar_type())};
+}
+
 TORCH_LIBRARY_IMPL(mlkd_fast, CUDA, m) {
   m.impl("kd_kl", &kd_kl_cuda);
   m.impl("scale_rows", &scale_rows_cuda);
   m.impl("scale_rows_", &scale_rows_inplace_cuda);
-  m.impl("correlation_fwd", &correlation_fwd_tiled);
-  m.impl("correlation_bwd", &correlation_bwd_tiled);
+  m.impl("correlation_fwd", &correlation_fwd_cuda);
+  m.impl("correlation_bwd", &correlation_bwd_cuda);
 }
 #endif
 

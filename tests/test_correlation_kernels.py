@@ -105,3 +105,28 @@ def test_fp16_gradients_of_a_large_batch_do_not_underflow(kernel_backend):
     _, (ref,) = _run("torch", "cpu", a_s.double(), a_t.double())
     rounding = _rel_err(ref.half(), ref)
     assert _rel_err(grad, ref) <= 1.5 * rounding, f"{_rel_err(grad, ref):.2e} vs fp16 rounding {rounding:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wide_features(kernel_backend, dtype):
+    # Ds = 300 > 256: the CUDA backward splits the output features over two blocks per row block;
+    # Ds, Dt not multiples of 8 take the scalar loads.
+    backend, device = kernel_backend
+    _check(backend, device, torch.randn(70, 300).to(dtype), torch.randn(70, 260).to(dtype))
+    _check(backend, device, torch.randn(45, 301).to(dtype), torch.randn(45, 37).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_fused_and_tiled_paths_agree(monkeypatch, dtype):
+    """On CUDA, fp16/bf16 features take the fused tensor-core kernels and MLKD_FAST_CORR_TILED=1 the
+    tiled cuBLAS path (the one CPU runs, tested above): both against the fp64 reference."""
+    from conftest import require_backend
+
+    require_backend("native", "cuda")
+    device = torch.device("cuda")
+    cases = [(torch.randn(200, 128), torch.randn(200, 96)),
+             (torch.randn(130, 40), torch.randn(130, 24), torch.randn(70, 40), torch.randn(70, 24))]
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MLKD_FAST_CORR_TILED", flag)
+        for args in cases:
+            _check("native", device, *[x.to(dtype) for x in args])
