@@ -23,6 +23,11 @@ for stage in $STAGES; do
   case $stage in
     env) run env 60 bash -c "nvidia-smi; git rev-parse HEAD; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda)'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; nvcc --version" ;;
     build) MLKD_FAST_CUDA_ARCHS=${MLKD_FAST_CUDA_ARCHS:-9.0} run build 420 $PY -m pip install --no-build-isolation --no-deps -v -e .
+           # Wheels of other libraries to compare with (e.g. Liger-Kernel), fetched beforehand on a machine
+           # with network and carried here (benchmarks/wheels/ is git-ignored): the GPU machine has none.
+           if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
+             run wheels 120 $PY -m pip install --no-deps --no-index benchmarks/wheels/*.whl
+           fi
            run backends 60 $PY -c "import mlkd_fast; [print(d, mlkd_fast.available_backends(d)) for d in ('cpu', 'cuda')]" ;;
     tests) run tests 300 $PY -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" \
              tests/test_kd_kl_kernels.py tests/test_correlation_kernels.py tests/test_triton_ops.py \
