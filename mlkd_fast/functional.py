@@ -93,7 +93,9 @@ def kd_kl_div(
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (see :mod:`mlkd_fast.backends`).
         weight: multiplies the result. Prefer it to multiplying afterwards: the fused backends fold
             it (and the reduction) into the gradient they store in the forward, so that the backward
-            of ``total = ce + kd_kl_div(..., weight=w); total.backward()`` costs nothing.
+            of ``total = ce + kd_kl_div(..., weight=w); total.backward()`` costs nothing (for fp32 and
+            bf16 logits; fp16 ones keep the stored gradient scaled up against underflow, and their
+            backward rescales it in one pass).
 
     Returns:
         An fp32 scalar (fp64 for fp64 inputs), or the per-row vector for ``reduction="none"``.
@@ -135,13 +137,40 @@ def kd_kl_div(
     if name == "torch":
         rows = reference.kd_kl_rows(s2, t2, temperature, mask)
         rows = rows if row_weight is None else rows * row_weight
-    elif name == "triton":
-        from .kernels import kd_kl
-
-        rows = kd_kl.kd_kl_rows(s2, t2, temperature, row_weight)
     else:
-        rows = _native.kd_kl_rows(s2, t2, temperature, row_weight)
+        if name == "triton":
+            from .kernels.kd_kl import kd_kl_rows
+        else:
+            kd_kl_rows = _native.kd_kl_rows
+        fp16_scale = _fp16_gradient_scale(s2, t2, row_weight, temperature, device)
+        if fp16_scale is None:
+            rows = kd_kl_rows(s2, t2, temperature, row_weight)
+        else:
+            weight_in = fp16_scale if row_weight is None else row_weight * fp16_scale
+            rows = kd_kl_rows(s2, t2, temperature, weight_in) / fp16_scale
     return rows.reshape(lead_shape) if reduction == "none" else rows.sum()
+
+
+def _fp16_gradient_scale(s: Tensor, t: Tensor, row_weight: Optional[Tensor], temperature: float,
+                         device: torch.device) -> Optional[Tensor]:
+    """Per-row powers of two S_i for fp16 logits whose gradient is stored in the forward, else None.
+
+    The kernels store w_i d(T^2 l_i)/ds = w_i T (q - p) in the input dtype. In fp16 with w_i = 1/N
+    most entries are subnormal, and a GradScaler's factor, which reaches the KL only in the backward,
+    cannot bring back the lost bits (64% of the entries off by > 0.2% at N = 512 before this). So the
+    kernels get w_i S_i, with S_i making the largest possible student entry ~1024, and the loss rows
+    are divided by S_i exactly: the backward then rescales the stored gradient by g_i / S_i (a pass
+    that bf16 and fp32 do not need). The teacher gradient has no such bound (it grows with the logit
+    gap), so when it is stored too S_i only undoes w_i: the gradients are stored unweighted."""
+    if torch.promote_types(s.dtype, t.dtype) != torch.float16 or not torch.is_grad_enabled():
+        return None
+    if not (s.requires_grad or t.requires_grad):
+        return None
+    n = s.shape[0]
+    w = torch.ones(n, dtype=torch.float32, device=device) if row_weight is None else row_weight
+    bound = 1.0 / w.abs() if t.requires_grad else 1024.0 / (temperature * w.abs())
+    exponent = torch.floor(torch.log2(bound)).clamp(-60.0, 60.0)
+    return torch.where(w != 0, torch.exp2(exponent), torch.ones_like(w))
 
 
 def _kd_row_weights(mask: Optional[Tensor], n: int, c: int, reduction: str, weight: float, dtype: torch.dtype,

@@ -210,3 +210,19 @@ def test_backward_scales_in_place_only_when_the_graph_is_freed(kernel_backend):
     assert _scale_ops(lambda: loss.backward()) == {"scale_rows_"}
     torch.testing.assert_close(first.cpu().double(), 2.5 * expected, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(s.grad.cpu().double(), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_fp16_gradients_keep_their_bits_under_a_grad_scaler(kernel_backend):
+    """fp16 logits, batchmean over 512 rows, the loss times 65536 as torch.amp.GradScaler does: the
+    gradients must match the fp64 ones to fp16 precision entry by entry. Storing w_i T (q - p) with
+    w_i = 1/512 made most entries fp16 subnormals that the backward's 65536 could not restore."""
+    backend, device = kernel_backend
+    s = (torch.randn(512, 1000) * 3).half()
+    t = (torch.randn(512, 1000) * 3).half()
+    scale = torch.tensor(65536.0)
+    for teacher_grad, allowed in ((False, 0.0), (True, 0.01)):
+        _, grads = _run(backend, device, s, t, T=4.0, teacher_grad=teacher_grad, grad_out=scale)
+        _, refs = _run("torch", "cpu", s.double(), t.double(), T=4.0, teacher_grad=teacher_grad, grad_out=scale)
+        for g, r in zip(grads, refs):
+            off = (g.cpu().double() - r).abs() > 2**-9 * r.abs() + 1.2e-7  # 4x fp16 rounding, or subnormal
+            assert off.double().mean() <= allowed, f"{off.double().mean():.2%} of the entries off (teacher_grad={teacher_grad})"
