@@ -1,6 +1,7 @@
 // mlkd_fast compiled ops: the schemas (defined once here), the C++ CPU kernels, and (when built with
-// CUDA) the CUDA registrations: the KL kernels of csrc/kd_kl_cuda.cu, launched on the current
-// stream, and the tiled correlation below, whose tiles are cuBLAS matmuls on the GPU.
+// CUDA) the CUDA registrations: the KL kernels of csrc/kd_kl_cuda.cu and, for fp16/bf16 features,
+// the fused correlation of csrc/correlation_cuda.cu, launched on the current stream; fp32 features
+// take the tiled correlation below, whose tiles are cuBLAS matmuls on the GPU.
 //
 // Semantics are those of the Triton ops in kernels/ (see their docstrings); the Python side
 // (mlkd_fast/_native.py) adds the fake implementations and autograd.
