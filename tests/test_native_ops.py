@@ -40,6 +40,20 @@ def test_opcheck_every_op(device, requires_grad):
                           (torch.rand(20, device=device), a_s.detach(), a_t, b_s.detach(), b_t, lse_s, lse_t, 0.5, False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_opcheck_correlation_in_half_precision(device, dtype):
+    """On CUDA fp16/bf16 features take the fused tensor-core kernels, a separate implementation."""
+    a_s = torch.randn(70, 40, device=device, dtype=dtype, requires_grad=True)
+    a_t = torch.randn(70, 24, device=device, dtype=dtype)
+    b_s = torch.randn(33, 40, device=device, dtype=dtype, requires_grad=True)
+    b_t = torch.randn(33, 24, device=device, dtype=dtype)
+    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, None, None, 0.5, True))
+    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, b_s, b_t, 0.5, False))
+    _, lse_s, lse_t = torch.ops.mlkd_fast.correlation_fwd(a_s.detach(), a_t, None, None, 0.5, True)
+    torch.library.opcheck(torch.ops.mlkd_fast.correlation_bwd.default,
+                          (torch.rand(70, device=device), a_s.detach(), a_t, None, None, lse_s, lse_t, 0.5, True))
+
+
 def test_fakes_give_shapes_and_dtypes(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
