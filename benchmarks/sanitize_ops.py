@@ -16,8 +16,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         (3.0 * loss).backward()  # scale_rows_ (in place)
         MF.kd_kl_div(s, t, 2.0, backend="native").backward()  # scale_rows_, every row skipped
     # fp16/bf16 correlation runs the fused tensor-core kernels: aligned (40, 24) and scalar (37)
-    # loads, wide features (300: two output blocks per row block), rectangular.
-    for m, n, d in ((150, 150, 40), (96, 32, 24), (70, 70, 37), (130, 130, 300)):
+    # loads, wide features (300: two output blocks per row block), rectangular, and columns split over
+    # blocks (few rows, >= 512 columns).
+    for m, n, d in ((150, 150, 40), (96, 32, 24), (70, 70, 37), (130, 130, 300), (40, 600, 64), (600, 600, 37)):
         a_s = torch.randn(m, d, device="cuda", dtype=dtype, requires_grad=True)
         a_t = torch.randn(m, d + 8, device="cuda", dtype=dtype)
         if m == n:

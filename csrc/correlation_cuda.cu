@@ -14,6 +14,9 @@
 //       column pass (rows b, columns a, statistics of column l): f_l = g_l r^a_l / tau, h_k = 1
 //     gives d loss / d a^ and d loss / d b^ (ops.cpp finishes the normalisation backward). S is a power of
 //     two (ops.cpp) making max |f| S ~ min(count, 1024): (Q - P) f is ~f / count and underflows fp16 unscaled.
+// Few rows (e.g. 4096: 64 row blocks on 132 SMs) would leave the GPU idle: correlation_cuda_split then
+// cuts the columns into blockIdx.z spans of >= 256; each block writes partial statistics (forward) or
+// partial output rows (backward), merged by a second small kernel in a fixed order.
 // Traffic per block and column tile: 64 (Ds + Dt) feature elements (plus 64 Ds in the backward), read
 // from L2 after the first block; extra memory O(M + N): norms and statistics. Work per tile element:
 // 2 (Ds + Dt) tensor-core flops (+ 2 Ds backward) and two exps.
@@ -22,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -42,6 +46,7 @@ constexpr int kTileLd = kBlockCols + 4;    // fp32 similarity tiles
 constexpr int kWLd = kBlockCols + 8;       // backward operand W
 constexpr int kPiece = 64;                 // output features per backward matmul step
 constexpr int kPieceLd = kPiece + 8;
+constexpr int64_t kMinSplitCols = 256;     // columns per split at least: the partials stay cheap
 
 // Shared memory (bytes; every region 128-byte aligned, WMMA needs 32).
 constexpr int kStageBytes = 2 * kBlockRows * kStageLd * 2;        // staged row and column chunks
@@ -147,7 +152,9 @@ __global__ void __launch_bounds__(kThreads, 3) corr_fwd_kernel(CorrArgs args, bo
   const float ra_s = row_ok ? R.inv_norm_s[row] * args.inv_tau : 0.0f;
   const float ra_t = row_ok ? R.inv_norm_t[row] * args.inv_tau : 0.0f;
   float m_s = kNegInf, z_s = 0.0f, m_t = kNegInf, z_t = 0.0f, acc = 0.0f;
-  for (int64_t col0 = 0; col0 < C.n; col0 += kBlockCols) {
+  const int64_t col_begin = static_cast<int64_t>(blockIdx.z) * args.col_span;
+  const int64_t col_end = min(C.n, col_begin + args.col_span);
+  for (int64_t col0 = col_begin; col0 < col_end; col0 += kBlockCols) {
     dot_tile(tile_s, stage, static_cast<const T*>(R.s), R.s_stride, row0, R.n, static_cast<const T*>(C.s), C.s_stride,
              col0, C.n, args.ds, vec);
     dot_tile(tile_t, stage, static_cast<const T*>(R.t), R.t_stride, row0, R.n, static_cast<const T*>(C.t), C.t_stride,
@@ -200,12 +207,44 @@ __global__ void __launch_bounds__(kThreads, 3) corr_fwd_kernel(CorrArgs args, bo
     __syncwarp();  // the next tile's stores overwrite what this warp just read
   }
   if (row_ok && ln.half == 0) {
-    const float lse_s = m_s + __logf(z_s), lse_t = m_t + __logf(z_t);
-    args.loss[row] = acc / z_t - lse_t + lse_s;
-    args.lse_s_out[row] = lse_s;
-    args.lse_t_out[row] = lse_t;
+    if (args.col_splits > 1) {
+      float* part = args.partials + (static_cast<int64_t>(blockIdx.z) * R.n + row) * 5;
+      part[0] = m_s, part[1] = z_s, part[2] = m_t, part[3] = z_t, part[4] = acc;
+    } else {
+      const float lse_s = m_s + __logf(z_s), lse_t = m_t + __logf(z_t);
+      args.loss[row] = acc / z_t - lse_t + lse_s;
+      args.lse_s_out[row] = lse_s;
+      args.lse_t_out[row] = lse_t;
+    }
   }
 #endif
+}
+
+// One thread per row: the column splits' statistics (m^s, Z^s, m^t, Z^t, A) merged against the
+// overall maxima, then the loss row and both log-sum-exps.
+__global__ void corr_fwd_merge_kernel(CorrArgs args) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n = args.rows.n;
+  if (row >= n) return;
+  float m_s = kNegInf, m_t = kNegInf;
+  for (int64_t z = 0; z < args.col_splits; ++z) {
+    const float* part = args.partials + (z * n + row) * 5;
+    m_s = fmaxf(m_s, part[0]);
+    m_t = fmaxf(m_t, part[2]);
+  }
+  const float ref_s = m_s == kNegInf ? 0.0f : m_s, ref_t = m_t == kNegInf ? 0.0f : m_t;
+  float z_s = 0.0f, z_t = 0.0f, acc = 0.0f;
+  for (int64_t z = 0; z < args.col_splits; ++z) {
+    const float* part = args.partials + (z * n + row) * 5;
+    const float r_t = __expf(part[2] - ref_t);
+    z_s += part[1] * __expf(part[0] - ref_s);
+    z_t += part[3] * r_t;
+    acc += part[4] * r_t;
+  }
+  const float lse_s = ref_s + __logf(z_s), lse_t = ref_t + __logf(z_t);
+  args.loss[row] = acc / z_t - lse_t + lse_s;
+  args.lse_s_out[row] = lse_s;
+  args.lse_t_out[row] = lse_t;
 }
 
 // NF 16-wide output fragments per warp: the block computes output features [blockIdx.y * 16 NF, + 16 NF).
@@ -240,7 +279,9 @@ __global__ void __launch_bounds__(kThreads) corr_bwd_kernel(CorrArgs args, bool 
 #pragma unroll
   for (int f = 0; f < NF; ++f) wmma::fill_fragment(out[f], 0.0f);
 
-  for (int64_t col0 = 0; col0 < C.n; col0 += kBlockCols) {
+  const int64_t col_begin = static_cast<int64_t>(blockIdx.z) * args.col_span;
+  const int64_t col_end = min(C.n, col_begin + args.col_span);
+  for (int64_t col0 = col_begin; col0 < col_end; col0 += kBlockCols) {
     dot_tile(tile_s, stage, static_cast<const T*>(R.s), R.s_stride, row0, R.n, static_cast<const T*>(C.s), C.s_stride,
              col0, C.n, args.ds, vec);
     dot_tile(tile_t, stage, static_cast<const T*>(R.t), R.t_stride, row0, R.n, static_cast<const T*>(C.t), C.t_stride,
@@ -283,7 +324,11 @@ __global__ void __launch_bounds__(kThreads) corr_bwd_kernel(CorrArgs args, bool 
       __syncthreads();  // the stage is reloaded next
     }
   }
-  // Epilogue: each 16 x 64 piece through this warp's rows of tile_s, times h_k / S, to global memory.
+  // Epilogue: each 16 x 64 piece through this warp's rows of tile_s, times h_k / S, to global memory
+  // (to this split's partial rows when the columns are split).
+  const bool split = args.col_splits > 1;
+  float* dst = split ? args.partials + static_cast<int64_t>(blockIdx.z) * R.n * args.ds : args.d_rows;
+  const int64_t dst_stride = split ? args.ds : args.d_rows_stride;
   float* mine = tile_s + warp * 16 * kTileLd;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -296,12 +341,23 @@ __global__ void __launch_bounds__(kThreads) corr_bwd_kernel(CorrArgs args, bool 
       const int64_t k = row0 + warp * 16 + r, d = d0 + p * kPiece + c;
       if (k < R.n && d < args.ds) {
         const float h = per_row ? args.grad[k] * args.inv_tau : 1.0f;
-        args.d_rows[k * args.d_rows_stride + d] = mine[r * kTileLd + c] * (h / scale);
+        dst[k * dst_stride + d] = mine[r * kTileLd + c] * (h / scale);
       }
     }
     __syncwarp();
   }
 #endif
+}
+
+// d_rows = the sum of the column splits' partial rows, in split order.
+__global__ void corr_bwd_reduce_kernel(CorrArgs args) {
+  const int64_t total = args.rows.n * args.ds;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int64_t z = 0; z < args.col_splits; ++z) sum += args.partials[z * total + i];
+    args.d_rows[(i / args.ds) * args.d_rows_stride + i % args.ds] = sum;
+  }
 }
 
 bool aligned16(const void* p, int64_t stride) {
@@ -313,10 +369,30 @@ bool vector_loads(const CorrArgs& a) {
          aligned16(a.cols.s, a.cols.s_stride) && aligned16(a.cols.t, a.cols.t_stride);
 }
 
+int64_t row_blocks(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows; }
+
+// Output features per backward block: up to 256 in registers (NF 16); wider Ds splits over blockIdx.y,
+// each block recomputing the similarity tiles.
+int64_t bwd_width(int64_t ds) { return ds <= 64 ? 64 : ds <= 128 ? 128 : 256; }
+
+// Without a split, one span covers every column.
+CorrArgs with_span(const CorrArgs& args) {
+  CorrArgs a = args;
+  if (a.col_splits <= 1) {
+    a.col_splits = 1;
+    a.col_span = a.cols.n;
+  }
+  return a;
+}
+
 template <typename T>
 cudaError_t launch_fwd(const CorrArgs& args, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((args.rows.n + kBlockRows - 1) / kBlockRows));
-  corr_fwd_kernel<T><<<grid, kThreads, kFwdSmem, stream>>>(args, vector_loads(args));
+  const CorrArgs a = with_span(args);
+  const dim3 grid(static_cast<unsigned>(row_blocks(a.rows.n)), 1, static_cast<unsigned>(a.col_splits));
+  corr_fwd_kernel<T><<<grid, kThreads, kFwdSmem, stream>>>(a, vector_loads(a));
+  if (a.col_splits > 1) {
+    corr_fwd_merge_kernel<<<static_cast<unsigned>((a.rows.n + 127) / 128), 128, 0, stream>>>(a);
+  }
   return cudaGetLastError();
 }
 
@@ -325,23 +401,40 @@ cudaError_t launch_bwd_nf(const CorrArgs& args, cudaStream_t stream) {
   const auto kernel = corr_bwd_kernel<T, NF>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBwdSmem);
   if (err != cudaSuccess) return err;
-  const int64_t width = 16 * NF;
-  const dim3 grid(static_cast<unsigned>((args.rows.n + kBlockRows - 1) / kBlockRows),
-                  static_cast<unsigned>((args.ds + width - 1) / width));
-  kernel<<<grid, kThreads, kBwdSmem, stream>>>(args, vector_loads(args));
+  const CorrArgs a = with_span(args);
+  const dim3 grid(static_cast<unsigned>(row_blocks(a.rows.n)),
+                  static_cast<unsigned>((a.ds + 16 * NF - 1) / (16 * NF)), static_cast<unsigned>(a.col_splits));
+  kernel<<<grid, kThreads, kBwdSmem, stream>>>(a, vector_loads(a));
+  if (a.col_splits > 1) {
+    const int64_t blocks = std::min<int64_t>((a.rows.n * a.ds + 255) / 256, 65535 * 8);
+    corr_bwd_reduce_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a);
+  }
   return cudaGetLastError();
 }
 
-// Output features per block: up to 256 in registers (NF 16); wider Ds splits over blockIdx.y, each
-// block recomputing the similarity tiles.
 template <typename T>
 cudaError_t launch_bwd(const CorrArgs& args, cudaStream_t stream) {
-  if (args.ds <= 64) return launch_bwd_nf<T, 4>(args, stream);
-  if (args.ds <= 128) return launch_bwd_nf<T, 8>(args, stream);
-  return launch_bwd_nf<T, 16>(args, stream);
+  switch (bwd_width(args.ds)) {
+    case 64: return launch_bwd_nf<T, 4>(args, stream);
+    case 128: return launch_bwd_nf<T, 8>(args, stream);
+    default: return launch_bwd_nf<T, 16>(args, stream);
+  }
 }
 
 }  // namespace
+
+CorrSplit correlation_cuda_split(int64_t rows, int64_t cols, int64_t ds, bool backward) {
+  // About two blocks per SM (the forward fits three, the widest backward two), never a span of fewer
+  // than kMinSplitCols columns.
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t blocks = row_blocks(rows) * (backward ? (ds + bwd_width(ds) - 1) / bwd_width(ds) : 1);
+  const int64_t splits = std::min<int64_t>({2 * sms / std::max<int64_t>(blocks, 1),
+                                            (cols + kMinSplitCols - 1) / kMinSplitCols, 65535});
+  if (splits <= 1) return {1, cols};
+  const int64_t span = ((cols + splits - 1) / splits + kBlockCols - 1) / kBlockCols * kBlockCols;
+  return {(cols + span - 1) / span, span};
+}
 
 bool correlation_cuda_fused_supported(CudaDtype dtype) {
   if (dtype != CudaDtype::kHalf && dtype != CudaDtype::kBFloat16) return false;

@@ -72,7 +72,21 @@ struct CorrArgs {
   const float* operand_scale = nullptr;  // (1,) power of two keeping the fp16/bf16 operand in range
   float* d_rows = nullptr;
   int64_t d_rows_stride = 0;
+  // Column split (correlation_cuda_split): blockIdx.z takes columns [z span, (z + 1) span); the blocks
+  // write partials, (splits, rows.n, 5) forward statistics or (splits, rows.n, Ds) backward rows, which
+  // a second kernel merges in a fixed order (deterministic).
+  int64_t col_splits = 1;
+  int64_t col_span = 0;
+  float* partials = nullptr;
 };
+
+struct CorrSplit {
+  int64_t splits, span;
+};
+
+// How the correlation launchers cut the columns of (rows x cols) tiles so that few rows still fill the
+// GPU; splits == 1: no partials needed.
+CorrSplit correlation_cuda_split(int64_t rows, int64_t cols, int64_t ds, bool backward);
 
 // Whether the fused kernels run for this dtype on the current device (fp16/bf16, sm_80 or newer).
 bool correlation_cuda_fused_supported(CudaDtype dtype);

@@ -774,6 +774,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_cuda(const at::Te
   args.loss = loss.mutable_data_ptr<float>();
   args.lse_s_out = lse_s.mutable_data_ptr<float>();
   args.lse_t_out = lse_t.mutable_data_ptr<float>();
+  const CorrSplit split = correlation_cuda_split(m, f.b_s.size(0), a_s.size(1), false);
+  at::Tensor partials;
+  if (split.splits > 1) {
+    partials = at::empty({split.splits, m, 5}, f.ra_s.options());
+    args.col_splits = split.splits;
+    args.col_span = split.span;
+    args.partials = partials.mutable_data_ptr<float>();
+  }
   const cudaError_t err = correlation_fwd_cuda_launch(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "correlation_fwd CUDA kernel launch failed: ", cudaGetErrorString(err));
   return {loss, lse_s, lse_t};
@@ -803,6 +811,14 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_cuda(const at::Tensor& grad_r
     args.operand_scale = scale.const_data_ptr<float>();
     args.d_rows = d_rows.mutable_data_ptr<float>();
     args.d_rows_stride = d_rows.stride(0);
+    const CorrSplit split = correlation_cuda_split(rows.n, cols.n, ds, true);
+    at::Tensor partials;
+    if (split.splits > 1) {
+      partials = at::empty({split.splits, rows.n, ds}, f.ra_s.options());
+      args.col_splits = split.splits;
+      args.col_span = split.span;
+      args.partials = partials.mutable_data_ptr<float>();
+    }
     const cudaError_t err = correlation_bwd_cuda_launch(args, stream);
     TORCH_CHECK(err == cudaSuccess, "correlation_bwd CUDA kernel launch failed: ", cudaGetErrorString(err));
   };
