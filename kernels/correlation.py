@@ -15,6 +15,10 @@ d a = r (d a^ - a^ (a^ . d a^)) (while ||a|| > eps) finishes the normalisation i
 Work: forward 2 M N (Ds + Dt) flops; backward 2x that for the recomputation plus 2 M N Ds per pass.
 Memory read: each program of the forward reads its row block once and every column block once:
 (M/BM) * N * (Ds + Dt) elements; extra memory is O(M + N) (lse's, norms) beyond the gradients.
+Few row blocks (4096 rows: 64 programs on 132 SMs) would leave the GPU idle, so the streamed dimension
+is split over program_id(1) in spans of >= 256 (_splits): the forward's partial statistics are merged
+by _corr_fwd_merge_kernel, the backward's partial rows summed, both in a fixed order (deterministic);
+extra memory then O(splits * M * Ds).
 """
 from __future__ import annotations
 
@@ -58,9 +62,10 @@ def _corr_fwd_kernel(
     BS_ptr, BS_stride, BT_ptr, BT_stride,  # student (N, Ds), teacher (N, Dt) column features
     RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # fp32 inverse norms (M,), (M,), (N,), (N,)
     Loss_ptr, LseS_ptr, LseT_ptr,  # (M,) fp32 outputs: l_i, lse^s_i, lse^t_i
-    M, N, DS, DT, inv_tau,
+    Part_ptr,  # (5, splits, M) fp32 partial m^s, Z^s, m^t, Z^t, A when SPLIT
+    M, N, DS, DT, inv_tau, SPAN,  # columns [program_id(1) SPAN, + SPAN), SPAN a multiple of BLOCK_N
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-    EXCLUDE_DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -71,7 +76,8 @@ def _corr_fwd_kernel(
     z_s = tl.zeros((BLOCK_M,), tl.float32)
     z_t = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M,), tl.float32)
-    for start in range(0, N, BLOCK_N):
+    col_begin = tl.program_id(1) * SPAN
+    for start in range(col_begin, tl.minimum(N, col_begin + SPAN), BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         rb_s = tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)
@@ -95,8 +101,52 @@ def _corr_fwd_kernel(
         z_t = z_t * rescale + tl.sum(e_t, axis=1)
         acc = acc * rescale + tl.sum(tl.where(ok, e_t * (x_t - x_s), 0.0), axis=1)
         m_t = new_m_t
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
+    if SPLIT:
+        plane = tl.num_programs(1) * M
+        part = Part_ptr + tl.program_id(1) * M + rows
+        tl.store(part, m_s, mask=row_ok)
+        tl.store(part + plane, z_s, mask=row_ok)
+        tl.store(part + 2 * plane, m_t, mask=row_ok)
+        tl.store(part + 3 * plane, z_t, mask=row_ok)
+        tl.store(part + 4 * plane, acc, mask=row_ok)
+    else:
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
+        tl.store(Loss_ptr + rows, acc / z_t - lse_t + lse_s, mask=row_ok)
+        tl.store(LseS_ptr + rows, lse_s, mask=row_ok)
+        tl.store(LseT_ptr + rows, lse_t, mask=row_ok)
+
+
+@triton.jit
+def _corr_fwd_merge_kernel(
+    Part_ptr,  # (5, SPLITS, M) fp32 partial m^s, Z^s, m^t, Z^t, A of each column span
+    Loss_ptr, LseS_ptr, LseT_ptr,  # (M,) fp32 outputs
+    M, SPLITS,
+    BLOCK: tl.constexpr,
+):
+    """The spans' statistics rescaled to the overall maxima and summed: l, lse^s, lse^t per row."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < M
+    plane = SPLITS * M
+    m_s = tl.full((BLOCK,), -float("inf"), tl.float32)
+    m_t = tl.full((BLOCK,), -float("inf"), tl.float32)
+    for z in range(0, SPLITS):
+        m_s = tl.maximum(m_s, tl.load(Part_ptr + z * M + rows, mask=row_ok, other=-float("inf")))
+        m_t = tl.maximum(m_t, tl.load(Part_ptr + 2 * plane + z * M + rows, mask=row_ok, other=-float("inf")))
+    ref_s = tl.where(m_s == -float("inf"), 0.0, m_s)
+    ref_t = tl.where(m_t == -float("inf"), 0.0, m_t)
+    z_s = tl.zeros((BLOCK,), tl.float32)
+    z_t = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for z in range(0, SPLITS):
+        part = Part_ptr + z * M + rows
+        z_s += tl.load(part + plane, mask=row_ok, other=0.0) * tl.exp(
+            tl.load(part, mask=row_ok, other=-float("inf")) - ref_s)
+        r_t = tl.exp(tl.load(part + 2 * plane, mask=row_ok, other=-float("inf")) - ref_t)
+        z_t += tl.load(part + 3 * plane, mask=row_ok, other=0.0) * r_t
+        acc += tl.load(part + 4 * plane, mask=row_ok, other=0.0) * r_t
+    lse_s = ref_s + tl.log(z_s)
+    lse_t = ref_t + tl.log(z_t)
     tl.store(Loss_ptr + rows, acc / z_t - lse_t + lse_s, mask=row_ok)
     tl.store(LseS_ptr + rows, lse_s, mask=row_ok)
     tl.store(LseT_ptr + rows, lse_t, mask=row_ok)
@@ -109,8 +159,8 @@ def _corr_bwd_rows_kernel(
     RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms
     LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
     Scale_ptr,  # (1,) fp32 power of two: min(N, 1024) / max_j r^b_j
-    DA_ptr, DA_stride,  # (M, Ds) fp32 out: d loss / d a^ (normalised rows)
-    M, N, DS, DT, inv_tau,
+    DA_ptr, DA_stride, DA_split_stride,  # (splits, M, Ds) fp32 out: d loss / d a^ (normalised rows), per span
+    M, N, DS, DT, inv_tau, SPAN,  # columns [program_id(1) SPAN, + SPAN)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -125,7 +175,8 @@ def _corr_bwd_rows_kernel(
     d = tl.arange(0, BLOCK_DS)
     d_ok = d < DS
     acc = tl.zeros((BLOCK_M, BLOCK_DS), tl.float32)
-    for start in range(0, N, BLOCK_N):
+    col_begin = tl.program_id(1) * SPAN
+    for start in range(col_begin, tl.minimum(N, col_begin + SPAN), BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         rb_s = tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)
@@ -144,7 +195,8 @@ def _corr_bwd_rows_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
     acc = acc * (g * inv_tau / scale)[:, None]
-    tl.store(DA_ptr + rows[:, None].to(tl.int64) * DA_stride + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    out = DA_ptr + tl.program_id(1).to(tl.int64) * DA_split_stride
+    tl.store(out + rows[:, None].to(tl.int64) * DA_stride + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -154,8 +206,8 @@ def _corr_bwd_cols_kernel(
     RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms
     LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
     Scale_ptr,  # (1,) fp32 power of two: min(M, 1024) / max_i |g_i r^a_i / tau|
-    DB_ptr, DB_stride,  # (N, Ds) fp32 out: d loss / d b^ (normalised columns)
-    M, N, DS, DT, inv_tau,
+    DB_ptr, DB_stride, DB_split_stride,  # (splits, N, Ds) fp32 out: d loss / d b^ (normalised columns), per span
+    M, N, DS, DT, inv_tau, SPAN,  # rows [program_id(1) SPAN, + SPAN)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -167,7 +219,8 @@ def _corr_bwd_cols_kernel(
     d = tl.arange(0, BLOCK_DS)
     d_ok = d < DS
     acc = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
-    for start in range(0, M, BLOCK_M):
+    row_begin = tl.program_id(1) * SPAN
+    for start in range(row_begin, tl.minimum(M, row_begin + SPAN), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         ra_s = tl.load(RAS_ptr + rows, mask=row_ok, other=0.0)
@@ -188,7 +241,8 @@ def _corr_bwd_cols_kernel(
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(tl.trans(w.to(a.dtype)), a, input_precision=PRECISION)
     acc = acc / scale
-    tl.store(DB_ptr + cols[:, None].to(tl.int64) * DB_stride + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
+    out = DB_ptr + tl.program_id(1).to(tl.int64) * DB_split_stride
+    tl.store(out + cols[:, None].to(tl.int64) * DB_stride + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +259,24 @@ def _config(ds: int, dt: int) -> dict:
     block = 64 if widest <= 128 else 32 if widest <= 512 else 16
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_DS=block_ds, BLOCK_DT=block_dt,
                 num_warps=4 if widest <= 128 else 8)
+
+
+MIN_SPLIT_SPAN = 256  # streamed rows/columns per program at least when split
+
+
+def _sm_count(device: torch.device) -> int:
+    # The CPU (interpreter) plans like an H100, so that its tests take the same split paths.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _splits(programs: int, streamed: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(splits, span) of the streamed dimension: about two programs per SM, spans >= MIN_SPLIT_SPAN
+    and a multiple of the tile."""
+    splits = min(2 * _sm_count(device) // max(programs, 1), triton.cdiv(streamed, MIN_SPLIT_SPAN))
+    if splits <= 1:
+        return 1, max(streamed, 1)
+    span = triton.cdiv(triton.cdiv(streamed, splits), block) * block
+    return triton.cdiv(streamed, span), span
 
 
 def _precision(x: Tensor) -> str:
@@ -227,12 +299,17 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool):
     loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     cfg = _config(a_s.shape[1], a_t.shape[1])
-    _corr_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+    programs = triton.cdiv(m, cfg["BLOCK_M"])
+    splits, span = _splits(programs, n, cfg["BLOCK_N"], a_s.device)
+    partials = torch.empty((5, splits, m) if splits > 1 else (1,), dtype=torch.float32, device=a_s.device)
+    _corr_fwd_kernel[(programs, splits)](
         a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
-        ra_s, ra_t, rb_s, rb_t, loss, lse_s, lse_t,
-        m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau,
-        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg,
+        ra_s, ra_t, rb_s, rb_t, loss, lse_s, lse_t, partials,
+        m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau, span,
+        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), SPLIT=splits > 1, **cfg,
     )
+    if splits > 1:
+        _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](partials, loss, lse_s, lse_t, m, splits, BLOCK=128)
     return loss, lse_s, lse_t
 
 
@@ -262,17 +339,24 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: b
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
     g = g.to(torch.float32).contiguous()
     cfg = _config(a_s.shape[1], a_t.shape[1])
-    d_a_hat = torch.empty((m, a_s.shape[1]), dtype=torch.float32, device=a_s.device)
-    d_b_hat = torch.empty((n, b_s.shape[1]), dtype=torch.float32, device=a_s.device)
+    ds = a_s.shape[1]
     common = (a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
               ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, g)
-    sizes = (m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau)
-    _corr_bwd_rows_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        *common, operand_scale(rb_s, n), d_a_hat, d_a_hat.stride(0), *sizes,
+    sizes = (m, n, ds, a_t.shape[1], 1.0 / tau)
+    row_programs, col_programs = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+    # Row pass: columns split; column pass: rows split; the spans' partial rows summed in order.
+    splits, span = _splits(row_programs, n, cfg["BLOCK_N"], a_s.device)
+    d_a_hat = torch.empty((splits, m, ds), dtype=torch.float32, device=a_s.device)
+    _corr_bwd_rows_kernel[(row_programs, splits)](
+        *common, operand_scale(rb_s, n), d_a_hat, d_a_hat.stride(1), d_a_hat.stride(0), *sizes, span,
         EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
-    _corr_bwd_cols_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        *common, operand_scale(g * ra_s / tau, m), d_b_hat, d_b_hat.stride(0), *sizes,
+    splits, span = _splits(col_programs, m, cfg["BLOCK_M"], a_s.device)
+    d_b_hat = torch.empty((splits, n, ds), dtype=torch.float32, device=a_s.device)
+    _corr_bwd_cols_kernel[(col_programs, splits)](
+        *common, operand_scale(g * ra_s / tau, m), d_b_hat, d_b_hat.stride(1), d_b_hat.stride(0), *sizes, span,
         EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
+    d_a_hat = d_a_hat[0] if d_a_hat.shape[0] == 1 else d_a_hat.sum(0)
+    d_b_hat = d_b_hat[0] if d_b_hat.shape[0] == 1 else d_b_hat.sum(0)
     if square:
         d_a = _norm_backward(a_s, ra_s, d_a_hat + d_b_hat).to(orig_a.dtype)
         return d_a, torch.empty(0, dtype=orig_a.dtype, device=orig_a.device)

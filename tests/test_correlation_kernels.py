@@ -95,6 +95,19 @@ def test_many_blocks(kernel_backend):
     _check(backend, device, torch.randn(300, 64), torch.randn(300, 128), torch.randn(257, 64), torch.randn(257, 128))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_rows_many_columns(kernel_backend, dtype):
+    # One row block against 600 columns: the GPU kernels (Triton, fused CUDA) split the columns over
+    # three programs and merge their partial statistics and rows; the column pass splits the rows.
+    from mlkd_fast.kernels.correlation import _splits
+
+    assert _splits(1, 600, 64, torch.device("cpu")) == (3, 256)
+    backend, device = kernel_backend
+    _check(backend, device, torch.randn(40, 64).to(dtype), torch.randn(40, 32).to(dtype),
+           torch.randn(600, 64).to(dtype), torch.randn(600, 32).to(dtype))
+    _check(backend, device, torch.randn(600, 24).to(dtype), torch.randn(600, 40).to(dtype))  # square: 10 row programs x 3 spans
+
+
 def test_fp16_gradients_of_a_large_batch_do_not_underflow(kernel_backend):
     # With batchmean over 512 rows the backward's (Q - P) r^b g / tau terms are ~1e-6: unscaled they
     # are fp16 subnormals (6% gradient error before the fix). The gradient itself is representable, so
