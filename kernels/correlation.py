@@ -301,7 +301,8 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool):
     cfg = _config(a_s.shape[1], a_t.shape[1])
     programs = triton.cdiv(m, cfg["BLOCK_M"])
     splits, span = _splits(programs, n, cfg["BLOCK_N"], a_s.device)
-    partials = torch.empty((5, splits, m) if splits > 1 else (1,), dtype=torch.float32, device=a_s.device)
+    # Unsplit, the kernel never touches the partials: any fp32 pointer will do.
+    partials = torch.empty((5, splits, m), dtype=torch.float32, device=a_s.device) if splits > 1 else loss
     _corr_fwd_kernel[(programs, splits)](
         a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
         ra_s, ra_t, rb_s, rb_t, loss, lse_s, lse_t, partials,

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from mlkd_fast import reference
+# The Triton launchers' host helpers compute what ops.cpp computes around the fused CUDA kernels.
+from mlkd_fast.kernels.correlation import _inv_norms, _norm_backward, operand_scale
 from simt_emulator import build
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -209,20 +211,6 @@ def test_scale_rows_kernels(emu, order, dtype):
 # correlation_bwd_cuda: inverse norms, operand scales, the row and the column pass, the normalisation
 # backward), mirrored here in a few lines.
 # ------------------------------------------------------------------------------------------------
-def _inv_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.float(), dim=1).clamp_min(reference.NORM_EPS).reciprocal()
-
-
-def _operand_scale(factors: torch.Tensor, count: int) -> torch.Tensor:
-    target = float(min(count, 1024))
-    return torch.exp2(torch.floor(torch.log2(factors.abs().amax().clamp_min(1e-30).reciprocal() * target))).reshape(1)
-
-
-def _norm_backward(x_hat, inv_norm, d_hat):
-    radial = (x_hat * d_hat).sum(1, keepdim=True) * (inv_norm < 1.0 / reference.NORM_EPS).unsqueeze(1)
-    return inv_norm.unsqueeze(1) * (d_hat - x_hat * radial)
-
-
 class FusedCorrelation:
     """One correlation problem laid out for the emulated kernels (guarded, optionally padded rows)."""
 
@@ -280,13 +268,12 @@ class FusedCorrelation:
         """d loss / d (raw student rows), d loss / d (raw student columns) (None in square mode)."""
         m, n = self.inputs[0].shape[0], self.inputs[2].shape[0]
         ra_s, rb_s = self.norms[0], self.norms[2]
-        d_a_hat = self._pass((0, 1, 2, 3), False, lse_s, lse_t, grad, _operand_scale(rb_s, n))
-        d_b_hat = self._pass((2, 3, 0, 1), True, lse_s, lse_t, grad, _operand_scale(grad * ra_s / self.tau, m))
-        a_hat = self.inputs[0].float() * ra_s[:, None]
+        d_a_hat = self._pass((0, 1, 2, 3), False, lse_s, lse_t, grad, operand_scale(rb_s, n))
+        d_b_hat = self._pass((2, 3, 0, 1), True, lse_s, lse_t, grad, operand_scale(grad * ra_s / self.tau, m))
+        a, b = self.inputs[0], self.inputs[2]
         if self.square:
-            return _norm_backward(a_hat, ra_s, d_a_hat + d_b_hat), None
-        b_hat = self.inputs[2].float() * rb_s[:, None]
-        return _norm_backward(a_hat, ra_s, d_a_hat), _norm_backward(b_hat, rb_s, d_b_hat)
+            return _norm_backward(a, ra_s, d_a_hat + d_b_hat), None
+        return _norm_backward(a, ra_s, d_a_hat), _norm_backward(b, rb_s, d_b_hat)
 
 
 def _correlation_oracle(a_s, a_t, b_s, b_t, tau, keep_diagonal, grad):
