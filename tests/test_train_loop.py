@@ -102,6 +102,7 @@ loss = loss_fn(student_feats=model(x[shard]), teacher_feats=t[shard])
 loss.backward()
 if rank == 0:
     torch.save({"loss": loss.detach(), "grad": head.weight.grad.clone()}, sys.argv[2])
+dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort at exit otherwise)
 dist.destroy_process_group()
 """
 
