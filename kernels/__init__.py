@@ -13,6 +13,18 @@ import triton  # noqa: F401  (fails fast where Triton is missing; mlkd_fast.back
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device``, which the launchers plan their grids by. Other devices
+    (CPU tensors under the interpreter, meta tensors in ``benchmarks.triton_build``) plan as an H100
+    (132 SMs), so that they take the paths an H100 would."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 from .._autograd import register  # noqa: E402
 from . import correlation, kd_kl  # noqa: E402,F401
 

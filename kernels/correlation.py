@@ -19,6 +19,9 @@ Few row blocks (4096 rows: 64 programs on 132 SMs) would leave the GPU idle, so 
 is split over program_id(1) in spans of >= 256 (_splits): the forward's partial statistics are merged
 by _corr_fwd_merge_kernel, the backward's partial rows summed, both in a fixed order (deterministic);
 extra memory then O(splits * M * Ds).
+The fused kernels hold (rows x features) tiles on chip, which limits the widths they take (_config);
+wider features go the tiled path: fp32 matmuls of all rows against column tiles, the same online
+statistics in PyTorch; extra memory a few tiles of TILED_ELEMENTS entries, never an M x N matrix.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from . import sm_count
 
 NORM_EPS = 1e-8
 
@@ -252,35 +257,46 @@ def _inv_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
 
 
-def _config(ds: int, dt: int) -> dict:
+# (widest feature block, bytes per element) -> tile rows/columns, warps, pipeline stages. Chosen with
+# benchmarks/triton_build.py on sm_90: shared memory <= 134 KB (fits an A100's 163 KB too), ptxas
+# spills none or a few bytes (the former 64-row tiles with 3 stages spilled ~22 KB per thread in
+# fp32 and overflowed shared memory at 512 fp32 / 1024 fp16 features). fp32 features multiply on
+# tensor cores as three TF32 products ("tf32x3", about fp32 accuracy) instead of IEEE dots on the
+# FMA units, which have ~1/7 of the TF32 peak on an H100 (to be timed on one). Wider features need
+# (rows x features) tiles beyond what an SM holds: they take the tiled path, no M x N matrix either.
+_FUSED_CONFIGS = {
+    2: ((128, 64, 4, 2), (256, 32, 4, 2), (512, 32, 4, 2)),
+    4: ((128, 32, 8, 2),),
+}
+
+
+def _config(ds: int, dt: int, elem_bytes: int) -> Optional[dict]:
+    """Launch configuration of the fused kernels, or None where the features are too wide for them."""
     block_ds = max(16, triton.next_power_of_2(ds))
     block_dt = max(16, triton.next_power_of_2(dt))
-    widest = max(block_ds, block_dt)
-    block = 64 if widest <= 128 else 32 if widest <= 512 else 16
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_DS=block_ds, BLOCK_DT=block_dt,
-                num_warps=4 if widest <= 128 else 8)
+    for widest, block, warps, stages in _FUSED_CONFIGS[elem_bytes]:
+        if max(block_ds, block_dt) <= widest:
+            return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_DS=block_ds, BLOCK_DT=block_dt, num_warps=warps,
+                        num_stages=stages)
+    return None
 
 
 MIN_SPLIT_SPAN = 256  # streamed rows/columns per program at least when split
 
 
-def _sm_count(device: torch.device) -> int:
-    # The CPU (interpreter) plans like an H100, so that its tests take the same split paths.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def _splits(programs: int, streamed: int, block: int, device: torch.device) -> tuple[int, int]:
     """(splits, span) of the streamed dimension: about two programs per SM, spans >= MIN_SPLIT_SPAN
     and a multiple of the tile."""
-    splits = min(2 * _sm_count(device) // max(programs, 1), triton.cdiv(streamed, MIN_SPLIT_SPAN))
+    splits = min(2 * sm_count(device) // max(programs, 1), triton.cdiv(streamed, MIN_SPLIT_SPAN))
     if splits <= 1:
         return 1, max(streamed, 1)
     span = triton.cdiv(triton.cdiv(streamed, splits), block) * block
     return triton.cdiv(streamed, span), span
 
 
-def _precision(x: Tensor) -> str:
-    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+def _precision(*operands: Tensor) -> str:
+    # Only fp32 operands read it: three TF32 products, about fp32 accuracy, on tensor cores.
+    return "tf32x3" if any(x.dtype == torch.float32 for x in operands) else "tf32"
 
 
 def _operands(a_s, a_t, b_s, b_t):
@@ -291,14 +307,81 @@ def _operands(a_s, a_t, b_s, b_t):
     return square, a_s, a_t, b_s, b_t
 
 
-def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool):
+def _fused_config(a_s: Tensor, a_t: Tensor, tiled: Optional[bool]) -> Optional[dict]:
+    if tiled:
+        return None
+    return _config(a_s.shape[1], a_t.shape[1], max(a_s.element_size(), a_t.element_size()))
+
+
+TILED_ELEMENTS = 1 << 24  # entries of one (rows x columns) similarity tile on the tiled path
+
+
+def _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau: float, exclude_diag: bool):
+    """The tiled path: (x^s, x^t, valid, column slice) for column tiles of all rows, from fp32 matmuls
+    of the normalised features (M x T entries each, T = TILED_ELEMENTS / M)."""
+    a_hat_s, a_hat_t = a_s.float() * ra_s[:, None], a_t.float() * ra_t[:, None]
+    b_hat_s, b_hat_t = b_s.float() * rb_s[:, None], b_t.float() * rb_t[:, None]
+    m, n = a_s.shape[0], b_s.shape[0]
+    width = max(1, min(n, TILED_ELEMENTS // max(m, 1)))
+    rows = torch.arange(m, device=a_s.device)
+    for start in range(0, n, width):
+        cols = slice(start, min(n, start + width))
+        x_s = (a_hat_s @ b_hat_s[cols].T) / tau
+        x_t = (a_hat_t @ b_hat_t[cols].T) / tau
+        valid = None
+        if exclude_diag:
+            valid = rows[:, None] != torch.arange(cols.start, cols.stop, device=a_s.device)[None, :]
+        yield x_s, x_t, valid, cols, a_hat_s, b_hat_s
+
+
+def _tiled_fwd(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau: float, exclude_diag: bool):
+    m = a_s.shape[0]
+    m_s = torch.full((m,), float("-inf"), device=a_s.device)
+    m_t, z_s, z_t, acc = m_s.clone(), torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
+    for x_s, x_t, valid, _, _, _ in _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau, exclude_diag):
+        if valid is not None:
+            x_s, x_t = x_s.masked_fill(~valid, float("-inf")), x_t.masked_fill(~valid, float("-inf"))
+        new_m_s = torch.maximum(m_s, x_s.amax(dim=1))
+        ref_s = torch.where(new_m_s == float("-inf"), 0.0, new_m_s)
+        z_s = z_s * torch.exp(m_s - ref_s) + torch.exp(x_s - ref_s[:, None]).sum(dim=1)
+        m_s = new_m_s
+        new_m_t = torch.maximum(m_t, x_t.amax(dim=1))
+        ref_t = torch.where(new_m_t == float("-inf"), 0.0, new_m_t)
+        rescale = torch.exp(m_t - ref_t)
+        e_t = torch.exp(x_t - ref_t[:, None])
+        z_t = z_t * rescale + e_t.sum(dim=1)
+        diff = x_t - x_s if valid is None else (x_t - x_s).masked_fill(~valid, 0.0)
+        acc = acc * rescale + (e_t * diff).sum(dim=1)
+        m_t = new_m_t
+    lse_s, lse_t = m_s + torch.log(z_s), m_t + torch.log(z_t)
+    return acc / z_t - lse_t + lse_s, lse_s, lse_t
+
+
+def _tiled_bwd(g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau: float, exclude_diag: bool):
+    """d loss / d a^ and d loss / d b^ (fp32) on the tiled path."""
+    d_a_hat = torch.zeros(a_s.shape, dtype=torch.float32, device=a_s.device)
+    d_b_hat = torch.empty(b_s.shape, dtype=torch.float32, device=a_s.device)
+    for x_s, x_t, valid, cols, a_hat, b_hat in _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau,
+                                                                 exclude_diag):
+        w = (torch.exp(x_s - lse_s[:, None]) - torch.exp(x_t - lse_t[:, None])) * (g / tau)[:, None]
+        if valid is not None:
+            w = w.masked_fill(~valid, 0.0)
+        d_a_hat += w @ b_hat[cols]
+        d_b_hat[cols] = w.T @ a_hat
+    return d_a_hat, d_b_hat
+
+
+def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
+    """``tiled`` forces the tiled path (tests); by default it takes features too wide for the fused kernels."""
     square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
     m, n = a_s.shape[0], b_s.shape[0]
     ra_s, ra_t = _inv_norms(a_s), _inv_norms(a_t)
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
+    cfg = _fused_config(a_s, a_t, tiled)
+    if cfg is None:
+        return _tiled_fwd(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau, exclude_diag)
     loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
-    cfg = _config(a_s.shape[1], a_t.shape[1])
     programs = triton.cdiv(m, cfg["BLOCK_M"])
     splits, span = _splits(programs, n, cfg["BLOCK_N"], a_s.device)
     # Unsplit, the kernel never touches the partials: any fp32 pointer will do.
@@ -307,7 +390,7 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool):
         a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
         ra_s, ra_t, rb_s, rb_t, loss, lse_s, lse_t, partials,
         m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau, span,
-        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), SPLIT=splits > 1, **cfg,
+        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s, a_t), SPLIT=splits > 1, **cfg,
     )
     if splits > 1:
         _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](partials, loss, lse_s, lse_t, m, splits, BLOCK=128)
@@ -332,32 +415,43 @@ def operand_scale(factors: Tensor, count: int) -> Tensor:
     return torch.exp2(torch.floor(torch.log2(min(count, 1024) / peak))).reshape(1)
 
 
-def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: bool):
-    orig_a, orig_b = a_s, b_s
-    square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
-    m, n = a_s.shape[0], b_s.shape[0]
-    ra_s, ra_t = _inv_norms(a_s), _inv_norms(a_t)
-    rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
-    g = g.to(torch.float32).contiguous()
-    cfg = _config(a_s.shape[1], a_t.shape[1])
-    ds = a_s.shape[1]
+def _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau: float, exclude_diag: bool):
+    """d loss / d a^ and d loss / d b^ (fp32) from the row and column passes."""
+    m, n, ds = a_s.shape[0], b_s.shape[0], a_s.shape[1]
     common = (a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
               ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, g)
     sizes = (m, n, ds, a_t.shape[1], 1.0 / tau)
+    precision = _precision(a_s, a_t)
     row_programs, col_programs = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
     # Row pass: columns split; column pass: rows split; the spans' partial rows summed in order.
     splits, span = _splits(row_programs, n, cfg["BLOCK_N"], a_s.device)
     d_a_hat = torch.empty((splits, m, ds), dtype=torch.float32, device=a_s.device)
     _corr_bwd_rows_kernel[(row_programs, splits)](
         *common, operand_scale(rb_s, n), d_a_hat, d_a_hat.stride(1), d_a_hat.stride(0), *sizes, span,
-        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
+        EXCLUDE_DIAG=exclude_diag, PRECISION=precision, **cfg)
     splits, span = _splits(col_programs, m, cfg["BLOCK_M"], a_s.device)
     d_b_hat = torch.empty((splits, n, ds), dtype=torch.float32, device=a_s.device)
     _corr_bwd_cols_kernel[(col_programs, splits)](
         *common, operand_scale(g * ra_s / tau, m), d_b_hat, d_b_hat.stride(1), d_b_hat.stride(0), *sizes, span,
-        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s), **cfg)
+        EXCLUDE_DIAG=exclude_diag, PRECISION=precision, **cfg)
     d_a_hat = d_a_hat[0] if d_a_hat.shape[0] == 1 else d_a_hat.sum(0)
     d_b_hat = d_b_hat[0] if d_b_hat.shape[0] == 1 else d_b_hat.sum(0)
+    return d_a_hat, d_b_hat
+
+
+def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
+    orig_a, orig_b = a_s, b_s
+    square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
+    m, n = a_s.shape[0], b_s.shape[0]
+    ra_s, ra_t = _inv_norms(a_s), _inv_norms(a_t)
+    rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
+    g = g.to(torch.float32).contiguous()
+    cfg = _fused_config(a_s, a_t, tiled)
+    if cfg is None:
+        d_a_hat, d_b_hat = _tiled_bwd(g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau, exclude_diag)
+    else:
+        d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau,
+                                      exclude_diag)
     if square:
         d_a = _norm_backward(a_s, ra_s, d_a_hat + d_b_hat).to(orig_a.dtype)
         return d_a, torch.empty(0, dtype=orig_a.dtype, device=orig_a.device)

@@ -10,9 +10,12 @@ never x - (m + log Z), which would round at the scale of the logits (1e4 and mor
 A -inf teacher logit has p = 0: its term of A and its teacher gradient are exactly 0 (never 0 * inf).
 A, Z and the maxima m are accumulated online over column chunks, so rows of any length work.
 
-Bytes per element (bf16 in/out), row fits on chip: read s, t (4) + write grad_s (2) = 6 bytes, one
-pass; the teacher gradient adds 2 more. Longer rows (or few rows) use two passes: a stats pass that
-reads s, t (4) and a gradient pass that reads them again and writes the gradient (6).
+Bytes per element (bf16 in/out), row fits on chip (<= MAX_FUSED_BLOCK columns): read s, t (4) + write
+grad_s (2) = 6 bytes, one pass; the teacher gradient adds 2 more. Longer rows, at least one per SM
+(the looped path): one program sweeps its row twice, the second sweep last chunk first from L2, so
+HBM still sees 6 bytes while the rows in flight fit in L2. Few long rows (the split path): a row over
+several programs, a stats pass reading s, t (4), then a gradient pass reading them again and writing
+the gradient (6), 10 bytes.
 Row weights w_i (the reduction and the loss weight) are folded into the loss row and the stored
 gradient, so that after `total.backward()` d loss / d row is exactly 1 and the backward, when autograd
 frees the graph after it, reads one float per row and writes nothing; otherwise it multiplies the
@@ -27,9 +30,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import sm_count
 
-MAX_FUSED_BLOCK = 16384  # longest row held on chip by one program (elements)
-SPLIT_BLOCK = 4096  # column chunk of the two-pass path
+
+# Longest row held on chip by one program: at 16384 columns (16 warps) ptxas spills 40-356 bytes
+# per thread on sm_90 (benchmarks/triton_build.py), at 8192 none.
+MAX_FUSED_BLOCK = 8192
+SPLIT_BLOCK = 4096  # column chunk of the looped and split paths
+LOOPED_ROWS_IN_L2 = 40 << 20  # bytes of rows the looped path keeps in flight (H100 L2: 50 MB)
 
 
 @triton.jit
@@ -80,17 +88,9 @@ def _kd_kl_fused_kernel(
 
 
 @triton.jit
-def _kd_kl_stats_kernel(
-    S_ptr, S_stride,  # student logits (N, C)
-    T_ptr, T_stride,  # teacher logits (N, C)
-    Stats_ptr,  # (N, SPLITS, 5) fp32 partials: m_s, z_s, m_t, z_t, A (each relative to its own max)
-    C, span, inv_temp,
-    BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    lo = split * span
-    hi = tl.minimum(lo + span, C)
+def _online_row_stats(S_row, T_row, lo, hi, inv_temp, BLOCK: tl.constexpr):
+    """m_s, Z_s, m_t, Z_t, A of columns [lo, hi) of one row, online over BLOCK-column chunks; each Z
+    and A relative to its maximum (to 0 while that maximum is -inf)."""
     m_s = -float("inf")
     z_s = 0.0
     m_t = -float("inf")
@@ -99,8 +99,8 @@ def _kd_kl_stats_kernel(
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         ok = cols < hi
-        v = tl.load(S_ptr + row * S_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
-        u = tl.load(T_ptr + row * T_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
         new_m_s = tl.maximum(m_s, tl.max(v, axis=0))
         ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
         z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(v - ref_s), axis=0)
@@ -112,6 +112,87 @@ def _kd_kl_stats_kernel(
         z_t = z_t * rescale + tl.sum(e_t, axis=0)
         a = a * rescale + tl.sum(tl.where(u == -float("inf"), 0.0, e_t * (u - v)), axis=0)
         m_t = new_m_t
+    return m_s, z_s, m_t, z_t, a
+
+
+@triton.jit
+def _write_row_grads(
+    S_row, T_row, GS_row, GT_row, lo, hi,
+    m_s, log_z_s, m_t, log_z_t, kl, keep, inv_temp, temp,
+    BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """The gradients of columns [lo, hi) of one row from its final statistics (m: the finite maxima
+    the log Z are relative to); REVERSE walks the chunks last to first."""
+    n_chunks = tl.cdiv(hi - lo, BLOCK)
+    for i in range(0, n_chunks):
+        if REVERSE:
+            start = lo + (n_chunks - 1 - i) * BLOCK
+        else:
+            start = lo + i * BLOCK
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < hi
+        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        log_p = (u - m_t) - log_z_t
+        log_q = (v - m_s) - log_z_s
+        p = tl.exp(log_p)
+        if STUDENT_GRAD:
+            g_s = tl.where(keep == 0.0, 0.0, temp * (tl.exp(log_q) - p) * keep)
+            tl.store(GS_row + cols, g_s.to(GS_row.dtype.element_ty), mask=ok)
+        if TEACHER_GRAD:
+            g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl) * keep)
+            g_t = tl.where(keep == 0.0, 0.0, g_t)
+            tl.store(GT_row + cols, g_t.to(GT_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _kd_kl_looped_kernel(
+    S_ptr, S_stride,  # student logits (N, C), unit column stride
+    T_ptr, T_stride,  # teacher logits (N, C)
+    W_ptr,  # (N,) fp32 row weights w_i, read only when HAS_WEIGHT
+    Loss_ptr,  # (N,) fp32: w_i T^2 l_i
+    GS_ptr, GS_stride,  # (N, C) student gradient, written when STUDENT_GRAD
+    GT_ptr, GT_stride,  # (N, C) teacher gradient, written when TEACHER_GRAD
+    N, C, inv_temp, temp,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+):
+    # Rows too long to hold on chip, and enough of them to fill the GPU: a few programs per SM walk
+    # the rows (persistent), each row in two sweeps. The second sweep runs last chunk first, so that
+    # it starts on the bytes the first sweep read last, the most likely to be still in L2: with the
+    # rows of all programs in flight fitting in L2, HBM sees each input byte once.
+    for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: r * stride may pass 2^31
+        s_row = S_ptr + r * S_stride
+        t_row = T_ptr + r * T_stride
+        m_s, z_s, m_t, z_t, a = _online_row_stats(s_row, t_row, 0, C, inv_temp, BLOCK)
+        m_s = tl.where(m_s == -float("inf"), 0.0, m_s)
+        m_t = tl.where(m_t == -float("inf"), 0.0, m_t)
+        log_z_s = tl.log(z_s)
+        log_z_t = tl.log(z_t)
+        kl = a / z_t + (m_s - m_t) + (log_z_s - log_z_t)
+        keep = 1.0
+        if HAS_WEIGHT:
+            keep = tl.load(W_ptr + r)
+        tl.store(Loss_ptr + r, tl.where(keep == 0.0, 0.0, kl * temp * temp * keep))
+        if STUDENT_GRAD or TEACHER_GRAD:
+            _write_row_grads(s_row, t_row, GS_ptr + r * GS_stride, GT_ptr + r * GT_stride, 0, C,
+                             m_s, log_z_s, m_t, log_z_t, kl, keep, inv_temp, temp,
+                             BLOCK, STUDENT_GRAD, TEACHER_GRAD, True)
+
+
+@triton.jit
+def _kd_kl_stats_kernel(
+    S_ptr, S_stride,  # student logits (N, C)
+    T_ptr, T_stride,  # teacher logits (N, C)
+    Stats_ptr,  # (N, SPLITS, 5) fp32 partials: m_s, z_s, m_t, z_t, A (each relative to its own max)
+    C, span, inv_temp,
+    BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * span
+    hi = tl.minimum(lo + span, C)
+    m_s, z_s, m_t, z_t, a = _online_row_stats(S_ptr + row * S_stride, T_ptr + row * T_stride, lo, hi,
+                                              inv_temp, BLOCK)
     out = Stats_ptr + (row * SPLITS + split) * 5
     tl.store(out + 0, tl.where(m_s == -float("inf"), 0.0, m_s))
     tl.store(out + 1, z_s)
@@ -133,27 +214,12 @@ def _kd_kl_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     lo = tl.program_id(1) * span
     hi = tl.minimum(lo + span, C)
-    m_s = tl.load(Row_ptr + row * 6 + 0)
-    log_z_s = tl.load(Row_ptr + row * 6 + 1)
-    m_t = tl.load(Row_ptr + row * 6 + 2)
-    log_z_t = tl.load(Row_ptr + row * 6 + 3)
-    kl = tl.load(Row_ptr + row * 6 + 4)
-    keep = tl.load(Row_ptr + row * 6 + 5)
-    for start in range(lo, hi, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        ok = cols < hi
-        v = tl.load(S_ptr + row * S_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
-        u = tl.load(T_ptr + row * T_stride + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
-        log_p = (u - m_t) - log_z_t
-        log_q = (v - m_s) - log_z_s
-        p = tl.exp(log_p)
-        if STUDENT_GRAD:
-            g_s = tl.where(keep == 0.0, 0.0, temp * (tl.exp(log_q) - p) * keep)
-            tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=ok)
-        if TEACHER_GRAD:
-            g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl) * keep)
-            g_t = tl.where(keep == 0.0, 0.0, g_t)
-            tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=ok)
+    stats = Row_ptr + row * 6
+    _write_row_grads(S_ptr + row * S_stride, T_ptr + row * T_stride, GS_ptr + row * GS_stride,
+                     GT_ptr + row * GT_stride, lo, hi,
+                     tl.load(stats + 0), tl.load(stats + 1), tl.load(stats + 2), tl.load(stats + 3),
+                     tl.load(stats + 4), tl.load(stats + 5), inv_temp, temp,
+                     BLOCK, STUDENT_GRAD, TEACHER_GRAD, False)
 
 
 @triton.jit
@@ -194,18 +260,30 @@ def _num_warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+def _plan(n: int, c: int, device: torch.device) -> str:
+    """"fused" (one program holds a row), "looped" (rows too long for that, at least one per SM) or
+    "split" (few long rows: each over several programs, so that the GPU fills)."""
+    many_rows = n >= sm_count(device)
+    if c <= MAX_FUSED_BLOCK and (many_rows or c <= SPLIT_BLOCK):
+        return "fused"
+    return "looped" if many_rows else "split"
+
+
+def _looped_programs(n: int, row_bytes: int, device: torch.device) -> int:
+    # Two programs per SM while their rows fit in L2 together (the second sweep then reads from L2);
+    # one per SM beyond that. A first guess from the arithmetic, to be tuned on the GPU.
+    per_sm = 2 if 2 * sm_count(device) * row_bytes <= LOOPED_ROWS_IN_L2 else 1
+    return min(n, per_sm * sm_count(device))
 
 
 def _launch_kd_kl(
     s: Tensor, t: Tensor, row_weight: Optional[Tensor], temperature: float,
     student_grad: bool, teacher_grad: bool,
-    fused_block: Optional[int] = None, splits: Optional[int] = None,
+    path: Optional[str] = None, block: Optional[int] = None, splits: Optional[int] = None,
+    programs: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs the kernels; ``fused_block`` / ``splits`` override the heuristics (tests use them)."""
+    """Runs the kernels. ``path`` ("fused", "looped", "split"), ``block`` (the row block or column
+    chunk), ``splits`` and ``programs`` override the heuristics (tests use them)."""
     n, c = s.shape
     dev = s.device
     rows = torch.empty(n, dtype=torch.float32, device=dev)
@@ -214,10 +292,11 @@ def _launch_kd_kl(
     gs_stride = grad_s.stride(0) if student_grad else 0
     gt_stride = grad_t.stride(0) if teacher_grad else 0
     weight = row_weight.contiguous() if row_weight is not None else rows  # dummy pointer if no weights
-    block = fused_block or min(triton.next_power_of_2(c), MAX_FUSED_BLOCK)
-    n_programs = _target_programs(dev)
-    use_fused = splits is None and c <= block and (n >= n_programs // 4 or c <= SPLIT_BLOCK)
-    if use_fused:
+    path = path or _plan(n, c, dev)
+    if path == "fused":
+        block = block or triton.next_power_of_2(c)
+        if block < c:
+            raise ValueError(f"the fused path holds a whole row: block {block} < {c} columns")
         _kd_kl_fused_kernel[(n,)](
             s, s.stride(0), t, t.stride(0), weight, rows,
             grad_s, gs_stride, grad_t, gt_stride,
@@ -227,10 +306,21 @@ def _launch_kd_kl(
         )
         return rows, grad_s, grad_t
 
-    chunk = min(SPLIT_BLOCK, triton.next_power_of_2(c)) if fused_block is None else fused_block
+    chunk = block or min(SPLIT_BLOCK, triton.next_power_of_2(c))
+    if path == "looped":
+        programs = programs or _looped_programs(n, c * (s.element_size() + t.element_size()), dev)
+        _kd_kl_looped_kernel[(programs,)](
+            s, s.stride(0), t, t.stride(0), weight, rows,
+            grad_s, gs_stride, grad_t, gt_stride,
+            n, c, 1.0 / temperature, temperature,
+            BLOCK=chunk, HAS_WEIGHT=row_weight is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+            num_warps=_num_warps(chunk),
+        )
+        return rows, grad_s, grad_t
+
     n_chunks = triton.cdiv(c, chunk)
     if splits is None:
-        splits = max(1, min(n_chunks, triton.cdiv(n_programs, n)))
+        splits = max(1, min(n_chunks, triton.cdiv(4 * sm_count(dev), n)))
     span = triton.cdiv(n_chunks, splits) * chunk
     splits = triton.cdiv(c, span)
     stats = torch.empty((n, splits, 5), dtype=torch.float32, device=dev)
@@ -261,6 +351,19 @@ def _launch_kd_kl(
     return rows, grad_s, grad_t
 
 
+def _launch_scale_rows(x: Tensor, g: Tensor, inplace: bool) -> Optional[Tensor]:
+    n, c = x.shape
+    g32 = g.to(torch.float32).contiguous()
+    block = min(triton.next_power_of_2(c), 4096)
+    grid = (n, triton.cdiv(c, block))
+    if inplace:
+        _scale_rows_inplace_kernel[grid](x, x.stride(0), g32, c, BLOCK=block, num_warps=_num_warps(block))
+        return None
+    out = torch.empty((n, c), dtype=x.dtype, device=x.device)
+    _scale_rows_kernel[grid](x, x.stride(0), g32, out, out.stride(0), c, BLOCK=block, num_warps=_num_warps(block))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # custom ops + autograd
 # ---------------------------------------------------------------------------------------------
@@ -277,23 +380,13 @@ def kd_kl_op(
 @torch.library.custom_op("mlkd_fast_triton::scale_rows", mutates_args=())
 def scale_rows_op(x: Tensor, g: Tensor) -> Tensor:
     """``x * g[:, None]`` with fp32 math, stored in ``x.dtype`` (the KL backward)."""
-    n, c = x.shape
-    out = torch.empty((n, c), dtype=x.dtype, device=x.device)
-    g32 = g.to(torch.float32).contiguous()
-    block = min(triton.next_power_of_2(c), 4096)
-    _scale_rows_kernel[(n, triton.cdiv(c, block))](x, x.stride(0), g32, out, out.stride(0), c, BLOCK=block,
-                                                    num_warps=_num_warps(block))
-    return out
+    return _launch_scale_rows(x, g, inplace=False)
 
 
 @torch.library.custom_op("mlkd_fast_triton::scale_rows_", mutates_args=("x",))
 def scale_rows_inplace_op(x: Tensor, g: Tensor) -> None:
     """``x *= g[:, None]`` in place, fp32 math; rows with ``g == 1`` are not touched."""
-    n, c = x.shape
-    g32 = g.to(torch.float32).contiguous()
-    block = min(triton.next_power_of_2(c), 4096)
-    _scale_rows_inplace_kernel[(n, triton.cdiv(c, block))](x, x.stride(0), g32, c, BLOCK=block,
-                                                           num_warps=_num_warps(block))
+    _launch_scale_rows(x, g, inplace=True)
 
 
 def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_weight: Optional[Tensor] = None) -> Tensor:

@@ -119,6 +119,19 @@ def test_few_long_rows(kernel_backend, dtype, shape):
     _check(backend, device, s, t, teacher_grad=True, mask=mask, grad_out=torch.tensor(1.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_long_rows(kernel_backend, dtype):
+    """More rows than SMs, rows longer than one program holds: on CUDA Triton's looped path (a
+    program walks several rows, two sweeps each); on CPU the C++ kernel."""
+    backend, device = kernel_backend
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("minutes under the interpreter; test_row_paths_match_reference covers the looped path")
+    s, t = (torch.randn(300, 9000) * 3).to(dtype), (torch.randn(300, 9000) * 3).to(dtype)
+    t[5, 4000:8500] = float("-inf")
+    mask = torch.rand(300) > 0.2
+    _check(backend, device, s, t, teacher_grad=True, mask=mask, grad_out=torch.tensor(0.5))
+
+
 def test_minus_inf_teacher_logits_stay_finite(kernel_backend):
     backend, device = kernel_backend
     s, t = torch.randn(5, 200), torch.randn(5, 200)

@@ -14,18 +14,43 @@ def device(request):
     return torch.device(request.param)
 
 
-@pytest.mark.parametrize("splits, block", [(1, 64), (3, 64), (4, 128), (2, None)])
-def test_split_row_path_matches_reference(device, splits, block):
+@pytest.mark.parametrize("path, splits, block, programs", [
+    ("split", 1, 64, None), ("split", 3, 64, None), ("split", 4, 128, None), ("split", 2, None, None),
+    ("looped", None, 64, 2), ("looped", None, 128, 3), ("looped", None, None, None), ("fused", None, 1024, None)])
+def test_row_paths_match_reference(device, path, splits, block, programs):
+    """Every path of the KL launcher on one input (-inf runs, a masked row, a weight of 0.5, teacher
+    gradient): the looped path with fewer programs than rows (each walks several), and chunk edges
+    inside and across the -inf run."""
     from mlkd_fast.kernels import kd_kl
-    s, t = torch.randn(5, 1000, device=device), torch.randn(5, 1000, device=device)
+    s, t = torch.randn(7, 1000, device=device) * 3, torch.randn(7, 1000, device=device) * 3
     t[1, :600] = float("-inf")
-    rows, gs, gt = kd_kl._launch_kd_kl(s, t, None, 2.0, True, True, fused_block=block, splits=splits)
+    t[3, 100:700:3] = float("-inf")
+    weight = torch.tensor([1.0, 0.5, 1.5, 2.0, 1.0, 0.0, 0.7], device=device)
+    rows, gs, gt = kd_kl._launch_kd_kl(s, t, weight, 2.0, True, True, path=path, block=block, splits=splits,
+                                       programs=programs)
     s64, t64 = s.double().cpu().requires_grad_(), t.double().cpu().requires_grad_()
-    ref = reference.kd_kl_rows(s64, t64, 2.0)
+    ref = reference.kd_kl_rows(s64, t64, 2.0) * weight.double().cpu()
     rs, rt = torch.autograd.grad(ref.sum(), (s64, t64))
     torch.testing.assert_close(rows.cpu().double(), ref, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(gs.cpu().double(), rs, rtol=0, atol=1e-6)
     torch.testing.assert_close(gt.cpu().double(), rt, rtol=0, atol=1e-6)
+
+
+def test_row_plan():
+    """Which path the launcher picks (planned as on an H100, 132 SMs, for non-CUDA tensors)."""
+    from mlkd_fast.kernels import kd_kl
+    cpu = torch.device("cpu")
+    assert kd_kl._plan(1024, 1000, cpu) == "fused"
+    assert kd_kl._plan(4, 4096, cpu) == "fused"
+    assert kd_kl._plan(256, kd_kl.MAX_FUSED_BLOCK, cpu) == "fused"
+    assert kd_kl._plan(256, kd_kl.MAX_FUSED_BLOCK + 1, cpu) == "looped"
+    assert kd_kl._plan(8192, 32000, cpu) == "looped"
+    assert kd_kl._plan(4, 8192, cpu) == "split"
+    assert kd_kl._plan(4, 262144, cpu) == "split"
+    # bf16 rows of 32000: two programs per SM keep 264 rows (34 MB) in L2; fp32 rows of 131072: one per SM
+    assert kd_kl._looped_programs(8192, 32000 * 4, cpu) == 264
+    assert kd_kl._looped_programs(8192, 131072 * 8, cpu) == 132
+    assert kd_kl._looped_programs(100, 131072 * 8, cpu) == 100
 
 
 def test_opcheck_kd_kl(device):
@@ -67,3 +92,36 @@ def test_compile_fullgraph_traces_mlkd_loss(device):
     ref = mlkd_fast.MLKDLoss(backend="torch")(s, t, fs, ft, y)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert s.grad is not None and fs.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular"])
+def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode):
+    """The tiled path (features too wide for the fused kernels) over several column tiles, forward and
+    backward, against the fp64 reference."""
+    from mlkd_fast.kernels import correlation
+    monkeypatch.setattr(correlation, "TILED_ELEMENTS", 30 * 7)  # 7 columns per tile of 30 rows
+    a_s, a_t = torch.randn(30, 20, device=device), torch.randn(30, 12, device=device)
+    b_s, b_t = (None, None) if mode != "rectangular" else (torch.randn(17, 20, device=device),
+                                                            torch.randn(17, 12, device=device))
+    exclude = mode == "square"
+    loss, lse_s, lse_t = correlation._launch_fwd(a_s, a_t, b_s, b_t, 0.5, exclude, tiled=True)
+    g = torch.rand(30, device=device)
+    d_a, d_b = correlation._launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, 0.5, exclude, tiled=True)
+    leaves = [a_s.double().cpu().requires_grad_()] + ([] if b_s is None else [b_s.double().cpu().requires_grad_()])
+    ref = reference.correlation_kl_rows(leaves[0], a_t.double().cpu(), leaves[1] if b_s is not None else None,
+                                        None if b_t is None else b_t.double().cpu(), 0.5, keep_diagonal=mode == "keep_diagonal")
+    ref_grads = torch.autograd.grad((ref * g.double().cpu()).sum(), leaves)
+    torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_a.cpu().double(), ref_grads[0], rtol=1e-4, atol=1e-6)
+    if b_s is not None:
+        torch.testing.assert_close(d_b.cpu().double(), ref_grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_correlation_plan():
+    """Fused kernels up to the widths that fit an SM (benchmarks/triton_build.py), tiled beyond."""
+    from mlkd_fast.kernels import correlation
+    assert correlation._config(128, 128, 2)["BLOCK_M"] == 64
+    assert correlation._config(512, 37, 2)["BLOCK_M"] == 32
+    assert correlation._config(513, 64, 2) is None
+    assert correlation._config(128, 100, 4)["num_warps"] == 8
+    assert correlation._config(64, 129, 4) is None

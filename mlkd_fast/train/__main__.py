@@ -339,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             line += f"  CE-only baseline top-1 {fmt(summary['baseline_top1'])}"
         print(line + f"  {summary['images_per_s']:.0f} img/s ({summary['seconds']} s) -> "
               f"{os.path.join(out, 'summary.json')}", flush=True)
-    shutdown_distributed()
+    shutdown_distributed(wait_for_all=True)
     return summary
 
 

@@ -43,8 +43,13 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, local_rank)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_all: bool = False) -> None:
+    """Tears down the process group. ``wait_for_all`` meets the other ranks first, so that none
+    destroys its group while another still uses it (an abort at exit otherwise); only where every rank
+    is sure to arrive (a run that ended normally), since a barrier nobody else reaches hangs."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
