@@ -133,12 +133,15 @@ __device__ __forceinline__ RowResult finish(const RowStats& st) {
   return {st.a / st.z_t + (m_s - m_t) + (log_z_s - log_z_t), m_s + log_z_s, m_t + log_z_t};
 }
 
-// Pass 2 over packs [p0, p1): p = e^(u - lse_t), q = e^(v - lse_s); scale = T * w_i.
+// Pass 2 over packs [p0, p1): p = e^(u - lse_t), q = e^(v - lse_s); scale = T * w_i. `reverse` walks
+// the span last packs first: right after pass 1 over the same span those are the likeliest in L2.
 template <typename T, int kVec, int kThreads>
 __device__ __forceinline__ void span_grads(const T* __restrict__ sr, const T* __restrict__ tr, T* gs_row, T* gt_row,
-                                           int64_t p0, int64_t p1, float inv_t, const RowResult& r, float scale) {
+                                           int64_t p0, int64_t p1, float inv_t, const RowResult& r, float scale,
+                                           bool reverse) {
   const float offset = r.lse_s - r.lse_t - r.kl;
-  for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) {
+  for (int64_t i = p0 + threadIdx.x; i < p1; i += kThreads) {
+    const int64_t p = reverse ? p1 - 1 - (i - p0) : i;
     const Pack<T, kVec> ps = reinterpret_cast<const Pack<T, kVec>*>(sr)[p];
     const Pack<T, kVec> pt = reinterpret_cast<const Pack<T, kVec>*>(tr)[p];
     Pack<T, kVec> out_s, out_t;
@@ -167,7 +170,7 @@ __device__ __forceinline__ void span_zero(T* gs_row, T* gt_row, int64_t p0, int6
   }
 }
 
-// One block per row: stats, loss row, gradients (the row is re-read mostly from L2).
+// One block per row: stats, loss row, gradients (the row is re-read mostly from L2, last packs first).
 template <typename T, int kVec, int kThreads>
 __global__ void __launch_bounds__(kThreads) kd_kl_rows_kernel(
     const T* __restrict__ s, int64_t s_stride,   // (N, C) student logits, last stride 1
@@ -192,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) kd_kl_rows_kernel(
   const RowResult r = finish(span_stats<T, kVec, kThreads>(sr, tr, 0, packs, inv_t));
   if (threadIdx.x == 0) rows[row] = r.kl * temperature * temperature * keep;
   if (gs_row == nullptr && gt_row == nullptr) return;
-  span_grads<T, kVec, kThreads>(sr, tr, gs_row, gt_row, 0, packs, inv_t, r, temperature * keep);
+  span_grads<T, kVec, kThreads>(sr, tr, gs_row, gt_row, 0, packs, inv_t, r, temperature * keep, /*reverse=*/true);
 }
 
 // Few rows, long rows: each row split over `splits` blocks of `span` columns (a multiple of 16, so of
@@ -237,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) kd_kl_split_grads_kernel(
   if (split == 0 && threadIdx.x == 0) rows[row] = r.kl * temperature * temperature * keep;
   if (gs_row == nullptr && gt_row == nullptr) return;
   span_grads<T, kVec, kThreads>(s + row * s_stride, t + row * t_stride, gs_row, gt_row, p0, p1, 1.0f / temperature,
-                                r, temperature * keep);
+                                r, temperature * keep, /*reverse=*/false);
 }
 
 template <typename T>
