@@ -316,29 +316,27 @@ def _fused_config(a_s: Tensor, a_t: Tensor, tiled: Optional[bool]) -> Optional[d
 TILED_ELEMENTS = 1 << 24  # entries of one (rows x columns) similarity tile on the tiled path
 
 
-def _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau: float, exclude_diag: bool):
-    """The tiled path: (x^s, x^t, valid, column slice) for column tiles of all rows, from fp32 matmuls
-    of the normalised features (M x T entries each, T = TILED_ELEMENTS / M)."""
-    a_hat_s, a_hat_t = a_s.float() * ra_s[:, None], a_t.float() * ra_t[:, None]
-    b_hat_s, b_hat_t = b_s.float() * rb_s[:, None], b_t.float() * rb_t[:, None]
-    m, n = a_s.shape[0], b_s.shape[0]
+def _similarity_tiles(a_hat_s, a_hat_t, b_hat_s, b_hat_t, tau: float, exclude_diag: bool):
+    """The tiled path: (x^s, x^t, valid or None, column slice) for column tiles of all rows, from fp32
+    matmuls of the normalised features (M x T entries each, T = TILED_ELEMENTS / M)."""
+    m, n = a_hat_s.shape[0], b_hat_s.shape[0]
     width = max(1, min(n, TILED_ELEMENTS // max(m, 1)))
-    rows = torch.arange(m, device=a_s.device)
+    rows = torch.arange(m, device=a_hat_s.device)
     for start in range(0, n, width):
         cols = slice(start, min(n, start + width))
         x_s = (a_hat_s @ b_hat_s[cols].T) / tau
         x_t = (a_hat_t @ b_hat_t[cols].T) / tau
         valid = None
         if exclude_diag:
-            valid = rows[:, None] != torch.arange(cols.start, cols.stop, device=a_s.device)[None, :]
-        yield x_s, x_t, valid, cols, a_hat_s, b_hat_s
+            valid = rows[:, None] != torch.arange(cols.start, cols.stop, device=a_hat_s.device)[None, :]
+        yield x_s, x_t, valid, cols
 
 
-def _tiled_fwd(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau: float, exclude_diag: bool):
-    m = a_s.shape[0]
-    m_s = torch.full((m,), float("-inf"), device=a_s.device)
+def _tiled_fwd(hats, tau: float, exclude_diag: bool):
+    m = hats[0].shape[0]
+    m_s = torch.full((m,), float("-inf"), device=hats[0].device)
     m_t, z_s, z_t, acc = m_s.clone(), torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
-    for x_s, x_t, valid, _, _, _ in _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau, exclude_diag):
+    for x_s, x_t, valid, _ in _similarity_tiles(*hats, tau, exclude_diag):
         if valid is not None:
             x_s, x_t = x_s.masked_fill(~valid, float("-inf")), x_t.masked_fill(~valid, float("-inf"))
         new_m_s = torch.maximum(m_s, x_s.amax(dim=1))
@@ -357,18 +355,23 @@ def _tiled_fwd(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau: float, exclude_d
     return acc / z_t - lse_t + lse_s, lse_s, lse_t
 
 
-def _tiled_bwd(g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau: float, exclude_diag: bool):
+def _tiled_bwd(g, hats, lse_s, lse_t, tau: float, exclude_diag: bool):
     """d loss / d a^ and d loss / d b^ (fp32) on the tiled path."""
-    d_a_hat = torch.zeros(a_s.shape, dtype=torch.float32, device=a_s.device)
-    d_b_hat = torch.empty(b_s.shape, dtype=torch.float32, device=a_s.device)
-    for x_s, x_t, valid, cols, a_hat, b_hat in _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau,
-                                                                 exclude_diag):
+    a_hat_s, _, b_hat_s, _ = hats
+    d_a_hat = torch.zeros_like(a_hat_s)
+    d_b_hat = torch.empty_like(b_hat_s)
+    for x_s, x_t, valid, cols in _similarity_tiles(*hats, tau, exclude_diag):
         w = (torch.exp(x_s - lse_s[:, None]) - torch.exp(x_t - lse_t[:, None])) * (g / tau)[:, None]
         if valid is not None:
             w = w.masked_fill(~valid, 0.0)
-        d_a_hat += w @ b_hat[cols]
-        d_b_hat[cols] = w.T @ a_hat
+        d_a_hat += w @ b_hat_s[cols]
+        d_b_hat[cols] = w.T @ a_hat_s
     return d_a_hat, d_b_hat
+
+
+def _normalised(features, inv_norms):
+    """fp32 x^ = x r of each (features, inverse norms) pair (the tiled path's matmul operands)."""
+    return tuple(x.float() * r[:, None] for x, r in zip(features, inv_norms))
 
 
 def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
@@ -379,7 +382,7 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optio
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
     cfg = _fused_config(a_s, a_t, tiled)
     if cfg is None:
-        return _tiled_fwd(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau, exclude_diag)
+        return _tiled_fwd(_normalised((a_s, a_t, b_s, b_t), (ra_s, ra_t, rb_s, rb_t)), tau, exclude_diag)
     loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     programs = triton.cdiv(m, cfg["BLOCK_M"])
@@ -448,7 +451,8 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: b
     g = g.to(torch.float32).contiguous()
     cfg = _fused_config(a_s, a_t, tiled)
     if cfg is None:
-        d_a_hat, d_b_hat = _tiled_bwd(g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau, exclude_diag)
+        hats = _normalised((a_s, a_t, b_s, b_t), (ra_s, ra_t, rb_s, rb_t))
+        d_a_hat, d_b_hat = _tiled_bwd(g, hats, lse_s, lse_t, tau, exclude_diag)
     else:
         d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau,
                                       exclude_diag)
