@@ -163,14 +163,20 @@ def build(arch: int) -> dict:
             if meta.shared > SHARED_LIMIT.get(arch, 0):  # a GPU refuses the launch (OutOfResources)
                 errors.append({"case": label, "error": f"{name}: {meta.shared} bytes of shared memory, "
                                                        f"the sm_{arch} limit is {SHARED_LIMIT.get(arch)}"})
-    return {"arch": arch, "triton": triton.__version__, "torch": torch.__version__,
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"arch": arch, "triton": triton.__version__, "torch": torch.__version__, "commit": commit,
             "shared_limit": SHARED_LIMIT.get(arch), "seconds": round(time.perf_counter() - start, 1),
             "errors": errors, "variants": sorted(variants.values(), key=lambda v: (v["kernel"], v["shared"]))}
 
 
 def markdown(report: dict) -> str:
     lines = [f"Triton kernels compiled for sm_{report['arch']} without a GPU (`python -m benchmarks.triton_build`), "
-             f"triton {report['triton']}, torch {report['torch']}; {len(report['variants'])} variants, "
+             f"triton {report['triton']}, torch {report['torch']}, commit {report['commit']}; "
+             f"{len(report['variants'])} variants, "
              f"{len(report['errors'])} errors, {report['seconds']} s.", "",
              "| kernel | constexprs | warps | stages | registers | spill st/ld B | shared B | blocks/SM (regs) | first case |",
              "|---|---|---|---|---|---|---|---|---|"]
