@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 # Per-block shared memory a kernel may use (opt-in maximum), by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80, sm_90)
+LAUNCHES: list = []  # (kernel name, grid, compiled kernel) of the launches since the last clear
 
 
 def _install_compile_only_driver(arch: int) -> None:
@@ -60,8 +61,6 @@ def _install_compile_only_driver(arch: int) -> None:
 
     JITFunction.run = run
 
-
-LAUNCHES: list = []
 
 
 def _cases() -> Iterator[tuple[str, Callable[[], object]]]:

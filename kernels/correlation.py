@@ -369,9 +369,13 @@ def _tiled_bwd(g, hats, lse_s, lse_t, tau: float, exclude_diag: bool):
     return d_a_hat, d_b_hat
 
 
-def _normalised(features, inv_norms):
-    """fp32 x^ = x r of each (features, inverse norms) pair (the tiled path's matmul operands)."""
-    return tuple(x.float() * r[:, None] for x, r in zip(features, inv_norms))
+def _normalised(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t):
+    """fp32 x^ = x r of the rows and columns (the tiled path's matmul operands); square mode (the
+    columns are the rows) normalises once."""
+    a_hat_s, a_hat_t = a_s.float() * ra_s[:, None], a_t.float() * ra_t[:, None]
+    if b_s is a_s and b_t is a_t:
+        return a_hat_s, a_hat_t, a_hat_s, a_hat_t
+    return a_hat_s, a_hat_t, b_s.float() * rb_s[:, None], b_t.float() * rb_t[:, None]
 
 
 def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
@@ -382,7 +386,7 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optio
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
     cfg = _fused_config(a_s, a_t, tiled)
     if cfg is None:
-        return _tiled_fwd(_normalised((a_s, a_t, b_s, b_t), (ra_s, ra_t, rb_s, rb_t)), tau, exclude_diag)
+        return _tiled_fwd(_normalised(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t), tau, exclude_diag)
     loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     programs = triton.cdiv(m, cfg["BLOCK_M"])
@@ -451,7 +455,7 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: b
     g = g.to(torch.float32).contiguous()
     cfg = _fused_config(a_s, a_t, tiled)
     if cfg is None:
-        hats = _normalised((a_s, a_t, b_s, b_t), (ra_s, ra_t, rb_s, rb_t))
+        hats = _normalised(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t)
         d_a_hat, d_b_hat = _tiled_bwd(g, hats, lse_s, lse_t, tau, exclude_diag)
     else:
         d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau,

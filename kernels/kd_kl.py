@@ -272,8 +272,8 @@ def _plan(n: int, c: int, device: torch.device) -> str:
 def _looped_programs(n: int, row_bytes: int, device: torch.device) -> int:
     # Two programs per SM while their rows fit in L2 together (the second sweep then reads from L2);
     # one per SM beyond that. A first guess from the arithmetic, to be tuned on the GPU.
-    per_sm = 2 if 2 * sm_count(device) * row_bytes <= LOOPED_ROWS_IN_L2 else 1
-    return min(n, per_sm * sm_count(device))
+    sms = sm_count(device)
+    return min(n, (2 if 2 * sms * row_bytes <= LOOPED_ROWS_IN_L2 else 1) * sms)
 
 
 def _launch_kd_kl(
