@@ -20,8 +20,9 @@ is split over program_id(1) in spans of >= 256 (_splits): the forward's partial 
 by _corr_fwd_merge_kernel, the backward's partial rows summed, both in a fixed order (deterministic);
 extra memory then O(splits * M * Ds).
 The fused kernels hold (rows x features) tiles on chip, which limits the widths they take (_config);
-wider features go the tiled path: fp32 matmuls of all rows against column tiles, the same online
-statistics in PyTorch; extra memory a few tiles of TILED_ELEMENTS entries, never an M x N matrix.
+wider features go the tiled path: matmuls of all rows against column tiles in the features' own
+dtype with fp32 accumulation (cuBLAS tensor cores for fp16/bf16), the same online statistics in
+PyTorch; extra memory a few tiles of TILED_ELEMENTS entries, never an M x N matrix.
 """
 from __future__ import annotations
 
@@ -314,29 +315,42 @@ def _fused_config(a_s: Tensor, a_t: Tensor, tiled: Optional[bool]) -> Optional[d
 
 
 TILED_ELEMENTS = 1 << 24  # entries of one (rows x columns) similarity tile on the tiled path
+# aten::mm.dtype: fp16/bf16 operands, fp32 accumulation and output (cuBLAS; CUDA only, torch >= 2.8).
+_MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def _similarity_tiles(a_hat_s, a_hat_t, b_hat_s, b_hat_t, tau: float, exclude_diag: bool):
-    """The tiled path: (x^s, x^t, valid or None, column slice) for column tiles of all rows, from fp32
-    matmuls of the normalised features (M x T entries each, T = TILED_ELEMENTS / M)."""
-    m, n = a_hat_s.shape[0], b_hat_s.shape[0]
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b accumulated and returned in fp32, operands as they are: what the fused kernels' tl.dot
+    computes. On CUDA fp16/bf16 operands run on tensor cores; elsewhere they are widened to fp32 first,
+    which gives the same products (exact in fp32) and the same fp32 sums."""
+    if a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16) and _MM_FP32_OUT:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau: float, exclude_diag: bool):
+    """The tiled path: (x^s, x^t, valid or None, column slice) for column tiles of all rows (M x T
+    entries each, T = TILED_ELEMENTS / M): matmuls of the raw features in their own dtype, scaled by
+    the inverse norms and 1 / tau in fp32, as in the fused kernels."""
+    m, n = a_s.shape[0], b_s.shape[0]
     width = max(1, min(n, TILED_ELEMENTS // max(m, 1)))
-    rows = torch.arange(m, device=a_hat_s.device)
+    rows = torch.arange(m, device=a_s.device)
+    row_s, row_t = ra_s[:, None] / tau, ra_t[:, None] / tau
     for start in range(0, n, width):
         cols = slice(start, min(n, start + width))
-        x_s = (a_hat_s @ b_hat_s[cols].T) / tau
-        x_t = (a_hat_t @ b_hat_t[cols].T) / tau
+        x_s = _mm_fp32(a_s, b_s[cols].T) * row_s * rb_s[None, cols]
+        x_t = _mm_fp32(a_t, b_t[cols].T) * row_t * rb_t[None, cols]
         valid = None
         if exclude_diag:
-            valid = rows[:, None] != torch.arange(cols.start, cols.stop, device=a_hat_s.device)[None, :]
+            valid = rows[:, None] != torch.arange(cols.start, cols.stop, device=a_s.device)[None, :]
         yield x_s, x_t, valid, cols
 
 
-def _tiled_fwd(hats, tau: float, exclude_diag: bool):
-    m = hats[0].shape[0]
-    m_s = torch.full((m,), float("-inf"), device=hats[0].device)
+def _tiled_fwd(operands, tau: float, exclude_diag: bool):
+    m = operands[0].shape[0]
+    m_s = torch.full((m,), float("-inf"), device=operands[0].device)
     m_t, z_s, z_t, acc = m_s.clone(), torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
-    for x_s, x_t, valid, _ in _similarity_tiles(*hats, tau, exclude_diag):
+    for x_s, x_t, valid, _ in _similarity_tiles(*operands, tau, exclude_diag):
         if valid is not None:
             x_s, x_t = x_s.masked_fill(~valid, float("-inf")), x_t.masked_fill(~valid, float("-inf"))
         new_m_s = torch.maximum(m_s, x_s.amax(dim=1))
@@ -355,27 +369,25 @@ def _tiled_fwd(hats, tau: float, exclude_diag: bool):
     return acc / z_t - lse_t + lse_s, lse_s, lse_t
 
 
-def _tiled_bwd(g, hats, lse_s, lse_t, tau: float, exclude_diag: bool):
-    """d loss / d a^ and d loss / d b^ (fp32) on the tiled path."""
-    a_hat_s, _, b_hat_s, _ = hats
-    d_a_hat = torch.zeros_like(a_hat_s)
-    d_b_hat = torch.empty_like(b_hat_s)
-    for x_s, x_t, valid, cols in _similarity_tiles(*hats, tau, exclude_diag):
-        w = (torch.exp(x_s - lse_s[:, None]) - torch.exp(x_t - lse_t[:, None])) * (g / tau)[:, None]
+def _tiled_bwd(g, operands, lse_s, lse_t, tau: float, exclude_diag: bool):
+    """d loss / d a^ and d loss / d b^ (fp32) on the tiled path. As in the fused kernels' row and
+    column passes, the matmul operands (Q - P) r^b_j and g_i (Q - P) r^a_i / tau are stored in the
+    input dtype, scaled by powers of two against fp16 underflow (operand_scale), and the fp32 results
+    divided by them exactly."""
+    a_s, _, b_s, _, ra_s, _, rb_s, _ = operands
+    m, n = a_s.shape[0], b_s.shape[0]
+    col_factor = g * ra_s / tau
+    row_scale, col_scale = operand_scale(rb_s, n), operand_scale(col_factor, m)
+    row_operand, col_operand = (rb_s * row_scale)[None, :], (col_factor * col_scale)[:, None]
+    d_a_hat = torch.zeros((m, a_s.shape[1]), dtype=torch.float32, device=a_s.device)
+    d_b_hat = torch.empty((n, b_s.shape[1]), dtype=torch.float32, device=a_s.device)
+    for x_s, x_t, valid, cols in _similarity_tiles(*operands, tau, exclude_diag):
+        w = torch.exp(x_s - lse_s[:, None]) - torch.exp(x_t - lse_t[:, None])
         if valid is not None:
             w = w.masked_fill(~valid, 0.0)
-        d_a_hat += w @ b_hat_s[cols]
-        d_b_hat[cols] = w.T @ a_hat_s
-    return d_a_hat, d_b_hat
-
-
-def _normalised(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t):
-    """fp32 x^ = x r of the rows and columns (the tiled path's matmul operands); square mode (the
-    columns are the rows) normalises once."""
-    a_hat_s, a_hat_t = a_s.float() * ra_s[:, None], a_t.float() * ra_t[:, None]
-    if b_s is a_s and b_t is a_t:
-        return a_hat_s, a_hat_t, a_hat_s, a_hat_t
-    return a_hat_s, a_hat_t, b_s.float() * rb_s[:, None], b_t.float() * rb_t[:, None]
+        d_a_hat += _mm_fp32((w * row_operand[:, cols]).to(b_s.dtype), b_s[cols])
+        d_b_hat[cols] = _mm_fp32((w * col_operand).T.to(a_s.dtype), a_s)
+    return d_a_hat * (g / (tau * row_scale))[:, None], d_b_hat / col_scale
 
 
 def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
@@ -386,7 +398,7 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optio
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
     cfg = _fused_config(a_s, a_t, tiled)
     if cfg is None:
-        return _tiled_fwd(_normalised(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t), tau, exclude_diag)
+        return _tiled_fwd((a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t), tau, exclude_diag)
     loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     programs = triton.cdiv(m, cfg["BLOCK_M"])
@@ -455,8 +467,8 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: b
     g = g.to(torch.float32).contiguous()
     cfg = _fused_config(a_s, a_t, tiled)
     if cfg is None:
-        hats = _normalised(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t)
-        d_a_hat, d_b_hat = _tiled_bwd(g, hats, lse_s, lse_t, tau, exclude_diag)
+        d_a_hat, d_b_hat = _tiled_bwd(g, (a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t), lse_s, lse_t, tau,
+                                      exclude_diag)
     else:
         d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau,
                                       exclude_diag)

@@ -94,27 +94,58 @@ def test_compile_fullgraph_traces_mlkd_loss(device):
     assert s.grad is not None and fs.grad is not None
 
 
+def _rel_err(x, ref):
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+TILED_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular"])
-def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode):
+def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode, dtype):
     """The tiled path (features too wide for the fused kernels) over several column tiles, forward and
-    backward, against the fp64 reference."""
+    backward, against the fp64 reference: fp16/bf16 operands multiply in their own dtype (tensor cores
+    on CUDA, widened exactly on CPU) with fp32 accumulation, as in the fused kernels."""
     from mlkd_fast.kernels import correlation
     monkeypatch.setattr(correlation, "TILED_ELEMENTS", 30 * 7)  # 7 columns per tile of 30 rows
-    a_s, a_t = torch.randn(30, 20, device=device), torch.randn(30, 12, device=device)
-    b_s, b_t = (None, None) if mode != "rectangular" else (torch.randn(17, 20, device=device),
-                                                            torch.randn(17, 12, device=device))
+    a_s, a_t = torch.randn(30, 20) * 3, torch.randn(30, 12)
+    b_s, b_t = (None, None) if mode != "rectangular" else (torch.randn(17, 20), torch.randn(17, 12) * 5)
+    a_s, a_t, b_s, b_t = (None if x is None else x.to(dtype) for x in (a_s, a_t, b_s, b_t))
     exclude = mode == "square"
-    loss, lse_s, lse_t = correlation._launch_fwd(a_s, a_t, b_s, b_t, 0.5, exclude, tiled=True)
-    g = torch.rand(30, device=device)
-    d_a, d_b = correlation._launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, 0.5, exclude, tiled=True)
-    leaves = [a_s.double().cpu().requires_grad_()] + ([] if b_s is None else [b_s.double().cpu().requires_grad_()])
-    ref = reference.correlation_kl_rows(leaves[0], a_t.double().cpu(), leaves[1] if b_s is not None else None,
-                                        None if b_t is None else b_t.double().cpu(), 0.5, keep_diagonal=mode == "keep_diagonal")
-    ref_grads = torch.autograd.grad((ref * g.double().cpu()).sum(), leaves)
-    torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(d_a.cpu().double(), ref_grads[0], rtol=1e-4, atol=1e-6)
+    on = lambda x: None if x is None else x.to(device)  # noqa: E731
+    loss, lse_s, lse_t = correlation._launch_fwd(on(a_s), on(a_t), on(b_s), on(b_t), 0.5, exclude, tiled=True)
+    g = torch.rand(30)
+    d_a, d_b = correlation._launch_bwd(on(g), on(a_s), on(a_t), on(b_s), on(b_t), lse_s, lse_t, 0.5, exclude,
+                                       tiled=True)
+    leaves = [a_s.double().requires_grad_()] + ([] if b_s is None else [b_s.double().requires_grad_()])
+    ref = reference.correlation_kl_rows(leaves[0], a_t.double(), leaves[1] if b_s is not None else None,
+                                        None if b_t is None else b_t.double(), 0.5, keep_diagonal=mode == "keep_diagonal")
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), leaves)
+    tol = TILED_TOL[dtype]
+    assert loss.dtype == torch.float32 and d_a.dtype == dtype
+    assert _rel_err(loss, ref) <= tol, f"loss error {_rel_err(loss, ref):.2e}"
+    assert _rel_err(d_a, ref_grads[0]) <= 4 * tol, f"row gradient error {_rel_err(d_a, ref_grads[0]):.2e}"
     if b_s is not None:
-        torch.testing.assert_close(d_b.cpu().double(), ref_grads[1], rtol=1e-4, atol=1e-6)
+        assert d_b.dtype == dtype
+        assert _rel_err(d_b, ref_grads[1]) <= 4 * tol, f"column gradient error {_rel_err(d_b, ref_grads[1]):.2e}"
+
+
+def test_correlation_tiled_fp16_gradients_of_a_large_batch_do_not_underflow(device, monkeypatch):
+    """The tiled path's fp16 matmul operands are scaled like the fused kernels' (operand_scale): at
+    batchmean over 512 rows the gradient comes within fp16 rounding of the fp64 one."""
+    from mlkd_fast.kernels import correlation
+    monkeypatch.setattr(correlation, "TILED_ELEMENTS", 512 * 100)
+    a_s, a_t = torch.randn(512, 64), torch.randn(512, 64)
+    g = torch.full((512,), 1.0 / 512)
+    args = (a_s.half().to(device), a_t.half().to(device), None, None)
+    _, lse_s, lse_t = correlation._launch_fwd(*args, 0.5, True, tiled=True)
+    d_a, _ = correlation._launch_bwd(g.to(device), *args, lse_s, lse_t, 0.5, True, tiled=True)
+    leaf = a_s.double().requires_grad_()
+    (ref,) = torch.autograd.grad(reference.correlation_kl_rows(leaf, a_t.double(), tau=0.5).mean(), leaf)
+    rounding = _rel_err(ref.half(), ref)
+    assert _rel_err(d_a, ref) <= 1.5 * rounding, f"{_rel_err(d_a, ref):.2e} vs fp16 rounding {rounding:.2e}"
 
 
 def test_correlation_plan():
