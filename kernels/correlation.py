@@ -21,8 +21,9 @@ by _corr_fwd_merge_kernel, the backward's partial rows summed, both in a fixed o
 extra memory then O(splits * M * Ds).
 The fused kernels hold (rows x features) tiles on chip, which limits the widths they take (_config);
 wider features go the tiled path: matmuls of all rows against column tiles in the features' own
-dtype with fp32 accumulation (cuBLAS tensor cores for fp16/bf16), the same online statistics in
-PyTorch; extra memory a few tiles of TILED_ELEMENTS entries, never an M x N matrix.
+dtype with fp32 accumulation (cuBLAS tensor cores for fp16/bf16), each tile then read once by a
+Triton kernel that updates the rows' online statistics (forward) or forms the backward's two matmul
+operands; extra memory a few tiles of TILED_ELEMENTS entries, never an M x N matrix.
 """
 from __future__ import annotations
 
@@ -63,6 +64,34 @@ def _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG: tl.constexpr):
 
 
 @triton.jit
+def _absorb_tile(x_s, x_t, ok, m_s, z_s, m_t, z_t, acc):
+    """The rows' online statistics (maxima m, sums Z, A) after one (BM, BN) tile of x^s and x^t; entries
+    outside ``ok`` take no part."""
+    x_s = tl.where(ok, x_s, -float("inf"))
+    x_t = tl.where(ok, x_t, -float("inf"))
+    new_m_s = tl.maximum(m_s, tl.max(x_s, axis=1))
+    ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
+    z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(x_s - ref_s[:, None]), axis=1)
+    new_m_t = tl.maximum(m_t, tl.max(x_t, axis=1))
+    ref_t = tl.where(new_m_t == -float("inf"), 0.0, new_m_t)
+    rescale = tl.exp(m_t - ref_t)
+    e_t = tl.exp(x_t - ref_t[:, None])
+    z_t = z_t * rescale + tl.sum(e_t, axis=1)
+    acc = acc * rescale + tl.sum(tl.where(ok, e_t * (x_t - x_s), 0.0), axis=1)
+    return new_m_s, z_s, new_m_t, z_t, acc
+
+
+@triton.jit
+def _store_rows(m_s, z_s, m_t, z_t, acc, rows, row_ok, Loss_ptr, LseS_ptr, LseT_ptr):
+    """l = A / Z^t - lse^t + lse^s and both lse's from the final statistics."""
+    lse_s = m_s + tl.log(z_s)
+    lse_t = m_t + tl.log(z_t)
+    tl.store(Loss_ptr + rows, acc / z_t - lse_t + lse_s, mask=row_ok)
+    tl.store(LseS_ptr + rows, lse_s, mask=row_ok)
+    tl.store(LseT_ptr + rows, lse_t, mask=row_ok)
+
+
+@triton.jit
 def _corr_fwd_kernel(
     AS_ptr, AS_stride, AT_ptr, AT_stride,  # student (M, Ds), teacher (M, Dt) row features
     BS_ptr, BS_stride, BT_ptr, BT_stride,  # student (N, Ds), teacher (N, Dt) column features
@@ -93,20 +122,7 @@ def _corr_fwd_kernel(
         x_t = _sim_tile(AT_ptr, AT_stride, rows, row_ok, ra_t, BT_ptr, BT_stride, cols, col_ok, rb_t,
                         DT, inv_tau, BLOCK_DT, PRECISION)
         ok = _valid_tile(rows, cols, col_ok, EXCLUDE_DIAG)
-        x_s = tl.where(ok, x_s, -float("inf"))
-        x_t = tl.where(ok, x_t, -float("inf"))
-
-        new_m_s = tl.maximum(m_s, tl.max(x_s, axis=1))
-        ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
-        z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(x_s - ref_s[:, None]), axis=1)
-        m_s = new_m_s
-        new_m_t = tl.maximum(m_t, tl.max(x_t, axis=1))
-        ref_t = tl.where(new_m_t == -float("inf"), 0.0, new_m_t)
-        rescale = tl.exp(m_t - ref_t)
-        e_t = tl.exp(x_t - ref_t[:, None])
-        z_t = z_t * rescale + tl.sum(e_t, axis=1)
-        acc = acc * rescale + tl.sum(tl.where(ok, e_t * (x_t - x_s), 0.0), axis=1)
-        m_t = new_m_t
+        m_s, z_s, m_t, z_t, acc = _absorb_tile(x_s, x_t, ok, m_s, z_s, m_t, z_t, acc)
     if SPLIT:
         plane = tl.num_programs(1) * M
         part = Part_ptr + tl.program_id(1) * M + rows
@@ -116,11 +132,7 @@ def _corr_fwd_kernel(
         tl.store(part + 3 * plane, z_t, mask=row_ok)
         tl.store(part + 4 * plane, acc, mask=row_ok)
     else:
-        lse_s = m_s + tl.log(z_s)
-        lse_t = m_t + tl.log(z_t)
-        tl.store(Loss_ptr + rows, acc / z_t - lse_t + lse_s, mask=row_ok)
-        tl.store(LseS_ptr + rows, lse_s, mask=row_ok)
-        tl.store(LseT_ptr + rows, lse_t, mask=row_ok)
+        _store_rows(m_s, z_s, m_t, z_t, acc, rows, row_ok, Loss_ptr, LseS_ptr, LseT_ptr)
 
 
 @triton.jit
@@ -151,11 +163,7 @@ def _corr_fwd_merge_kernel(
         r_t = tl.exp(tl.load(part + 2 * plane, mask=row_ok, other=-float("inf")) - ref_t)
         z_t += tl.load(part + 3 * plane, mask=row_ok, other=0.0) * r_t
         acc += tl.load(part + 4 * plane, mask=row_ok, other=0.0) * r_t
-    lse_s = ref_s + tl.log(z_s)
-    lse_t = ref_t + tl.log(z_t)
-    tl.store(Loss_ptr + rows, acc / z_t - lse_t + lse_s, mask=row_ok)
-    tl.store(LseS_ptr + rows, lse_s, mask=row_ok)
-    tl.store(LseT_ptr + rows, lse_t, mask=row_ok)
+    _store_rows(ref_s, z_s, ref_t, z_t, acc, rows, row_ok, Loss_ptr, LseS_ptr, LseT_ptr)
 
 
 @triton.jit
@@ -251,6 +259,82 @@ def _corr_bwd_cols_kernel(
     tl.store(out + cols[:, None].to(tl.int64) * DB_stride + d[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _tile_stats_kernel(
+    XS_ptr, XT_ptr, X_stride,  # (M, W) fp32 raw dots a_i . b_j of one column tile (cuBLAS), student/teacher
+    RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # fp32 inverse norms of the rows (M,) and of the tile's columns (W,)
+    State_ptr,  # (5, M) fp32 running m^s, Z^s, m^t, Z^t, A of each row, read and written back
+    M, W, COL0, inv_tau,  # the tile holds columns [COL0, COL0 + W)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+):
+    """Tiled path, forward: absorbs one matmul tile into the rows' online statistics. Reads the two
+    fp32 tiles once (8 B per entry) and 20 B of state per row: the statistics cost a fraction of the
+    tile's matmuls instead of a dozen PyTorch passes over it."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ra_s = tl.load(RAS_ptr + rows, mask=row_ok, other=0.0) * inv_tau
+    ra_t = tl.load(RAT_ptr + rows, mask=row_ok, other=0.0) * inv_tau
+    m_s = tl.load(State_ptr + rows, mask=row_ok, other=-float("inf"))
+    z_s = tl.load(State_ptr + M + rows, mask=row_ok, other=0.0)
+    m_t = tl.load(State_ptr + 2 * M + rows, mask=row_ok, other=-float("inf"))
+    z_t = tl.load(State_ptr + 3 * M + rows, mask=row_ok, other=0.0)
+    acc = tl.load(State_ptr + 4 * M + rows, mask=row_ok, other=0.0)
+    row_off = rows.to(tl.int64) * X_stride
+    for start in range(0, W, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < W
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x_s = tl.load(XS_ptr + row_off[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+        x_t = tl.load(XT_ptr + row_off[:, None] + cols[None, :], mask=tile_ok, other=0.0)
+        x_s = x_s * ra_s[:, None] * tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        x_t = x_t * ra_t[:, None] * tl.load(RBT_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        ok = _valid_tile(rows, COL0 + cols, col_ok, EXCLUDE_DIAG)
+        m_s, z_s, m_t, z_t, acc = _absorb_tile(x_s, x_t, ok, m_s, z_s, m_t, z_t, acc)
+    tl.store(State_ptr + rows, m_s, mask=row_ok)
+    tl.store(State_ptr + M + rows, z_s, mask=row_ok)
+    tl.store(State_ptr + 2 * M + rows, m_t, mask=row_ok)
+    tl.store(State_ptr + 3 * M + rows, z_t, mask=row_ok)
+    tl.store(State_ptr + 4 * M + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _tile_grad_operands_kernel(
+    XS_ptr, XT_ptr, X_stride,  # (M, W) fp32 raw dots of one column tile, student and teacher
+    RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms: rows (M,), the tile's columns (W,)
+    LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
+    RowScale_ptr, ColScale_ptr,  # (1,) fp32 powers of two (operand_scale) of the two operands
+    WR_ptr, WC_ptr, W_stride,  # (M, W) outputs in the features' dtype
+    M, W, COL0, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+):
+    """Tiled path, backward: the matmul operands of one column tile from the recomputed dots,
+        WR_ij = (Q - P)_ij r^b_j S_r                    (d a^ = g / (tau S_r) * WR b)
+        WC_ij = (Q - P)_ij g_i r^a_i / tau S_c          (d b^ = WC^T a / S_c)
+    as the fused row and column passes form them. Reads 8 B and writes 2 x 2 B (fp16/bf16) per entry."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < W
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    ra_s = tl.load(RAS_ptr + rows, mask=row_ok, other=0.0) * inv_tau
+    ra_t = tl.load(RAT_ptr + rows, mask=row_ok, other=0.0) * inv_tau
+    rb_s = tl.load(RBS_ptr + cols, mask=col_ok, other=0.0)
+    rb_t = tl.load(RBT_ptr + cols, mask=col_ok, other=0.0)
+    lse_s = tl.load(LseS_ptr + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(LseT_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(G_ptr + rows, mask=row_ok, other=0.0)
+    row_off = rows.to(tl.int64)[:, None] * X_stride + cols[None, :]
+    x_s = tl.load(XS_ptr + row_off, mask=tile_ok, other=0.0) * ra_s[:, None] * rb_s[None, :]
+    x_t = tl.load(XT_ptr + row_off, mask=tile_ok, other=0.0) * ra_t[:, None] * rb_t[None, :]
+    ok = _valid_tile(rows, COL0 + cols, col_ok, EXCLUDE_DIAG) & row_ok[:, None]
+    diff = tl.where(ok, tl.exp(x_s - lse_s[:, None]) - tl.exp(x_t - lse_t[:, None]), 0.0)
+    w_rows = diff * (rb_s * tl.load(RowScale_ptr))[None, :]
+    w_cols = diff * (g * ra_s * tl.load(ColScale_ptr))[:, None]
+    out = rows.to(tl.int64)[:, None] * W_stride + cols[None, :]
+    tl.store(WR_ptr + out, w_rows.to(WR_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(WC_ptr + out, w_cols.to(WC_ptr.dtype.element_ty), mask=tile_ok)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
@@ -328,65 +412,58 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()
 
 
-def _similarity_tiles(a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, tau: float, exclude_diag: bool):
-    """The tiled path: (x^s, x^t, valid or None, column slice) for column tiles of all rows (M x T
-    entries each, T = TILED_ELEMENTS / M): matmuls of the raw features in their own dtype, scaled by
-    the inverse norms and 1 / tau in fp32, as in the fused kernels."""
+TILED_STATS_BLOCK = (16, 128)  # (rows, columns) per step of _tile_stats_kernel
+TILED_GRAD_BLOCK = (32, 128)  # (rows, columns) per program of _tile_grad_operands_kernel
+
+
+def _column_tiles(a_s, a_t, b_s, b_t):
+    """The tiled path's column tiles: (slice, raw dots of the student, of the teacher), each dot tile
+    (M, T) fp32 with T = TILED_ELEMENTS / M, from matmuls of the features in their own dtype."""
     m, n = a_s.shape[0], b_s.shape[0]
     width = max(1, min(n, TILED_ELEMENTS // max(m, 1)))
-    rows = torch.arange(m, device=a_s.device)
-    row_s, row_t = ra_s[:, None] / tau, ra_t[:, None] / tau
     for start in range(0, n, width):
         cols = slice(start, min(n, start + width))
-        x_s = _mm_fp32(a_s, b_s[cols].T) * row_s * rb_s[None, cols]
-        x_t = _mm_fp32(a_t, b_t[cols].T) * row_t * rb_t[None, cols]
-        valid = None
-        if exclude_diag:
-            valid = rows[:, None] != torch.arange(cols.start, cols.stop, device=a_s.device)[None, :]
-        yield x_s, x_t, valid, cols
+        yield cols, _mm_fp32(a_s, b_s[cols].T), _mm_fp32(a_t, b_t[cols].T)
 
 
 def _tiled_fwd(operands, tau: float, exclude_diag: bool):
-    m = operands[0].shape[0]
-    m_s = torch.full((m,), float("-inf"), device=operands[0].device)
-    m_t, z_s, z_t, acc = m_s.clone(), torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
-    for x_s, x_t, valid, _ in _similarity_tiles(*operands, tau, exclude_diag):
-        if valid is not None:
-            x_s, x_t = x_s.masked_fill(~valid, float("-inf")), x_t.masked_fill(~valid, float("-inf"))
-        new_m_s = torch.maximum(m_s, x_s.amax(dim=1))
-        ref_s = torch.where(new_m_s == float("-inf"), 0.0, new_m_s)
-        z_s = z_s * torch.exp(m_s - ref_s) + torch.exp(x_s - ref_s[:, None]).sum(dim=1)
-        m_s = new_m_s
-        new_m_t = torch.maximum(m_t, x_t.amax(dim=1))
-        ref_t = torch.where(new_m_t == float("-inf"), 0.0, new_m_t)
-        rescale = torch.exp(m_t - ref_t)
-        e_t = torch.exp(x_t - ref_t[:, None])
-        z_t = z_t * rescale + e_t.sum(dim=1)
-        diff = x_t - x_s if valid is None else (x_t - x_s).masked_fill(~valid, 0.0)
-        acc = acc * rescale + (e_t * diff).sum(dim=1)
-        m_t = new_m_t
-    lse_s, lse_t = m_s + torch.log(z_s), m_t + torch.log(z_t)
-    return acc / z_t - lse_t + lse_s, lse_s, lse_t
+    a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t = operands
+    m = a_s.shape[0]
+    # (5, 1, M): the running m^s, Z^s, m^t, Z^t, A, finished by the merge kernel as one span
+    state = torch.zeros((5, 1, m), dtype=torch.float32, device=a_s.device)
+    state[0].fill_(float("-inf"))
+    state[2].fill_(float("-inf"))
+    block_m, block_n = TILED_STATS_BLOCK
+    for cols, x_s, x_t in _column_tiles(a_s, a_t, b_s, b_t):
+        _tile_stats_kernel[(triton.cdiv(m, block_m),)](
+            x_s, x_t, x_s.stride(0), ra_s, ra_t, rb_s[cols], rb_t[cols], state, m, x_s.shape[1], cols.start,
+            1.0 / tau, BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag)
+    loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
+    lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
+    _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](state, loss, lse_s, lse_t, m, 1, BLOCK=128)
+    return loss, lse_s, lse_t
 
 
 def _tiled_bwd(g, operands, lse_s, lse_t, tau: float, exclude_diag: bool):
-    """d loss / d a^ and d loss / d b^ (fp32) on the tiled path. As in the fused kernels' row and
-    column passes, the matmul operands (Q - P) r^b_j and g_i (Q - P) r^a_i / tau are stored in the
-    input dtype, scaled by powers of two against fp16 underflow (operand_scale), and the fp32 results
-    divided by them exactly."""
-    a_s, _, b_s, _, ra_s, _, rb_s, _ = operands
+    """d loss / d a^ and d loss / d b^ (fp32) on the tiled path: per column tile the two matmul
+    operands of the fused row and column passes (_tile_grad_operands_kernel, in the features' dtype,
+    scaled against fp16 underflow by operand_scale), then two matmuls with fp32 accumulation."""
+    a_s, _, b_s, _, ra_s, ra_t, rb_s, rb_t = operands
     m, n = a_s.shape[0], b_s.shape[0]
-    col_factor = g * ra_s / tau
-    row_scale, col_scale = operand_scale(rb_s, n), operand_scale(col_factor, m)
-    row_operand, col_operand = (rb_s * row_scale)[None, :], (col_factor * col_scale)[:, None]
+    row_scale, col_scale = operand_scale(rb_s, n), operand_scale(g * ra_s / tau, m)
     d_a_hat = torch.zeros((m, a_s.shape[1]), dtype=torch.float32, device=a_s.device)
     d_b_hat = torch.empty((n, b_s.shape[1]), dtype=torch.float32, device=a_s.device)
-    for x_s, x_t, valid, cols in _similarity_tiles(*operands, tau, exclude_diag):
-        w = torch.exp(x_s - lse_s[:, None]) - torch.exp(x_t - lse_t[:, None])
-        if valid is not None:
-            w = w.masked_fill(~valid, 0.0)
-        d_a_hat += _mm_fp32((w * row_operand[:, cols]).to(b_s.dtype), b_s[cols])
-        d_b_hat[cols] = _mm_fp32((w * col_operand).T.to(a_s.dtype), a_s)
+    block_m, block_n = TILED_GRAD_BLOCK
+    for cols, x_s, x_t in _column_tiles(*operands[:4]):
+        width = x_s.shape[1]
+        w_rows = torch.empty((m, width), dtype=b_s.dtype, device=a_s.device)
+        w_cols = torch.empty((m, width), dtype=a_s.dtype, device=a_s.device)
+        _tile_grad_operands_kernel[(triton.cdiv(m, block_m), triton.cdiv(width, block_n))](
+            x_s, x_t, x_s.stride(0), ra_s, ra_t, rb_s[cols], rb_t[cols], lse_s, lse_t, g, row_scale, col_scale,
+            w_rows, w_cols, w_rows.stride(0), m, width, cols.start, 1.0 / tau,
+            BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag)
+        d_a_hat += _mm_fp32(w_rows, b_s[cols])
+        d_b_hat[cols] = _mm_fp32(w_cols.T, a_s)
     return d_a_hat * (g / (tau * row_scale))[:, None], d_b_hat / col_scale
 
 

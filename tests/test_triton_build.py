@@ -46,7 +46,8 @@ def test_every_variant_compiles_for_sm90(report):
     kernels = {v["kernel"] for v in data["variants"]}
     assert {"_kd_kl_fused_kernel", "_kd_kl_looped_kernel", "_kd_kl_stats_kernel", "_kd_kl_grad_kernel",
             "_scale_rows_kernel", "_scale_rows_inplace_kernel", "_corr_fwd_kernel", "_corr_fwd_merge_kernel",
-            "_corr_bwd_rows_kernel", "_corr_bwd_cols_kernel"} <= kernels
+            "_corr_bwd_rows_kernel", "_corr_bwd_cols_kernel", "_tile_stats_kernel",
+            "_tile_grad_operands_kernel"} <= kernels
 
 
 def test_shared_memory_within_the_h100_limit(report):
@@ -74,6 +75,7 @@ def test_spec_shapes_take_the_intended_paths(report):
     # 64 row blocks at 4096 rows: the columns split, the partial statistics merged
     assert "_corr_fwd_merge_kernel" in by_case["correlation bfloat16 M=N=4096 Ds=128 Dt=128"]
     assert "_corr_fwd_merge_kernel" not in by_case["correlation bfloat16 M=N=16384 Ds=128 Dt=128"]
-    # too wide for the fused kernels: the tiled path, no Triton kernel
-    assert "correlation bfloat16 M=N=4096 Ds=1024 Dt=2048" not in by_case
-    assert "correlation float32 M=N=4096 Ds=256 Dt=256" not in by_case
+    # too wide for the fused kernels: the tiled path (cuBLAS tiles, then the tile kernels)
+    tiled = {"_tile_stats_kernel", "_corr_fwd_merge_kernel", "_tile_grad_operands_kernel"}
+    assert by_case["correlation bfloat16 M=N=4096 Ds=1024 Dt=2048"] == tiled
+    assert by_case["correlation float32 M=N=4096 Ds=256 Dt=256"] == tiled

@@ -110,6 +110,9 @@ def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode, dty
     on CUDA, widened exactly on CPU) with fp32 accumulation, as in the fused kernels."""
     from mlkd_fast.kernels import correlation
     monkeypatch.setattr(correlation, "TILED_ELEMENTS", 30 * 7)  # 7 columns per tile of 30 rows
+    # blocks smaller than a tile: partial row blocks, two column steps per tile, the last one partial
+    monkeypatch.setattr(correlation, "TILED_STATS_BLOCK", (8, 4))
+    monkeypatch.setattr(correlation, "TILED_GRAD_BLOCK", (16, 4))
     a_s, a_t = torch.randn(30, 20) * 3, torch.randn(30, 12)
     b_s, b_t = (None, None) if mode != "rectangular" else (torch.randn(17, 20), torch.randn(17, 12) * 5)
     a_s, a_t, b_s, b_t = (None if x is None else x.to(dtype) for x in (a_s, a_t, b_s, b_t))
