@@ -16,7 +16,9 @@ PY=${PYTHON:-python}
 run() {  # run STAGE LIMIT_S CMD...: log to OUT/STAGE.txt, never abort the pass
   local stage=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$stage.txt" 2>&1
+  # SIGINT first: pytest then ends its session as for Ctrl-C and pytest-benchmark still writes the
+  # JSON of the benchmarks that finished (a plain TERM would lose the whole stage's results).
+  timeout -s INT -k 30 "$limit" "$@" > "$OUT/$stage.txt" 2>&1
   echo "$stage: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
 }
 for stage in $STAGES; do
