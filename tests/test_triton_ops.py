@@ -64,12 +64,13 @@ def test_opcheck_kd_kl(device):
     torch.library.opcheck(kd_kl.scale_rows_inplace_op, (torch.randn(6, 70, device=device), weight))
 
 
-def test_opcheck_correlation(device):
+@pytest.mark.parametrize("ds, dt", [(16, 24), (200, 136)], ids=["fused", "tiled"])
+def test_opcheck_correlation(device, ds, dt):
     from mlkd_fast.kernels import correlation
-    a_s = torch.randn(20, 16, device=device, requires_grad=True)
-    a_t = torch.randn(20, 24, device=device)
-    b_s = torch.randn(7, 16, device=device, requires_grad=True)
-    b_t = torch.randn(7, 24, device=device)
+    a_s = torch.randn(20, ds, device=device, requires_grad=True)
+    a_t = torch.randn(20, dt, device=device)
+    b_s = torch.randn(7, ds, device=device, requires_grad=True)
+    b_t = torch.randn(7, dt, device=device)
     torch.library.opcheck(correlation.correlation_fwd_op, (a_s, a_t, None, None, 0.5, True))
     torch.library.opcheck(correlation.correlation_fwd_op, (a_s, a_t, b_s, b_t, 0.5, False))
     _, lse_s, lse_t = correlation.correlation_fwd_op(a_s, a_t, b_s, b_t, 0.5, False)
