@@ -529,16 +529,106 @@ static CorrOperands corr_operands(const at::Tensor& a_s, const at::Tensor& a_t, 
   return o;
 }
 
-// Tiles of x^s and x^t for rows [r0, r1) and columns [c0, c1), -inf on the excluded diagonal.
-static std::pair<at::Tensor, at::Tensor> corr_tiles(const CorrOperands& o, int64_t r0, int64_t r1, int64_t c0,
-                                                    int64_t c1, double inv_tau, bool exclude_diag) {
-  auto x_s = at::mm(o.a_s.slice(0, r0, r1), o.b_s.slice(0, c0, c1).t()).mul_(inv_tau);
-  auto x_t = at::mm(o.a_t.slice(0, r0, r1), o.b_t.slice(0, c0, c1).t()).mul_(inv_tau);
+// Two flat fp32 buffers, one tile each, that every tile of a call is written into: fresh tensors per
+// tile would page-fault ~100 MB per pass on CPU (4 MB each, beyond the allocator's cache).
+struct TileBuffers {
+  at::Tensor s, t;
+  TileBuffers(const at::Tensor& like, int64_t entries)
+      : s(at::empty({entries}, like.options())), t(at::empty({entries}, like.options())) {}
+};
+
+// Tiles of x^s and x^t for rows [r0, r1) and columns [c0, c1) (contiguous views of the buffers), -inf on
+// the excluded diagonal. On CUDA they come scaled by 1 / tau; on CPU unscaled (the row sweeps below
+// scale them while they are in L1).
+static std::pair<at::Tensor, at::Tensor> corr_tiles(const CorrOperands& o, TileBuffers& buf, int64_t r0, int64_t r1,
+                                                    int64_t c0, int64_t c1, double inv_tau, bool exclude_diag) {
+  auto x_s = buf.s.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
+  auto x_t = buf.t.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
+  at::mm_out(x_s, o.a_s.slice(0, r0, r1), o.b_s.slice(0, c0, c1).t());
+  at::mm_out(x_t, o.a_t.slice(0, r0, r1), o.b_t.slice(0, c0, c1).t());
+  if (x_s.is_cuda()) {
+    x_s.mul_(inv_tau);
+    x_t.mul_(inv_tau);
+  }
   if (exclude_diag) {  // entries (i, i): tile coordinates (i - r0, i - c0), diagonal offset r0 - c0
     x_s.diagonal(r0 - c0).fill_(kNegInf);
     x_t.diagonal(r0 - c0).fill_(kNegInf);
   }
   return {x_s, x_t};
+}
+
+// One tile of the forward absorbed into its rows' running statistics (state: m^s, Z^s, m^t, Z^t, A).
+// ATen version (CUDA): x already scaled by 1 / tau.
+static void absorb_tile_aten(const at::Tensor& x_s, const at::Tensor& x_t, at::Tensor& state) {
+  auto m_s = state[0], z_s = state[1], m_t = state[2], z_t = state[3], acc = state[4];
+  auto new_m_s = at::maximum(m_s, std::get<0>(x_s.max(1)));
+  auto ref_s = at::where(new_m_s == kNegInf, at::zeros_like(new_m_s), new_m_s);
+  z_s.mul_((m_s - ref_s).exp()).add_((x_s - ref_s.unsqueeze(1)).exp().sum(1));
+  auto new_m_t = at::maximum(m_t, std::get<0>(x_t.max(1)));
+  auto ref_t = at::where(new_m_t == kNegInf, at::zeros_like(new_m_t), new_m_t);
+  auto rescale = (m_t - ref_t).exp();
+  auto e_t = (x_t - ref_t.unsqueeze(1)).exp();
+  z_t.mul_(rescale).add_(e_t.sum(1));
+  acc.mul_(rescale).add_(at::where(x_t == kNegInf, at::zeros_like(x_t), e_t * (x_t - x_s)).sum(1));
+  m_s.copy_(new_m_s);
+  m_t.copy_(new_m_t);
+}
+
+// CPU version, x unscaled: rows in parallel, each row of both tiles swept while it sits in L1 with the
+// KL's sweeps (scale by 1 / tau and max, then the exps with Z^s, Z^t and A, 0 where x^t = -inf), instead
+// of a dozen whole-tile ATen passes through memory.
+static void absorb_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, at::Tensor& state) {
+  const int64_t rows = x_s.size(0), cols = x_s.size(1);
+  float* xs = x_s.data_ptr<float>();
+  float* xt = x_t.data_ptr<float>();
+  float* st = state.data_ptr<float>();
+  const KlSweeps& sweeps = kl_sweeps();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> exps(2 * cols);
+    for (int64_t i = begin; i < end; ++i) {
+      float* v = xs + i * cols;
+      float* u = xt + i * cols;
+      float &m_s = st[i], &z_s = st[rows + i], &m_t = st[2 * rows + i], &z_t = st[3 * rows + i],
+            &acc = st[4 * rows + i];
+      const float new_m_s = std::max(m_s, sweeps.scale_and_max(v, inv_tau, v, cols));
+      const float new_m_t = std::max(m_t, sweeps.scale_and_max(u, inv_tau, u, cols));
+      const float ref_s = new_m_s == kNegInf ? 0.0f : new_m_s;
+      const float ref_t = new_m_t == kNegInf ? 0.0f : new_m_t;
+      const KlSums sums = sweeps.exp_and_sums(v, u, ref_s, ref_t, exps.data(), exps.data() + cols, cols);
+      const float rescale = std::exp(m_t - ref_t);
+      z_s = z_s * std::exp(m_s - ref_s) + static_cast<float>(sums.z_s);
+      z_t = z_t * rescale + static_cast<float>(sums.z_t);
+      acc = acc * rescale + static_cast<float>(sums.a);
+      m_s = new_m_s;
+      m_t = new_m_t;
+    }
+  });
+}
+
+// The backward's matmul operand g_i (Q - P)_ij / tau of one CPU tile (x unscaled), written over x_s:
+// per row, scale, exps against the saved lse's, then e^s w - e^t w with w = g_i / tau (the KL's sweeps).
+static at::Tensor grad_operand_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, const at::Tensor& lse_s,
+                                        const at::Tensor& lse_t, const at::Tensor& g_over_tau) {
+  const int64_t rows = x_s.size(0), cols = x_s.size(1);
+  float* xs = x_s.data_ptr<float>();
+  float* xt = x_t.data_ptr<float>();
+  const auto ls = lse_s.contiguous(), lt = lse_t.contiguous(), gr = g_over_tau.contiguous();
+  const float* ls_p = ls.const_data_ptr<float>();
+  const float* lt_p = lt.const_data_ptr<float>();
+  const float* gr_p = gr.const_data_ptr<float>();
+  const KlSweeps& sweeps = kl_sweeps();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> exps(2 * cols);
+    for (int64_t i = begin; i < end; ++i) {
+      float* v = xs + i * cols;
+      float* u = xt + i * cols;
+      sweeps.scale_and_max(v, inv_tau, v, cols);
+      sweeps.scale_and_max(u, inv_tau, u, cols);
+      sweeps.exp_and_sums(v, u, ls_p[i], lt_p[i], exps.data(), exps.data() + cols, cols);
+      sweeps.student_grad_row(exps.data(), exps.data() + cols, gr_p[i], gr_p[i], v, cols);
+    }
+  });
+  return x_s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_tiled(const at::Tensor& a_s, const at::Tensor& a_t,
@@ -548,35 +638,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_tiled(const at::T
   const auto o = corr_operands(a_s, a_t, b_s, b_t);
   const int64_t m = o.a_s.size(0), n = o.b_s.size(0), kTile = corr_tile(a_s);
   const double inv_tau = 1.0 / tau;
+  TileBuffers tiles(o.a_s, std::min(kTile, m) * std::min(kTile, n));
   auto loss = at::empty({m}, o.a_s.options());
   auto lse_s = at::empty({m}, o.a_s.options());
   auto lse_t = at::empty({m}, o.a_s.options());
   for (int64_t r0 = 0; r0 < m; r0 += kTile) {
     const int64_t r1 = std::min(m, r0 + kTile), rows = r1 - r0;
-    auto m_s = at::full({rows}, kNegInf, o.a_s.options());
-    auto m_t = at::full({rows}, kNegInf, o.a_s.options());
-    auto z_s = at::zeros({rows}, o.a_s.options());
-    auto z_t = at::zeros({rows}, o.a_s.options());
-    auto acc = at::zeros({rows}, o.a_s.options());
+    // running m^s, Z^s, m^t, Z^t, A of the block's rows
+    auto state = at::zeros({5, rows}, o.a_s.options());
+    state[0].fill_(kNegInf);
+    state[2].fill_(kNegInf);
     for (int64_t c0 = 0; c0 < n; c0 += kTile) {
       const int64_t c1 = std::min(n, c0 + kTile);
-      auto [x_s, x_t] = corr_tiles(o, r0, r1, c0, c1, inv_tau, exclude_diagonal);
-      auto new_m_s = at::maximum(m_s, std::get<0>(x_s.max(1)));
-      auto ref_s = at::where(new_m_s == kNegInf, at::zeros_like(new_m_s), new_m_s);
-      z_s = z_s * (m_s - ref_s).exp() + (x_s - ref_s.unsqueeze(1)).exp().sum(1);
-      m_s = new_m_s;
-      auto new_m_t = at::maximum(m_t, std::get<0>(x_t.max(1)));
-      auto ref_t = at::where(new_m_t == kNegInf, at::zeros_like(new_m_t), new_m_t);
-      auto rescale = (m_t - ref_t).exp();
-      auto e_t = (x_t - ref_t.unsqueeze(1)).exp();
-      auto diff = at::where(x_t == kNegInf, at::zeros_like(x_t), e_t * (x_t - x_s));
-      z_t = z_t * rescale + e_t.sum(1);
-      acc = acc * rescale + diff.sum(1);
-      m_t = new_m_t;
+      auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, inv_tau, exclude_diagonal);
+      if (x_s.is_cuda())
+        absorb_tile_aten(x_s, x_t, state);
+      else
+        absorb_tile_cpu(x_s, x_t, static_cast<float>(inv_tau), state);
     }
-    auto ls = m_s + z_s.log();
-    auto lt = m_t + z_t.log();
-    loss.slice(0, r0, r1).copy_(acc / z_t - lt + ls);
+    auto ls = state[0] + state[1].log();
+    auto lt = state[2] + state[3].log();
+    loss.slice(0, r0, r1).copy_(state[4] / state[3] - lt + ls);
     lse_s.slice(0, r0, r1).copy_(ls);
     lse_t.slice(0, r0, r1).copy_(lt);
   }
@@ -596,6 +678,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_tiled(const at::Tensor& grad_
   const auto o = corr_operands(a_s, a_t, b_s, b_t);
   const int64_t m = o.a_s.size(0), n = o.b_s.size(0), kTile = corr_tile(a_s);
   const double inv_tau = 1.0 / tau;
+  TileBuffers tiles(o.a_s, std::min(kTile, m) * std::min(kTile, n));
   auto g = grad_rows.to(at::kFloat).contiguous();
   auto d_a_hat = at::zeros_like(o.a_s);
   auto d_b_hat = at::zeros_like(o.b_s);
@@ -606,8 +689,10 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_tiled(const at::Tensor& grad_
     auto gr = g.slice(0, r0, r1).unsqueeze(1) * inv_tau;
     for (int64_t c0 = 0; c0 < n; c0 += kTile) {
       const int64_t c1 = std::min(n, c0 + kTile);
-      auto [x_s, x_t] = corr_tiles(o, r0, r1, c0, c1, inv_tau, exclude_diagonal);
-      auto w = gr * ((x_s - ls).exp() - (x_t - lt).exp());  // g_i (Q - P)_ij / tau
+      auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, inv_tau, exclude_diagonal);
+      // g_i (Q - P)_ij / tau
+      auto w = x_s.is_cuda() ? gr * ((x_s - ls).exp() - (x_t - lt).exp())
+                             : grad_operand_tile_cpu(x_s, x_t, static_cast<float>(inv_tau), ls, lt, gr);
       d_a_hat.slice(0, r0, r1).addmm_(w, o.b_s.slice(0, c0, c1));
       d_b_hat.slice(0, c0, c1).addmm_(w.t(), o.a_s.slice(0, r0, r1));
     }
