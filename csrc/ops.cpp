@@ -493,10 +493,11 @@ at::Tensor scale_rows_cpu(const at::Tensor& x, const at::Tensor& g) {
 void scale_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& g) { scale_rows_cpu_into(x, x, g); }
 
 // ------------------------------------------------------------------------------------------
-// Correlation KL, tiled (CPU, and CUDA through the same ATen calls): (BM x BN) tiles of both
-// similarity matrices from BLAS / cuBLAS matmuls of the normalised features; per-row online
-// log-sum-exps; never an (M x N) matrix (extra memory O(tile^2 + (M + N) D)). The backward walks the
-// same tiles once, accumulating the row and the column gradients together.
+// Correlation KL, tiled (CPU, and CUDA for fp32 features): (BM x BN) tiles of both similarity
+// matrices from BLAS / cuBLAS matmuls of the normalised features; per-row online log-sum-exps (on CPU
+// each tile row swept in L1 by the KL's vectorised loops, on CUDA ATen ops); never an (M x N) matrix
+// (extra memory O(tile^2 + (M + N) D)). The backward walks the same tiles once, accumulating the row
+// and the column gradients together.
 // ------------------------------------------------------------------------------------------
 static int64_t corr_tile(const at::Tensor& x) { return x.is_cuda() ? 4096 : 1024; }
 
