@@ -538,19 +538,14 @@ struct TileBuffers {
       : s(at::empty({entries}, like.options())), t(at::empty({entries}, like.options())) {}
 };
 
-// Tiles of x^s and x^t for rows [r0, r1) and columns [c0, c1) (contiguous views of the buffers), -inf on
-// the excluded diagonal. On CUDA they come scaled by 1 / tau; on CPU unscaled (the row sweeps below
-// scale them while they are in L1).
+// Tiles of tau x^s and tau x^t (unscaled: their consumers scale them) for rows [r0, r1) and columns
+// [c0, c1), contiguous views of the buffers, -inf on the excluded diagonal.
 static std::pair<at::Tensor, at::Tensor> corr_tiles(const CorrOperands& o, TileBuffers& buf, int64_t r0, int64_t r1,
-                                                    int64_t c0, int64_t c1, double inv_tau, bool exclude_diag) {
+                                                    int64_t c0, int64_t c1, bool exclude_diag) {
   auto x_s = buf.s.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
   auto x_t = buf.t.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
   at::mm_out(x_s, o.a_s.slice(0, r0, r1), o.b_s.slice(0, c0, c1).t());
   at::mm_out(x_t, o.a_t.slice(0, r0, r1), o.b_t.slice(0, c0, c1).t());
-  if (x_s.is_cuda()) {
-    x_s.mul_(inv_tau);
-    x_t.mul_(inv_tau);
-  }
   if (exclude_diag) {  // entries (i, i): tile coordinates (i - r0, i - c0), diagonal offset r0 - c0
     x_s.diagonal(r0 - c0).fill_(kNegInf);
     x_t.diagonal(r0 - c0).fill_(kNegInf);
@@ -559,8 +554,10 @@ static std::pair<at::Tensor, at::Tensor> corr_tiles(const CorrOperands& o, TileB
 }
 
 // One tile of the forward absorbed into its rows' running statistics (state: m^s, Z^s, m^t, Z^t, A).
-// ATen version (CUDA): x already scaled by 1 / tau.
-static void absorb_tile_aten(const at::Tensor& x_s, const at::Tensor& x_t, at::Tensor& state) {
+// ATen version (CUDA): whole-tile ops, scaled by 1 / tau in place first.
+static void absorb_tile_aten(at::Tensor& x_s, at::Tensor& x_t, double inv_tau, at::Tensor& state) {
+  x_s.mul_(inv_tau);
+  x_t.mul_(inv_tau);
   auto m_s = state[0], z_s = state[1], m_t = state[2], z_t = state[3], acc = state[4];
   auto new_m_s = at::maximum(m_s, std::get<0>(x_s.max(1)));
   auto ref_s = at::where(new_m_s == kNegInf, at::zeros_like(new_m_s), new_m_s);
@@ -575,7 +572,7 @@ static void absorb_tile_aten(const at::Tensor& x_s, const at::Tensor& x_t, at::T
   m_t.copy_(new_m_t);
 }
 
-// CPU version, x unscaled: rows in parallel, each row of both tiles swept while it sits in L1 with the
+// CPU version: rows in parallel, each row of both tiles swept while it sits in L1 with the
 // KL's sweeps (scale by 1 / tau and max, then the exps with Z^s, Z^t and A, 0 where x^t = -inf), instead
 // of a dozen whole-tile ATen passes through memory.
 static void absorb_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, at::Tensor& state) {
@@ -606,7 +603,7 @@ static void absorb_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, at:
   });
 }
 
-// The backward's matmul operand g_i (Q - P)_ij / tau of one CPU tile (x unscaled), written over x_s:
+// The backward's matmul operand g_i (Q - P)_ij / tau of one CPU tile, written over x_s:
 // per row, scale, exps against the saved lse's, then e^s w - e^t w with w = g_i / tau (the KL's sweeps).
 static at::Tensor grad_operand_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, const at::Tensor& lse_s,
                                         const at::Tensor& lse_t, const at::Tensor& g_over_tau) {
@@ -651,9 +648,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_tiled(const at::T
     state[2].fill_(kNegInf);
     for (int64_t c0 = 0; c0 < n; c0 += kTile) {
       const int64_t c1 = std::min(n, c0 + kTile);
-      auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, inv_tau, exclude_diagonal);
+      auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, exclude_diagonal);
       if (x_s.is_cuda())
-        absorb_tile_aten(x_s, x_t, state);
+        absorb_tile_aten(x_s, x_t, inv_tau, state);
       else
         absorb_tile_cpu(x_s, x_t, static_cast<float>(inv_tau), state);
     }
@@ -690,9 +687,9 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_tiled(const at::Tensor& grad_
     auto gr = g.slice(0, r0, r1).unsqueeze(1) * inv_tau;
     for (int64_t c0 = 0; c0 < n; c0 += kTile) {
       const int64_t c1 = std::min(n, c0 + kTile);
-      auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, inv_tau, exclude_diagonal);
+      auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, exclude_diagonal);
       // g_i (Q - P)_ij / tau
-      auto w = x_s.is_cuda() ? gr * ((x_s - ls).exp() - (x_t - lt).exp())
+      auto w = x_s.is_cuda() ? gr * ((x_s.mul_(inv_tau) - ls).exp() - (x_t.mul_(inv_tau) - lt).exp())
                              : grad_operand_tile_cpu(x_s, x_t, static_cast<float>(inv_tau), ls, lt, gr);
       d_a_hat.slice(0, r0, r1).addmm_(w, o.b_s.slice(0, c0, c1));
       d_b_hat.slice(0, c0, c1).addmm_(w.t(), o.a_s.slice(0, r0, r1));

@@ -17,6 +17,14 @@ KERNEL_BACKENDS = ("triton", "native")
 DEVICES = ("cpu", "cuda")
 
 
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error relative to the largest |ref| (0 where both are NaN), in fp64."""
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
+    same_nan = torch.isnan(x) & torch.isnan(ref)
+    diff = torch.where(same_nan, torch.zeros_like(x), (x - ref).abs())
+    return float(diff.max() / ref.abs().nan_to_num(0).max().clamp_min(1e-30))
+
+
 def require_backend(backend: str, device: str) -> None:
     """Skip (with the reason) when a backend cannot run on a device here."""
     if device == "cuda" and not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import rel_err
 from mlkd_fast import functional as MF
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -18,11 +19,6 @@ def _run(backend, device, a_s, a_t, b_s=None, b_t=None, grad_out=None, **kw):
     return loss, grads
 
 
-def _rel_err(x, ref):
-    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 def _check(backend, device, a_s, a_t, b_s=None, b_t=None, **kw):
     dtype = a_s.dtype
     if device.type == "cpu" and dtype == torch.bfloat16 and backend == "triton":
@@ -31,10 +27,10 @@ def _check(backend, device, a_s, a_t, b_s=None, b_t=None, **kw):
     dbl = lambda x: None if x is None else x.double()  # noqa: E731
     ref_loss, ref_grads = _run("torch", "cpu", dbl(a_s), dbl(a_t), dbl(b_s), dbl(b_t), **kw)
     tol = TOL[dtype]
-    assert _rel_err(loss, ref_loss) <= tol, f"loss error {_rel_err(loss, ref_loss):.2e}"
+    assert rel_err(loss, ref_loss) <= tol, f"loss error {rel_err(loss, ref_loss):.2e}"
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype and g.shape == r.shape
-        assert _rel_err(g, r) <= tol * 4, f"gradient error {_rel_err(g, r):.2e}"
+        assert rel_err(g, r) <= tol * 4, f"gradient error {rel_err(g, r):.2e}"
     return loss, grads
 
 
@@ -116,8 +112,8 @@ def test_fp16_gradients_of_a_large_batch_do_not_underflow(kernel_backend):
     a_s, a_t = torch.randn(512, 64), torch.randn(512, 64)
     loss, (grad,) = _run(backend, device, a_s.half(), a_t.half())
     _, (ref,) = _run("torch", "cpu", a_s.double(), a_t.double())
-    rounding = _rel_err(ref.half(), ref)
-    assert _rel_err(grad, ref) <= 1.5 * rounding, f"{_rel_err(grad, ref):.2e} vs fp16 rounding {rounding:.2e}"
+    rounding = rel_err(ref.half(), ref)
+    assert rel_err(grad, ref) <= 1.5 * rounding, f"{rel_err(grad, ref):.2e} vs fp16 rounding {rounding:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -5,6 +5,7 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1; the same tests run on CU
 import pytest
 import torch
 
+from conftest import rel_err
 from mlkd_fast import functional as MF
 
 # tolerances per input dtype: (loss rtol, gradient atol relative to the largest |grad|)
@@ -29,22 +30,14 @@ def _check(backend, device, s, t, **kw):
     ref_loss, ref_grads = _run("torch", "cpu", s.double(), t.double(), **kw)
     torch_loss, torch_grads = _run("torch", "cpu", s, t, **kw)
     rtol, gtol = TOL[dtype]
-    loss_tol = max(rtol, 2 * _rel_err(torch_loss, ref_loss))
-    assert _rel_err(loss, ref_loss) <= loss_tol, f"loss error {_rel_err(loss, ref_loss):.2e} > {loss_tol:.1e}"
+    loss_tol = max(rtol, 2 * rel_err(torch_loss, ref_loss))
+    assert rel_err(loss, ref_loss) <= loss_tol, f"loss error {rel_err(loss, ref_loss):.2e} > {loss_tol:.1e}"
     for g, r, tg in zip(grads, ref_grads, torch_grads):
         assert g.dtype == dtype and g.shape == r.shape
-        tol = max(gtol, 2 * _rel_err(tg, r))
-        err = _rel_err(g, r)
+        tol = max(gtol, 2 * rel_err(tg, r))
+        err = rel_err(g, r)
         assert err <= tol, f"gradient error {err:.2e} > {tol:.1e}"
     return loss, grads
-
-
-def _rel_err(x, ref):
-    """Largest absolute error relative to the largest |ref| (NaN where they agree on NaN)."""
-    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
-    same_nan = torch.isnan(x) & torch.isnan(ref)
-    diff = torch.where(same_nan, torch.zeros_like(x), (x - ref).abs())
-    return float(diff.max() / ref.abs().nan_to_num(0).max().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("shape", [(37, 1271), (1, 5), (64, 16), (3, 70001)])

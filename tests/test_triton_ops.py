@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import require_backend
+from conftest import rel_err, require_backend
 from mlkd_fast import reference
 
 DEVICES = ["cpu", "cuda"]
@@ -95,11 +95,6 @@ def test_compile_fullgraph_traces_mlkd_loss(device):
     assert s.grad is not None and fs.grad is not None
 
 
-def _rel_err(x, ref):
-    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 TILED_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
@@ -129,11 +124,11 @@ def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode, dty
     ref_grads = torch.autograd.grad((ref * g.double()).sum(), leaves)
     tol = TILED_TOL[dtype]
     assert loss.dtype == torch.float32 and d_a.dtype == dtype
-    assert _rel_err(loss, ref) <= tol, f"loss error {_rel_err(loss, ref):.2e}"
-    assert _rel_err(d_a, ref_grads[0]) <= 4 * tol, f"row gradient error {_rel_err(d_a, ref_grads[0]):.2e}"
+    assert rel_err(loss, ref) <= tol, f"loss error {rel_err(loss, ref):.2e}"
+    assert rel_err(d_a, ref_grads[0]) <= 4 * tol, f"row gradient error {rel_err(d_a, ref_grads[0]):.2e}"
     if b_s is not None:
         assert d_b.dtype == dtype
-        assert _rel_err(d_b, ref_grads[1]) <= 4 * tol, f"column gradient error {_rel_err(d_b, ref_grads[1]):.2e}"
+        assert rel_err(d_b, ref_grads[1]) <= 4 * tol, f"column gradient error {rel_err(d_b, ref_grads[1]):.2e}"
 
 
 def test_correlation_tiled_fp16_gradients_of_a_large_batch_do_not_underflow(device, monkeypatch):
@@ -148,8 +143,8 @@ def test_correlation_tiled_fp16_gradients_of_a_large_batch_do_not_underflow(devi
     d_a, _ = correlation._launch_bwd(g.to(device), *args, lse_s, lse_t, 0.5, True, tiled=True)
     leaf = a_s.double().requires_grad_()
     (ref,) = torch.autograd.grad(reference.correlation_kl_rows(leaf, a_t.double(), tau=0.5).mean(), leaf)
-    rounding = _rel_err(ref.half(), ref)
-    assert _rel_err(d_a, ref) <= 1.5 * rounding, f"{_rel_err(d_a, ref):.2e} vs fp16 rounding {rounding:.2e}"
+    rounding = rel_err(ref.half(), ref)
+    assert rel_err(d_a, ref) <= 1.5 * rounding, f"{rel_err(d_a, ref):.2e} vs fp16 rounding {rounding:.2e}"
 
 
 def test_correlation_plan():
