@@ -85,7 +85,7 @@ def test_torchrun_two_processes_on_cpu_all_reduces_metrics(tmp_path):
 
 
 _GLOBAL_CORR_WORKER = r"""
-import os, sys, torch, torch.distributed as dist
+import gc, os, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from mlkd_fast import MLKDLoss
 from mlkd_fast.train.distributed import gather_with_grad
@@ -103,6 +103,11 @@ loss.backward()
 if rank == 0:
     torch.save({"loss": loss.detach(), "grad": head.weight.grad.clone()}, sys.argv[2])
 dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort at exit otherwise)
+# DDP and the all-gather's autograd nodes hold the process group, partly in reference cycles: freed only at
+# interpreter exit, gloo's threads then abort a process now and then ("terminate called without an active
+# exception", 2 of 30 runs before this)
+del model, loss
+gc.collect()
 dist.destroy_process_group()
 """
 

@@ -17,6 +17,7 @@ weights of each trained network).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -243,7 +244,19 @@ class Run:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse_args(argv)
+    """Runs ``mlkd-train`` with ``argv`` (default: the command line). Returns the summary written to
+    ``<out>/summary.json``, or ``{"interrupted": True}`` when stopped (checkpoint saved)."""
+    summary = _train_all(parse_args(argv))
+    # DDP's reducer and the all-gather autograd nodes hold the process group, some of them inside
+    # reference cycles: left to the interpreter's exit, gloo's threads now and then abort the process
+    # ("terminate called without an active exception") after a run that succeeded.
+    gc.collect()
+    # a stopped run may have stopped its ranks at different steps: no barrier then (it would hang)
+    shutdown_distributed(wait_for_all="interrupted" not in summary)
+    return summary
+
+
+def _train_all(args: argparse.Namespace) -> dict:
     run = Run(args)
     out = args.out
     main_rank = run.dist.main
@@ -339,14 +352,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             line += f"  CE-only baseline top-1 {fmt(summary['baseline_top1'])}"
         print(line + f"  {summary['images_per_s']:.0f} img/s ({summary['seconds']} s) -> "
               f"{os.path.join(out, 'summary.json')}", flush=True)
-    shutdown_distributed(wait_for_all=True)
     return summary
 
 
 def _stopped(metrics) -> dict:
     if metrics is not None:
         metrics.close()
-    shutdown_distributed()
     return {"interrupted": True}
 
 
