@@ -200,6 +200,7 @@ def correlation_kl(
     keep_diagonal: bool = False,
     scale_by_tau_sq: bool = False,
     backend: str = "auto",
+    cols_start_with_rows: bool = False,
 ) -> Tensor:
     """KL between the row-softmaxes of the teacher and student batch cosine-similarity matrices.
 
@@ -215,9 +216,16 @@ def correlation_kl(
         tau: similarity temperature > 0.
         reduction: ``"batchmean"`` (sum / M, default), ``"sum"``, ``"mean"`` (sum / (M * counted
             columns)), ``"none"`` (per-row vector of length M).
-        keep_diagonal: square mode only: keep the self-similarity column (excluded by default).
+        keep_diagonal: keep the self-similarity column (excluded by default) in square mode or
+            with ``cols_start_with_rows``; there is none to exclude otherwise.
         scale_by_tau_sq: multiply the loss by ``tau^2`` (SSKD style).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
+        cols_start_with_rows: rectangular mode where the first M columns are the M rows themselves
+            (student and teacher alike): one shard of a larger batch against the whole batch, its own
+            rows first (``N >= M``). Row i then leaves out column i, as in square mode, and its loss
+            equals row i's of the square loss over the whole batch; with every shard's rows taken
+            once, the shards' losses make up the square one (how MLKDLoss splits a global-batch
+            correlation over DDP processes). Not checked: the caller places the rows first.
     """
     a_s = _check_tensor(student_feats, "student_feats")
     a_t = _check_tensor(teacher_feats, "teacher_feats")
@@ -253,11 +261,15 @@ def correlation_kl(
         {"student_feats": a_s, "teacher_feats": a_t, "student_cols": b_s, "teacher_cols": b_t}
     )
     n_cols = a_s.shape[0] if square else b_s.shape[0]
-    counted_cols = n_cols - 1 if (square and not keep_diagonal) else n_cols
-    if square and counted_cols < 2:
+    if not square and cols_start_with_rows and n_cols < a_s.shape[0]:
+        raise ValueError(f"cols_start_with_rows: the columns must hold the M = {a_s.shape[0]} rows first, "
+                         f"but there are only N = {n_cols}")
+    exclude_diagonal = (square or bool(cols_start_with_rows)) and not keep_diagonal
+    counted_cols = n_cols - 1 if exclude_diagonal else n_cols
+    if (square or cols_start_with_rows) and counted_cols < 2:
         raise ValueError(
-            f"a square correlation needs at least 2 columns after excluding the diagonal; "
-            f"the batch has M = N = {n_cols} rows (keep_diagonal={keep_diagonal})"
+            f"a {'square ' if square else ''}correlation needs at least 2 columns after excluding the diagonal; "
+            f"there are N = {n_cols} columns (keep_diagonal={keep_diagonal})"
         )
     name = resolve_backend(backend, device)
 
@@ -266,9 +278,9 @@ def correlation_kl(
     if not square:
         b_s = _last_dim_contiguous(b_s)
         b_t = _last_dim_contiguous(b_t.detach())
-    exclude_diagonal = square and not keep_diagonal
     if name == "torch":
-        rows = reference.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, keep_diagonal=not exclude_diagonal)
+        rows = reference.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, keep_diagonal=keep_diagonal,
+                                             cols_start_with_rows=bool(cols_start_with_rows))
     elif name == "triton":
         from .kernels import correlation
 

@@ -57,10 +57,11 @@ class CorrelationLoss(nn.Module):
         teacher_feats: Tensor,
         student_cols: Optional[Tensor] = None,
         teacher_cols: Optional[Tensor] = None,
+        cols_start_with_rows: bool = False,
     ) -> Tensor:
         return MF.correlation_kl(
             student_feats, teacher_feats, student_cols, teacher_cols, self.tau, self.reduction,
-            self.keep_diagonal, self.scale_by_tau_sq, self.backend,
+            self.keep_diagonal, self.scale_by_tau_sq, self.backend, cols_start_with_rows,
         )
 
     def extra_repr(self) -> str:
@@ -109,10 +110,14 @@ class MLKDLoss(nn.Module):
             :func:`mlkd_fast.functional.correlation_kl`.
         supcon_dim, supcon_temperature: SupCon embedding width and temperature.
         backend: backend of the fused terms (KD and correlation).
-        correlation_gather: optional function applied to each block of correlation features (rows
-            and columns, student and teacher) before the correlation, e.g. a differentiable
-            all-gather so that under DDP the correlation spans the global batch
-            (:func:`mlkd_fast.train.distributed.gather_with_grad`).
+        correlation_gather: makes the correlation span a batch larger than this process's, e.g.
+            the global batch under DDP with a differentiable all-gather
+            (:func:`mlkd_fast.train.distributed.gather_with_grad`). It maps this process's student
+            or teacher features (M, D) to the whole batch's (N, D) **with this process's rows
+            first**. Only the columns are gathered: each process computes its own M rows against
+            all N columns (1/world of the global matrix), so the ``corr`` term is the mean over its
+            rows; its mean over the processes is the global-batch loss, and DDP's gradient
+            averaging gives the global-batch gradient.
 
     After each call, ``loss_fn.last`` holds the detached, unweighted components
     (``{"ce": ..., "kd": ..., "corr": ..., "align": ..., "supcon": ..., "total": ...}``) for logging.
@@ -232,14 +237,19 @@ class MLKDLoss(nn.Module):
     def _correlation(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
         f_s = self.corr_head(student_feats) if self.corr_head is not None else student_feats
         f_t = teacher_feats.detach()
-        gather = self.correlation_gather or (lambda x: x)
+        options = dict(tau=self.tau, scale_by_tau_sq=self.scale_by_tau_sq, backend=self.backend)
+        gather = self.correlation_gather
         if self.views == 1:
-            return MF.correlation_kl(gather(f_s), gather(f_t), tau=self.tau, keep_diagonal=self.keep_diagonal,
-                                     scale_by_tau_sq=self.scale_by_tau_sq, backend=self.backend)
+            if gather is None:
+                return MF.correlation_kl(f_s, f_t, keep_diagonal=self.keep_diagonal, **options)
+            # this process's rows against the whole batch, which starts with them: row i leaves out column i
+            return MF.correlation_kl(f_s, f_t, gather(f_s), gather(f_t), keep_diagonal=self.keep_diagonal,
+                                     cols_start_with_rows=True, **options)
         plain = self._plain(f_s, "student_feats").shape[0]
-        return MF.correlation_kl(gather(f_s[plain:]), gather(f_t[plain:]), gather(f_s[:plain]), gather(f_t[:plain]),
-                                 tau=self.tau,
-                                 scale_by_tau_sq=self.scale_by_tau_sq, backend=self.backend)
+        cols_s, cols_t = f_s[:plain], f_t[:plain]
+        if gather is not None:
+            cols_s, cols_t = gather(cols_s), gather(cols_t)
+        return MF.correlation_kl(f_s[plain:], f_t[plain:], cols_s, cols_t, **options)
 
     def _weights_str(self) -> str:
         return ", ".join(f"w_{k}={v:g}" for k, v in self.weights.items() if v > 0)

@@ -68,13 +68,16 @@ def correlation_kl_rows(
     teacher_cols: Optional[Tensor] = None,
     tau: float = 0.5,
     keep_diagonal: bool = False,
+    cols_start_with_rows: bool = False,
 ) -> Tensor:
     """Per-row KL between row-softmaxes of the teacher and student cosine-similarity matrices.
 
     ``S = normalize(rows) @ normalize(cols).T / tau`` for each network; ``l_i = KL(P_i || Q_i)``
     with ``P = softmax(S_t)``, ``Q = softmax(S_s)``. Without column features the matrix is square
-    (columns = rows) and its diagonal is excluded unless ``keep_diagonal``. The teacher is used as
-    given: detach it beforehand if it must not receive gradient.
+    (columns = rows) and its diagonal is excluded unless ``keep_diagonal``. With column features
+    whose first rows are the row features (``cols_start_with_rows``: one shard's rows against its
+    whole batch) entry ``(i, i)`` is the self-similarity and is excluded the same way. The teacher is
+    used as given: detach it beforehand if it must not receive gradient.
     """
     dtype = _math_dtype(student_rows, teacher_rows)
     square = student_cols is None
@@ -84,8 +87,8 @@ def correlation_kl_rows(
     b_t = a_t if square else _normalize_rows(teacher_cols, dtype)
     sim_s = a_s @ b_s.T / tau
     sim_t = a_t @ b_t.T / tau
-    if square and not keep_diagonal:
-        diag = torch.eye(sim_s.shape[0], dtype=torch.bool, device=sim_s.device)
+    if (square or cols_start_with_rows) and not keep_diagonal:
+        diag = torch.eye(*sim_s.shape, dtype=torch.bool, device=sim_s.device)
         sim_s = sim_s.masked_fill(diag, float("-inf"))
         sim_t = sim_t.masked_fill(diag, float("-inf"))
     log_q = torch.log_softmax(sim_s, dim=-1)

@@ -35,13 +35,17 @@ def _check(backend, device, a_s, a_t, b_s=None, b_t=None, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular"])
+@pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular", "shard"])
 def test_matches_reference(kernel_backend, dtype, mode):
     backend, device = kernel_backend
     if mode == "rectangular":  # rows = 3B augmented views, columns = B plain views, Ds != Dt
         b = 24
         args = [torch.randn(3 * b, 40), torch.randn(3 * b, 72), torch.randn(b, 40), torch.randn(b, 72)]
         kw = {}
+    elif mode == "shard":  # one process's 40 rows against a batch of 130 that starts with them
+        a_s, a_t = torch.randn(40, 40), torch.randn(40, 24)
+        args = [a_s, a_t, torch.cat([a_s, torch.randn(90, 40)]), torch.cat([a_t, torch.randn(90, 24)])]
+        kw = {"cols_start_with_rows": True}
     else:
         args = [torch.randn(150, 40), torch.randn(150, 24)]
         kw = {"keep_diagonal": mode == "keep_diagonal"}

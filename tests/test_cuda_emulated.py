@@ -276,11 +276,11 @@ class FusedCorrelation:
         return _norm_backward(a, ra_s, d_a_hat), _norm_backward(b, rb_s, d_b_hat)
 
 
-def _correlation_oracle(a_s, a_t, b_s, b_t, tau, keep_diagonal, grad):
+def _correlation_oracle(a_s, a_t, b_s, b_t, tau, exclude_diagonal, grad):
     a64 = a_s.double().requires_grad_()
     b64 = None if b_s is None else b_s.double().requires_grad_()
     rows = reference.correlation_kl_rows(a64, a_t.double(), b64, None if b_t is None else b_t.double(), tau,
-                                         keep_diagonal)
+                                         keep_diagonal=not exclude_diagonal, cols_start_with_rows=b_s is not None)
     (rows * grad.double()).sum().backward()
     return rows.detach(), a64.grad, (None if b64 is None else b64.grad)
 
@@ -295,31 +295,31 @@ def _lse_oracle(a, b, tau, exclude_diagonal):
 
 
 @pytest.mark.parametrize(
-    "m, n, ds, dt, dtype, keep_diagonal, pad",
+    "m, n, ds, dt, dtype, exclude, pad",
     [
-        (70, None, 37, 45, torch.float16, False, 0),     # square, partial tiles, scalar loads
-        (70, None, 64, 128, torch.bfloat16, False, 8),   # square, 16-byte loads over padded rows, NF 4
-        (40, None, 96, 24, torch.float16, True, 0),      # keep the diagonal, NF 8
+        (70, None, 37, 45, torch.float16, True, 0),      # square, partial tiles, scalar loads
+        (70, None, 64, 128, torch.bfloat16, True, 8),    # square, 16-byte loads over padded rows, NF 4
+        (40, None, 96, 24, torch.float16, False, 0),     # keep the diagonal, NF 8
         (96, 32, 128, 64, torch.float16, False, 0),      # rectangular 3B x B (the paper's rotations)
         (33, 70, 300, 40, torch.bfloat16, False, 0),     # wide Ds: two output blocks over grid.y (NF 16)
         (20, 17, 256, 256, torch.float16, False, 16),    # Ds = 256 in one block, vector loads
         (40, 600, 64, 32, torch.float16, False, 0),      # few rows, many columns: columns split 3 ways
-        (300, None, 40, 40, torch.bfloat16, False, 0),   # square, split in 2 (a span boundary at 256)
+        (300, None, 40, 40, torch.bfloat16, True, 0),    # square, split in 2 (a span boundary at 256)
+        (70, 330, 48, 40, torch.float16, True, 0),       # one shard's rows against its batch: (i, i) left out,
+                                                         # in the column pass's split too
     ],
 )
-def test_fused_correlation_kernels_match_the_oracle(emu, order, m, n, ds, dt, dtype, keep_diagonal, pad):
+def test_fused_correlation_kernels_match_the_oracle(emu, order, m, n, ds, dt, dtype, exclude, pad):
     a_s = torch.randn(m, ds).to(dtype)
     a_t = torch.randn(m, dt).to(dtype)
     b_s = None if n is None else torch.randn(n, ds).to(dtype)
     b_t = None if n is None else torch.randn(n, dt).to(dtype)
     square = n is None
-    problem = FusedCorrelation(emu, a_s, a_t, b_s, b_t, tau=0.5, exclude_diagonal=square and not keep_diagonal,
-                               pad=pad)
+    problem = FusedCorrelation(emu, a_s, a_t, b_s, b_t, tau=0.5, exclude_diagonal=exclude, pad=pad)
     loss, lse_s, lse_t = problem.forward()
     grad = torch.rand(m) + 0.5                              # d total / d l_i (batchmean: 1/M; any works)
-    want, want_da, want_db = _correlation_oracle(a_s, a_t, b_s, b_t, 0.5, keep_diagonal, grad)
+    want, want_da, want_db = _correlation_oracle(a_s, a_t, b_s, b_t, 0.5, exclude, grad)
     cols_s, cols_t = (a_s, a_t) if square else (b_s, b_t)
-    exclude = square and not keep_diagonal
     torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse_s.double(), _lse_oracle(a_s, cols_s, 0.5, exclude), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse_t.double(), _lse_oracle(a_t, cols_t, 0.5, exclude), rtol=1e-5, atol=1e-5)
@@ -341,7 +341,7 @@ def test_fused_correlation_large_batch_gradient_keeps_its_bits(emu):
     problem = FusedCorrelation(emu, a_s, a_t)
     loss, lse_s, lse_t = problem.forward()
     d_a, _ = problem.backward(grad, lse_s, lse_t)
-    _, want_da, _ = _correlation_oracle(a_s, a_t, None, None, 0.5, False, grad)
+    _, want_da, _ = _correlation_oracle(a_s, a_t, None, None, 0.5, True, grad)
     rounding = (want_da.half().double() - want_da).abs().max() / want_da.abs().max()
     err = ((d_a.double() - want_da).abs().max() / want_da.abs().max()).item()
     assert err <= max(4 * rounding.item(), 2e-3), f"max error {err:.3g}, fp16 rounding {rounding.item():.3g}"

@@ -101,6 +101,28 @@ def test_correlation_rows_gradcheck_square_and_rectangular():
     assert torch.autograd.gradcheck(lambda x, y: reference.correlation_kl_rows(x, a_t, y, b_t, tau=0.7), (a_s, b_s))
 
 
+@pytest.mark.parametrize("keep_diagonal", [False, True])
+def test_correlation_shards_make_up_the_square_loss(keep_diagonal):
+    """Each shard's rows against the whole batch, its own rows first (cols_start_with_rows), gives
+    the square loss's rows of that shard; summed over the shards, the loss and the gradient of the
+    features (reaching them as rows and as columns) are the square ones."""
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(12, 7, dtype=torch.float64)
+    square = reference.correlation_kl_rows(x, t, tau=0.5, keep_diagonal=keep_diagonal)
+    (want,) = torch.autograd.grad(square.sum(), x)
+    shards, total = [], 0.0
+    for lo, hi in ((0, 4), (4, 8), (8, 12)):
+        rest = torch.cat([torch.arange(0, lo), torch.arange(hi, 12)])
+        rows = reference.correlation_kl_rows(x[lo:hi], t[lo:hi], torch.cat([x[lo:hi], x[rest]]),
+                                             torch.cat([t[lo:hi], t[rest]]), tau=0.5,
+                                             keep_diagonal=keep_diagonal, cols_start_with_rows=True)
+        shards.append(rows)
+        total = total + rows.sum()
+    (got,) = torch.autograd.grad(total, x)
+    torch.testing.assert_close(torch.cat(shards), square)
+    torch.testing.assert_close(got, want)
+
+
 def test_feature_alignment_value_and_gradcheck():
     a = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, 8, dtype=torch.float64)

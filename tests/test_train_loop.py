@@ -89,19 +89,21 @@ import gc, os, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from mlkd_fast import MLKDLoss
 from mlkd_fast.train.distributed import gather_with_grad
-rank, world = int(sys.argv[1]), 2
+rank, world, views, b = int(sys.argv[1]), 2, int(sys.argv[4]), 6
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
 dist.init_process_group("gloo", rank=rank, world_size=world)
 torch.manual_seed(0)
-x, t = torch.randn(12, 6), torch.randn(12, 5)
+x, t = torch.randn(views, world * b, 6), torch.randn(views, world * b, 5)  # view-major global batch
 head = torch.nn.Linear(6, 7)
-loss_fn = MLKDLoss(w_ce=0, w_kd=0, w_corr=1, backend="torch", correlation_gather=gather_with_grad)
+loss_fn = MLKDLoss(w_ce=0, w_kd=0, w_corr=1, views=views, correlation_gather=gather_with_grad)
 model = DDP(head)
-shard = slice(rank * 6, rank * 6 + 6)
-loss = loss_fn(student_feats=model(x[shard]), teacher_feats=t[shard])
+mine = slice(rank * b, rank * b + b)  # this rank's images, every view of them (view-major again)
+loss = loss_fn(student_feats=model(x[:, mine].reshape(-1, 6)), teacher_feats=t[:, mine].reshape(-1, 5))
 loss.backward()
+losses = [torch.zeros(()) for _ in range(world)]
+dist.all_gather(losses, loss.detach())
 if rank == 0:
-    torch.save({"loss": loss.detach(), "grad": head.weight.grad.clone()}, sys.argv[2])
+    torch.save({"losses": torch.stack(losses), "grad": head.weight.grad.clone()}, sys.argv[2])
 dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort at exit otherwise)
 # DDP and the all-gather's autograd nodes hold the process group, partly in reference cycles: freed only at
 # interpreter exit, gloo's threads then abort a process now and then ("terminate called without an active
@@ -112,20 +114,26 @@ dist.destroy_process_group()
 """
 
 
-def test_global_correlation_under_ddp_equals_the_single_process_loss_and_gradient(tmp_path):
+@pytest.mark.parametrize("views", [1, 4], ids=["square", "rotations"])
+def test_global_correlation_under_ddp_equals_the_single_process_loss_and_gradient(tmp_path, views):
+    """Each rank computes only its rows against the gathered columns (its losses differ from the
+    other rank's); their mean is the global-batch loss and DDP's averaged gradient its gradient."""
     from mlkd_fast import MLKDLoss
 
     path = tmp_path / "rank0.pt"
-    procs = [subprocess.Popen([sys.executable, "-c", _GLOBAL_CORR_WORKER, str(r), str(path), "29533"])
+    port = str(29533 + views)
+    procs = [subprocess.Popen([sys.executable, "-c", _GLOBAL_CORR_WORKER, str(r), str(path), port, str(views)])
              for r in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     got = torch.load(path)
     torch.manual_seed(0)
-    x, t = torch.randn(12, 6), torch.randn(12, 5)
+    x, t = torch.randn(views, 12, 6), torch.randn(views, 12, 5)
     head = torch.nn.Linear(6, 7)
-    loss = MLKDLoss(w_ce=0, w_kd=0, w_corr=1, backend="torch")(student_feats=head(x), teacher_feats=t)
+    loss = MLKDLoss(w_ce=0, w_kd=0, w_corr=1, views=views, backend="torch")(
+        student_feats=head(x.reshape(-1, 6)), teacher_feats=t.reshape(-1, 5))
     loss.backward()
-    torch.testing.assert_close(got["loss"], loss.detach())
+    assert not torch.allclose(got["losses"][0], got["losses"][1])  # split work, not the global loss twice
+    torch.testing.assert_close(got["losses"].mean(), loss.detach())
     torch.testing.assert_close(got["grad"], head.weight.grad)
 
 

@@ -53,6 +53,10 @@ def test_kd_kl_div_bad_input(kwargs, exc, words):
     (dict(student_feats=torch.randn(0, 8), teacher_feats=torch.randn(0, 5)), ValueError, "empty batch"),
     (dict(student_feats=torch.randn(2, 8), teacher_feats=torch.randn(2, 5)), ValueError, "at least 2 columns"),
     (dict(student_feats=torch.randn(1, 8), teacher_feats=torch.randn(1, 5), keep_diagonal=True), ValueError, "at least 2 columns"),
+    (dict(student_feats=torch.randn(5, 8), teacher_feats=torch.randn(5, 5), student_cols=torch.randn(4, 8),
+          teacher_cols=torch.randn(4, 5), cols_start_with_rows=True), ValueError, "rows first"),
+    (dict(student_feats=torch.randn(2, 8), teacher_feats=torch.randn(2, 5), student_cols=torch.randn(2, 8),
+          teacher_cols=torch.randn(2, 5), cols_start_with_rows=True), ValueError, "at least 2 columns"),
     (dict(student_feats=F_S, teacher_feats=F_T.to("meta")), ValueError, "device"),
 ])
 def test_correlation_kl_bad_input(kwargs, exc, words):

@@ -72,7 +72,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "and heads: cifar100 preset on digits, imagenet otherwise) (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default: %(default)s)")
     g.add_argument("--global-correlation", action="store_true",
-                   help="under DDP, the correlation spans the global batch (features all-gathered with gradient)")
+                   help="under DDP, the correlation spans the global batch: each process's rows against "
+                        "all processes' columns (all-gathered with gradient)")
     g.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, native (default: %(default)s)")
     g.add_argument("--teacher-epochs", type=int, default=30, help="digits teacher epochs (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=40, help="student epochs (default: %(default)s)")

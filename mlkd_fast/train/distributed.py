@@ -63,11 +63,14 @@ def sum_across(values: list[float], device: torch.device) -> list[float]:
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
-    """All ranks' ``x`` concatenated along dim 0, differentiable: the gradient of each rank's slice
-    is summed over the ranks' losses, which DDP's gradient averaging turns back into the gradient of
-    one global loss."""
+    """All ranks' ``x`` concatenated along dim 0, this rank's first, then the others in rank order
+    (the order ``MLKDLoss(correlation_gather=...)`` needs). Differentiable: the gradient of each
+    rank's slice is summed over the ranks' losses, which DDP's gradient averaging turns back into
+    the gradient of one global loss. Every rank must pass the same shape."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()))
+    parts = list(all_gather(x.contiguous()))
+    rank = dist.get_rank()
+    return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
