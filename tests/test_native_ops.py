@@ -174,23 +174,28 @@ def test_backward_fills_no_zero_gradients(backend):
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular"])
+@pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular", "shard"])
 def test_correlation_spans_several_tiles(mode):
     """The C++ CPU correlation walks 1024 x 1024 tiles (4096 on CUDA): rows and columns of several
     tiles, the last ones partial, so the running statistics cross tiles, the diagonal lies in tiles
     off the first, and the reused tile buffers take every tile size. Against the fp64 reference."""
     from mlkd_fast import functional as MF
     require_backend("native", "cpu")
-    m, n = (2100, 1100) if mode == "rectangular" else (1500, 1500)
+    m, n = {"rectangular": (2100, 1100), "shard": (1100, 2300)}.get(mode, (1500, 1500))
     a_s, a_t = torch.randn(m, 12) * 2, torch.randn(m, 9)
-    b_s, b_t = (None, None) if mode != "rectangular" else (torch.randn(n, 12), torch.randn(n, 9) * 3)
+    b_s, b_t = (None, None)
+    if mode == "rectangular":
+        b_s, b_t = torch.randn(n, 12), torch.randn(n, 9) * 3
+    elif mode == "shard":  # the rows first among the columns: (i, i) left out, in tiles off the first
+        b_s, b_t = torch.cat([a_s, torch.randn(n - m, 12)]), torch.cat([a_t, torch.randn(n - m, 9) * 3])
     grad_out = torch.rand(m) + 0.5
     results = []
     for backend, dtype in (("native", torch.float32), ("torch", torch.float64)):
         leaves = [x.to(dtype).requires_grad_() for x in (a_s, b_s) if x is not None]
         cols = (None, None) if b_s is None else (leaves[1], b_t.to(dtype))
         rows = MF.correlation_kl(leaves[0], a_t.to(dtype), *cols, tau=0.3, reduction="none",
-                                 keep_diagonal=mode == "keep_diagonal", backend=backend)
+                                 keep_diagonal=mode == "keep_diagonal", cols_start_with_rows=mode == "shard",
+                                 backend=backend)
         results.append((rows, torch.autograd.grad(rows, leaves, grad_out.to(dtype))))
     (rows, grads), (ref_rows, ref_grads) = results
     torch.testing.assert_close(rows.double(), ref_rows, rtol=2e-5, atol=1e-6)

@@ -82,7 +82,7 @@ TILED_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular"])
+@pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular", "shard"])
 def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode, dtype):
     """The tiled path (features too wide for the fused kernels) over several column tiles, forward and
     backward, against the fp64 reference: fp16/bf16 operands multiply in their own dtype (tensor cores
@@ -93,9 +93,13 @@ def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode, dty
     monkeypatch.setattr(correlation, "TILED_STATS_BLOCK", (8, 4))
     monkeypatch.setattr(correlation, "TILED_GRAD_BLOCK", (16, 4))
     a_s, a_t = torch.randn(30, 20) * 3, torch.randn(30, 12)
-    b_s, b_t = (None, None) if mode != "rectangular" else (torch.randn(17, 20), torch.randn(17, 12) * 5)
+    b_s, b_t = (None, None)
+    if mode == "rectangular":
+        b_s, b_t = torch.randn(17, 20), torch.randn(17, 12) * 5
+    elif mode == "shard":  # the 30 rows first among 45 columns
+        b_s, b_t = torch.cat([a_s, torch.randn(15, 20)]), torch.cat([a_t, torch.randn(15, 12) * 5])
     a_s, a_t, b_s, b_t = (None if x is None else x.to(dtype) for x in (a_s, a_t, b_s, b_t))
-    exclude = mode == "square"
+    exclude = mode in ("square", "shard")
     on = lambda x: None if x is None else x.to(device)  # noqa: E731
     loss, lse_s, lse_t = correlation._launch_fwd(on(a_s), on(a_t), on(b_s), on(b_t), 0.5, exclude, tiled=True)
     g = torch.rand(30)
@@ -103,7 +107,8 @@ def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode, dty
                                        tiled=True)
     leaves = [a_s.double().requires_grad_()] + ([] if b_s is None else [b_s.double().requires_grad_()])
     ref = reference.correlation_kl_rows(leaves[0], a_t.double(), leaves[1] if b_s is not None else None,
-                                        None if b_t is None else b_t.double(), 0.5, keep_diagonal=mode == "keep_diagonal")
+                                        None if b_t is None else b_t.double(), 0.5, keep_diagonal=mode == "keep_diagonal",
+                                        cols_start_with_rows=mode == "shard")
     ref_grads = torch.autograd.grad((ref * g.double()).sum(), leaves)
     tol = TILED_TOL[dtype]
     assert loss.dtype == torch.float32 and d_a.dtype == dtype
