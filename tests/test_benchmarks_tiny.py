@@ -39,3 +39,13 @@ def test_training_throughput_script(tmp_path):
     result = json.loads(out.read_text())
     assert result["fp32_eager"]["images_per_s"] > 0 and result["fast"]["images_per_s"] > 0
     assert 0 < result["fast"]["loss_share"] < 1
+
+
+def test_ddp_correlation_script(tmp_path):
+    out = tmp_path / "ddp.json"
+    _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+          "benchmarks/ddp_correlation.py", "--rows", "64", "--dim", "16", "--out", str(out)],
+         env={"OMP_NUM_THREADS": "1"})
+    result = json.loads(out.read_text())
+    assert result["global_batch"] == 128 and set(result["median_ms"]) == {"whole_matrix_per_process",
+                                                                            "own_rows_per_process"}
