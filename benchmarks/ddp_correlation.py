@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mlkd_fast import functional as MF
-from mlkd_fast.train.distributed import gather_with_grad
+from mlkd_fast.train.distributed import gather_with_grad, shutdown_distributed
 
 
 def main() -> None:
@@ -71,9 +71,8 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
                 f.write("\n")
-    dist.barrier()
-    del x
-    dist.destroy_process_group()
+    del x, t, whole, own_rows
+    shutdown_distributed(wait_for_all=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ weights of each trained network).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -247,11 +246,7 @@ class Run:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Runs ``mlkd-train`` with ``argv`` (default: the command line). Returns the summary written to
     ``<out>/summary.json``, or ``{"interrupted": True}`` when stopped (checkpoint saved)."""
-    summary = _train_all(parse_args(argv))
-    # DDP's reducer and the all-gather autograd nodes hold the process group, some of them inside
-    # reference cycles: left to the interpreter's exit, gloo's threads now and then abort the process
-    # ("terminate called without an active exception") after a run that succeeded.
-    gc.collect()
+    summary = _train_all(parse_args(argv))  # its DDP modules are gone with it (shutdown_distributed says why)
     # a stopped run may have stopped its ranks at different steps: no barrier then (it would hang)
     shutdown_distributed(wait_for_all="interrupted" not in summary)
     return summary

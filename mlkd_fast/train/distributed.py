@@ -7,6 +7,7 @@ frozen copy on every rank.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -46,8 +47,14 @@ def init_distributed(device_type: str) -> DistInfo:
 def shutdown_distributed(wait_for_all: bool = False) -> None:
     """Tears down the process group. ``wait_for_all`` meets the other ranks first, so that none
     destroys its group while another still uses it (an abort at exit otherwise); only where every rank
-    is sure to arrive (a run that ended normally), since a barrier nobody else reaches hangs."""
+    is sure to arrive (a run that ended normally), since a barrier nobody else reaches hangs.
+
+    Drop the references to DDP modules and to outputs of :func:`gather_with_grad` first: they hold the
+    process group, some inside reference cycles (collected here). One still alive at interpreter exit
+    can make gloo abort the process ("terminate called without an active exception") after a run that
+    succeeded."""
     if dist.is_initialized():
+        gc.collect()
         if wait_for_all:
             dist.barrier()
         dist.destroy_process_group()
