@@ -76,8 +76,13 @@ def gather_with_grad(x: Tensor) -> Tensor:
     the gradient of one global loss. Every rank must pass the same shape."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    world, rank = dist.get_world_size(), dist.get_rank()
+    try:  # where the deprecation warning of torch.distributed.nn.functional.all_gather points
+        from torch.distributed._functional_collectives import all_gather_single_autograd
+    except ImportError:  # pragma: no cover - older torch
+        from torch.distributed.nn.functional import all_gather
 
-    parts = list(all_gather(x.contiguous()))
-    rank = dist.get_rank()
-    return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
+        parts = all_gather(x.contiguous())
+    else:
+        parts = all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD).chunk(world)
+    return torch.cat([parts[rank], *parts[:rank], *parts[rank + 1:]])
