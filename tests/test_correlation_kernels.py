@@ -106,6 +106,10 @@ def test_few_rows_many_columns(kernel_backend, dtype):
     _check(backend, device, torch.randn(40, 64).to(dtype), torch.randn(40, 32).to(dtype),
            torch.randn(600, 64).to(dtype), torch.randn(600, 32).to(dtype))
     _check(backend, device, torch.randn(600, 24).to(dtype), torch.randn(600, 40).to(dtype))  # square: 10 row programs x 3 spans
+    # one DDP process's rows against the global batch, which starts with them: (i, i) in the first span
+    a_s, a_t = torch.randn(40, 64).to(dtype), torch.randn(40, 32).to(dtype)
+    _check(backend, device, a_s, a_t, torch.cat([a_s, torch.randn(560, 64).to(dtype)]),
+           torch.cat([a_t, torch.randn(560, 32).to(dtype)]), cols_start_with_rows=True)
 
 
 def test_fp16_gradients_of_a_large_batch_do_not_underflow(kernel_backend):
