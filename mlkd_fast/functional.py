@@ -264,9 +264,10 @@ def correlation_kl(
     if not square and cols_start_with_rows and n_cols < a_s.shape[0]:
         raise ValueError(f"cols_start_with_rows: the columns must hold the M = {a_s.shape[0]} rows first, "
                          f"but there are only N = {n_cols}")
-    exclude_diagonal = (square or bool(cols_start_with_rows)) and not keep_diagonal
+    rows_in_cols = square or bool(cols_start_with_rows)  # row i is column i: (i, i) is its self-similarity
+    exclude_diagonal = rows_in_cols and not keep_diagonal
     counted_cols = n_cols - 1 if exclude_diagonal else n_cols
-    if (square or cols_start_with_rows) and counted_cols < 2:
+    if rows_in_cols and counted_cols < 2:
         raise ValueError(
             f"a {'square ' if square else ''}correlation needs at least 2 columns after excluding the diagonal; "
             f"there are N = {n_cols} columns (keep_diagonal={keep_diagonal})"

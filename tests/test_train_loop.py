@@ -85,10 +85,10 @@ def test_torchrun_two_processes_on_cpu_all_reduces_metrics(tmp_path):
 
 
 _GLOBAL_CORR_WORKER = r"""
-import gc, os, sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from mlkd_fast import MLKDLoss
-from mlkd_fast.train.distributed import gather_with_grad
+from mlkd_fast.train.distributed import gather_with_grad, shutdown_distributed
 rank, world, views, b = int(sys.argv[1]), 2, int(sys.argv[4]), 6
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
 dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -104,13 +104,8 @@ losses = [torch.zeros(()) for _ in range(world)]
 dist.all_gather(losses, loss.detach())
 if rank == 0:
     torch.save({"losses": torch.stack(losses), "grad": head.weight.grad.clone()}, sys.argv[2])
-dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort at exit otherwise)
-# DDP and the all-gather's autograd nodes hold the process group, partly in reference cycles: freed only at
-# interpreter exit, gloo's threads then abort a process now and then ("terminate called without an active
-# exception", 2 of 30 runs before this)
-del model, loss
-gc.collect()
-dist.destroy_process_group()
+del model, loss  # they hold the process group (see shutdown_distributed)
+shutdown_distributed(wait_for_all=True)
 """
 
 
