@@ -67,7 +67,7 @@ def markdown(rows: list[dict], runs: list[dict]) -> str:
                    f"commit {run.get('commit')}, {run.get('datetime')} (`{run['file']}`).")
     out += ["", "| op | pass | dtype | shape | device | provider | median | rate | of peak | vs eager | vs compile "
                 "| peak extra MiB |", "|" + "---|" * 12]
-    order = {"eager": 0, "compile": 1, "liger": 2, "triton": 3, "native": 4, "torch": 5}
+    order = {"eager": 0, "compile": 1, "reference": 2, "liger": 3, "triton": 4, "native": 5, "torch": 6}
     rows = sorted(rows, key=lambda r: (r["file"], r.get("device", ""), r.get("op", ""), r.get("pass_", ""),
                                        r.get("n", r.get("m", 0)), r.get("c", r.get("d", 0)),
                                        order.get(r["provider"], 9)))
@@ -84,7 +84,9 @@ def markdown(rows: list[dict], runs: list[dict]) -> str:
                    f"{_fmt(r.get('peak_extra_mib'), '.0f')} |")
     out.append("")
     out.append("Rate: KL = bytes (inputs read once + gradient written once) / time; correlation = useful "
-               "flops / time. \"of peak\": against the copy bandwidth or matmul peak measured in the same run.")
+               "flops / time. \"of peak\": against the copy bandwidth or matmul peak measured in the same run. "
+               "eager and compile: the loss as a user writes it in plain PyTorch, and torch.compile of it; "
+               "reference: this package's PyTorch reference.")
     return "\n".join(out) + "\n"
 
 

@@ -1,9 +1,12 @@
 """Throughput and memory of the KD KL and the correlation KL, every provider on one shape per group.
 
-Groups: ``<op> <pass> <dtype> <shape> <device>``, pass = ``fwd`` or ``fwd+bwd``. Providers: ``eager``
-(the package's reference), ``compile`` (torch.compile of it), ``triton``, ``native`` (C++ CPU or
-CUDA), ``liger`` (Liger-Kernel's KL when installed: log_softmax of both inputs + its KL op; CUDA).
-A provider that cannot run here is skipped with the reason.
+Groups: ``<op> <pass> <dtype> <shape> <device>``, pass = ``fwd`` or ``fwd+bwd``. Providers:
+``eager`` (what a user writes in plain PyTorch: for the KL ``F.kl_div`` of two ``log_softmax`` with
+``log_target=True`` times T^2; for the correlation the explicit M x N matrices from ``F.normalize``
+and ``mm``, the diagonal removed, ``log_softmax`` and ``kl_div``), ``compile`` (torch.compile of that
+same function), ``reference`` (this package's pure-PyTorch reference, ``backend="torch"``),
+``triton``, ``native`` (C++ CPU or CUDA), ``liger`` (Liger-Kernel's KL when installed: log_softmax of
+both inputs + its KL op; CUDA). A provider that cannot run here is skipped with the reason.
 
 Run on CPU: ``python -m pytest benchmarks --benchmark-json benchmarks/results/cpu.json``; on a GPU
 the same command times the CUDA shapes (SPEC 5) too (see benchmarks/gpu_pass.sh). Every result
@@ -36,9 +39,28 @@ CORR_SIZES = {"cpu": [(64, 16)] if TINY else [(4096, 128)],
               "cuda": [(64, 16)] if TINY else [(m, d) for d in (128, 512) for m in (4096, 16384, 65536)]
               + [(16384, 2048)]}
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
-KL_PROVIDERS = ["eager", "compile", "triton", "native", "liger"]
-CORR_PROVIDERS = ["eager", "compile", "triton", "native"]
+KL_PROVIDERS = ["eager", "compile", "reference", "triton", "native", "liger"]
+CORR_PROVIDERS = ["eager", "compile", "reference", "triton", "native"]
 PASSES = ["fwd", "fwd+bwd"]
+# MLKD_BENCH_SET=headline times what the first GPU command of benchmarks/gpu_pass.sh must bring back
+# (fwd+bwd of every KL shape, the correlation at D = 128 and M = N >= 16384), =rest everything else,
+# =all (default) both; the rooflines run in every set so that each file has its own peaks.
+BENCH_SET = os.environ.get("MLKD_BENCH_SET", "all")
+if BENCH_SET not in ("headline", "rest", "all"):
+    raise ValueError(f"MLKD_BENCH_SET must be headline, rest or all, not {BENCH_SET!r}")
+
+
+def _headline(op: str, pass_: str, size: tuple, device: str) -> bool:
+    if pass_ != "fwd+bwd":
+        return False
+    if TINY or op == "kd_kl":
+        return True
+    return size[1] == 128 and size[0] >= 16384
+
+
+def _cases(op: str, sizes: dict) -> list:
+    return [(size, device, pass_) for device in DEVICES for size in sizes[device] for pass_ in PASSES
+            if BENCH_SET == "all" or (BENCH_SET == "headline") == _headline(op, pass_, size, device)]
 TEMPERATURE = 4.0
 
 
@@ -57,22 +79,41 @@ def _need(provider: str, device: str) -> None:
         pytest.skip("torch.compile is left out of the tiny CPU run (set MLKD_BENCH_COMPILE=1)")
 
 
+def eager_kd_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The temperature KL as a user writes it in plain PyTorch (the baseline every ratio is against)."""
+    return F.kl_div(F.log_softmax(s / TEMPERATURE, 1), F.log_softmax(t / TEMPERATURE, 1), log_target=True,
+                    reduction="batchmean") * TEMPERATURE * TEMPERATURE
+
+
+def eager_correlation(a_s: torch.Tensor, a_t: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """The square correlation KL as a user writes it: both M x M cosine matrices, the diagonal removed."""
+    m = a_s.shape[0]
+    off_diagonal = ~torch.eye(m, dtype=torch.bool, device=a_s.device)
+    n_s, n_t = F.normalize(a_s, dim=1), F.normalize(a_t, dim=1)
+    # matmuls in the features' dtype (tensor cores for bf16), the softmaxes in fp32 as autocast would
+    sim_s = (torch.mm(n_s, n_s.t()).float() / tau)[off_diagonal].view(m, m - 1)
+    sim_t = (torch.mm(n_t, n_t.t()).float() / tau)[off_diagonal].view(m, m - 1)
+    return F.kl_div(F.log_softmax(sim_s, 1), F.log_softmax(sim_t, 1), log_target=True, reduction="batchmean")
+
+
 def kl_fn(provider: str):
-    """loss(s, t) for a provider; the batchmean T^2 KL of SPEC 2.1 in each."""
+    """loss(s, t) for a provider; the batchmean T^2 KL in each."""
     if provider == "liger":
         from liger_kernel.transformers.kl_div import LigerKLDIVLoss
 
         kl = LigerKLDIVLoss(reduction="batchmean")
         return lambda s, t: kl(F.log_softmax(s / TEMPERATURE, -1), F.softmax(t / TEMPERATURE, -1)) * TEMPERATURE ** 2
-    backend = "torch" if provider in ("eager", "compile") else provider
-    fn = lambda s, t: MF.kd_kl_div(s, t, TEMPERATURE, backend=backend)  # noqa: E731
-    return torch.compile(fn) if provider == "compile" else fn
+    if provider in ("eager", "compile"):
+        return torch.compile(eager_kd_kl) if provider == "compile" else eager_kd_kl
+    backend = "torch" if provider == "reference" else provider
+    return lambda s, t: MF.kd_kl_div(s, t, TEMPERATURE, backend=backend)
 
 
 def corr_fn(provider: str):
-    backend = "torch" if provider in ("eager", "compile") else provider
-    fn = lambda a_s, a_t: MF.correlation_kl(a_s, a_t, tau=0.5, backend=backend)  # noqa: E731
-    return torch.compile(fn) if provider == "compile" else fn
+    if provider in ("eager", "compile"):
+        return torch.compile(eager_correlation) if provider == "compile" else eager_correlation
+    backend = "torch" if provider == "reference" else provider
+    return lambda a_s, a_t: MF.correlation_kl(a_s, a_t, tau=0.5, backend=backend)
 
 
 class PeakRss:
@@ -148,11 +189,10 @@ def measure_pass(benchmark, fn, student, teacher, backward: bool, device: str) -
 
 
 @pytest.mark.parametrize("provider", KL_PROVIDERS)
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("shape_dev", [(s, d) for d in DEVICES for s in KL_SHAPES[d]],
-                         ids=lambda p: f"{p[0][0]}x{p[0][1]}-{p[1]}")
-def test_kd_kl(benchmark, provider, pass_, shape_dev):
-    (n, c), device = shape_dev
+@pytest.mark.parametrize("shape_dev", _cases("kd_kl", KL_SHAPES),
+                         ids=lambda p: f"{p[0][0]}x{p[0][1]}-{p[1]}-{p[2]}")
+def test_kd_kl(benchmark, provider, shape_dev):
+    (n, c), device, pass_ = shape_dev
     _need(provider, device)
     dtype = DTYPES[device]
     elem = torch.finfo(dtype).bits // 8
@@ -166,11 +206,10 @@ def test_kd_kl(benchmark, provider, pass_, shape_dev):
 
 
 @pytest.mark.parametrize("provider", CORR_PROVIDERS)
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("size_dev", [(s, d) for d in DEVICES for s in CORR_SIZES[d]],
-                         ids=lambda p: f"{p[0][0]}xD{p[0][1]}-{p[1]}")
-def test_correlation(benchmark, provider, pass_, size_dev):
-    (m, d), device = size_dev
+@pytest.mark.parametrize("size_dev", _cases("correlation", CORR_SIZES),
+                         ids=lambda p: f"{p[0][0]}xD{p[0][1]}-{p[1]}-{p[2]}")
+def test_correlation(benchmark, provider, size_dev):
+    (m, d), device, pass_ = size_dev
     _need(provider, device)
     dtype = DTYPES[device]
     backward = pass_ == "fwd+bwd"

@@ -1,6 +1,6 @@
 """Every Triton kernel variant the launchers pick compiles for sm_90 (no GPU needed), fits in the
 shared memory an H100 grants a block, and does not spill (beyond a few bytes) — the checks the
-interpreter that runs the kernels' arithmetic in CI cannot make. See benchmarks/triton_build.py;
+interpreter that runs the kernels' arithmetic in CI cannot make. See tools/triton_build.py;
 its committed report is benchmarks/results/triton_build_sm90.md."""
 import json
 import os
@@ -33,7 +33,7 @@ def report(tmp_path_factory):
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("triton_build") / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.triton_build", "--arch", "90", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "tools.triton_build", "--arch", "90", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text()), done

@@ -7,7 +7,7 @@ only names a target (default sm_90, an H100): every ``kernel[grid](...)`` is com
 through Triton's own binder (the same specialisation and options a GPU run gets), down to a cubin.
 ptxas then reports registers, spills and shared memory per compiled variant.
 
-    python -m benchmarks.triton_build [--arch 90] [--json F] [--md F]
+    python -m tools.triton_build [--arch 90] [--json F] [--md F]
 
 It must run in a process without TRITON_INTERPRET (the kernels must be compiled ``JITFunction``s);
 tests/test_triton_build.py runs it so, and fails on a compile error, too much shared memory or a
@@ -88,7 +88,7 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
             yield f"scale_rows_ {name} 8192x32000", lambda x=x, g=g: kd_kl._launch_scale_rows(x, g, inplace=True)
 
         # every row of the fused-kernel table, mixed widths, and widths beyond it (the tiled path)
-        widths = (((64, 64), (128, 100), (256, 256)) if dtype == torch.float32 else
+        widths = (((64, 64), (128, 100), (128, 128), (256, 256)) if dtype == torch.float32 else
                   ((128, 128), (256, 256), (512, 512), (37, 300), (1024, 2048)) if dtype == torch.bfloat16 else
                   ((128, 128),))
         for ds, dt in widths:
@@ -173,7 +173,7 @@ def build(arch: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Triton kernels compiled for sm_{report['arch']} without a GPU (`python -m benchmarks.triton_build`), "
+    lines = [f"Triton kernels compiled for sm_{report['arch']} without a GPU (`python -m tools.triton_build`), "
              f"triton {report['triton']}, torch {report['torch']}, commit {report['commit']}; "
              f"{len(report['variants'])} variants, "
              f"{len(report['errors'])} errors, {report['seconds']} s.", "",
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     report = build(args.arch)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(report, f, indent=1, default=str)  # constexprs may be Triton dtypes
     text = markdown(report)
     if args.md:
         with open(args.md, "w") as f:
