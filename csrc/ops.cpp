@@ -1,7 +1,9 @@
 // mlkd_fast compiled ops: the schemas (defined once here), the C++ CPU kernels, and (when built with
 // CUDA) the CUDA registrations: the KL kernels of csrc/kd_kl_cuda.cu and, for fp16/bf16 features,
-// the fused correlation of csrc/correlation_cuda.cu, launched on the current stream; fp32 features
-// take the tiled correlation below, whose tiles are cuBLAS matmuls on the GPU.
+// the fused correlation of csrc/correlation_cuda.cu, launched on the current stream; fp32 and fp64
+// features (and mixed dtypes) take the tiled correlation below, whose tiles are cuBLAS matmuls on the
+// GPU. Every op takes fp32, fp16, bf16 and fp64, student and teacher in any combination; the math is
+// fp32, or fp64 when an input is fp64.
 //
 // Semantics are those of the Triton ops in kernels/ (see their docstrings); the Python side
 // (mlkd_fast/_native.py) adds the fake implementations and autograd.
@@ -348,46 +350,83 @@ static const KlSweeps& kl_sweeps() {
   return sweeps;
 }
 
-template <typename scalar_t>
-static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* t, int64_t t_stride,
-                           const float* weight, float* rows, scalar_t* gs, scalar_t* gt, int64_t n, int64_t c,
-                           float temperature) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+// Rows of any floating dtype in the math dtype acc_t, and back: student and teacher (and so their
+// gradients) may have different dtypes, converted row by row in L1 instead of a promoted copy of
+// the narrower input. `offset` counts elements from `base`.
+template <typename acc_t>
+static void load_row(const void* base, at::ScalarType dtype, int64_t offset, int64_t c, acc_t* dst) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mlkd_load_row", [&] {
+    const scalar_t* src = static_cast<const scalar_t*>(base) + offset;
+    for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<acc_t>(src[j]);
+  });
+}
+
+template <typename acc_t>
+static void store_row(const acc_t* src, void* base, at::ScalarType dtype, int64_t offset, int64_t c) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mlkd_store_row", [&] {
+    scalar_t* dst = static_cast<scalar_t*>(base) + offset;
+    for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+  });
+}
+
+static void zero_row(void* base, at::ScalarType dtype, int64_t offset, int64_t c) {
+  std::memset(static_cast<char*>(base) + offset * static_cast<int64_t>(c10::elementSize(dtype)), 0,
+              static_cast<size_t>(c) * c10::elementSize(dtype));
+}
+
+// The operands of one CPU kd_kl call: inputs with their row strides, contiguous gradients (null when
+// not wanted), each pointer with its own dtype.
+struct KlRowsArgs {
+  const void* s;
+  at::ScalarType s_type;
+  int64_t s_stride;
+  const void* t;
+  at::ScalarType t_type;
+  int64_t t_stride;
+  void* gs;  // (N, C), s_type
+  void* gt;  // (N, C), t_type
+  int64_t n, c;
+};
+
+// fp32 math (fp32, fp16 and bf16 inputs in any combination): the vectorised sweeps.
+static void kd_kl_rows_cpu_f32(const KlRowsArgs& a, const float* weight, float* rows, float temperature) {
+  const int64_t c = a.c;
   const float inv_t = 1.0f / temperature;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
   const KlSweeps& sw = kl_sweeps();
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+  const bool all_float = a.s_type == at::kFloat && a.t_type == at::kFloat;
+  at::parallel_for(0, a.n, grain, [&](int64_t begin, int64_t end) {
     // fp32 scratch: v, u, e_s, e_t, and a staging row for dtype conversions. Kept per thread across
     // calls, so that a call neither allocates it nor faults it in again.
     thread_local std::vector<float> scratch;
-    scratch.resize(std::max(scratch.size(), static_cast<size_t>(kFloat ? 4 : 5) * c));
+    scratch.resize(std::max(scratch.size(), static_cast<size_t>(all_float ? 4 : 5) * c));
     float* v = scratch.data();
     float* u = v + c;
     float* e_s = u + c;
     float* e_t = e_s + c;
-    float* stage = kFloat ? nullptr : e_t + c;
-    auto load = [&](const scalar_t* src, float* dst) -> float {
-      if constexpr (kFloat) {
-        return sw.scale_and_max(src, inv_t, dst, c);
-      } else {
-        for (int64_t j = 0; j < c; ++j) stage[j] = static_cast<float>(src[j]);
-        return sw.scale_and_max(stage, inv_t, dst, c);
-      }
+    float* stage = all_float ? nullptr : e_t + c;
+    auto load = [&](const void* base, at::ScalarType dtype, int64_t offset, float* dst) -> float {
+      if (dtype == at::kFloat) return sw.scale_and_max(static_cast<const float*>(base) + offset, inv_t, dst, c);
+      load_row(base, dtype, offset, c, stage);
+      return sw.scale_and_max(stage, inv_t, dst, c);
     };
-    auto store = [&](const float* src, scalar_t* dst) {
-      if constexpr (!kFloat)
-        for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+    // the sweep writes straight into an fp32 gradient, else into the stage and is then converted
+    auto grad_out = [&](void* base, at::ScalarType dtype, int64_t offset) -> float* {
+      return dtype == at::kFloat ? static_cast<float*>(base) + offset : stage;
+    };
+    auto finish = [&](void* base, at::ScalarType dtype, int64_t offset) {
+      if (dtype != at::kFloat) store_row(stage, base, dtype, offset, c);
     };
     for (int64_t i = begin; i < end; ++i) {
       const float keep = weight == nullptr ? 1.0f : weight[i];
       if (keep == 0.0f) {  // weight 0 (a masked row): exactly 0, whatever the row holds (NaN, all -inf)
         rows[i] = 0.0f;
-        if (gs != nullptr) std::fill(gs + i * c, gs + (i + 1) * c, scalar_t(0));
-        if (gt != nullptr) std::fill(gt + i * c, gt + (i + 1) * c, scalar_t(0));
+        if (a.gs != nullptr) zero_row(a.gs, a.s_type, i * c, c);
+        if (a.gt != nullptr) zero_row(a.gt, a.t_type, i * c, c);
         continue;
       }
-      float m_s = load(s + i * s_stride, v);
-      float m_t = load(t + i * t_stride, u);
+      float m_s = load(a.s, a.s_type, i * a.s_stride, v);
+      float m_t = load(a.t, a.t_type, i * a.t_stride, u);
       if (m_s == kNegInf) m_s = 0.0f;  // an all -inf row: keep the arithmetic finite
       if (m_t == kNegInf) m_t = 0.0f;
       const KlSums sums = sw.exp_and_sums(v, u, m_s, m_t, e_s, e_t, c);
@@ -397,63 +436,119 @@ static void kd_kl_rows_cpu(const scalar_t* s, int64_t s_stride, const scalar_t* 
       rows[i] = kl * temperature * temperature * keep;
       const float w_s = static_cast<float>(temperature * keep / sums.z_s);
       const float w_t = static_cast<float>(temperature * keep / sums.z_t);
-      if (gs != nullptr) {
-        scalar_t* out = gs + i * c;
-        if constexpr (kFloat) {
-          sw.student_grad_row(e_s, e_t, w_s, w_t, out, c);
-        } else {
-          sw.student_grad_row(e_s, e_t, w_s, w_t, stage, c);
-          store(stage, out);
-        }
+      if (a.gs != nullptr) {
+        sw.student_grad_row(e_s, e_t, w_s, w_t, grad_out(a.gs, a.s_type, i * c), c);
+        finish(a.gs, a.s_type, i * c);
       }
-      if (gt != nullptr) {
-        scalar_t* out = gt + i * c;
+      if (a.gt != nullptr) {
         const float offset = (m_s + log_z_s) - (m_t + log_z_t) - kl;
-        if constexpr (kFloat) {
-          sw.teacher_grad_row(v, u, e_t, w_t, offset, out, c);
-        } else {
-          sw.teacher_grad_row(v, u, e_t, w_t, offset, stage, c);
-          store(stage, out);
-        }
+        sw.teacher_grad_row(v, u, e_t, w_t, offset, grad_out(a.gt, a.t_type, i * c), c);
+        finish(a.gt, a.t_type, i * c);
       }
     }
   });
 }
 
-// The checks and the outputs of kd_kl, shared by the CPU and the CUDA implementation.
+// fp64 math (either input fp64): the same formulas in double, portable loops (fp64 is the
+// accuracy path, not a speed target).
+static void kd_kl_rows_cpu_f64(const KlRowsArgs& a, const double* weight, double* rows, double temperature) {
+  const int64_t c = a.c;
+  const double inv_t = 1.0 / temperature;
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  at::parallel_for(0, a.n, std::max<int64_t>(1, 8192 / std::max<int64_t>(c, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(4 * c);
+    double* v = scratch.data();
+    double* u = v + c;
+    double* e_s = u + c;
+    double* e_t = e_s + c;
+    auto load = [&](const void* base, at::ScalarType dtype, int64_t offset, double* dst) -> double {
+      load_row(base, dtype, offset, c, dst);
+      double m = neg_inf;
+      for (int64_t j = 0; j < c; ++j) {
+        dst[j] *= inv_t;
+        m = dst[j] > m ? dst[j] : m;  // NaN never wins; it reaches the sums and so the loss
+      }
+      return m == neg_inf ? 0.0 : m;  // an all -inf row: keep the arithmetic finite
+    };
+    for (int64_t i = begin; i < end; ++i) {
+      const double keep = weight == nullptr ? 1.0 : weight[i];
+      if (keep == 0.0) {
+        rows[i] = 0.0;
+        if (a.gs != nullptr) zero_row(a.gs, a.s_type, i * c, c);
+        if (a.gt != nullptr) zero_row(a.gt, a.t_type, i * c, c);
+        continue;
+      }
+      const double m_s = load(a.s, a.s_type, i * a.s_stride, v);
+      const double m_t = load(a.t, a.t_type, i * a.t_stride, u);
+      double z_s = 0.0, z_t = 0.0, acc = 0.0;
+      for (int64_t j = 0; j < c; ++j) {
+        e_s[j] = std::exp(v[j] - m_s);
+        e_t[j] = std::exp(u[j] - m_t);
+        z_s += e_s[j];
+        z_t += e_t[j];
+        acc += u[j] == neg_inf ? 0.0 : e_t[j] * (u[j] - v[j]);
+      }
+      const double log_z_s = std::log(z_s), log_z_t = std::log(z_t);
+      const double kl = acc / z_t + (m_s - m_t) + (log_z_s - log_z_t);
+      rows[i] = kl * temperature * temperature * keep;
+      const double w_s = temperature * keep / z_s, w_t = temperature * keep / z_t;
+      if (a.gs != nullptr) {  // T (q - p) keep, written over e_s (not needed after)
+        for (int64_t j = 0; j < c; ++j) e_s[j] = e_s[j] * w_s - e_t[j] * w_t;
+        store_row(e_s, a.gs, a.s_type, i * c, c);
+      }
+      if (a.gt != nullptr) {  // T p (log p - log q - l) keep, 0 where the teacher logit is -inf
+        const double offset = (m_s + log_z_s) - (m_t + log_z_t) - kl;
+        for (int64_t j = 0; j < c; ++j) e_t[j] = u[j] == neg_inf ? 0.0 : e_t[j] * w_t * ((u[j] - v[j]) + offset);
+        store_row(e_t, a.gt, a.t_type, i * c, c);
+      }
+    }
+  });
+}
+
+// The math dtype of kd_kl: fp64 when either input is fp64, else fp32.
+static at::ScalarType kl_math_type(const at::Tensor& s, const at::Tensor& t) {
+  return s.scalar_type() == at::kDouble || t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The checks and the outputs of kd_kl, shared by the CPU and the CUDA implementation. Student and
+// teacher may differ in dtype; the loss rows and the row weights are in the math dtype, each
+// gradient in its input's dtype.
 struct KdKlOutputs {
-  at::Tensor rows, grad_s, grad_t, weight;  // weight: contiguous row_weight, or undefined
+  at::Tensor rows, grad_s, grad_t, weight;  // weight: contiguous row_weight in the math dtype, or undefined
 };
 
 static KdKlOutputs kd_kl_outputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& weight,
                                  bool student_grad, bool teacher_grad) {
   TORCH_CHECK(s.dim() == 2 && t.sizes() == s.sizes(), "kd_kl: student and teacher must be (N, C) of one shape");
   TORCH_CHECK(s.stride(1) == 1 && t.stride(1) == 1, "kd_kl: the last stride must be 1");
-  TORCH_CHECK(s.scalar_type() == t.scalar_type(), "kd_kl: student and teacher dtypes differ");
-  TORCH_CHECK(!weight.has_value() || (weight->scalar_type() == at::kFloat && weight->numel() == s.size(0)),
-              "kd_kl: row_weight must be a float32 vector of length N");
+  TORCH_CHECK(s.is_floating_point() && t.is_floating_point(), "kd_kl: student and teacher must be floating point");
+  TORCH_CHECK(!weight.has_value() || (weight->is_floating_point() && weight->numel() == s.size(0)),
+              "kd_kl: row_weight must be a floating vector of length N");
   TORCH_CHECK(t.device() == s.device() && (!weight.has_value() || weight->device() == s.device()),
               "kd_kl: student, teacher and row_weight must be on one device");
   const int64_t n = s.size(0), c = s.size(1);
-  return {at::empty({n}, s.options().dtype(at::kFloat)),
+  const auto math = kl_math_type(s, t);
+  return {at::empty({n}, s.options().dtype(math)),
           student_grad ? empty_output({n, c}, s.options()) : at::empty({0}, s.options()),
           teacher_grad ? empty_output({n, c}, t.options()) : at::empty({0}, t.options()),
-          weight.has_value() ? weight->contiguous() : at::Tensor()};
+          weight.has_value() ? weight->to(math).contiguous() : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                          const c10::optional<at::Tensor>& row_weight,
                                                          double temperature, bool student_grad, bool teacher_grad) {
   auto [rows, grad_s, grad_t, weight] = kd_kl_outputs(student, teacher, row_weight, student_grad, teacher_grad);
-  const int64_t n = student.size(0), c = student.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_kl_cpu", [&] {
-    kd_kl_rows_cpu<scalar_t>(student.const_data_ptr<scalar_t>(), student.stride(0),
-                             teacher.const_data_ptr<scalar_t>(), teacher.stride(0),
-                             weight.defined() ? weight.const_data_ptr<float>() : nullptr, rows.mutable_data_ptr<float>(),
-                             student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr,
-                             teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr, n, c,
-                             static_cast<float>(temperature));
-  });
+  const KlRowsArgs args{student.const_data_ptr(), student.scalar_type(), student.stride(0),
+                        teacher.const_data_ptr(), teacher.scalar_type(), teacher.stride(0),
+                        student_grad ? grad_s.mutable_data_ptr() : nullptr,
+                        teacher_grad ? grad_t.mutable_data_ptr() : nullptr, student.size(0), student.size(1)};
+  if (rows.scalar_type() == at::kDouble) {
+    kd_kl_rows_cpu_f64(args, weight.defined() ? weight.const_data_ptr<double>() : nullptr,
+                       rows.mutable_data_ptr<double>(), temperature);
+  } else {
+    kd_kl_rows_cpu_f32(args, weight.defined() ? weight.const_data_ptr<float>() : nullptr,
+                       rows.mutable_data_ptr<float>(), static_cast<float>(temperature));
+  }
   return {rows, grad_s, grad_t};
 }
 
@@ -493,7 +588,8 @@ at::Tensor scale_rows_cpu(const at::Tensor& x, const at::Tensor& g) {
 void scale_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& g) { scale_rows_cpu_into(x, x, g); }
 
 // ------------------------------------------------------------------------------------------
-// Correlation KL, tiled (CPU, and CUDA for fp32 features): (BM x BN) tiles of both similarity
+// Correlation KL, tiled (CPU, and CUDA for fp32 and fp64 features or mixed dtypes; fp64 anywhere
+// makes the math fp64): (BM x BN) tiles of both similarity
 // matrices from BLAS / cuBLAS matmuls of the normalised features; per-row online log-sum-exps (on CPU
 // each tile row swept in L1 by the KL's vectorised loops, on CUDA ATen ops); never an (M x N) matrix
 // (extra memory O(tile^2 + (M + N) D)). The backward walks the same tiles once, accumulating the row
@@ -501,31 +597,42 @@ void scale_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& g) { scale_ro
 // ------------------------------------------------------------------------------------------
 static int64_t corr_tile(const at::Tensor& x) { return x.is_cuda() ? 4096 : 1024; }
 
-static at::Tensor inv_norms(const at::Tensor& x) {
-  return at::linalg_vector_norm(x, 2, {1}, false, at::kFloat).clamp_min(kNormEps).reciprocal();
+// Inverse row norms 1 / max(||x||, eps), computed in `math` (fp32, or fp64 for the fp64 path).
+static at::Tensor inv_norms(const at::Tensor& x, at::ScalarType math) {
+  return at::linalg_vector_norm(x, 2, {1}, false, math).clamp_min(kNormEps).reciprocal();
+}
+
+// The tiled correlation's math dtype: fp64 when any feature tensor is fp64 (fp64 stays fp64), else
+// fp32 (fp16/bf16 features are widened; mixed student/teacher dtypes meet there).
+static at::ScalarType corr_math_type(const at::Tensor& a_s, const at::Tensor& a_t,
+                                     const c10::optional<at::Tensor>& b_s, const c10::optional<at::Tensor>& b_t) {
+  for (const at::Tensor* x : {&a_s, &a_t, b_s ? &*b_s : nullptr, b_t ? &*b_t : nullptr})
+    if (x != nullptr && x->scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
 }
 
 struct CorrOperands {
   bool square;
-  at::Tensor a_s, a_t, b_s, b_t;      // normalised fp32 features
+  at::Tensor a_s, a_t, b_s, b_t;      // normalised features in the math dtype
   at::Tensor ra_s, rb_s;              // student inverse norms (for the normalisation backward)
 };
 
 static CorrOperands corr_operands(const at::Tensor& a_s, const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
                                   const c10::optional<at::Tensor>& b_t) {
   CorrOperands o;
+  const auto math = corr_math_type(a_s, a_t, b_s, b_t);
   o.square = !b_s.has_value();
-  o.ra_s = inv_norms(a_s);
-  o.a_s = a_s.to(at::kFloat) * o.ra_s.unsqueeze(1);
-  o.a_t = a_t.to(at::kFloat) * inv_norms(a_t).unsqueeze(1);
+  o.ra_s = inv_norms(a_s, math);
+  o.a_s = a_s.to(math) * o.ra_s.unsqueeze(1);
+  o.a_t = a_t.to(math) * inv_norms(a_t, math).unsqueeze(1);
   if (o.square) {
     o.rb_s = o.ra_s;
     o.b_s = o.a_s;
     o.b_t = o.a_t;
   } else {
-    o.rb_s = inv_norms(*b_s);
-    o.b_s = b_s->to(at::kFloat) * o.rb_s.unsqueeze(1);
-    o.b_t = b_t->to(at::kFloat) * inv_norms(*b_t).unsqueeze(1);
+    o.rb_s = inv_norms(*b_s, math);
+    o.b_s = b_s->to(math) * o.rb_s.unsqueeze(1);
+    o.b_t = b_t->to(math) * inv_norms(*b_t, math).unsqueeze(1);
   }
   return o;
 }
@@ -554,7 +661,8 @@ static std::pair<at::Tensor, at::Tensor> corr_tiles(const CorrOperands& o, TileB
 }
 
 // One tile of the forward absorbed into its rows' running statistics (state: m^s, Z^s, m^t, Z^t, A).
-// ATen version (CUDA): whole-tile ops, scaled by 1 / tau in place first.
+// ATen version (CUDA, and fp64 on CPU, which the fp32 sweeps below cannot take): whole-tile ops,
+// scaled by 1 / tau in place first.
 static void absorb_tile_aten(at::Tensor& x_s, at::Tensor& x_t, double inv_tau, at::Tensor& state) {
   x_s.mul_(inv_tau);
   x_t.mul_(inv_tau);
@@ -649,7 +757,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_tiled(const at::T
     for (int64_t c0 = 0; c0 < n; c0 += kTile) {
       const int64_t c1 = std::min(n, c0 + kTile);
       auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, exclude_diagonal);
-      if (x_s.is_cuda())
+      if (x_s.is_cuda() || x_s.scalar_type() != at::kFloat)
         absorb_tile_aten(x_s, x_t, inv_tau, state);
       else
         absorb_tile_cpu(x_s, x_t, static_cast<float>(inv_tau), state);
@@ -677,19 +785,21 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_tiled(const at::Tensor& grad_
   const int64_t m = o.a_s.size(0), n = o.b_s.size(0), kTile = corr_tile(a_s);
   const double inv_tau = 1.0 / tau;
   TileBuffers tiles(o.a_s, std::min(kTile, m) * std::min(kTile, n));
-  auto g = grad_rows.to(at::kFloat).contiguous();
+  auto g = grad_rows.to(o.a_s.scalar_type()).contiguous();
+  const auto lse_s_m = lse_s.to(o.a_s.scalar_type()), lse_t_m = lse_t.to(o.a_s.scalar_type());
+  const bool aten_tiles = o.a_s.is_cuda() || o.a_s.scalar_type() != at::kFloat;  // CUDA, or fp64 on CPU
   auto d_a_hat = at::zeros_like(o.a_s);
   auto d_b_hat = at::zeros_like(o.b_s);
   for (int64_t r0 = 0; r0 < m; r0 += kTile) {
     const int64_t r1 = std::min(m, r0 + kTile);
-    auto ls = lse_s.slice(0, r0, r1).unsqueeze(1);
-    auto lt = lse_t.slice(0, r0, r1).unsqueeze(1);
+    auto ls = lse_s_m.slice(0, r0, r1).unsqueeze(1);
+    auto lt = lse_t_m.slice(0, r0, r1).unsqueeze(1);
     auto gr = g.slice(0, r0, r1).unsqueeze(1) * inv_tau;
     for (int64_t c0 = 0; c0 < n; c0 += kTile) {
       const int64_t c1 = std::min(n, c0 + kTile);
       auto [x_s, x_t] = corr_tiles(o, tiles, r0, r1, c0, c1, exclude_diagonal);
       // g_i (Q - P)_ij / tau
-      auto w = x_s.is_cuda() ? gr * ((x_s.mul_(inv_tau) - ls).exp() - (x_t.mul_(inv_tau) - lt).exp())
+      auto w = aten_tiles ? gr * ((x_s.mul_(inv_tau) - ls).exp() - (x_t.mul_(inv_tau) - lt).exp())
                              : grad_operand_tile_cpu(x_s, x_t, static_cast<float>(inv_tau), ls, lt, gr);
       d_a_hat.slice(0, r0, r1).addmm_(w, o.b_s.slice(0, c0, c1));
       d_b_hat.slice(0, c0, c1).addmm_(w.t(), o.a_s.slice(0, r0, r1));
@@ -742,10 +852,50 @@ static CudaDtype cuda_dtype(at::ScalarType t) {
   }
 }
 
+// kd_kl in fp64 with ATen ops (the same formulas as the CPU kernels): the CUDA KL kernels compute in
+// fp32 and read fp32/fp16/bf16 only, and fp64 inputs must keep fp64 math. Materialises a few (N, C)
+// fp64 temporaries: fp64 is the accuracy path, not a speed target.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_aten_f64(const at::Tensor& student, const at::Tensor& teacher,
+                                                                     const at::Tensor& weight, double temperature,
+                                                                     bool student_grad, bool teacher_grad) {
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  const auto v = student.to(at::kDouble) / temperature;
+  const auto u = teacher.to(at::kDouble) / temperature;
+  const auto log_q = at::log_softmax(v, 1);
+  const auto log_p = at::log_softmax(u, 1);
+  const auto p = log_p.exp();
+  const auto masked = u == neg_inf;  // a -inf teacher logit: p = 0, contributes exactly 0
+  const auto zero = at::zeros({}, v.options());
+  const auto kl = at::where(masked, zero, p * (log_p - log_q)).sum(1);
+  const auto keep = weight.defined() ? weight.to(at::kDouble) : at::ones({v.size(0)}, v.options());
+  const auto dropped = (keep == 0).unsqueeze(1);  // weight 0: exactly 0, whatever the row holds
+  auto rows = at::where(keep == 0, zero, kl * (temperature * temperature) * keep);
+  const auto w = (keep * temperature).unsqueeze(1);
+  auto grad_s = student_grad ? at::where(dropped, zero, (log_q.exp() - p) * w).to(student.scalar_type())
+                             : at::empty({0}, student.options());
+  auto grad_t = teacher_grad
+                    ? at::where(dropped | masked, zero, p * (log_p - log_q - kl.unsqueeze(1)) * w).to(teacher.scalar_type())
+                    : at::empty({0}, teacher.options());
+  return {rows, grad_s, grad_t};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                           const c10::optional<at::Tensor>& row_weight,
                                                           double temperature, bool student_grad, bool teacher_grad) {
   const c10::cuda::CUDAGuard guard(student.device());
+  if (kl_math_type(student, teacher) == at::kDouble) {
+    auto out = kd_kl_outputs(student, teacher, row_weight, false, false);  // the checks; outputs come from ATen
+    return kd_kl_aten_f64(student, teacher, out.weight, temperature, student_grad, teacher_grad);
+  }
+  if (student.scalar_type() != teacher.scalar_type()) {
+    // The CUDA kernels read one dtype: the narrower input is widened (one copy of it) and its stored
+    // gradient narrowed back to its own dtype.
+    const auto common = at::promote_types(student.scalar_type(), teacher.scalar_type());
+    auto [rows, gs, gt] = kd_kl_cuda(student.to(common), teacher.to(common), row_weight, temperature, student_grad,
+                                     teacher_grad);
+    return {rows, student_grad ? gs.to(student.scalar_type()) : at::empty({0}, student.options()),
+            teacher_grad ? gt.to(teacher.scalar_type()) : at::empty({0}, teacher.options())};
+  }
   auto [rows, grad_s, grad_t, weight] = kd_kl_outputs(student, teacher, row_weight, student_grad, teacher_grad);
   const int64_t n = student.size(0), c = student.size(1);
   KdKlArgs args{cuda_dtype(student.scalar_type()), student.const_data_ptr(), student.stride(0),
@@ -768,6 +918,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cuda(const at::Tensor& stud
 at::Tensor scale_rows_cuda(const at::Tensor& x, const at::Tensor& g) {
   TORCH_CHECK(x.dim() == 2 && g.dim() == 1 && g.size(0) == x.size(0), "scale_rows: x (N, C) and g (N,)");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (x.scalar_type() == at::kDouble) return x * g.to(at::kDouble).unsqueeze(1);  // the kernel is fp32-math only
   auto xc = x.contiguous();
   auto gc = g.to(at::kFloat).contiguous();
   auto out = at::empty_like(xc);
@@ -782,6 +933,10 @@ void scale_rows_inplace_cuda(const at::Tensor& x, const at::Tensor& g) {
   TORCH_CHECK(x.dim() == 2 && g.dim() == 1 && g.size(0) == x.size(0), "scale_rows_: x (N, C) and g (N,)");
   TORCH_CHECK(x.stride(1) == 1, "scale_rows_: the last stride of x must be 1");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (x.scalar_type() == at::kDouble) {  // the kernel is fp32-math only
+    x.mul_(g.to(at::kDouble).unsqueeze(1));
+    return;
+  }
   auto gc = g.to(at::kFloat).contiguous();
   const cudaError_t err = scale_rows_inplace_cuda_launch(cuda_dtype(x.scalar_type()), x.mutable_data_ptr(), x.stride(0),
                                                          gc.const_data_ptr<float>(), x.size(0), x.size(1),
@@ -789,8 +944,10 @@ void scale_rows_inplace_cuda(const at::Tensor& x, const at::Tensor& g) {
   TORCH_CHECK(err == cudaSuccess, "scale_rows_ CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// Correlation on CUDA: fp16/bf16 features on sm_80+ take the fused tensor-core kernels of
-// correlation_cuda.cu; fp32 (and MLKD_FAST_CORR_TILED=1) the tiled cuBLAS code above.
+// Correlation on CUDA: fp16/bf16 features (one dtype for all four) on sm_80+ take the fused tensor-core
+// kernels of correlation_cuda.cu; fp32, mixed dtypes (and MLKD_FAST_CORR_TILED=1) the tiled cuBLAS code
+// above in fp32, and fp64 the same code in fp64 (the fused kernels have fp16/bf16 tensor-core tiles only,
+// and fp64 inputs must keep fp64 math).
 static bool corr_fused(const at::Tensor& a_s, const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
                        const c10::optional<at::Tensor>& b_t) {
   const auto t = a_s.scalar_type();
@@ -819,13 +976,13 @@ static FusedCorr fused_corr(const at::Tensor& a_s, const at::Tensor& a_t, const 
   FusedCorr f;
   f.a_s = a_s.contiguous();
   f.a_t = a_t.contiguous();
-  f.ra_s = inv_norms(f.a_s);
-  f.ra_t = inv_norms(f.a_t);
+  f.ra_s = inv_norms(f.a_s, at::kFloat);
+  f.ra_t = inv_norms(f.a_t, at::kFloat);
   if (b_s.has_value()) {
     f.b_s = b_s->contiguous();
     f.b_t = b_t->contiguous();
-    f.rb_s = inv_norms(f.b_s);
-    f.rb_t = inv_norms(f.b_t);
+    f.rb_s = inv_norms(f.b_s, at::kFloat);
+    f.rb_t = inv_norms(f.b_t, at::kFloat);
   } else {
     f.b_s = f.a_s;
     f.b_t = f.a_t;
@@ -870,6 +1027,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_cuda(const at::Te
   return {loss, lse_s, lse_t};
 }
 
+// The student's inverse norms as the fused backward passes take them: 0 for all-zero rows. Such a row's
+// similarities are 0 whatever its factor and its matmul contribution is exactly 0, but its clamped
+// 1 / eps would set the fp16/bf16 operand scale (operand_scale) and flush every other entry of the
+// operands to zero. The normalisation backward keeps 1 / eps.
+static at::Tensor pass_inv_norms(const at::Tensor& x, const at::Tensor& inv_norm) {
+  if (x.size(1) == 0) return inv_norm;
+  return inv_norm.masked_fill(x.abs().amax(1) == 0, 0.0);
+}
+
 std::tuple<at::Tensor, at::Tensor> correlation_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& a_s,
                                                       const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
                                                       const c10::optional<at::Tensor>& b_t, const at::Tensor& lse_s,
@@ -878,6 +1044,9 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_cuda(const at::Tensor& grad_r
   if (!corr_fused(a_s, a_t, b_s, b_t))
     return correlation_bwd_tiled(grad_rows, a_s, a_t, b_s, b_t, lse_s, lse_t, tau, exclude_diagonal);
   const FusedCorr f = fused_corr(a_s, a_t, b_s, b_t);
+  FusedCorr passes = f;  // the passes' inverse norms (pass_inv_norms); f keeps the true ones
+  passes.ra_s = pass_inv_norms(f.a_s, f.ra_s);
+  passes.rb_s = b_s.has_value() ? pass_inv_norms(f.b_s, f.rb_s) : passes.ra_s;
   const int64_t m = f.a_s.size(0), n = f.b_s.size(0), ds = f.a_s.size(1);
   const auto g = grad_rows.to(at::kFloat).contiguous();
   const auto ls = lse_s.to(at::kFloat).contiguous();
@@ -907,10 +1076,10 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_cuda(const at::Tensor& grad_r
   };
   auto d_a_hat = at::empty({m, ds}, f.ra_s.options());
   auto d_b_hat = at::empty({n, ds}, f.ra_s.options());
-  const auto scale_rows_pass = operand_scale(f.rb_s, n);
-  const auto scale_cols_pass = operand_scale(g * f.ra_s * (1.0 / tau), m);
-  pass(f.side_a(), f.side_b(), false, scale_rows_pass, d_a_hat);
-  pass(f.side_b(), f.side_a(), true, scale_cols_pass, d_b_hat);
+  const auto scale_rows_pass = operand_scale(passes.rb_s, n);
+  const auto scale_cols_pass = operand_scale(g * passes.ra_s * (1.0 / tau), m);
+  pass(passes.side_a(), passes.side_b(), false, scale_rows_pass, d_a_hat);
+  pass(passes.side_b(), passes.side_a(), true, scale_cols_pass, d_b_hat);
   const auto a_hat = f.a_s.to(at::kFloat) * f.ra_s.unsqueeze(1);
   if (!b_s.has_value()) {
     return {norm_backward(a_hat, f.ra_s, d_a_hat + d_b_hat).to(a_s.scalar_type()), at::empty({0}, a_s.options())};

@@ -24,6 +24,10 @@ wider features go the tiled path: matmuls of all rows against column tiles in th
 dtype with fp32 accumulation (cuBLAS tensor cores for fp16/bf16), each tile then read once by a
 Triton kernel that updates the rows' online statistics (forward) or forms the backward's two matmul
 operands; extra memory a few tiles of TILED_ELEMENTS entries, never an M x N matrix.
+Dtypes: fp32, fp16 and bf16 features run the fused kernels (or the tiled path) with fp32 math, the
+student and the teacher each in its own dtype. fp64 anywhere makes every operand fp64 and takes the
+tiled path with fp64 math throughout (torch's fp64 matmuls, the tile kernels in fp64): tl.dot has no
+fp64 tensor-core tiles in the fused kernels' configurations, and fp64 inputs must keep fp64 math.
 """
 from __future__ import annotations
 
@@ -37,6 +41,13 @@ from torch import Tensor
 from . import sm_count
 
 NORM_EPS = 1e-8
+
+
+@triton.jit
+def _host_scalar(x, ACC: tl.constexpr):
+    """A float kernel argument declared ``tl.float64`` in the math dtype ACC. (tl.full, not tl.cast: under
+    the interpreter the argument is a Python float, which tl.cast would round to fp32 first.)"""
+    return tl.full([], x, ACC)
 
 
 @triton.jit
@@ -137,25 +148,25 @@ def _corr_fwd_kernel(
 
 @triton.jit
 def _corr_fwd_merge_kernel(
-    Part_ptr,  # (5, SPLITS, M) fp32 partial m^s, Z^s, m^t, Z^t, A of each column span
-    Loss_ptr, LseS_ptr, LseT_ptr,  # (M,) fp32 outputs
+    Part_ptr,  # (5, SPLITS, M) ACC partial m^s, Z^s, m^t, Z^t, A of each column span
+    Loss_ptr, LseS_ptr, LseT_ptr,  # (M,) ACC outputs
     M, SPLITS,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     """The spans' statistics rescaled to the overall maxima and summed: l, lse^s, lse^t per row."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < M
     plane = SPLITS * M
-    m_s = tl.full((BLOCK,), -float("inf"), tl.float32)
-    m_t = tl.full((BLOCK,), -float("inf"), tl.float32)
+    m_s = tl.full((BLOCK,), -float("inf"), ACC)
+    m_t = tl.full((BLOCK,), -float("inf"), ACC)
     for z in range(0, SPLITS):
         m_s = tl.maximum(m_s, tl.load(Part_ptr + z * M + rows, mask=row_ok, other=-float("inf")))
         m_t = tl.maximum(m_t, tl.load(Part_ptr + 2 * plane + z * M + rows, mask=row_ok, other=-float("inf")))
     ref_s = tl.where(m_s == -float("inf"), 0.0, m_s)
     ref_t = tl.where(m_t == -float("inf"), 0.0, m_t)
-    z_s = tl.zeros((BLOCK,), tl.float32)
-    z_t = tl.zeros((BLOCK,), tl.float32)
-    acc = tl.zeros((BLOCK,), tl.float32)
+    z_s = tl.zeros((BLOCK,), ACC)
+    z_t = tl.zeros((BLOCK,), ACC)
+    acc = tl.zeros((BLOCK,), ACC)
     for z in range(0, SPLITS):
         part = Part_ptr + z * M + rows
         z_s += tl.load(part + plane, mask=row_ok, other=0.0) * tl.exp(
@@ -261,15 +272,16 @@ def _corr_bwd_cols_kernel(
 
 @triton.jit
 def _tile_stats_kernel(
-    XS_ptr, XT_ptr, X_stride,  # (M, W) fp32 raw dots a_i . b_j of one column tile (cuBLAS), student/teacher
-    RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # fp32 inverse norms of the rows (M,) and of the tile's columns (W,)
-    State_ptr,  # (5, M) fp32 running m^s, Z^s, m^t, Z^t, A of each row, read and written back
-    M, W, COL0, inv_tau,  # the tile holds columns [COL0, COL0 + W)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    XS_ptr, XT_ptr, X_stride,  # (M, W) ACC raw dots a_i . b_j of one column tile (cuBLAS), student/teacher
+    RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # ACC inverse norms of the rows (M,) and of the tile's columns (W,)
+    State_ptr,  # (5, M) ACC running m^s, Z^s, m^t, Z^t, A of each row, read and written back
+    M, W, COL0, inv_tau: tl.float64,  # the tile holds columns [COL0, COL0 + W)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, ACC: tl.constexpr,
 ):
     """Tiled path, forward: absorbs one matmul tile into the rows' online statistics. Reads the two
     fp32 tiles once (8 B per entry) and 20 B of state per row: the statistics cost a fraction of the
     tile's matmuls instead of a dozen PyTorch passes over it."""
+    inv_tau = _host_scalar(inv_tau, ACC)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ra_s = tl.load(RAS_ptr + rows, mask=row_ok, other=0.0) * inv_tau
@@ -299,18 +311,19 @@ def _tile_stats_kernel(
 
 @triton.jit
 def _tile_grad_operands_kernel(
-    XS_ptr, XT_ptr, X_stride,  # (M, W) fp32 raw dots of one column tile, student and teacher
+    XS_ptr, XT_ptr, X_stride,  # (M, W) ACC raw dots of one column tile, student and teacher
     RAS_ptr, RAT_ptr, RBS_ptr, RBT_ptr,  # inverse norms: rows (M,), the tile's columns (W,)
     LseS_ptr, LseT_ptr, G_ptr,  # (M,) saved lse's and d loss / d l_i
     RowScale_ptr, ColScale_ptr,  # (1,) fp32 powers of two (operand_scale) of the two operands
     WR_ptr, WC_ptr, W_stride,  # (M, W) outputs in the features' dtype
-    M, W, COL0, inv_tau,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    M, W, COL0, inv_tau: tl.float64,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, ACC: tl.constexpr,
 ):
     """Tiled path, backward: the matmul operands of one column tile from the recomputed dots,
         WR_ij = (Q - P)_ij r^b_j S_r                    (d a^ = g / (tau S_r) * WR b)
         WC_ij = (Q - P)_ij g_i r^a_i / tau S_c          (d b^ = WC^T a / S_c)
     as the fused row and column passes form them. Reads 8 B and writes 2 x 2 B (fp16/bf16) per entry."""
+    inv_tau = _host_scalar(inv_tau, ACC)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -339,19 +352,22 @@ def _tile_grad_operands_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 def _inv_norms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # the math dtype
+    return torch.linalg.vector_norm(x, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
 
 
 # (widest feature block, bytes per element) -> tile rows/columns, warps, pipeline stages. Chosen with
-# benchmarks/triton_build.py on sm_90: shared memory <= 134 KB (fits an A100's 163 KB too), ptxas
-# spills none or a few bytes (the former 64-row tiles with 3 stages spilled ~22 KB per thread in
-# fp32 and overflowed shared memory at 512 fp32 / 1024 fp16 features). fp32 features multiply on
-# tensor cores as three TF32 products ("tf32x3", about fp32 accuracy) instead of IEEE dots on the
-# FMA units, which have ~1/7 of the TF32 peak on an H100 (to be timed on one). Wider features need
-# (rows x features) tiles beyond what an SM holds: they take the tiled path, no M x N matrix either.
+# tools/triton_build.py for sm_90 under both Triton versions the project meets (3.6 on the GPU
+# machine, 3.8 here): shared memory <= 134 KB (fits an A100's 163 KB too) and ptxas spills none or a
+# few bytes. 64-row tiles with 3 stages spill ~22 KB per thread in fp32 and overflow shared memory at
+# 512 fp32 / 1024 fp16 features; fp32 features 128 wide need 16-row tiles (32-row ones spill
+# 560-800 B under Triton 3.6). fp32 features multiply on tensor cores as three TF32 products
+# ("tf32x3", about fp32 accuracy) instead of IEEE dots on the FMA units, which have ~1/7 of the TF32
+# peak on an H100. Wider features need (rows x features) tiles beyond what an SM holds: they take the
+# tiled path, no M x N matrix either.
 _FUSED_CONFIGS = {
     2: ((128, 64, 4, 2), (256, 32, 4, 2), (512, 32, 4, 2)),
-    4: ((128, 32, 8, 2),),
+    4: ((64, 32, 8, 2), (128, 16, 4, 2)),
 }
 
 
@@ -385,15 +401,29 @@ def _precision(*operands: Tensor) -> str:
 
 
 def _operands(a_s, a_t, b_s, b_t):
+    """The features as the kernels read them: fp64 anywhere makes all four fp64 (the fp64 path);
+    otherwise each network's rows and columns in one dtype (a tile's dot takes one), the student's
+    and the teacher's each its own."""
     square = b_s is None
-    # fp64 runs in fp32 (tl.dot has no fp64 path on tensor cores); other dtypes as they are.
-    a_s, a_t = (x.float() if x.dtype == torch.float64 else x for x in (a_s, a_t))
-    b_s, b_t = (a_s, a_t) if square else (x.float() if x.dtype == torch.float64 else x for x in (b_s, b_t))
+    given = (a_s, a_t) if square else (a_s, a_t, b_s, b_t)
+    if any(x.dtype == torch.float64 for x in given):
+        a_s, a_t, b_s, b_t = (None if x is None else x.to(torch.float64) for x in (a_s, a_t, b_s, b_t))
+    elif not square:
+        student, teacher = torch.promote_types(a_s.dtype, b_s.dtype), torch.promote_types(a_t.dtype, b_t.dtype)
+        a_s, b_s = a_s.to(student), b_s.to(student)
+        a_t, b_t = a_t.to(teacher), b_t.to(teacher)
+    if square:
+        b_s, b_t = a_s, a_t
     return square, a_s, a_t, b_s, b_t
 
 
+def _math(a_s: Tensor) -> tuple[torch.dtype, object]:
+    """(torch dtype, Triton dtype) of the statistics: fp64 on the fp64 path, else fp32."""
+    return (torch.float64, tl.float64) if a_s.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
 def _fused_config(a_s: Tensor, a_t: Tensor, tiled: Optional[bool]) -> Optional[dict]:
-    if tiled:
+    if tiled or a_s.dtype == torch.float64:  # fp64: the tiled path (see the module docstring)
         return None
     return _config(a_s.shape[1], a_t.shape[1], max(a_s.element_size(), a_t.element_size()))
 
@@ -406,7 +436,10 @@ _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype")
 def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b accumulated and returned in fp32, operands as they are: what the fused kernels' tl.dot
     computes. On CUDA fp16/bf16 operands run on tensor cores; elsewhere they are widened to fp32 first,
-    which gives the same products (exact in fp32) and the same fp32 sums."""
+    which gives the same products (exact in fp32) and the same fp32 sums. fp64 operands (the fp64
+    path) multiply in fp64."""
+    if a.dtype == torch.float64:
+        return a @ b
     if a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16) and _MM_FP32_OUT:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
@@ -429,18 +462,19 @@ def _column_tiles(a_s, a_t, b_s, b_t):
 def _tiled_fwd(operands, tau: float, exclude_diag: bool):
     a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t = operands
     m = a_s.shape[0]
+    math, acc = _math(a_s)
     # (5, 1, M): the running m^s, Z^s, m^t, Z^t, A, finished by the merge kernel as one span
-    state = torch.zeros((5, 1, m), dtype=torch.float32, device=a_s.device)
+    state = torch.zeros((5, 1, m), dtype=math, device=a_s.device)
     state[0].fill_(float("-inf"))
     state[2].fill_(float("-inf"))
     block_m, block_n = TILED_STATS_BLOCK
     for cols, x_s, x_t in _column_tiles(a_s, a_t, b_s, b_t):
         _tile_stats_kernel[(triton.cdiv(m, block_m),)](
             x_s, x_t, x_s.stride(0), ra_s, ra_t, rb_s[cols], rb_t[cols], state, m, x_s.shape[1], cols.start,
-            1.0 / tau, BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag)
-    loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
+            1.0 / tau, BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag, ACC=acc)
+    loss = torch.empty(m, dtype=math, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
-    _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](state, loss, lse_s, lse_t, m, 1, BLOCK=128)
+    _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](state, loss, lse_s, lse_t, m, 1, BLOCK=128, ACC=acc)
     return loss, lse_s, lse_t
 
 
@@ -450,9 +484,10 @@ def _tiled_bwd(g, operands, lse_s, lse_t, tau: float, exclude_diag: bool):
     scaled against fp16 underflow by operand_scale), then two matmuls with fp32 accumulation."""
     a_s, _, b_s, _, ra_s, ra_t, rb_s, rb_t = operands
     m, n = a_s.shape[0], b_s.shape[0]
+    math, acc = _math(a_s)
     row_scale, col_scale = operand_scale(rb_s, n), operand_scale(g * ra_s / tau, m)
-    d_a_hat = torch.zeros((m, a_s.shape[1]), dtype=torch.float32, device=a_s.device)
-    d_b_hat = torch.empty((n, b_s.shape[1]), dtype=torch.float32, device=a_s.device)
+    d_a_hat = torch.zeros((m, a_s.shape[1]), dtype=math, device=a_s.device)
+    d_b_hat = torch.empty((n, b_s.shape[1]), dtype=math, device=a_s.device)
     block_m, block_n = TILED_GRAD_BLOCK
     for cols, x_s, x_t in _column_tiles(*operands[:4]):
         width = x_s.shape[1]
@@ -461,7 +496,7 @@ def _tiled_bwd(g, operands, lse_s, lse_t, tau: float, exclude_diag: bool):
         _tile_grad_operands_kernel[(triton.cdiv(m, block_m), triton.cdiv(width, block_n))](
             x_s, x_t, x_s.stride(0), ra_s, ra_t, rb_s[cols], rb_t[cols], lse_s, lse_t, g, row_scale, col_scale,
             w_rows, w_cols, w_rows.stride(0), m, width, cols.start, 1.0 / tau,
-            BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag)
+            BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag, ACC=acc)
         d_a_hat += _mm_fp32(w_rows, b_s[cols])
         d_b_hat[cols] = _mm_fp32(w_cols.T, a_s)
     return d_a_hat * (g / (tau * row_scale))[:, None], d_b_hat / col_scale
@@ -489,13 +524,14 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optio
         EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s, a_t), SPLIT=splits > 1, **cfg,
     )
     if splits > 1:
-        _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](partials, loss, lse_s, lse_t, m, splits, BLOCK=128)
+        _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](partials, loss, lse_s, lse_t, m, splits, BLOCK=128,
+                                                       ACC=tl.float32)
     return loss, lse_s, lse_t
 
 
 def _norm_backward(x: Tensor, inv_norm: Tensor, d_hat: Tensor) -> Tensor:
-    """Gradient through x^ = x / max(||x||, eps) given d loss / d x^ (fp32)."""
-    x_hat = x.float() * inv_norm[:, None]
+    """Gradient through x^ = x / max(||x||, eps) given d loss / d x^ (in the math dtype)."""
+    x_hat = x.to(d_hat.dtype) * inv_norm[:, None]
     radial = (x_hat * d_hat).sum(dim=1, keepdim=True) * (inv_norm < 1.0 / NORM_EPS)[:, None]
     return inv_norm[:, None] * (d_hat - x_hat * radial)
 
@@ -535,19 +571,29 @@ def _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t,
     return d_a_hat, d_b_hat
 
 
+def _pass_inv_norms(x: Tensor, inv_norm: Tensor) -> Tensor:
+    """The student's inverse norms as the backward passes take them: 0 for all-zero rows. Such a row's
+    similarities are 0 whatever its factor and its matmul contribution is exactly 0, but its clamped
+    1 / eps would set the fp16/bf16 operand scale (operand_scale) and flush every other entry of the
+    operands to zero (found by tests/test_properties.py). The normalisation backward keeps 1 / eps."""
+    return inv_norm.masked_fill(x.abs().amax(dim=1) == 0, 0.0) if x.shape[1] else inv_norm
+
+
 def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
     orig_a, orig_b = a_s, b_s
     square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
     m, n = a_s.shape[0], b_s.shape[0]
     ra_s, ra_t = _inv_norms(a_s), _inv_norms(a_t)
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
-    g = g.to(torch.float32).contiguous()
+    g = g.to(_math(a_s)[0]).contiguous()
     cfg = _fused_config(a_s, a_t, tiled)
+    pa_s = _pass_inv_norms(a_s, ra_s)
+    pb_s = pa_s if square else _pass_inv_norms(b_s, rb_s)
     if cfg is None:
-        d_a_hat, d_b_hat = _tiled_bwd(g, (a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t), lse_s, lse_t, tau,
+        d_a_hat, d_b_hat = _tiled_bwd(g, (a_s, a_t, b_s, b_t, pa_s, ra_t, pb_s, rb_t), lse_s, lse_t, tau,
                                       exclude_diag)
     else:
-        d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau,
+        d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, pa_s, ra_t, pb_s, rb_t, lse_s, lse_t, tau,
                                       exclude_diag)
     if square:
         d_a = _norm_backward(a_s, ra_s, d_a_hat + d_b_hat).to(orig_a.dtype)
@@ -565,7 +611,8 @@ def correlation_fwd_op(
     student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor], teacher_cols: Optional[Tensor],
     tau: float, exclude_diagonal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row correlation KL ``l_i`` and the row log-sum-exps of both similarity matrices (fp32)."""
+    """Per-row correlation KL ``l_i`` and the row log-sum-exps of both similarity matrices (fp32; fp64
+    when any feature tensor is fp64)."""
     return _launch_fwd(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)
 
 
@@ -584,8 +631,8 @@ def correlation_kl_rows(
     student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor], teacher_cols: Optional[Tensor],
     tau: float, exclude_diagonal: bool,
 ) -> Tensor:
-    """Per-row correlation KL (fp32, length M) with autograd to the student features; the teacher
-    features are constants."""
+    """Per-row correlation KL (fp32, fp64 when any input is fp64; length M) with autograd to the
+    student features; the teacher features are constants."""
     rows, _, _ = correlation_fwd_op(student_rows, teacher_rows.detach(), student_cols,
                                     None if teacher_cols is None else teacher_cols.detach(), float(tau),
                                     bool(exclude_diagonal))

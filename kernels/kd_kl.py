@@ -9,6 +9,10 @@ never x - (m + log Z), which would round at the scale of the logits (1e4 and mor
     d(T^2 l)/dt = T p (log p - log q - l)           (teacher gradient, online distillation only)
 A -inf teacher logit has p = 0: its term of A and its teacher gradient are exactly 0 (never 0 * inf).
 A, Z and the maxima m are accumulated online over column chunks, so rows of any length work.
+The math runs in ACC: fp32, or fp64 when either input is fp64 (fp64 stays fp64); student and teacher
+are each read in their own dtype (they may differ) and each gradient is stored in its input's dtype.
+The loss rows and row weights are in ACC. T and 1 / T reach the kernels as fp64 arguments (a Python
+float argument would be rounded to fp32) and are narrowed to ACC inside.
 
 Bytes per element (bf16 in/out), row fits on chip (<= MAX_FUSED_BLOCK columns): read s, t (4) + write
 grad_s (2) = 6 bytes, one pass; the teacher gradient adds 2 more. Longer rows, at least one per SM
@@ -41,24 +45,44 @@ LOOPED_ROWS_IN_L2 = 40 << 20  # bytes of rows the looped path keeps in flight (H
 
 
 @triton.jit
+def _host_scalar(x, ACC: tl.constexpr):
+    """A float kernel argument declared ``tl.float64`` in the math dtype ACC. (tl.full, not tl.cast: under
+    the interpreter the argument is a Python float, which tl.cast would round to fp32 first.)"""
+    return tl.full([], x, ACC)
+
+
+@triton.jit
+def _narrow(x, DST: tl.constexpr):
+    """x in the dtype DST of a store. 16-bit dtypes are reached through fp32: from fp64 math that is one
+    extra rounding at most (as the C++ kernels do), and the interpreter converts fp64 -> bf16 wrongly."""
+    if DST.primitive_bitwidth == 16:
+        return x.to(tl.float32).to(DST)
+    else:
+        return x.to(DST)
+
+
+@triton.jit
 def _kd_kl_fused_kernel(
     S_ptr, S_stride,  # student logits (N, C), unit column stride
     T_ptr, T_stride,  # teacher logits (N, C)
-    W_ptr,  # (N,) fp32 row weights w_i, read only when HAS_WEIGHT
-    Loss_ptr,  # (N,) fp32: w_i T^2 l_i
+    W_ptr,  # (N,) ACC row weights w_i, read only when HAS_WEIGHT
+    Loss_ptr,  # (N,) ACC: w_i T^2 l_i
     GS_ptr, GS_stride,  # (N, C) student gradient, written when STUDENT_GRAD
     GT_ptr, GT_stride,  # (N, C) teacher gradient, written when TEACHER_GRAD
-    C, inv_temp, temp,
+    C, inv_temp: tl.float64, temp: tl.float64,
     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < C
+    inv_temp = _host_scalar(inv_temp, ACC)
+    temp = _host_scalar(temp, ACC)
     keep = 1.0
     if HAS_WEIGHT:
         keep = tl.load(W_ptr + row)
-    v = tl.load(S_ptr + row * S_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
-    u = tl.load(T_ptr + row * T_stride + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
+    v = tl.load(S_ptr + row * S_stride + cols, mask=in_row, other=-float("inf")).to(ACC) * inv_temp
+    u = tl.load(T_ptr + row * T_stride + cols, mask=in_row, other=-float("inf")).to(ACC) * inv_temp
 
     # Shift by the row maxima before anything else: m + log z rounds at the scale of the logits.
     m_s = tl.max(v, axis=0)
@@ -79,28 +103,28 @@ def _kd_kl_fused_kernel(
     p = e_t / z_t
     if STUDENT_GRAD:
         g_s = tl.where(keep == 0.0, 0.0, temp * (e_s / z_s - p) * keep)
-        tl.store(GS_ptr + row * GS_stride + cols, g_s.to(GS_ptr.dtype.element_ty), mask=in_row)
+        tl.store(GS_ptr + row * GS_stride + cols, _narrow(g_s, GS_ptr.dtype.element_ty), mask=in_row)
     if TEACHER_GRAD:
         log_ratio = ((u - m_t) - log_z_t) - ((v - m_s) - log_z_s)
         g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_ratio - kl) * keep)
         g_t = tl.where(keep == 0.0, 0.0, g_t)
-        tl.store(GT_ptr + row * GT_stride + cols, g_t.to(GT_ptr.dtype.element_ty), mask=in_row)
+        tl.store(GT_ptr + row * GT_stride + cols, _narrow(g_t, GT_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
-def _online_row_stats(S_row, T_row, lo, hi, inv_temp, BLOCK: tl.constexpr):
+def _online_row_stats(S_row, T_row, lo, hi, inv_temp, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """m_s, Z_s, m_t, Z_t, A of columns [lo, hi) of one row, online over BLOCK-column chunks; each Z
     and A relative to its maximum (to 0 while that maximum is -inf)."""
-    m_s = -float("inf")
-    z_s = 0.0
-    m_t = -float("inf")
-    z_t = 0.0
-    a = 0.0
+    m_s = tl.full([], -float("inf"), ACC)  # typed: the loop carries them in ACC
+    z_s = tl.full([], 0.0, ACC)
+    m_t = tl.full([], -float("inf"), ACC)
+    z_t = tl.full([], 0.0, ACC)
+    a = tl.full([], 0.0, ACC)
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         ok = cols < hi
-        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
-        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
+        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
         new_m_s = tl.maximum(m_s, tl.max(v, axis=0))
         ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
         z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(v - ref_s), axis=0)
@@ -120,6 +144,7 @@ def _write_row_grads(
     S_row, T_row, GS_row, GT_row, lo, hi,
     m_s, log_z_s, m_t, log_z_t, kl, keep, inv_temp, temp,
     BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """The gradients of columns [lo, hi) of one row from its final statistics (m: the finite maxima
     the log Z are relative to); REVERSE walks the chunks last to first."""
@@ -131,39 +156,42 @@ def _write_row_grads(
             start = lo + i * BLOCK
         cols = start + tl.arange(0, BLOCK)
         ok = cols < hi
-        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
-        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(tl.float32) * inv_temp
+        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
+        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
         log_p = (u - m_t) - log_z_t
         log_q = (v - m_s) - log_z_s
         p = tl.exp(log_p)
         if STUDENT_GRAD:
             g_s = tl.where(keep == 0.0, 0.0, temp * (tl.exp(log_q) - p) * keep)
-            tl.store(GS_row + cols, g_s.to(GS_row.dtype.element_ty), mask=ok)
+            tl.store(GS_row + cols, _narrow(g_s, GS_row.dtype.element_ty), mask=ok)
         if TEACHER_GRAD:
             g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl) * keep)
             g_t = tl.where(keep == 0.0, 0.0, g_t)
-            tl.store(GT_row + cols, g_t.to(GT_row.dtype.element_ty), mask=ok)
+            tl.store(GT_row + cols, _narrow(g_t, GT_row.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _kd_kl_looped_kernel(
     S_ptr, S_stride,  # student logits (N, C), unit column stride
     T_ptr, T_stride,  # teacher logits (N, C)
-    W_ptr,  # (N,) fp32 row weights w_i, read only when HAS_WEIGHT
-    Loss_ptr,  # (N,) fp32: w_i T^2 l_i
+    W_ptr,  # (N,) ACC row weights w_i, read only when HAS_WEIGHT
+    Loss_ptr,  # (N,) ACC: w_i T^2 l_i
     GS_ptr, GS_stride,  # (N, C) student gradient, written when STUDENT_GRAD
     GT_ptr, GT_stride,  # (N, C) teacher gradient, written when TEACHER_GRAD
-    N, C, inv_temp, temp,
+    N, C, inv_temp: tl.float64, temp: tl.float64,
     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # Rows too long to hold on chip, and enough of them to fill the GPU: a few programs per SM walk
     # the rows (persistent), each row in two sweeps. The second sweep runs last chunk first, so that
     # it starts on the bytes the first sweep read last, the most likely to be still in L2: with the
     # rows of all programs in flight fitting in L2, HBM sees each input byte once.
+    inv_temp = _host_scalar(inv_temp, ACC)
+    temp = _host_scalar(temp, ACC)
     for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: r * stride may pass 2^31
         s_row = S_ptr + r * S_stride
         t_row = T_ptr + r * T_stride
-        m_s, z_s, m_t, z_t, a = _online_row_stats(s_row, t_row, 0, C, inv_temp, BLOCK)
+        m_s, z_s, m_t, z_t, a = _online_row_stats(s_row, t_row, 0, C, inv_temp, BLOCK, ACC)
         m_s = tl.where(m_s == -float("inf"), 0.0, m_s)
         m_t = tl.where(m_t == -float("inf"), 0.0, m_t)
         log_z_s = tl.log(z_s)
@@ -176,23 +204,24 @@ def _kd_kl_looped_kernel(
         if STUDENT_GRAD or TEACHER_GRAD:
             _write_row_grads(s_row, t_row, GS_ptr + r * GS_stride, GT_ptr + r * GT_stride, 0, C,
                              m_s, log_z_s, m_t, log_z_t, kl, keep, inv_temp, temp,
-                             BLOCK, STUDENT_GRAD, TEACHER_GRAD, True)
+                             BLOCK, STUDENT_GRAD, TEACHER_GRAD, True, ACC)
 
 
 @triton.jit
 def _kd_kl_stats_kernel(
     S_ptr, S_stride,  # student logits (N, C)
     T_ptr, T_stride,  # teacher logits (N, C)
-    Stats_ptr,  # (N, SPLITS, 5) fp32 partials: m_s, z_s, m_t, z_t, A (each relative to its own max)
-    C, span, inv_temp,
-    BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+    Stats_ptr,  # (N, SPLITS, 5) ACC partials: m_s, z_s, m_t, z_t, A (each relative to its own max)
+    C, span, inv_temp: tl.float64,
+    BLOCK: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
 ):
+    inv_temp = _host_scalar(inv_temp, ACC)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lo = split * span
     hi = tl.minimum(lo + span, C)
     m_s, z_s, m_t, z_t, a = _online_row_stats(S_ptr + row * S_stride, T_ptr + row * T_stride, lo, hi,
-                                              inv_temp, BLOCK)
+                                              inv_temp, BLOCK, ACC)
     out = Stats_ptr + (row * SPLITS + split) * 5
     tl.store(out + 0, tl.where(m_s == -float("inf"), 0.0, m_s))
     tl.store(out + 1, z_s)
@@ -205,12 +234,14 @@ def _kd_kl_stats_kernel(
 def _kd_kl_grad_kernel(
     S_ptr, S_stride,  # student logits (N, C)
     T_ptr, T_stride,  # teacher logits (N, C)
-    Row_ptr,  # (N, 6) fp32: m_s, log z_s, m_t, log z_t, l_i, keep
+    Row_ptr,  # (N, 6) ACC: m_s, log z_s, m_t, log z_t, l_i, keep
     GS_ptr, GS_stride,  # (N, C) student gradient
     GT_ptr, GT_stride,  # (N, C) teacher gradient, when TEACHER_GRAD
-    C, span, inv_temp, temp,
-    BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    C, span, inv_temp: tl.float64, temp: tl.float64,
+    BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, ACC: tl.constexpr,
 ):
+    inv_temp = _host_scalar(inv_temp, ACC)
+    temp = _host_scalar(temp, ACC)
     row = tl.program_id(0).to(tl.int64)
     lo = tl.program_id(1) * span
     hi = tl.minimum(lo + span, C)
@@ -219,14 +250,14 @@ def _kd_kl_grad_kernel(
                      GT_ptr + row * GT_stride, lo, hi,
                      tl.load(stats + 0), tl.load(stats + 1), tl.load(stats + 2), tl.load(stats + 3),
                      tl.load(stats + 4), tl.load(stats + 5), inv_temp, temp,
-                     BLOCK, STUDENT_GRAD, TEACHER_GRAD, False)
+                     BLOCK, STUDENT_GRAD, TEACHER_GRAD, False, ACC)
 
 
 @triton.jit
 def _scale_rows_kernel(
     X_ptr, X_stride,  # (N, C) stored gradient
-    G_ptr,  # (N,) fp32 d loss / d l_i
-    Out_ptr, Out_stride,  # (N, C) out = X * G[:, None], fp32 math
+    G_ptr,  # (N,) d loss / d l_i, fp32 (fp64 for fp64 X): the math dtype
+    Out_ptr, Out_stride,  # (N, C) out = X * G[:, None]
     C,
     BLOCK: tl.constexpr,
 ):
@@ -234,14 +265,14 @@ def _scale_rows_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < C
     g = tl.load(G_ptr + row)
-    x = tl.load(X_ptr + row * X_stride + cols, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(X_ptr + row * X_stride + cols, mask=ok, other=0.0).to(G_ptr.dtype.element_ty)
     tl.store(Out_ptr + row * Out_stride + cols, (x * g).to(Out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _scale_rows_inplace_kernel(
     X_ptr, X_stride,  # (N, C) stored gradient, scaled in place
-    G_ptr,  # (N,) fp32 d loss / d l_i
+    G_ptr,  # (N,) d loss / d l_i, fp32 (fp64 for fp64 X): the math dtype
     C,
     BLOCK: tl.constexpr,
 ):
@@ -252,7 +283,7 @@ def _scale_rows_inplace_kernel(
     if g != 1.0:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < C
-        x = tl.load(X_ptr + row * X_stride + cols, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(X_ptr + row * X_stride + cols, mask=ok, other=0.0).to(G_ptr.dtype.element_ty)
         tl.store(X_ptr + row * X_stride + cols, (x * g).to(X_ptr.dtype.element_ty), mask=ok)
 
 
@@ -286,7 +317,11 @@ def _launch_kd_kl(
     chunk), ``splits`` and ``programs`` override the heuristics (tests use them)."""
     n, c = s.shape
     dev = s.device
-    rows = torch.empty(n, dtype=torch.float32, device=dev)
+    math = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32  # fp64 stays fp64
+    acc = tl.float64 if math == torch.float64 else tl.float32
+    if row_weight is not None and row_weight.dtype != math:
+        row_weight = row_weight.to(math)
+    rows = torch.empty(n, dtype=math, device=dev)
     grad_s = torch.empty((n, c), dtype=s.dtype, device=dev) if student_grad else s.new_empty(0)
     grad_t = torch.empty((n, c), dtype=t.dtype, device=dev) if teacher_grad else t.new_empty(0)
     gs_stride = grad_s.stride(0) if student_grad else 0
@@ -302,7 +337,7 @@ def _launch_kd_kl(
             grad_s, gs_stride, grad_t, gt_stride,
             c, 1.0 / temperature, temperature,
             BLOCK=block, HAS_WEIGHT=row_weight is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
-            num_warps=_num_warps(block),
+            ACC=acc, num_warps=_num_warps(block),
         )
         return rows, grad_s, grad_t
 
@@ -314,7 +349,7 @@ def _launch_kd_kl(
             grad_s, gs_stride, grad_t, gt_stride,
             n, c, 1.0 / temperature, temperature,
             BLOCK=chunk, HAS_WEIGHT=row_weight is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
-            num_warps=_num_warps(chunk),
+            ACC=acc, num_warps=_num_warps(chunk),
         )
         return rows, grad_s, grad_t
 
@@ -323,10 +358,10 @@ def _launch_kd_kl(
         splits = max(1, min(n_chunks, triton.cdiv(4 * sm_count(dev), n)))
     span = triton.cdiv(n_chunks, splits) * chunk
     splits = triton.cdiv(c, span)
-    stats = torch.empty((n, splits, 5), dtype=torch.float32, device=dev)
+    stats = torch.empty((n, splits, 5), dtype=math, device=dev)
     _kd_kl_stats_kernel[(n, splits)](
         s, s.stride(0), t, t.stride(0), stats, c, span, 1.0 / temperature,
-        BLOCK=chunk, SPLITS=splits, num_warps=_num_warps(chunk),
+        BLOCK=chunk, SPLITS=splits, ACC=acc, num_warps=_num_warps(chunk),
     )
     # Merge the partial statistics of each row's splits (tiny: N x SPLITS).
     m_s, z_s, m_t, z_t, a = stats.unbind(-1)
@@ -338,7 +373,7 @@ def _launch_kd_kl(
     log_z_t = torch.log(z_t_row)
     top_s, top_t = top_s.squeeze(1), top_t.squeeze(1)
     kl = (a * w_t).sum(dim=1) / z_t_row + (top_s - top_t) + (log_z_s - log_z_t)
-    keep = torch.ones_like(kl) if row_weight is None else row_weight.to(torch.float32)
+    keep = torch.ones_like(kl) if row_weight is None else row_weight
     rows.copy_(torch.where(keep == 0, 0.0, kl * (temperature * temperature) * keep))
     if student_grad or teacher_grad:
         row_stats = torch.stack([top_s, log_z_s, top_t, log_z_t, kl, keep], dim=1).contiguous()
@@ -346,14 +381,14 @@ def _launch_kd_kl(
             s, s.stride(0), t, t.stride(0), row_stats,
             grad_s, gs_stride, grad_t, gt_stride,
             c, span, 1.0 / temperature, temperature,
-            BLOCK=chunk, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, num_warps=_num_warps(chunk),
+            BLOCK=chunk, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, ACC=acc, num_warps=_num_warps(chunk),
         )
     return rows, grad_s, grad_t
 
 
 def _launch_scale_rows(x: Tensor, g: Tensor, inplace: bool) -> Optional[Tensor]:
     n, c = x.shape
-    g32 = g.to(torch.float32).contiguous()
+    g32 = g.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()  # the math dtype
     block = min(triton.next_power_of_2(c), 4096)
     grid = (n, triton.cdiv(c, block))
     if inplace:
@@ -372,14 +407,15 @@ def kd_kl_op(
     student: Tensor, teacher: Tensor, row_weight: Optional[Tensor], temperature: float,
     student_grad: bool, teacher_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``w_i T^2 KL`` (fp32) and the stored gradients ``w_i d(T^2 l_i)/ds``,
-    ``w_i d(T^2 l_i)/dt`` (empty when not requested); ``w`` = ``row_weight`` (fp32, length N) or 1."""
+    """Per-row ``w_i T^2 KL`` (fp32; fp64 when an input is fp64) and the stored gradients
+    ``w_i d(T^2 l_i)/ds``, ``w_i d(T^2 l_i)/dt`` in their inputs' dtypes (empty when not requested);
+    ``w`` = ``row_weight`` (length N, in the math dtype) or 1."""
     return _launch_kd_kl(student, teacher, row_weight, temperature, student_grad, teacher_grad)
 
 
 @torch.library.custom_op("mlkd_fast_triton::scale_rows", mutates_args=())
 def scale_rows_op(x: Tensor, g: Tensor) -> Tensor:
-    """``x * g[:, None]`` with fp32 math, stored in ``x.dtype`` (the KL backward)."""
+    """``x * g[:, None]`` with fp32 math (fp64 for fp64 ``x``), stored in ``x.dtype`` (the KL backward)."""
     return _launch_scale_rows(x, g, inplace=False)
 
 
@@ -390,7 +426,7 @@ def scale_rows_inplace_op(x: Tensor, g: Tensor) -> None:
 
 
 def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_weight: Optional[Tensor] = None) -> Tensor:
-    """Per-row ``w_i T^2 KL(softmax(t/T) || softmax(s/T))`` (fp32, length N) with autograd.
+    """Per-row ``w_i T^2 KL(softmax(t/T) || softmax(s/T))`` (fp32, fp64 for fp64 inputs; length N) with autograd.
 
     Gradients are computed in the forward only for the inputs that will need them.
     """

@@ -1,7 +1,9 @@
 """Fake implementations and autograd of the fused ops, shared by every op namespace.
 
 The Triton ops (``mlkd_fast_triton::*``, in ``kernels/``) and the compiled ops (``mlkd_fast::*``, in
-``csrc/``) have the same schemas:
+``csrc/``) have the same schemas and dtypes: inputs fp32/fp16/bf16/fp64 in any student/teacher
+combination; loss rows, log-sum-exps and row weights in the math dtype (fp64 when an input is fp64,
+else fp32); each gradient in its input's dtype:
   kd_kl(student, teacher, row_weight?, temperature, student_grad, teacher_grad) -> (rows, grad_s, grad_t)
   scale_rows(x, g) -> x * g[:, None]
   scale_rows_(x!, g) -> None: x *= g[:, None] in place, rows with g == 1 untouched
@@ -19,9 +21,14 @@ from __future__ import annotations
 import torch
 
 
+def _math_dtype(*tensors) -> torch.dtype:
+    """The dtype of the ops' loss rows and statistics: fp64 when any input is fp64, else fp32."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
 def _fake_kd_kl(student, teacher, row_weight, temperature, student_grad, teacher_grad):
     n, c = student.shape
-    rows = student.new_empty(n, dtype=torch.float32)
+    rows = student.new_empty(n, dtype=_math_dtype(student, teacher))
     grad_s = student.new_empty((n, c)) if student_grad else student.new_empty(0)
     grad_t = teacher.new_empty((n, c)) if teacher_grad else teacher.new_empty(0)
     return rows, grad_s, grad_t
@@ -53,7 +60,7 @@ def _graph_freed_after_this_backward(grad_rows: torch.Tensor) -> bool:
 
 
 def _fake_correlation_fwd(a_s, a_t, b_s, b_t, tau, exclude_diagonal):
-    return tuple(a_s.new_empty(a_s.shape[0], dtype=torch.float32) for _ in range(3))
+    return tuple(a_s.new_empty(a_s.shape[0], dtype=_math_dtype(a_s, a_t, b_s, b_t)) for _ in range(3))
 
 
 def _fake_correlation_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau, exclude_diagonal):

@@ -62,7 +62,11 @@ def _check_same_device(tensors: dict[str, Optional[Tensor]]) -> torch.device:
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
     """Kernels take any row stride; they copy only when the last stride is not 1."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.stride(-1) != 1:  # a width-1 last dimension counts as contiguous whatever its stride
+        x = x.as_strided(x.shape, (*x.stride()[:-1], 1))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +84,9 @@ def kd_kl_div(
     """Hinton KD loss ``T^2 * KL(softmax(t/T) || softmax(s/T))`` on raw logits.
 
     Args:
-        student_logits: ``(..., C)`` logits of the student, any float dtype.
-        teacher_logits: same shape as ``student_logits``. It receives a gradient only if it
+        student_logits: ``(..., C)`` logits of the student: fp32, fp16, bf16 or fp64.
+        teacher_logits: same shape as ``student_logits``, any of those dtypes (it may differ from the
+            student's: each is read in its own dtype, each gradient comes back in it). It receives a gradient only if it
             requires grad (online / mutual distillation); detach it otherwise. ``-inf`` entries are
             masked classes (probability 0, contribute exactly 0).
         temperature: T > 0.
@@ -98,7 +103,8 @@ def kd_kl_div(
             backward rescales it in one pass).
 
     Returns:
-        An fp32 scalar (fp64 for fp64 inputs), or the per-row vector for ``reduction="none"``.
+        An fp32 scalar, or the per-row vector for ``reduction="none"``; fp64 when either input is
+        fp64 (the math is then fp64 on every backend; otherwise fp32, whatever the input dtypes).
     """
     s = _check_tensor(student_logits, "student_logits")
     t = _check_tensor(teacher_logits, "teacher_logits")
@@ -131,8 +137,8 @@ def kd_kl_div(
     t2 = _last_dim_contiguous(t.reshape(-1, num_classes))
     mask = None if row_mask is None else row_mask.reshape(-1)
 
-    # the kernels take fp32 weights; the reference computes in its own math dtype (fp64 for fp64 inputs)
-    weight_dtype = reference._math_dtype(s2, t2) if name == "torch" else torch.float32
+    # every backend takes its row weights in the math dtype: fp64 when an input is fp64, else fp32
+    weight_dtype = reference._math_dtype(s2, t2)
     row_weight = _kd_row_weights(mask, s2.shape[0], num_classes, reduction, weight, weight_dtype, device)
     if name == "torch":
         rows = reference.kd_kl_rows(s2, t2, temperature, mask)
@@ -153,7 +159,7 @@ def kd_kl_div(
 
 def _fp16_gradient_scale(s: Tensor, t: Tensor, row_weight: Optional[Tensor], temperature: float,
                          device: torch.device) -> Optional[Tensor]:
-    """Per-row powers of two S_i for fp16 logits whose gradient is stored in the forward, else None.
+    """Per-row powers of two S_i when a gradient stored in the forward is fp16, else None.
 
     The kernels store w_i d(T^2 l_i)/ds = w_i T (q - p) in the input dtype. In fp16 with w_i = 1/N
     most entries are subnormal, and a GradScaler's factor, which reaches the KL only in the backward,
@@ -161,13 +167,15 @@ def _fp16_gradient_scale(s: Tensor, t: Tensor, row_weight: Optional[Tensor], tem
     kernels get w_i S_i, with S_i making the largest possible student entry ~1024, and the loss rows
     are divided by S_i exactly: the backward then rescales the stored gradient by g_i / S_i (a pass
     that bf16 and fp32 do not need). The teacher gradient has no such bound (it grows with the logit
-    gap), so when it is stored too S_i only undoes w_i: the gradients are stored unweighted."""
-    if torch.promote_types(s.dtype, t.dtype) != torch.float16 or not torch.is_grad_enabled():
+    gap), so when it is stored too S_i only undoes w_i: the gradients are stored unweighted. Each
+    gradient is stored in its input's dtype, so an fp16 student beside an fp32 or fp64 teacher needs
+    S_i as much as two fp16 inputs do."""
+    if not torch.is_grad_enabled():
         return None
-    if not (s.requires_grad or t.requires_grad):
+    if not ((s.requires_grad and s.dtype == torch.float16) or (t.requires_grad and t.dtype == torch.float16)):
         return None
     n = s.shape[0]
-    w = torch.ones(n, dtype=torch.float32, device=device) if row_weight is None else row_weight
+    w = torch.ones(n, dtype=reference._math_dtype(s, t), device=device) if row_weight is None else row_weight
     bound = 1.0 / w.abs() if t.requires_grad else 1024.0 / (temperature * w.abs())
     exponent = torch.floor(torch.log2(bound)).clamp(-60.0, 60.0)
     return torch.where(w != 0, torch.exp2(exponent), torch.ones_like(w))
@@ -208,8 +216,10 @@ def correlation_kl(
     ``Q = softmax_row(S_s)``, ``l_i = KL(P_i || Q_i)``.
 
     Args:
-        student_feats: ``(M, Ds)`` student row features (gets the gradient).
-        teacher_feats: ``(M, Dt)`` teacher row features; always treated as constants (detached).
+        student_feats: ``(M, Ds)`` student row features (gets the gradient); fp32, fp16, bf16 or fp64.
+        teacher_feats: ``(M, Dt)`` teacher row features; always treated as constants (detached). Any
+            of those dtypes, which may differ from the student's (the gradient comes back in each
+            student tensor's own dtype).
         student_cols, teacher_cols: optional ``(N, Ds)`` / ``(N, Dt)`` column features
             (rectangular mode, e.g. rotated rows vs plain columns). Both or neither. Without them
             the matrix is square (columns = rows).
@@ -226,6 +236,17 @@ def correlation_kl(
             equals row i's of the square loss over the whole batch; with every shard's rows taken
             once, the shards' losses make up the square one (how MLKDLoss splits a global-batch
             correlation over DDP processes). Not checked: the caller places the rows first.
+
+    Returns:
+        An fp32 scalar (or per-row vector), fp64 when any feature tensor is fp64 (the math is then
+        fp64; otherwise fp32 or better, whatever the input dtypes).
+
+    Degenerate batches: when each row has fewer than 2 columns to compare with (a square batch of
+    1 or 2 rows with the diagonal excluded, 1 row with it kept, a shard of such a batch, or a single
+    column), every row's softmax is a one-point distribution and its KL is exactly 0. The loss is
+    then exactly 0 with exactly zero gradients on every backend (NaN features still give NaN), so
+    that a small last batch never stops training. No columns at all (an empty column tensor) is an
+    error.
     """
     a_s = _check_tensor(student_feats, "student_feats")
     a_t = _check_tensor(teacher_feats, "teacher_feats")
@@ -251,8 +272,10 @@ def correlation_kl(
             raise ValueError(f"teacher_cols must have Dt = {a_t.shape[1]} features like teacher_feats, got {b_t.shape[1]}")
     else:
         b_s = b_t = None
-    if a_s.shape[0] == 0 or (b_s is not None and b_s.shape[0] == 0):
-        raise ValueError("empty batch: correlation_kl needs at least one row and one column")
+    if a_s.shape[0] == 0:
+        raise ValueError("empty batch: student_feats and teacher_feats have no rows (M = 0)")
+    if b_s is not None and b_s.shape[0] == 0:
+        raise ValueError("student_cols and teacher_cols have no rows: a correlation needs at least one column (N = 0)")
     if a_s.shape[1] == 0 or a_t.shape[1] == 0:
         raise ValueError("student_feats and teacher_feats need at least one feature column")
     tau = _check_positive(tau, "tau")
@@ -267,12 +290,11 @@ def correlation_kl(
     rows_in_cols = square or bool(cols_start_with_rows)  # row i is column i: (i, i) is its self-similarity
     exclude_diagonal = rows_in_cols and not keep_diagonal
     counted_cols = n_cols - 1 if exclude_diagonal else n_cols
-    if rows_in_cols and counted_cols < 2:
-        raise ValueError(
-            f"a {'square ' if square else ''}correlation needs at least 2 columns after excluding the diagonal; "
-            f"there are N = {n_cols} columns (keep_diagonal={keep_diagonal})"
-        )
     name = resolve_backend(backend, device)
+    if counted_cols < 2:
+        # One-point (or empty) row distributions: KL exactly 0. Decided by the shapes alone (no host sync).
+        rows = _zero_rows(a_s, None if square else b_s, reference._math_dtype(a_s, a_t, *([] if square else [b_s, b_t])))
+        return _correlation_reduce(rows, reduction, tau, scale_by_tau_sq, max(counted_cols, 1))
 
     a_s = _last_dim_contiguous(a_s)
     a_t = _last_dim_contiguous(a_t.detach())
@@ -289,6 +311,19 @@ def correlation_kl(
     else:
         rows = _native.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, exclude_diagonal)
 
+    return _correlation_reduce(rows, reduction, tau, scale_by_tau_sq, counted_cols)
+
+
+def _zero_rows(student_rows: Tensor, student_cols: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """Per-row losses of a degenerate correlation: exactly 0, and exactly zero gradients for the student
+    features (x * 0 keeps a NaN input NaN, never hides it; summed after the product, so no overflow)."""
+    rows = student_rows.to(dtype).mul(0).sum(dim=-1)
+    if student_cols is not None:
+        rows = rows + student_cols.to(dtype).mul(0).sum()
+    return rows
+
+
+def _correlation_reduce(rows: Tensor, reduction: str, tau: float, scale_by_tau_sq: bool, counted_cols: int) -> Tensor:
     if scale_by_tau_sq:
         rows = rows * (tau * tau)
     if reduction == "none":

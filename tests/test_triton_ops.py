@@ -141,5 +141,5 @@ def test_correlation_plan():
     assert correlation._config(128, 128, 2)["BLOCK_M"] == 64
     assert correlation._config(512, 37, 2)["BLOCK_M"] == 32
     assert correlation._config(513, 64, 2) is None
-    assert correlation._config(128, 100, 4)["num_warps"] == 8
+    assert correlation._config(64, 64, 4)["BLOCK_M"] == 32 and correlation._config(128, 100, 4)["BLOCK_M"] == 16
     assert correlation._config(64, 129, 4) is None

@@ -4,6 +4,7 @@ import torch
 
 import mlkd_fast
 from mlkd_fast import functional as MF
+from conftest import require_backend
 from mlkd_fast.backends import ENV_VAR, resolve_backend
 
 S, T_ = torch.randn(4, 10), torch.randn(4, 10)
@@ -51,12 +52,10 @@ def test_kd_kl_div_bad_input(kwargs, exc, words):
     (dict(student_feats=F_S, teacher_feats=F_T, reduction="avg"), ValueError, "reduction"),
     (dict(student_feats=F_S, teacher_feats=F_T, backend="jax"), ValueError, "backend"),
     (dict(student_feats=torch.randn(0, 8), teacher_feats=torch.randn(0, 5)), ValueError, "empty batch"),
-    (dict(student_feats=torch.randn(2, 8), teacher_feats=torch.randn(2, 5)), ValueError, "at least 2 columns"),
-    (dict(student_feats=torch.randn(1, 8), teacher_feats=torch.randn(1, 5), keep_diagonal=True), ValueError, "at least 2 columns"),
+    (dict(student_feats=F_S, teacher_feats=F_T, student_cols=torch.randn(0, 8), teacher_cols=torch.randn(0, 5)),
+     ValueError, "student_cols and teacher_cols have no rows"),
     (dict(student_feats=torch.randn(5, 8), teacher_feats=torch.randn(5, 5), student_cols=torch.randn(4, 8),
           teacher_cols=torch.randn(4, 5), cols_start_with_rows=True), ValueError, "rows first"),
-    (dict(student_feats=torch.randn(2, 8), teacher_feats=torch.randn(2, 5), student_cols=torch.randn(2, 8),
-          teacher_cols=torch.randn(2, 5), cols_start_with_rows=True), ValueError, "at least 2 columns"),
     (dict(student_feats=F_S, teacher_feats=F_T.to("meta")), ValueError, "device"),
 ])
 def test_correlation_kl_bad_input(kwargs, exc, words):
@@ -66,6 +65,81 @@ def test_correlation_kl_bad_input(kwargs, exc, words):
 
 def test_square_correlation_with_three_rows_is_allowed():
     assert torch.isfinite(MF.correlation_kl(torch.randn(3, 4), torch.randn(3, 4), backend="torch"))
+
+
+# Rows with fewer than 2 columns to compare with: one-point distributions, KL exactly 0.
+DEGENERATE = {
+    "square-1": (1, None, {}),
+    "square-2": (2, None, {}),
+    "keep_diagonal-1": (1, None, {"keep_diagonal": True}),
+    "shard-1-of-1": (1, 1, {"cols_start_with_rows": True}),
+    "shard-2-of-2": (2, 2, {"cols_start_with_rows": True}),
+    "shard-1-of-2": (1, 2, {"cols_start_with_rows": True}),
+    "rectangular-1-column": (3, 1, {}),
+}
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("case", DEGENERATE)
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+def test_degenerate_correlation_is_exactly_zero_with_zero_gradients(backend, case, reduction):
+    require_backend(backend, "cpu")
+    m, n, kw = DEGENERATE[case]
+    a_s = torch.randn(m, 8, requires_grad=True)
+    a_t = torch.randn(m, 5)
+    b_s = b_t = None
+    if n is not None:
+        b_s = torch.cat([a_s.detach(), torch.randn(n - m, 8)]).requires_grad_() if kw else torch.randn(n, 8).requires_grad_()
+        b_t = torch.cat([a_t, torch.randn(n - m, 5)]) if kw else torch.randn(n, 5)
+    loss = MF.correlation_kl(a_s, a_t, b_s, b_t, reduction=reduction, scale_by_tau_sq=True, backend=backend, **kw)
+    assert loss.shape == ((m,) if reduction == "none" else ())
+    assert (loss == 0).all() and loss.dtype == torch.float32
+    leaves = [x for x in (a_s, b_s) if x is not None]
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    for g, x in zip(grads, leaves):
+        assert g.shape == x.shape and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+def test_degenerate_correlation_keeps_dtype_and_nan(backend):
+    require_backend(backend, "cpu")
+    a_s = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    loss = MF.correlation_kl(a_s, torch.randn(2, 3, dtype=torch.float64), backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float64 and loss == 0 and (a_s.grad == 0).all()
+    nan = torch.full((1, 4), float("nan"))
+    assert torch.isnan(MF.correlation_kl(nan, torch.randn(1, 3), backend=backend))  # never hidden
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+def test_mlkd_loss_trains_on_a_last_batch_of_one_or_two(backend, batch):
+    require_backend(backend, "cpu")
+    loss_fn = mlkd_fast.MLKDLoss(backend=backend)
+    s = torch.randn(batch, 10, requires_grad=True)
+    f_s = torch.randn(batch, 8, requires_grad=True)
+    total = loss_fn(s, torch.randn(batch, 10), f_s, torch.randn(batch, 6), torch.randint(0, 10, (batch,)))
+    total.backward()
+    assert torch.isfinite(total) and loss_fn.last["corr"] == 0
+    assert torch.isfinite(s.grad).all() and (f_s.grad == 0).all()
+
+
+@pytest.mark.parametrize("images", [1, 2])
+@pytest.mark.parametrize("dataset", ["cifar100", "imagenet"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+def test_paper_preset_trains_on_a_last_batch_of_one_or_two_images(backend, dataset, images):
+    """4 rotation views per image: 1 image is 4 rows (3 rotated rows against 1 plain column)."""
+    require_backend(backend, "cpu")
+    loss_fn = mlkd_fast.MLKDLoss.paper(dataset, 8, 6, backend=backend)
+    rows = 4 * images
+    s = torch.randn(rows, 10, requires_grad=True)
+    f_s = torch.randn(rows, 8, requires_grad=True)
+    total = loss_fn(s, torch.randn(rows, 10), f_s, torch.randn(rows, 6), torch.randint(0, 10, (images,)))
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(f_s.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in loss_fn.parameters() if p.grad is not None)
+    if images == 1:
+        assert loss_fn.last["corr"] == 0
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])
