@@ -118,6 +118,15 @@ class MLKDLoss(nn.Module):
             all N columns (1/world of the global matrix), so the ``corr`` term is the mean over its
             rows; its mean over the processes is the global-batch loss, and DDP's gradient
             averaging gives the global-batch gradient.
+        supcon_gather: the same for SupCon (e.g. the same ``gather_with_grad``): this process's
+            stacked embeddings ``[g_s(f_s); g_t(f_t)]`` are the anchors, contrasted with every
+            process's (the callable also maps the labels, (2M,) -> (2N,), this process's first).
+            Each anchor has a positive (the other network's embedding of its image), so every
+            process's ``supcon`` term is the mean over its 2M anchors and, with equal shards, their
+            mean over the processes is the global-batch loss. Without it the anchors' positives and
+            negatives are this process's batch only.
+
+    ``ce`` is computed in the logits' dtype when that is fp64, in fp32 otherwise.
 
     After each call, ``loss_fn.last`` holds the detached, unweighted components
     (``{"ce": ..., "kd": ..., "corr": ..., "align": ..., "supcon": ..., "total": ...}``) for logging.
@@ -142,9 +151,11 @@ class MLKDLoss(nn.Module):
         supcon_temperature: float = 0.07,
         backend: str = "auto",
         correlation_gather: Optional[Callable[[Tensor], Tensor]] = None,
+        supcon_gather: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
         super().__init__()
         self.correlation_gather = correlation_gather
+        self.supcon_gather = supcon_gather
         self.temperature = MF._check_positive(temperature, "temperature")
         self.tau = MF._check_positive(tau, "tau")
         self.supcon_temperature = MF._check_positive(supcon_temperature, "supcon_temperature")
@@ -212,7 +223,8 @@ class MLKDLoss(nn.Module):
         parts: dict[str, Tensor] = {}
         weighted: dict[str, Tensor] = {}
         if w["ce"] > 0:
-            parts["ce"] = F.cross_entropy(self._plain(student_logits, "student_logits").float(), target)
+            plain = self._plain(student_logits, "student_logits")
+            parts["ce"] = F.cross_entropy(plain.to(reference._math_dtype(plain)), target)
         if w["kd"] > 0:
             # weighted inside: the fused backends fold w_kd into their stored gradient
             weighted["kd"] = MF.kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
@@ -224,7 +236,12 @@ class MLKDLoss(nn.Module):
         if w["supcon"] > 0:
             emb = torch.cat([self.supcon_student(student_feats), self.supcon_teacher(teacher_feats.detach())])
             labels = target.repeat(2 * self.views)
-            parts["supcon"] = reference.supcon_loss(emb, labels, self.supcon_temperature)
+            gather = self.supcon_gather
+            if gather is None:
+                parts["supcon"] = reference.supcon_loss(emb, labels, self.supcon_temperature)
+            else:
+                parts["supcon"] = reference.supcon_loss(emb, labels, self.supcon_temperature,
+                                                        gather(emb), gather(labels))
 
         if not parts and not weighted:
             raise ValueError("every weight is 0: MLKDLoss has nothing to compute")

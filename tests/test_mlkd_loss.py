@@ -120,3 +120,73 @@ def test_compile_fullgraph_matches_eager(kernel_backend):
     ref += torch.autograd.grad(ref[0], (s, fs))
     for name, g, r in zip(("loss", "logit gradient", "feature gradient"), got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _authors_supcon(embed_s, embed_t, labels, temperature=0.07, base_temperature=0.07):
+    """The SupCon of the MLKD authors' released code, restated with their matrix operations: the
+    stacked [student; teacher] embeddings, the detached row maximum, 1e-7 inside the log of the
+    denominator, the mean over positives, then over all anchors."""
+    feats = torch.cat([F.normalize(embed_s, dim=1), F.normalize(embed_t, dim=1)])
+    n = feats.shape[0]
+    dots = feats @ feats.T / temperature
+    logits = dots - dots.max(dim=1, keepdim=True).values.detach()
+    not_self = 1.0 - torch.eye(n, dtype=feats.dtype)
+    mask = (labels[:, None] == labels[None, :]).to(feats.dtype).repeat(2, 2) * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True) + 1e-7)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def test_supcon_matches_the_authors_formula_value_and_gradient():
+    torch.manual_seed(0)
+    es = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    et = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (10,))
+    ours = reference.supcon_loss(torch.cat([es, et]), y.repeat(2))
+    theirs = _authors_supcon(es, et, y)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, (es, et)), torch.autograd.grad(theirs, (es, et)))
+
+
+def test_supcon_epsilon_bounds_an_anchor_far_from_every_other_row():
+    """Anchor 0 points away from every other row: its denominator (about 1e-12 of its self term) is
+    below the 1e-7 the authors add, which then sets its loss (a plain softmax gives another value)."""
+    es = torch.tensor([[1.0, 0.0], [-1.0, 0.1]], dtype=torch.float64)
+    et = torch.tensor([[-1.0, 0.05], [-1.0, -0.1]], dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    ours = reference.supcon_loss(torch.cat([es, et]), y.repeat(2))
+    torch.testing.assert_close(ours, _authors_supcon(es, et, y))
+    z, labels, self_mask = F.normalize(torch.cat([es, et]), dim=1), y.repeat(2), torch.eye(4, dtype=torch.bool)
+    log_prob = torch.log_softmax((z @ z.T / 0.07).masked_fill(self_mask, float("-inf")), 1).masked_fill(self_mask, 0)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    plain_softmax = (-(log_prob * positives).sum(1) / positives.sum(1)).mean()
+    assert (ours - plain_softmax).abs() > 1.0
+    for dtype in (torch.float32, torch.bfloat16):  # fp32 math for low precision, still finite
+        low = reference.supcon_loss(torch.cat([es, et]).to(dtype), y.repeat(2))
+        assert low.dtype == torch.float32 and torch.isfinite(low)
+        torch.testing.assert_close(low.double(), ours, rtol=1e-2, atol=1e-2)
+
+
+def test_mlkd_supcon_term_is_the_authors_loss_on_the_heads():
+    torch.manual_seed(1)
+    loss_fn = mlkd_fast.MLKDLoss(8, 6, w_ce=0, w_kd=0, w_corr=0, w_supcon=1).double()
+    fs, ft = torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,))
+    expected = _authors_supcon(loss_fn.supcon_student(fs), loss_fn.supcon_teacher(ft), y)
+    torch.testing.assert_close(loss_fn(student_feats=fs, teacher_feats=ft, target=y), expected)
+
+
+def test_cross_entropy_follows_the_logits_dtype():
+    y = torch.tensor([0, 3, 1, 2])
+    logits = torch.randn(4, 5, dtype=torch.float64) * 30
+    ce_only = mlkd_fast.MLKDLoss(w_kd=0, w_corr=0)
+    exact = ce_only(logits, target=y)
+    assert exact.dtype == torch.float64  # not rounded through fp32
+    torch.testing.assert_close(exact, F.cross_entropy(logits, y), rtol=1e-15, atol=0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        low = logits.to(dtype).requires_grad_()
+        value = ce_only(low, target=y)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, F.cross_entropy(low.detach().float(), y))
+        value.backward()
+        assert low.grad.dtype == dtype

@@ -2,6 +2,7 @@
 the global correlation, the robustness-study data options, folder and synthetic data, bad input."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 from mlkd_fast.train import data as D
 from mlkd_fast.train.__main__ import main
+from mlkd_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from mlkd_fast.train.models import build_model
 
 SHORT = ["--teacher-epochs", "3", "--epochs", "3", "--quiet"]
@@ -64,14 +66,46 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # no torn temp files left
 
 
-def test_torchrun_two_processes_on_cpu_all_reduces_metrics(tmp_path):
+# mlkd-train's entry point, also keeping the buffers (BatchNorm statistics) of every model each rank evaluates
+_RECORDING_MAIN = r"""
+import os, sys, torch
+import mlkd_fast.train.loop as loop
+from mlkd_fast.train.__main__ import main
+
+seen, evaluate = [], loop.evaluate
+
+def recording_evaluate(model, batches, ctx):
+    seen.append({k: v.clone() for k, v in model.named_buffers()})
+    return evaluate(model, batches, ctx)
+
+loop.evaluate = recording_evaluate
+out = sys.argv[sys.argv.index("--out") + 1]
+main(sys.argv[1:])
+torch.save(seen, os.path.join(out, "evaluated" + os.environ["RANK"] + ".pt"))
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--loss", "paper", "--sync-bn", "--global-supcon"]],
+                         ids=["mlkd", "paper-syncbn-globalsupcon"])
+def test_torchrun_two_processes_on_cpu_all_reduces_metrics(tmp_path, extra):
+    """The logged top-1 is the saved student's on the whole test set: every rank evaluates its shard
+    with the same BatchNorm statistics, those of the saved model (rank 0's)."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "mlkd_fast.train", "--out", str(out), "--teacher-epochs", "2", "--epochs", "2",
-           "--batch-size", "32", "--global-correlation", "--quiet"]
+    script = tmp_path / "recording_main.py"
+    script.write_text(_RECORDING_MAIN)
+    port = "29517" if not extra else "29518"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(script), "--out", str(out), "--teacher-epochs", "2", "--epochs", "2",
+           "--batch-size", "32", "--global-correlation", "--quiet", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    evaluated = [torch.load(out / f"evaluated{rank}.pt") for rank in range(2)]
+    assert len(evaluated[0]) == len(evaluated[1]) == 4  # teacher and student, two epochs each
+    for rank0, rank1 in zip(*evaluated):
+        assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = _weights(out / "student.pt")
+    assert all(torch.equal(v, saved[k]) for k, v in evaluated[0][-1].items())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     # the logged accuracy is over the whole test set (both ranks' shards summed)
@@ -130,6 +164,192 @@ def test_global_correlation_under_ddp_equals_the_single_process_loss_and_gradien
     assert not torch.allclose(got["losses"][0], got["losses"][1])  # split work, not the global loss twice
     torch.testing.assert_close(got["losses"].mean(), loss.detach())
     torch.testing.assert_close(got["grad"], head.weight.grad)
+
+
+_DDP_TERMS_SETUP = r"""
+import torch
+from torch import nn
+from mlkd_fast import MLKDLoss
+
+class Net(nn.Module):
+    def __init__(self, mode, views):
+        super().__init__()
+        torch.manual_seed(0)
+        if mode == "supcon":
+            self.student = nn.Linear(6, 7)
+            self.loss_fn = MLKDLoss(7, 5, w_ce=0, w_kd=0, w_corr=0, w_supcon=1, supcon_dim=4, views=views)
+        else:  # BatchNorm in the student and in the alignment head
+            self.student = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 7))
+            self.loss_fn = MLKDLoss(7, 5, w_ce=0, w_kd=0, w_corr=0, w_align=1, views=views)
+
+    def forward(self, x, t, y):
+        return self.loss_fn(student_feats=self.student(x), teacher_feats=t, target=y)
+
+def data(views, n):  # a view-major global batch
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(views, n, 6, generator=g), torch.randn(views, n, 5, generator=g),
+            torch.randint(0, 3, (n,), generator=g))
+"""
+
+_DDP_TERMS_WORKER = _DDP_TERMS_SETUP + r"""
+import os, sys, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from mlkd_fast.train.distributed import convert_sync_batchnorm, gather_with_grad, shutdown_distributed
+rank, out, port, mode, views = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+world, b = 2, 6
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+net = Net(mode, views)
+if mode == "supcon":
+    net.loss_fn.supcon_gather = gather_with_grad
+else:
+    convert_sync_batchnorm(net, "cpu")
+x, t, y = data(views, world * b)
+mine = slice(rank * b, rank * b + b)  # this rank's images, every view of them
+model = DDP(net)
+loss = model(x[:, mine].reshape(-1, 6), t[:, mine].reshape(-1, 5), y[mine])
+loss.backward()
+losses = [torch.zeros(()) for _ in range(world)]
+dist.all_gather(losses, loss.detach())
+torch.save({"losses": torch.stack(losses), "grads": {k: p.grad for k, p in net.named_parameters()},
+            "buffers": {k: v.clone() for k, v in net.named_buffers()}}, out + str(rank) + ".pt")
+del model, loss  # they hold the process group (see shutdown_distributed)
+shutdown_distributed(wait_for_all=True)
+"""
+
+
+@pytest.mark.parametrize("mode,views", [("supcon", 1), ("supcon", 4), ("syncbn", 1)],
+                         ids=["global-supcon", "global-supcon-rotations", "sync-bn"])
+def test_global_supcon_and_sync_bn_under_ddp_equal_the_single_process_batch(tmp_path, mode, views):
+    """Two gloo processes, each with half of the batch: with the SupCon embeddings all-gathered
+    (``supcon_gather``), or with SyncBatchNorm in the student and the alignment head, the mean of
+    the processes' losses and DDP's averaged gradient equal those of one process with the whole
+    batch; with SyncBatchNorm both ranks' running statistics equal that process's too."""
+    out = str(tmp_path / "rank")
+    port = {("supcon", 1): "29541", ("supcon", 4): "29542", ("syncbn", 1): "29543"}[(mode, views)]
+    procs = [subprocess.Popen([sys.executable, "-c", _DDP_TERMS_WORKER, str(r), out, port, mode, str(views)])
+             for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    got = [torch.load(out + f"{r}.pt") for r in range(2)]
+    ns: dict = {}
+    exec(_DDP_TERMS_SETUP, ns)
+    net = ns["Net"](mode, views)
+    x, t, y = ns["data"](views, 12)
+    loss = net(x.reshape(-1, 6), t.reshape(-1, 5), y)
+    loss.backward()
+    torch.testing.assert_close(got[0]["losses"].mean(), loss.detach())
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(got[0]["grads"][name], p.grad, msg=name)
+    if mode == "supcon":
+        assert not torch.allclose(got[0]["losses"][0], got[0]["losses"][1])  # each rank its own anchors
+    else:
+        buffers = dict(net.named_buffers())
+        assert buffers and any("loss_fn" in k for k in buffers)
+        for rank in range(2):
+            for name, value in buffers.items():
+                torch.testing.assert_close(got[rank]["buffers"][name], value, msg=f"rank {rank} {name}")
+
+
+def _checkpoint_state(epoch, numel=10):
+    return {"phase": "student", "epoch": epoch, "step": 0, "model": {"w": torch.full((numel,), float(epoch))},
+            "optimizer": {}, "scheduler": {}, "rng": {}}
+
+
+_KILLED_WRITER = r"""
+import sys, time, torch
+from mlkd_fast.train.checkpoint import _atomic_write
+
+class StallingFile:
+    # passes writes on to the temp file until half of the checkpoint is there, then hangs
+    def __init__(self, f, stall_at):
+        self.f, self.stall_at, self.written = f, stall_at, 0
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        room = self.stall_at - self.written
+        self.f.write(data[:room])
+        self.written += min(len(data), room)
+        if self.written >= self.stall_at:
+            self.f.flush()
+            print("stalled", flush=True)
+            time.sleep(600)
+        return len(data)
+
+    def flush(self):
+        self.f.flush()
+
+state = {"phase": "student", "epoch": 2, "step": 0, "model": {"w": torch.full((8_000_000,), 2.0)},
+         "optimizer": {}, "scheduler": {}, "rng": {}}
+_atomic_write(sys.argv[1], lambda f: torch.save(state, StallingFile(f, int(sys.argv[2]))))
+"""
+
+
+def test_writer_killed_mid_checkpoint_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL (no handler, no cleanup) while a 32 MB checkpoint is half written to its temp file:
+    the checkpoint path still holds the previous one, and the torn temp file is never read for it."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(str(path), _checkpoint_state(1))
+    before = path.read_bytes()
+    half = 16_000_000
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path), str(half)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "stalled"
+        temps = [tmp_path / f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+        assert len(temps) == 1 and temps[0].stat().st_size == half
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert path.read_bytes() == before
+    state = load_checkpoint(str(path))
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(10))
+    with pytest.raises(ValueError, match=re.escape(str(temps[0])) + ".*truncated or corrupt"):
+        load_checkpoint(str(temps[0]))  # what the killed writer left is unusable
+
+
+def test_truncated_or_corrupt_checkpoint_gives_an_error_naming_the_file(tmp_path):
+    out = tmp_path / "run"
+    path = out / "checkpoint.pt"
+    save_checkpoint(str(path), _checkpoint_state(1, numel=10_000))
+    good = path.read_bytes()
+    for content in (good[: len(good) // 2], good[:100], b"", bytes(len(good)), b"\x80\x04not a pickle" * 50):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(repr(str(path))) + " is not a readable PyTorch checkpoint "
+                                             r"\(truncated or corrupt\?\)"):
+            load_checkpoint(str(path))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*truncated or corrupt"):
+        main(["--out", str(out), *SHORT, "--resume"])
+    torch.save({"weights": torch.ones(3)}, path)  # readable, but not a training checkpoint
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + " is not an mlkd-train checkpoint .*lacks phase"):
+        load_checkpoint(str(path))
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(good[:200])
+    with pytest.raises(ValueError, match=re.escape(str(weights)) + ".*truncated or corrupt"):
+        build_model("cnn-large", 10, str(weights))
+
+
+def test_resume_with_other_settings_names_the_setting_and_both_values(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run = ["--data", "synthetic", "--arch", "resnet18", "--teacher-arch", "resnet18", "--image-size", "16",
+           "--num-classes", "5", "--batch-size", "2", "--steps-per-epoch", "3", "--epochs", "1", "--out", out,
+           "--quiet", "--sync-bn"]
+    assert main([*run, "--max-steps", "1"]) == {"interrupted": True}
+    assert "--sync-bn does nothing in a single process" in capsys.readouterr().err
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert "scaler" not in ckpt and ckpt["step"] == 1
+    assert (ckpt["config"]["arch"], ckpt["config"]["loss"], ckpt["config"]["num_classes"]) == ("resnet18", "mlkd", 5)
+    for flag, value, message in [
+        ("--arch", "resnet34", "--arch is 'resnet18' in the checkpoint but 'resnet34' in this run"),
+        ("--loss", "kd", "--loss is 'mlkd' in the checkpoint but 'kd' in this run"),
+        ("--num-classes", "7", r"number of classes \(--num-classes.*\) is 5 in the checkpoint but 7 in this run"),
+        ("--rotations", "4", "--rotations is 1 in the checkpoint but 4 in this run"),
+        ("--batch-size", "4", "--batch-size is 2 in the checkpoint but 4 in this run"),  # stopped mid-epoch
+    ]:
+        with pytest.raises(ValueError, match=message):
+            main([*run, "--resume", flag, value])
+    summary = main([*run, "--resume"])  # the same settings continue
+    assert summary["last_epoch"] == 1
 
 
 def test_label_noise_flips_exactly_the_requested_fraction():
@@ -234,7 +454,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
     out = str(tmp_path / "run")
     main(["--out", out, *SHORT, "--max-steps", "70"])  # stops inside the student phase
-    with pytest.raises(ValueError, match="checkpoint is of --arch 'cnn-small'"):
+    with pytest.raises(ValueError, match="--arch is 'cnn-small' in the checkpoint but 'cnn-large' in this run"):
         main(["--out", out, *SHORT, "--resume", "--arch", "cnn-large"])
 
 

@@ -27,9 +27,9 @@ import torch
 
 from . import data as D
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
-from .distributed import gather_with_grad, init_distributed, shutdown_distributed
+from .distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, shutdown_distributed
 from .loop import LOSSES, DistillStep, Phase, RunContext, StopFlag, build_loss, run_phase
-from .models import ARCHS, build_model
+from .models import ARCHS, build_model, load_weights
 
 __all__ = ["main", "parse_args", "write_json_atomic"]
 
@@ -73,6 +73,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--global-correlation", action="store_true",
                    help="under DDP, the correlation spans the global batch: each process's rows against "
                         "all processes' columns (all-gathered with gradient)")
+    g.add_argument("--global-supcon", action="store_true",
+                   help="under DDP, the SupCon term (--loss paper) spans the global batch: each process's "
+                        "embeddings are contrasted with all processes' (all-gathered with gradient)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under DDP, BatchNorm in the trained networks and the loss heads normalises with the "
+                        "global batch's statistics (SyncBatchNorm); a no-op in a single process")
     g.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, native (default: %(default)s)")
     g.add_argument("--teacher-epochs", type=int, default=30, help="digits teacher epochs (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=40, help="student epochs (default: %(default)s)")
@@ -162,6 +168,9 @@ class Run:
         self.shard = D.Shard(args.batch_size, self.dist.rank, self.dist.world)
         self.lr = args.lr * (self.dist.world if args.scale_lr else 1)
         self.info: dict[str, Any] = {}
+        if args.sync_bn and not self.dist.enabled:
+            print("mlkd-train: --sync-bn does nothing in a single process (BatchNorm already sees the whole "
+                  "batch)", file=sys.stderr)
         self._load_data()
 
     # ---- data -----------------------------------------------------------------------------
@@ -207,6 +216,8 @@ class Run:
         a = self.args
         torch.manual_seed(a.seed + {"teacher": 0, "student": 100, "baseline": 100}[name])
         model = build_model(arch, self.num_classes).to(self.device)
+        if a.sync_bn and self.dist.enabled:
+            model = convert_sync_batchnorm(model, self.device.type)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         views = a.rotations if teacher is not None else 1
@@ -215,8 +226,12 @@ class Run:
             preset = "cifar100" if a.digits else "imagenet"
             loss_fn = build_loss(loss, model.feature_dim, teacher.feature_dim, a.temperature, a.backend, views, preset)
             loss_fn = loss_fn.to(self.device)
+            if a.sync_bn and self.dist.enabled:
+                loss_fn = convert_sync_batchnorm(loss_fn, self.device.type)
             if a.global_correlation:
                 loss_fn.correlation_gather = gather_with_grad
+            if a.global_supcon:
+                loss_fn.supcon_gather = gather_with_grad
         step = DistillStep(torch.compile(model) if a.compile else model, loss_fn)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -257,11 +272,14 @@ def _train_all(args: argparse.Namespace) -> dict:
     out = args.out
     main_rank = run.dist.main
     ckpt_path = os.path.join(out, "checkpoint.pt")
+    config = resume_config(args, run)
+    resume_state = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
+    if resume_state is not None:
+        check_resume(ckpt_path, resume_state, config)
     if main_rank:
         os.makedirs(out, exist_ok=True)
         write_json_atomic(os.path.join(out, "config.json"), {**vars(args), "world_size": run.dist.world,
                                                              "device": str(run.device), "lr_used": run.lr})
-    resume_state = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
     if args.resume and resume_state is None and main_rank:
         print(f"mlkd-train: --resume but no {ckpt_path}: starting afresh", file=sys.stderr)
     metrics = open(os.path.join(out, "metrics.jsonl"), "a" if resume_state else "w") if main_rank else None
@@ -281,7 +299,7 @@ def _train_all(args: argparse.Namespace) -> dict:
     with StopFlag() as stop:
         ctx = RunContext(run.device, run.dist, run.amp_dtype, ckpt_path, log, stop,
                          progress=not args.quiet, max_steps=args.max_steps,
-                         completed=dict(resume_state.get("completed", {})) if resume_state else {})
+                         completed=dict(resume_state.get("completed", {})) if resume_state else {}, config=config)
         done = ctx.completed
 
         def train(phase: Phase) -> bool:
@@ -297,7 +315,7 @@ def _train_all(args: argparse.Namespace) -> dict:
             if main_rank:
                 save_checkpoint(os.path.join(out, f"{phase.name}.pt"), {"model": phase.model.state_dict(),
                                                                        "arch": phase.arch})
-                save_checkpoint(ckpt_path, phase.state(phase.epochs, 0, done))
+                save_checkpoint(ckpt_path, phase.state(phase.epochs, 0, done, ctx.config))
             return True
 
         # teacher: trained here on digits unless given; loaded otherwise
@@ -308,8 +326,7 @@ def _train_all(args: argparse.Namespace) -> dict:
             elif args.digits:
                 phase = run.make_phase("teacher", args.teacher_arch, args.teacher_epochs, "ce")
                 if "teacher" in done:
-                    phase.model.load_state_dict(torch.load(os.path.join(out, "teacher.pt"), map_location="cpu",
-                                                           weights_only=True)["model"])
+                    load_weights(phase.model, os.path.join(out, "teacher.pt"), args.teacher_arch)
                 elif not train(phase):
                     return _stopped(metrics)
                 teacher = run.frozen(phase.model)
@@ -349,6 +366,35 @@ def _train_all(args: argparse.Namespace) -> dict:
         print(line + f"  {summary['images_per_s']:.0f} img/s ({summary['seconds']} s) -> "
               f"{os.path.join(out, 'summary.json')}", flush=True)
     return summary
+
+
+# What a checkpoint must share with the run that resumes it: the networks, the objective, the
+# training data and its order. A resume with other values would continue a different run silently.
+RESUME_SETTINGS = ("arch", "teacher_arch", "loss", "num_classes", "rotations", "temperature", "global_correlation",
+                   "global_supcon", "seed", "label_noise", "imbalance")
+# Also these when stopped mid-epoch: the saved step index counts global batches of this size.
+MID_EPOCH_SETTINGS = ("batch_size", "world_size")
+_SETTING_NAMES = {"num_classes": "number of classes (--num-classes, or the class folders of --data)",
+                  "world_size": "number of processes (torchrun --nproc_per_node)"}
+
+
+def resume_config(args: argparse.Namespace, run: Run) -> dict[str, Any]:
+    """The settings stored in every checkpoint and compared by :func:`check_resume`."""
+    config = {k: getattr(args, k) for k in RESUME_SETTINGS + MID_EPOCH_SETTINGS if hasattr(args, k)}
+    config.update(num_classes=run.num_classes, world_size=run.dist.world)
+    return config
+
+
+def check_resume(path: str, ckpt: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuses a checkpoint written with other settings, naming each one and both values."""
+    saved = ckpt.get("config") or {}  # absent in older checkpoints: the architecture is still checked on load
+    keys = RESUME_SETTINGS + (MID_EPOCH_SETTINGS if ckpt.get("step") else ())
+    differ = [k for k in keys if k in saved and saved[k] != config.get(k)]
+    if differ:
+        detail = "; ".join(f"{_SETTING_NAMES.get(k, '--' + k.replace('_', '-'))} is {saved[k]!r} in the checkpoint "
+                           f"but {config.get(k)!r} in this run" for k in differ)
+        raise ValueError(f"--resume: {path!r} was written with other settings: {detail}. Resume with the "
+                         f"checkpoint's settings, or give another --out to start afresh")
 
 
 def _stopped(metrics) -> dict:

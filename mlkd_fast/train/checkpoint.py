@@ -35,10 +35,33 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
+_CHECKPOINT_KEYS = ("phase", "epoch", "step", "model", "optimizer", "scheduler", "rng")
+
+
+def read_torch_file(path: str, weights_only: bool) -> Any:
+    """``torch.load`` onto the CPU; a file that cannot be read (cut short by a full disk or a copy,
+    overwritten, not a PyTorch file) raises a ValueError naming it instead of an archive error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # zip, unpickling and EOF errors alike: the file is unusable
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {reason}") from exc
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint` for ``--resume``, with a clear error naming
+    ``path`` when it is missing, unreadable or not an mlkd-train checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint to resume from at {path!r}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = read_torch_file(path, weights_only=False)
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path!r} is not an mlkd-train checkpoint (it lacks {', '.join(missing)}); "
+                         f"remove it or start without --resume")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import MLKDLoss
+from ..reference import _math_dtype
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .data import with_rotations
-from .distributed import DistInfo, sum_across
+from .distributed import DistInfo, broadcast_buffers, sum_across
 
 LOSSES = ("mlkd", "kd", "ce", "paper")
 
@@ -54,7 +55,8 @@ class DistillStep(nn.Module):
     def forward(self, x: Tensor, y: Tensor, teacher_out: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         logits, feats = self.student(x)
         if self.loss_fn is None:
-            return F.cross_entropy(logits[: y.shape[0]].float(), y)
+            plain = logits[: y.shape[0]]
+            return F.cross_entropy(plain.to(_math_dtype(plain)), y)
         t_logits, t_feats = teacher_out
         return self.loss_fn(logits, t_logits, feats, t_feats, y)
 
@@ -102,13 +104,14 @@ class Phase:
     best_epoch: int = 0
     history: list = field(default_factory=list)
 
-    def state(self, epoch: int, step: int, completed: dict[str, Any]) -> dict[str, Any]:
-        """Checkpoint of this phase at (epoch, step); ``completed`` holds the results of finished phases."""
+    def state(self, epoch: int, step: int, completed: dict[str, Any],
+              config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Checkpoint of this phase at (epoch, step); ``completed`` holds the results of finished phases,
+        ``config`` the run's settings that a resume must share (checked by the caller)."""
         return {"phase": self.name, "completed": dict(completed), "arch": self.arch, "epoch": epoch, "step": step,
-                "model": self.model.state_dict(),
+                "config": dict(config or {}), "model": self.model.state_dict(),
                 "loss_fn": self.loss_fn.state_dict() if self.loss_fn is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": None,  # bf16 autocast needs no loss scaling, so there is no scaler state
                 "best": (self.best_top1, self.best_epoch), "history": self.history, "rng": rng_state()}
 
     def load(self, ckpt: dict[str, Any]) -> tuple[int, int]:
@@ -144,6 +147,7 @@ class RunContext:
     max_steps: Optional[int] = None     # optimiser steps in this invocation, then stop as if signalled
     steps_done: int = 0
     completed: dict = field(default_factory=dict)  # results of the phases already finished
+    config: dict = field(default_factory=dict)     # settings a resume must share, stored in checkpoints
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -243,9 +247,12 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
         stats = train_epoch(phase, source, epoch, step, ctx)
         if stats["interrupted_at"] is not None:
             if ctx.dist.main:
-                save_checkpoint(ctx.checkpoint_path, phase.state(epoch, stats["interrupted_at"], ctx.completed))
+                save_checkpoint(ctx.checkpoint_path,
+                                phase.state(epoch, stats["interrupted_at"], ctx.completed, ctx.config))
             return {"finished": False, "epoch": epoch, "step": stats["interrupted_at"]}
         phase.scheduler.step()
+        # every rank evaluates (and rank 0 saves) the same statistics: rank 0's
+        broadcast_buffers(phase.model, phase.loss_fn)
         top1 = evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None else float("nan")
         if top1 > phase.best_top1:
             phase.best_top1, phase.best_epoch = top1, epoch + 1
@@ -260,7 +267,7 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
         ctx.log(record)
         epoch, step = epoch + 1, 0
         if ctx.dist.main:
-            save_checkpoint(ctx.checkpoint_path, phase.state(epoch, 0, ctx.completed))
+            save_checkpoint(ctx.checkpoint_path, phase.state(epoch, 0, ctx.completed, ctx.config))
     rates = [h["images_per_s"] for h in phase.history]
     return {"finished": True, "last_top1": last_top1, "best_top1": phase.best_top1, "best_epoch": phase.best_epoch,
             "last_epoch": phase.epochs, "images_per_s": sum(rates) / max(len(rates), 1)}

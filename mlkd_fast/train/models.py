@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
+
+from .checkpoint import read_torch_file
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
 DIGITS_ARCHS = ("cnn-small", "cnn-large")
@@ -77,7 +78,7 @@ def build_model(arch: str, num_classes: int, weights_path: str | None = None) ->
 def load_weights(model: nn.Module, path: str, arch: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path, weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
