@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from mlkd_fast.train.__main__ import main
+from mlkd_fast.train import main
 
 SETTINGS = {"clean": [], "label noise 0.4": ["--label-noise", "0.4"], "imbalance 10": ["--imbalance", "10"]}
 HERE = os.path.dirname(os.path.abspath(__file__))

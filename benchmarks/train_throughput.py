@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import run_info  # noqa: E402
 
-from mlkd_fast import MLKDLoss  # noqa: E402
+from mlkd_fast import methods as M  # noqa: E402
 from mlkd_fast.train.data import normalize_images  # noqa: E402
 from mlkd_fast.train.loop import DistillStep  # noqa: E402
 from mlkd_fast.train.models import build_model  # noqa: E402
@@ -51,7 +51,9 @@ def measure(fast: bool, args, device: torch.device) -> dict:
     classes = args.num_classes
     teacher = build_model(args.teacher_arch, classes).to(device).eval().requires_grad_(False)
     student = build_model(args.arch, classes).to(device)
-    loss_fn = MLKDLoss(student.feature_dim, teacher.feature_dim, backend="auto" if fast else "torch").to(device)
+    spec = lambda net: M.ModelSpec(classes, net.feature_dim)  # noqa: E731
+    distiller = M.build("mlkd", spec(student), spec(teacher), backend="auto" if fast else "torch").to(device)
+    loss_fn = distiller.loss
     amp = torch.bfloat16 if fast else None
     channels_last = fast and device.type == "cuda"
     if fast and device.type == "cuda":
@@ -59,7 +61,7 @@ def measure(fast: bool, args, device: torch.device) -> dict:
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
         student = student.to(memory_format=torch.channels_last)
-    step_module = DistillStep(torch.compile(student) if fast and args.compile else student, loss_fn)
+    step_module = DistillStep(torch.compile(student) if fast and args.compile else student, distiller)
     t_run = torch.compile(teacher) if fast and args.compile else teacher
     opt = torch.optim.SGD(list(student.parameters()) + list(loss_fn.parameters()), lr=0.1, momentum=0.9)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -71,7 +73,7 @@ def measure(fast: bool, args, device: torch.device) -> dict:
     def step():
         x = normalize_images(raw, channels_last)
         with torch.no_grad(), autocast():
-            t_out = t_run(x)
+            t_out = M.Outputs(*t_run(x))
         with autocast():
             loss = step_module(x, y, t_out)
         opt.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from mlkd_fast.train.__main__ import main, parse_args
+from mlkd_fast.train import main, parse_args
 from mlkd_fast.train.data import load_digits_split, shift_augment
 
 
@@ -37,7 +37,8 @@ def test_other_losses_train(tmp_path, loss):
     assert 0.0 <= summary["student_top1"] <= 100.0
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--loss", "dkd"], ["--batch-size", "0"]])
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--loss", "hinton"], ["--batch-size", "0"],
+                                  ["--method-opt", "x"], ["--method", "at", "--global-correlation"]])
 def test_bad_arguments_exit_with_a_message(argv):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mlkd_fast.train import data as D
-from mlkd_fast.train.__main__ import main
+from mlkd_fast.train import main
 from mlkd_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from mlkd_fast.train.models import build_model
 
@@ -70,7 +70,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 _RECORDING_MAIN = r"""
 import os, sys, torch
 import mlkd_fast.train.loop as loop
-from mlkd_fast.train.__main__ import main
+from mlkd_fast.train import main
 
 seen, evaluate = [], loop.evaluate
 
@@ -338,10 +338,11 @@ def test_resume_with_other_settings_names_the_setting_and_both_values(tmp_path, 
     assert "--sync-bn does nothing in a single process" in capsys.readouterr().err
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert "scaler" not in ckpt and ckpt["step"] == 1
-    assert (ckpt["config"]["arch"], ckpt["config"]["loss"], ckpt["config"]["num_classes"]) == ("resnet18", "mlkd", 5)
+    assert (ckpt["config"]["arch"], ckpt["config"]["method"], ckpt["config"]["num_classes"]) == ("resnet18", "mlkd", 5)
     for flag, value, message in [
         ("--arch", "resnet34", "--arch is 'resnet18' in the checkpoint but 'resnet34' in this run"),
-        ("--loss", "kd", "--loss is 'mlkd' in the checkpoint but 'kd' in this run"),
+        ("--loss", "kd", "--method is 'mlkd' in the checkpoint but 'kd' in this run"),  # --loss: its alias
+        ("--method-opt", "w_kd=2", r"--method-options is \{\} in the checkpoint but \{'w_kd': 2\} in this run"),
         ("--num-classes", "7", r"number of classes \(--num-classes.*\) is 5 in the checkpoint but 7 in this run"),
         ("--rotations", "4", "--rotations is 1 in the checkpoint but 4 in this run"),
         ("--batch-size", "4", "--batch-size is 2 in the checkpoint but 4 in this run"),  # stopped mid-epoch

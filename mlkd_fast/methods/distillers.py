@@ -422,7 +422,8 @@ class CRD(_PooledFeatures):
         if negatives == "bank":
             if num_data is None:
                 raise ValueError("method 'crd' with a memory bank needs num_data (the training set's size)")
-            self.num_negatives = int(num_negatives)
+            # RepDistiller's 16384 negatives presume a large dataset; no more than the other samples here
+            self.num_negatives = min(int(num_negatives), int(num_data) - 1)
             self.memory = CRDMemory(int(num_data), embed_dim, momentum=momentum)
 
     @property

@@ -1,7 +1,14 @@
 """The distillation training loop (``python -m mlkd_fast.train`` / ``mlkd-train``).
 
+- :mod:`.cli`: the command line, every flag checked.
+- :mod:`.run`: one invocation: data, networks, phases, checkpoints and resume checks.
+- :mod:`.loop`: training one network: the step, the epoch, evaluation, exact resume.
 - :mod:`.data`: datasets (the embedded scikit-learn digits default).
 - :mod:`.models`: networks that return ``(logits, pooled features)``.
-- :mod:`.loop`: one epoch of training / evaluation, loss construction.
-- :mod:`.__main__`: the command line.
+- :mod:`.distributed`, :mod:`.checkpoint`: DDP plumbing and atomic checkpoints.
+The objective of a phase is a distiller of :mod:`mlkd_fast.methods`.
 """
+from .cli import parse_args  # noqa: E402
+from .run import main  # noqa: E402
+
+__all__ = ["main", "parse_args"]

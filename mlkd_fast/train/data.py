@@ -138,7 +138,9 @@ class TensorSource:
     def steps_per_epoch(self) -> int:
         return self.shard.steps(len(self.x))
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """``(images, labels)`` batches of this rank, from ``start_step``; with ``with_index`` also the
+        samples' indices in the training set (methods with a per-sample memory, e.g. CRD)."""
         order = epoch_order(len(self.x), self.seed, epoch)
         gen = torch.Generator().manual_seed(self.seed * 7919 + epoch * 131 + self.shard.rank)
         for step in range(self.steps_per_epoch()):
@@ -148,7 +150,8 @@ class TensorSource:
                 xb = self.augment(xb, gen)  # drawn even for skipped steps: the stream stays aligned
             if step < start_step:
                 continue
-            yield xb.to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True)
+            batch = (xb.to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True))
+            yield (*batch, idx.to(self.device, non_blocking=True)) if with_index else batch
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Training one network (teacher, student or baseline) for some epochs: the step, the epoch, the
 evaluation, checkpoints every epoch, exact resume, and a clean stop on SIGTERM / SIGINT.
 
-Read top to bottom: :func:`build_loss` -> :class:`DistillStep` (what DDP wraps) -> :func:`run_phase`.
+Read top to bottom: :class:`DistillStep` (what DDP wraps) -> :func:`train_epoch` -> :func:`run_phase`.
+The objective of every phase is a distiller of :mod:`mlkd_fast.methods` (plain CE for a teacher or
+a baseline).
 """
 from __future__ import annotations
 
@@ -16,49 +18,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import MLKDLoss
-from ..reference import _math_dtype
+from ..methods import Distiller, FeatureTaps, Outputs
+from ..methods.distillers import DML
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .data import with_rotations
 from .distributed import DistInfo, broadcast_buffers, sum_across
 
-LOSSES = ("mlkd", "kd", "ce", "paper")
-
-
-def build_loss(name: str, student_dim: int, teacher_dim: int, temperature: float, backend: str,
-               views: int = 1, preset: str = "cifar100") -> Optional[MLKDLoss]:
-    """The student's objective; ``None`` for plain cross-entropy without a teacher.
-
-    ``mlkd``: CE + KD + correlation (rectangular over rotation views when ``views > 1``); ``kd``: CE +
-    KD; ``paper``: the authors' weights and heads (``preset`` "cifar100" or "imagenet")."""
-    if name == "ce":
-        return None
-    if name == "mlkd":
-        return MLKDLoss(student_dim, teacher_dim, temperature=temperature, views=views, backend=backend)
-    if name == "kd":
-        return MLKDLoss(student_dim, teacher_dim, temperature=temperature, w_corr=0.0, views=views, backend=backend)
-    if name == "paper":
-        return MLKDLoss.paper(preset, student_dim, teacher_dim, views=views, corr_head=True, backend=backend)
-    raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {name!r}")
-
-
 class DistillStep(nn.Module):
-    """Student + loss heads, the module DDP wraps (the teacher stays outside, frozen).
+    """Student + distiller (with whatever the method trains), the module DDP wraps; the teacher stays
+    outside, frozen.
 
-    ``forward(x, y, teacher_out)`` returns the scalar training loss; without ``loss_fn`` it is the
-    cross-entropy of the plain views."""
+    ``forward(x, y, teacher_out, index, teacher_fn)`` returns the scalar training loss: the student's
+    :class:`~mlkd_fast.methods.Outputs` (with the stage maps its taps recorded) go to the distiller
+    with the teacher's and whatever else the method declares it needs."""
 
-    def __init__(self, student: nn.Module, loss_fn: Optional[MLKDLoss]) -> None:
+    def __init__(self, student: nn.Module, distiller: Distiller, taps: Optional[FeatureTaps] = None) -> None:
         super().__init__()
-        self.student, self.loss_fn = student, loss_fn
+        self.student, self.distiller = student, distiller
+        self._taps = taps
 
-    def forward(self, x: Tensor, y: Tensor, teacher_out: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, teacher_out: Optional[Outputs] = None, index: Optional[Tensor] = None,
+                teacher_fn: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         logits, feats = self.student(x)
-        if self.loss_fn is None:
-            plain = logits[: y.shape[0]]
-            return F.cross_entropy(plain.to(_math_dtype(plain)), y)
-        t_logits, t_feats = teacher_out
-        return self.loss_fn(logits, t_logits, feats, t_feats, y)
+        out = Outputs(logits, feats, self._taps.take() if self._taps is not None else {})
+        if isinstance(self.distiller, DML):
+            cohort = [out] + [Outputs(*peer(x)) for peer in self.distiller.peers]
+            return self.distiller(cohort, None, y)
+        context: dict[str, Any] = {}
+        wanted = self.distiller.needs.context
+        if "index" in wanted:
+            context["index"] = index
+        if "inputs" in wanted:
+            context.update(inputs=x, teacher_fn=teacher_fn, student_fn=lambda z: self.student(z)[0])
+        return self.distiller(out, teacher_out, y, **context)
 
 
 class StopFlag:
@@ -97,9 +89,10 @@ class Phase:
     scheduler: Any
     epochs: int
     arch: str
-    loss_fn: Optional[MLKDLoss] = None
+    distiller: Optional[Distiller] = None
     teacher: Optional[nn.Module] = None
     views: int = 1
+    teacher_taps: Optional[FeatureTaps] = None
     best_top1: float = -1.0
     best_epoch: int = 0
     history: list = field(default_factory=list)
@@ -110,7 +103,7 @@ class Phase:
         ``config`` the run's settings that a resume must share (checked by the caller)."""
         return {"phase": self.name, "completed": dict(completed), "arch": self.arch, "epoch": epoch, "step": step,
                 "config": dict(config or {}), "model": self.model.state_dict(),
-                "loss_fn": self.loss_fn.state_dict() if self.loss_fn is not None else None,
+                "distiller": self.distiller.state_dict() if self.distiller is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "best": (self.best_top1, self.best_epoch), "history": self.history, "rng": rng_state()}
 
@@ -120,10 +113,10 @@ class Phase:
             raise ValueError(f"checkpoint is of --arch {ckpt.get('arch')!r} but this {self.name} is {self.arch!r}")
         try:
             self.model.load_state_dict(ckpt["model"])
-            if self.loss_fn is not None:
-                self.loss_fn.load_state_dict(ckpt["loss_fn"])
+            if self.distiller is not None:
+                self.distiller.load_state_dict(ckpt["distiller"])
         except (RuntimeError, AttributeError, TypeError) as exc:
-            raise ValueError(f"checkpoint does not fit this {self.name} ({self.arch}, loss heads): "
+            raise ValueError(f"checkpoint does not fit this {self.name} ({self.arch}, distiller): "
                              f"{str(exc).splitlines()[0]}") from exc
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -187,7 +180,14 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
         torch.cuda.synchronize(ctx.device)
     start = time.perf_counter()
     interrupted_at = None
-    for step, (x, y) in enumerate(source.epoch(epoch, start_step), start=start_step):
+    distiller = phase.distiller
+    if distiller is not None:
+        distiller.epoch, distiller.epochs = epoch, phase.epochs
+    wants_index = distiller is not None and "index" in distiller.needs.context
+    teacher_fn = (lambda z: phase.teacher(z)[0]) if phase.teacher is not None else None
+    batches = source.epoch(epoch, start_step, with_index=True) if wants_index else source.epoch(epoch, start_step)
+    for step, batch in enumerate(batches, start=start_step):
+        x, y, index = batch if wants_index else (*batch, None)
         if ctx.should_stop(step):
             interrupted_at = step
             break
@@ -196,9 +196,11 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
         teacher_out = None
         if phase.teacher is not None:
             with torch.no_grad(), ctx.autocast():
-                teacher_out = phase.teacher(x)
+                t_logits, t_feats = phase.teacher(x)
+                taps = phase.teacher_taps
+                teacher_out = Outputs(t_logits, t_feats, taps.take() if taps is not None else {})
         with ctx.autocast():
-            loss = phase.step_module(x, y, teacher_out)
+            loss = phase.step_module(x, y, teacher_out, index, teacher_fn)
         phase.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         phase.optimizer.step()
@@ -252,7 +254,7 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
             return {"finished": False, "epoch": epoch, "step": stats["interrupted_at"]}
         phase.scheduler.step()
         # every rank evaluates (and rank 0 saves) the same statistics: rank 0's
-        broadcast_buffers(phase.model, phase.loss_fn)
+        broadcast_buffers(phase.model, phase.distiller)
         top1 = evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None else float("nan")
         if top1 > phase.best_top1:
             phase.best_top1, phase.best_epoch = top1, epoch + 1
@@ -261,8 +263,8 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
                   "top1": round(top1, 3) if not math.isnan(top1) else None,
                   "images_per_s": round(stats["images_per_s"], 1), "step_ms": round(stats["step_ms"], 2),
                   "lr": phase.optimizer.param_groups[0]["lr"], "corrupt_images": getattr(source, "corrupt", 0)}
-        if phase.loss_fn is not None and phase.loss_fn.last:
-            record.update({k: round(float(v), 5) for k, v in phase.loss_fn.last.items()})
+        if phase.distiller is not None and phase.distiller.last:
+            record.update({k: round(float(v), 5) for k, v in phase.distiller.last.items()})
         phase.history.append({"epoch": epoch + 1, "top1": top1, "images_per_s": stats["images_per_s"]})
         ctx.log(record)
         epoch, step = epoch + 1, 0

@@ -1,0 +1,177 @@
+"""The command line of ``mlkd-train``: every flag, checked, with its default."""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+from typing import Any, Optional, Sequence
+
+from ..methods import available as available_methods
+from .models import ARCHS
+
+USAGE = """Distil a student from a teacher.
+
+With no arguments: the embedded default. A small CNN teacher is trained on scikit-learn's digits
+(no network needed), then a smaller student is distilled from it with MLKD (CE + KD + batch
+correlation), on CPU, in well under a minute. --method picks any method of the distiller zoo
+(mlkd_fast.methods) instead; --method-opt sets its options.
+
+Other data: --data PATH (an ImageNet-style folder with train/ and val/, one sub-folder per class;
+give --teacher-weights) or --data synthetic (ImageNet-shaped random batches, for throughput).
+Multi-GPU: torchrun --nproc_per_node N -m mlkd_fast.train ... (--batch-size is per process; the
+global batch is N times it; --scale-lr multiplies the lr by N, the linear scaling rule).
+
+Outputs in --out: config.json, metrics.jsonl (one line per epoch), summary.json (teacher_top1,
+student_top1, best/last epoch, images/s; baseline_top1 with --compare-baseline), checkpoint.pt
+(every epoch, atomically; --resume continues exactly), <phase>.pt (final weights of each trained
+network).
+"""
+
+
+# "paper" is MLKD with the authors' preset; the rest are the zoo's registered methods
+METHODS = tuple(available_methods()) + ("paper",)
+
+
+def parse_method_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["beta=2", "negatives=batch"]`` -> ``{"beta": 2, "negatives": "batch"}`` (literals where they parse)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--method-opt {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The checked arguments of ``mlkd-train`` (``argv``: default the command line)."""
+    p = argparse.ArgumentParser(prog="mlkd-train", description=USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help="'digits' (embedded default), 'synthetic', or an ImageNet-style folder (default: %(default)s)")
+    g.add_argument("--image-size", type=int, default=224, help="crop size for folder/synthetic data (default: %(default)s)")
+    g.add_argument("--num-classes", type=int, default=1000, help="classes of synthetic data (default: %(default)s)")
+    g.add_argument("--steps-per-epoch", type=int, default=100, help="steps of a synthetic epoch (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes per GPU for folder data (default: %(default)s)")
+    g.add_argument("--decode", choices=("workers", "device"), default="workers",
+                   help="folder data: decode + augment with PIL in the loader workers, or read bytes in the "
+                        "workers and decode (nvJPEG on CUDA) + augment on the training device (default: %(default)s)")
+    g.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip",
+                   help="an undecodable image: skip and count it, or fail naming the file (default: %(default)s)")
+    g.add_argument("--rotations", type=int, choices=(1, 4), default=1,
+                   help="views per image: 4 adds the 90/180/270 rotations (the authors' recipe: CE on the "
+                        "plain views, rectangular correlation rotated x plain) (default: %(default)s)")
+    g.add_argument("--label-noise", type=float, default=0.0,
+                   help="fraction of training labels replaced by another class, fixed by --seed (digits)")
+    g.add_argument("--imbalance", type=float, default=1.0,
+                   help="long-tailed training set: largest / smallest class size ratio (digits; 1 = off)")
+
+    g = p.add_argument_group("models")
+    g.add_argument("--arch", choices=ARCHS, default=None, help="student (default: cnn-small on digits, else resnet18)")
+    g.add_argument("--teacher-arch", choices=ARCHS, default=None,
+                   help="teacher (default: cnn-large on digits, else resnet34)")
+    g.add_argument("--teacher-weights", default=None,
+                   help="teacher state dict (torchvision or mlkd-train .pt); digits trains the teacher when absent")
+
+    g = p.add_argument_group("objective and optimisation")
+    g.add_argument("--method", "--loss", dest="method", choices=METHODS, default="mlkd",
+                   help="the distillation method (--loss is an alias): mlkd (CE + KD + correlation), paper (MLKD "
+                        "with the authors' weights and heads: cifar100 preset on digits, imagenet otherwise), ce "
+                        "(no teacher), or any method of the zoo (mlkd_fast.methods): "
+                        + ", ".join(m for m in METHODS if m not in ("mlkd", "paper", "ce")) + " (default: %(default)s)")
+    g.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method (repeatable), e.g. --method-opt beta=2 --method-opt warmup=5; "
+                        "values are Python literals (numbers, tuples, True) or plain strings")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="KD temperature T of the methods that have one (default: each method's own, 4 for mlkd/kd)")
+    g.add_argument("--global-correlation", action="store_true",
+                   help="under DDP, the correlation spans the global batch: each process's rows against "
+                        "all processes' columns (all-gathered with gradient)")
+    g.add_argument("--global-supcon", action="store_true",
+                   help="under DDP, the SupCon term (--loss paper) spans the global batch: each process's "
+                        "embeddings are contrasted with all processes' (all-gathered with gradient)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under DDP, BatchNorm in the trained networks and the loss heads normalises with the "
+                        "global batch's statistics (SyncBatchNorm); a no-op in a single process")
+    g.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, native (default: %(default)s)")
+    g.add_argument("--teacher-epochs", type=int, default=30, help="digits teacher epochs (default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=40, help="student epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=0.02, help="SGD (Nesterov, momentum 0.9) lr (default: %(default)s)")
+    g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the number of processes")
+    g.add_argument("--lr-steps", default=None,
+                   help="comma-separated epochs where the lr drops 10x (e.g. 30,60,90); default: cosine")
+    g.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 on digits, else 1e-4")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 autocast for student and teacher (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="NHWC activations (auto: on for CUDA image models)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop (saving a checkpoint, as on SIGTERM) after this many optimiser steps")
+    g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    g.add_argument("--compare-baseline", action="store_true",
+                   help="also train the same student with cross-entropy only and report baseline_top1")
+    g.add_argument("--quiet", action="store_true", help="print only the final summary")
+    args = p.parse_args(argv)
+
+    for name in ("teacher_epochs", "epochs", "batch_size", "image_size", "num_classes", "steps_per_epoch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0:
+        p.error("--workers must be >= 0")
+    if not args.lr > 0:
+        p.error("--lr must be > 0")
+    if not 0.0 <= args.label_noise < 1.0:
+        p.error("--label-noise must be in [0, 1)")
+    if not args.imbalance >= 1.0:
+        p.error("--imbalance must be >= 1 (largest / smallest class)")
+    if args.max_steps is not None and args.max_steps < 0:
+        p.error("--max-steps must be >= 0")
+    if args.lr_steps is not None:
+        try:
+            args.lr_steps = sorted(int(v) for v in args.lr_steps.split(","))
+        except ValueError:
+            p.error(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}")
+    args.digits = args.data == "digits"
+    args.synthetic = args.data == "synthetic"
+    if (args.label_noise > 0 or args.imbalance > 1) and not args.digits:
+        p.error("--label-noise and --imbalance apply to the digits data")
+    if not (args.digits or args.synthetic) and not os.path.isdir(args.data):
+        p.error(f"--data {args.data!r}: no such folder (expected <data>/train and <data>/val)")
+    try:
+        args.method_options = parse_method_options(args.method_opt)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.rotations > 1 and args.method not in ("mlkd", "paper"):
+        p.error(f"--rotations {args.rotations} applies to --method mlkd or paper, not {args.method}")
+    if (args.global_correlation or args.global_supcon) and args.method not in ("mlkd", "paper"):
+        p.error(f"--global-correlation / --global-supcon apply to --method mlkd or paper, not {args.method}")
+    if args.temperature is not None and not args.temperature > 0:
+        p.error("--temperature must be > 0")
+    args.loss = args.method  # the name the summary and older scripts read
+    if not (args.digits or args.synthetic) and args.method not in ("ce", "dml") and args.teacher_weights is None:
+        p.error("--teacher-weights is required to distil on a folder dataset")
+    args.arch = args.arch or ("cnn-small" if args.digits else "resnet18")
+    args.teacher_arch = args.teacher_arch or ("cnn-large" if args.digits else "resnet34")
+    if args.weight_decay is None:
+        args.weight_decay = 5e-4 if args.digits else 1e-4
+    if args.out is None:
+        args.out = os.path.join("runs", "digits" if args.digits else "synthetic" if args.synthetic
+                                else os.path.basename(os.path.normpath(args.data)))
+    return args
+
+

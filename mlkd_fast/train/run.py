@@ -1,0 +1,329 @@
+"""One invocation of ``mlkd-train``: its data, networks and phases (teacher, student, baseline),
+checkpoints and resume checks. :func:`train_all` runs them in order; :mod:`.loop` trains each."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import methods as M
+from . import data as D
+from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from .cli import parse_args
+from .distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, shutdown_distributed
+from .loop import DistillStep, Phase, RunContext, StopFlag, run_phase
+from .models import build_model, load_weights
+
+
+def _device(args) -> torch.device:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("mlkd-train: --device cuda but no CUDA GPU is visible")
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+class Run:
+    """The data, models and phases of one invocation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = _device(args)
+        self.dist = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank if self.dist.enabled else torch.cuda.current_device())
+        on_cuda = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and on_cuda) else None
+        self.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda
+                                                              and not args.digits)
+        self.shard = D.Shard(args.batch_size, self.dist.rank, self.dist.world)
+        self.lr = args.lr * (self.dist.world if args.scale_lr else 1)
+        self.info: dict[str, Any] = {}
+        if args.sync_bn and not self.dist.enabled:
+            print("mlkd-train: --sync-bn does nothing in a single process (BatchNorm already sees the whole "
+                  "batch)", file=sys.stderr)
+        self._load_data()
+
+    # ---- data -----------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        a = self.args
+        if a.digits:
+            x, y, x_test, y_test = D.load_digits_split(seed=a.seed)
+            self.num_classes = 10
+            if a.imbalance > 1:
+                keep = D.imbalance_indices(y, a.imbalance, a.seed)
+                x, y = x[keep], y[keep]
+            if a.label_noise > 0:
+                y, flipped = D.add_label_noise(y, a.label_noise, self.num_classes, a.seed)
+                self.info["noisy_labels"] = int(flipped.sum())
+            self.info["train_samples"] = len(y)
+            self.train = D.TensorSource(x, y, self.shard, a.seed, self.device)
+            self.train_size: Optional[int] = len(y)
+            x_test, y_test = x_test[self.dist.rank::self.dist.world], y_test[self.dist.rank::self.dist.world]
+            self.eval_batches = lambda: [(x_test[i:i + 512].to(self.device), y_test[i:i + 512].to(self.device))
+                                         for i in range(0, len(x_test), 512)]
+        elif a.synthetic:
+            self.num_classes = a.num_classes
+            self.train_size = None
+            self.train = D.SyntheticSource(self.shard, self.device, a.image_size, a.num_classes, a.steps_per_epoch,
+                                           channels_last=self.channels_last)
+            self.eval_batches = None
+        else:
+            classes, train_samples = D.scan_image_folder(os.path.join(a.data, "train"))
+            _, val_samples = D.scan_image_folder(os.path.join(a.data, "val"), classes)
+            self.num_classes = len(classes)
+            self.info.update(train_samples=len(train_samples), val_samples=len(val_samples), classes=len(classes))
+            if self.shard.steps(len(train_samples)) < 1:
+                raise SystemExit(f"mlkd-train: {len(train_samples)} training images are fewer than one global "
+                                 f"batch ({self.shard.batch_size * self.shard.world})")
+            common = dict(shard=self.shard, seed=a.seed, device=self.device, image_size=a.image_size,
+                          workers=a.workers, channels_last=self.channels_last, on_corrupt=a.on_corrupt,
+                          decode=a.decode)
+            self.train_size = None
+            self.train = D.FolderSource(train_samples, train=True, **common)
+            self.val = D.FolderSource(val_samples, train=False, **common)
+            self.eval_batches = lambda: self.val.epoch(0)
+
+    # ---- models and phases ----------------------------------------------------------------
+    def input_shape(self) -> tuple[int, int, int]:
+        return (1, 8, 8) if self.args.digits else (3, self.args.image_size, self.args.image_size)
+
+    def _network(self, arch: str) -> nn.Module:
+        model = build_model(arch, self.num_classes).to(self.device)
+        if self.args.sync_bn and self.dist.enabled:
+            model = convert_sync_batchnorm(model, self.device.type)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def build_distiller(self, method: str, model: nn.Module, teacher: Optional[nn.Module], views: int) -> M.Distiller:
+        """The method's distiller for this student and teacher, with the run's options: ``--method-opt``,
+        ``--temperature``, ``--backend``; ``paper`` is MLKD with the authors' preset."""
+        a = self.args
+        options = dict(a.method_options)
+        params = inspect.signature(M.method_class("mlkd" if method == "paper" else method).__init__).parameters
+        if a.temperature is not None and "temperature" in params:
+            options.setdefault("temperature", a.temperature)
+        if method in ("mlkd", "paper"):
+            options.setdefault("backend", a.backend)
+            options.setdefault("views", views)
+            if method == "paper":
+                options.setdefault("preset", "cifar100" if a.digits else "imagenet")
+                options.setdefault("corr_head", True)
+            method = "mlkd"
+        elif "backend" in params:
+            options.setdefault("backend", a.backend)
+        if method == "crd" and options.get("negatives", "bank") == "bank":
+            if self.train_size is None:
+                raise SystemExit("mlkd-train: --method crd keeps a memory bank indexed by each training sample, and "
+                                 "only the digits data yields sample indices so far; use --method-opt negatives=batch")
+            options.setdefault("num_data", self.train_size)
+        shape = self.input_shape()
+        student_spec = M.model_spec(model, shape)
+        teacher_spec = M.model_spec(teacher, shape) if teacher is not None else None
+        try:
+            distiller = M.build(method, student_spec, teacher_spec, **options)
+        except ValueError as exc:
+            raise SystemExit(f"mlkd-train: {exc}") from None
+        if method == "dml":  # the cohort's other members train with the student, owned by the distiller
+            distiller.peers = nn.ModuleList(self._network(a.arch) for _ in range(distiller.cohort - 1))
+        distiller = distiller.to(self.device)
+        if a.sync_bn and self.dist.enabled:
+            distiller = convert_sync_batchnorm(distiller, self.device.type)
+        if isinstance(distiller, M.distillers.MLKD):
+            if a.global_correlation:
+                distiller.loss.correlation_gather = gather_with_grad
+            if a.global_supcon:
+                distiller.loss.supcon_gather = gather_with_grad
+        return distiller
+
+    def make_phase(self, name: str, arch: str, epochs: int, method: str,
+                   teacher: Optional[torch.nn.Module] = None) -> Phase:
+        a = self.args
+        torch.manual_seed(a.seed + {"teacher": 0, "student": 100, "baseline": 100}[name])
+        model = self._network(arch)
+        views = a.rotations if teacher is not None else 1
+        distiller = self.build_distiller(method, model, teacher if method != "ce" else None, views)
+        needs = distiller.needs
+        student_taps = M.FeatureTaps(model, needs.student_stages) if needs.student_stages else None
+        teacher_taps = M.FeatureTaps(teacher, needs.teacher_stages) if needs.teacher_stages else None
+        step = DistillStep(torch.compile(model) if a.compile else model, distiller, student_taps)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            step = DDP(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        params = list(model.parameters()) + list(distiller.parameters())
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=a.weight_decay, nesterov=True)
+        if a.lr_steps:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, a.lr_steps, 0.1)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return Phase(name, model, step, opt, sched, epochs, arch, distiller, teacher, views, teacher_taps)
+
+    def load_teacher(self, path: str) -> torch.nn.Module:
+        teacher = build_model(self.args.teacher_arch, self.num_classes, path)
+        return self.frozen(teacher)
+
+    def frozen(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if self.amp_dtype is not None and self.device.type == "cuda":
+            teacher = teacher.to(self.amp_dtype)
+        if self.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        return torch.compile(teacher) if self.args.compile else teacher
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Runs ``mlkd-train`` with ``argv`` (default: the command line). Returns the summary written to
+    ``<out>/summary.json``, or ``{"interrupted": True}`` when stopped (checkpoint saved)."""
+    summary = train_all(parse_args(argv))  # its DDP modules are gone with it (shutdown_distributed says why)
+    # a stopped run may have stopped its ranks at different steps: no barrier then (it would hang)
+    shutdown_distributed(wait_for_all="interrupted" not in summary)
+    return summary
+
+
+def train_all(args: argparse.Namespace) -> dict:
+    """Trains every phase of ``args`` (resuming from the checkpoint with ``--resume``); returns the
+    summary also written to ``<out>/summary.json``, or ``{"interrupted": True}``."""
+    run = Run(args)
+    out = args.out
+    main_rank = run.dist.main
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    config = resume_config(args, run)
+    resume_state = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
+    if resume_state is not None:
+        check_resume(ckpt_path, resume_state, config)
+    if main_rank:
+        os.makedirs(out, exist_ok=True)
+        write_json_atomic(os.path.join(out, "config.json"), {**vars(args), "world_size": run.dist.world,
+                                                             "device": str(run.device), "lr_used": run.lr})
+    if args.resume and resume_state is None and main_rank:
+        print(f"mlkd-train: --resume but no {ckpt_path}: starting afresh", file=sys.stderr)
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a" if resume_state else "w") if main_rank else None
+
+    def log(record: dict) -> None:
+        if metrics is None:
+            return
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        if not args.quiet:
+            top1 = f"{record['top1']:6.2f}%" if record["top1"] is not None else "   n/a"
+            print(f"[{record['phase']:>8}] epoch {record['epoch']:3d}  loss {record['loss']:.4f}  top1 {top1}  "
+                  f"{record['images_per_s']:8.0f} img/s  {record['step_ms']:7.2f} ms/step", flush=True)
+
+    start = time.perf_counter()
+    summary: dict[str, Any] = {"method": args.method, "loss": args.method, "world_size": run.dist.world, **run.info}
+    uses_teacher = args.method not in ("ce", "dml")
+    with StopFlag() as stop:
+        ctx = RunContext(run.device, run.dist, run.amp_dtype, ckpt_path, log, stop,
+                         progress=not args.quiet, max_steps=args.max_steps,
+                         completed=dict(resume_state.get("completed", {})) if resume_state else {}, config=config)
+        done = ctx.completed
+
+        def train(phase: Phase) -> bool:
+            """Runs a phase (resuming it if the checkpoint is of it); True when it finished."""
+            state = resume_state if resume_state is not None and resume_state["phase"] == phase.name else None
+            result = run_phase(phase, run.train, run.eval_batches, ctx, state)
+            if not result["finished"]:
+                if main_rank:
+                    print(f"mlkd-train: stopped in {phase.name} epoch {result['epoch'] + 1} step {result['step']}; "
+                          f"checkpoint {ckpt_path} (continue with --resume)", flush=True)
+                return False
+            done[phase.name] = {k: v for k, v in result.items() if k != "finished"}
+            if main_rank:
+                save_checkpoint(os.path.join(out, f"{phase.name}.pt"), {"model": phase.model.state_dict(),
+                                                                       "arch": phase.arch})
+                save_checkpoint(ckpt_path, phase.state(phase.epochs, 0, done, ctx.config))
+            return True
+
+        # teacher: trained here on digits unless given; loaded otherwise
+        teacher = None
+        if uses_teacher or args.digits:
+            if args.teacher_weights:
+                teacher = run.load_teacher(args.teacher_weights)
+            elif args.digits:
+                phase = run.make_phase("teacher", args.teacher_arch, args.teacher_epochs, "ce")
+                if "teacher" in done:
+                    load_weights(phase.model, os.path.join(out, "teacher.pt"), args.teacher_arch)
+                elif not train(phase):
+                    return _stopped(metrics)
+                teacher = run.frozen(phase.model)
+            else:  # synthetic: a random teacher is enough to measure throughput
+                teacher = run.frozen(build_model(args.teacher_arch, run.num_classes))
+        if "teacher" in done:
+            summary["teacher_top1"] = done["teacher"]["last_top1"]
+
+        phases = [("student", args.method, teacher if uses_teacher else None)]
+        if args.compare_baseline:
+            phases.append(("baseline", "ce", None))
+        for name, loss, t in phases:
+            if name not in done:
+                phase = run.make_phase(name, args.arch, args.epochs, loss, t)
+                if not train(phase):
+                    return _stopped(metrics)
+        if metrics is not None:
+            metrics.close()
+
+    s = done["student"]
+    summary.update(student_top1=s["last_top1"], best_top1=s["best_top1"], best_epoch=s["best_epoch"],
+                   last_epoch=s["last_epoch"], images_per_s=round(s["images_per_s"], 1),
+                   corrupt_images=run.train.corrupt)
+    if "baseline" in done:
+        summary["baseline_top1"] = done["baseline"]["last_top1"]
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN: no eval
+    if main_rank:
+        write_json_atomic(os.path.join(out, "summary.json"), summary)
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}%"  # noqa: E731
+        line = f"student ({args.method}) top-1 {fmt(summary['student_top1'])}"
+        if "teacher_top1" in summary:
+            line = f"teacher top-1 {fmt(summary['teacher_top1'])}  " + line
+        if "baseline_top1" in summary:
+            line += f"  CE-only baseline top-1 {fmt(summary['baseline_top1'])}"
+        print(line + f"  {summary['images_per_s']:.0f} img/s ({summary['seconds']} s) -> "
+              f"{os.path.join(out, 'summary.json')}", flush=True)
+    return summary
+
+
+# What a checkpoint must share with the run that resumes it: the networks, the objective, the
+# training data and its order. A resume with other values would continue a different run silently.
+RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
+                   "global_correlation", "global_supcon", "seed", "label_noise", "imbalance")
+# Also these when stopped mid-epoch: the saved step index counts global batches of this size.
+MID_EPOCH_SETTINGS = ("batch_size", "world_size")
+_SETTING_NAMES = {"num_classes": "number of classes (--num-classes, or the class folders of --data)",
+                  "world_size": "number of processes (torchrun --nproc_per_node)"}
+
+
+def resume_config(args: argparse.Namespace, run: Run) -> dict[str, Any]:
+    """The settings stored in every checkpoint and compared by :func:`check_resume`."""
+    config = {k: getattr(args, k) for k in RESUME_SETTINGS + MID_EPOCH_SETTINGS if hasattr(args, k)}
+    config.update(num_classes=run.num_classes, world_size=run.dist.world)
+    return config
+
+
+def check_resume(path: str, ckpt: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuses a checkpoint written with other settings, naming each one and both values."""
+    saved = ckpt.get("config") or {}  # absent in older checkpoints: the architecture is still checked on load
+    keys = RESUME_SETTINGS + (MID_EPOCH_SETTINGS if ckpt.get("step") else ())
+    differ = [k for k in keys if k in saved and saved[k] != config.get(k)]
+    if differ:
+        detail = "; ".join(f"{_SETTING_NAMES.get(k, '--' + k.replace('_', '-'))} is {saved[k]!r} in the checkpoint "
+                           f"but {config.get(k)!r} in this run" for k in differ)
+        raise ValueError(f"--resume: {path!r} was written with other settings: {detail}. Resume with the "
+                         f"checkpoint's settings, or give another --out to start afresh")
+
+
+def _stopped(metrics) -> dict:
+    if metrics is not None:
+        metrics.close()
+    return {"interrupted": True}
+
+
