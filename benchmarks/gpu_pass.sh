@@ -8,7 +8,8 @@
 #                                  bandwidth and bf16 matmul peak measured in the same run)
 #   benchmarks/gpu_pass.sh 2 OUT   the ResNet-34 -> ResNet-18 training-step figure, compute-sanitizer
 #                                  (memcheck, racecheck) where the runtime allows it, the
-#                                  torch.compile tests, the remaining benchmark shapes
+#                                  torch.compile tests, the remaining benchmark shapes, the
+#                                  distiller zoo's losses beside their eager twins
 #
 # Prepare on the development machine: `tools/prebuild_native.sh` (the library for the GPU machine's
 # torch, into prebuilt/) and, to compare with Liger-Kernel, its wheel in benchmarks/wheels/. Run with
@@ -73,8 +74,10 @@ EOF
       $PY -m pytest tests -k "$select" --ignore=tests/test_cuda_emulated.py --ignore=tests/test_triton_build.py \
         -p no:cacheprovider -n "$WORKERS" --timeout 120 -q -rfE --junitxml "$OUT/part${PART}_tests.xml" ;;
     bench)
-      if [ "$PART" = 1 ]; then set_=headline; else set_=rest; fi
-      MLKD_BENCH_SET=$set_ MLKD_BENCH_TINY=$TINY $PY -m pytest benchmarks/test_bench_losses.py -k "$DEV" -q \
+      # part 2 adds the zoo's losses beside their eager twins
+      if [ "$PART" = 1 ]; then set_=headline files=(benchmarks/test_bench_losses.py)
+      else set_=rest files=(benchmarks/test_bench_losses.py benchmarks/test_bench_methods.py); fi
+      MLKD_BENCH_SET=$set_ MLKD_BENCH_TINY=$TINY $PY -m pytest "${files[@]}" -k "$DEV" -q \
         -p no:cacheprovider --benchmark-json "$OUT/part${PART}_bench.json" ;;
     train)
       if [ "$GPU" = 1 ]; then size=(); else size=(--tiny); fi
