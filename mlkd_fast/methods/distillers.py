@@ -7,7 +7,7 @@ and reference implementation (named in the class docstring); every one can be ov
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -405,7 +405,8 @@ class CRD(_PooledFeatures):
     weight 0.8. ``negatives="bank"`` (default) draws K = 16384 negatives per sample from a memory
     bank of the dataset's size (momentum 0.5; ``num_data`` is required and the loop passes each
     sample's dataset ``index``); ``negatives="batch"`` contrasts within the batch (symmetric InfoNCE),
-    with no bank."""
+    with no bank. Under DDP every process scores its own samples against its bank and then writes the
+    global batch's embeddings into it (``gather``), so the banks of all processes stay identical."""
 
     source = "Tian et al., ICLR 2020; RepDistiller (-b 0.8, nce_k 16384, nce_t 0.07, nce_m 0.5)"
 
@@ -419,6 +420,9 @@ class CRD(_PooledFeatures):
         self.embed_s = _Embed(student.feature_dim, embed_dim)
         self.embed_t = _Embed(teacher.feature_dim, embed_dim)
         self.memory: Optional[CRDMemory] = None
+        # under data parallelism: maps this process's (B, ...) rows to the global batch's (the loop
+        # sets it to an all-gather), so that every process's bank takes every sample's update
+        self.gather: Optional[Callable[[Tensor], Tensor]] = None
         if negatives == "bank":
             if num_data is None:
                 raise ValueError("method 'crd' with a memory bank needs num_data (the training set's size)")
@@ -435,7 +439,12 @@ class CRD(_PooledFeatures):
         if self.memory is None:
             return {"crd": self.w_crd * crd_inbatch_loss(e_s, e_t, self.tau)}
         # negatives drawn from the global RNG, whose state the loop's checkpoints keep (exact resume)
-        return {"crd": self.w_crd * crd_loss(e_s, e_t, index, self.memory, tau=self.tau, k=self.num_negatives)}
+        loss = crd_loss(e_s, e_t, index, self.memory, tau=self.tau, k=self.num_negatives, update=False)
+        index, m_s, m_t = index, e_s.detach(), e_t.detach()
+        if self.gather is not None:  # every process writes the whole global batch: the banks stay equal
+            index, m_s, m_t = self.gather(index), self.gather(m_s), self.gather(m_t)
+        self.memory.update(index, m_s, m_t)
+        return {"crd": self.w_crd * loss}
 
 
 # ---------------------------------------------------------------------------------------------

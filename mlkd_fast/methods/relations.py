@@ -293,7 +293,8 @@ class CRDMemory(nn.Module):
     does; ``z_s`` and ``z_t``, the NCE normalisation constants, -1 until :func:`crd_loss` sets them
     from its first batch (``mean(exp(score / tau)) * num_data``, RepDistiller's rule) and fixed after.
     ``momentum`` (0.5, RepDistiller's ``nce_m``) is the weight of the old entry in :meth:`update`.
-    Banks are per process: under data parallelism every process holds and updates its own.
+    The bank knows nothing of processes: under data parallelism the CRD distiller writes the global
+    batch into every process's bank, which keeps them equal.
     """
 
     def __init__(self, num_data: int, dim: int = 128, momentum: float = 0.5,

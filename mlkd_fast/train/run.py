@@ -137,6 +137,8 @@ class Run:
         distiller = distiller.to(self.device)
         if a.sync_bn and self.dist.enabled:
             distiller = convert_sync_batchnorm(distiller, self.device.type)
+        if isinstance(distiller, M.distillers.CRD) and self.dist.enabled:
+            distiller.gather = gather_with_grad
         if isinstance(distiller, M.distillers.MLKD):
             if a.global_correlation:
                 distiller.loss.correlation_gather = gather_with_grad
