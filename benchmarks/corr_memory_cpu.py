@@ -1,4 +1,4 @@
-"""Peak extra memory of the native CPU correlation fwd+bwd at M = N = 32768, D = 128 (SPEC 5).
+"""Peak extra memory of the native CPU correlation fwd+bwd at M = N = 32768, D = 128 (docs/design.md §5).
 
 Run: ``python benchmarks/corr_memory_cpu.py [N] > benchmarks/results/corr_memory_cpu.json``.
 Peak RSS growth (resource.getrusage) over the inputs already allocated; eager would need 4 GiB per

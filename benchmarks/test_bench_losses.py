@@ -9,7 +9,7 @@ same function), ``reference`` (this package's pure-PyTorch reference, ``backend=
 both inputs + its KL op; CUDA). A provider that cannot run here is skipped with the reason.
 
 Run on CPU: ``python -m pytest benchmarks --benchmark-json benchmarks/results/cpu.json``; on a GPU
-the same command times the CUDA shapes (SPEC 5) too (see benchmarks/gpu_pass.sh). Every result
+the same command times the CUDA shapes (docs/design.md §5) too (see benchmarks/gpu_pass.sh). Every result
 carries in ``extra_info``: the shape, ``bytes`` (KL: inputs read once + gradient written once) or
 ``flops`` (correlation), ``peak_extra_mib`` (CUDA: max_memory_allocated over the inputs; CPU:
 sampled peak RSS growth) and, on CUDA, ``device_median_ms`` timed with CUDA events

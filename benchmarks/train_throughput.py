@@ -1,4 +1,4 @@
-"""End-to-end distillation step: ResNet-34 -> ResNet-18 on synthetic ImageNet-shaped batches (SPEC 5).
+"""End-to-end distillation step: ResNet-34 -> ResNet-18 on synthetic ImageNet-shaped batches (docs/design.md §5).
 
 Times the same work two ways on one device:
   fp32 eager : fp32 teacher and student, NCHW, the loss on the eager reference (backend="torch");

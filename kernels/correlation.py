@@ -1,4 +1,4 @@
-"""Batch-correlation KL (SPEC 2.2), tiled like flash attention: the (M, N) matrices never exist.
+"""Batch-correlation KL (docs/design.md §1.2), tiled like flash attention: the (M, N) matrices never exist.
 
 For each network, with inverse row norms r = 1 / max(||x||, eps):
     x_ij = (a_i . b_j) r^a_i r^b_j / tau            (student: x^s, teacher: x^t)
@@ -38,9 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import sm_count
-
-NORM_EPS = 1e-8
+from ..ops import NORM_EPS
+from ._device import sm_count
 
 
 @triton.jit
@@ -357,9 +356,9 @@ def _inv_norms(x: Tensor) -> Tensor:
 
 
 # (widest feature block, bytes per element) -> tile rows/columns, warps, pipeline stages. Chosen with
-# tools/triton_build.py for sm_90 under both Triton versions the project meets (3.6 on the GPU
-# machine, 3.8 here): shared memory <= 134 KB (fits an A100's 163 KB too) and ptxas spills none or a
-# few bytes. 64-row tiles with 3 stages spill ~22 KB per thread in fp32 and overflow shared memory at
+# tools/triton_build.py for sm_90 under Triton 3.6 and 3.8 (the versions CI compiles with): shared
+# memory <= 134 KB (fits an A100's 163 KB too) and ptxas spills none or a few bytes. Larger tiles do
+# not fit: 64-row tiles with 3 stages spill ~22 KB per thread in fp32 and overflow shared memory at
 # 512 fp32 / 1024 fp16 features; fp32 features 128 wide need 16-row tiles (32-row ones spill
 # 560-800 B under Triton 3.6). fp32 features multiply on tensor cores as three TF32 products
 # ("tf32x3", about fp32 accuracy) instead of IEEE dots on the FMA units, which have ~1/7 of the TF32
@@ -459,7 +458,7 @@ def _column_tiles(a_s, a_t, b_s, b_t):
         yield cols, _mm_fp32(a_s, b_s[cols].T), _mm_fp32(a_t, b_t[cols].T)
 
 
-def _tiled_fwd(operands, tau: float, exclude_diag: bool):
+def _tiled_fwd(operands, tau: float, exclude_diagonal: bool):
     a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t = operands
     m = a_s.shape[0]
     math, acc = _math(a_s)
@@ -471,14 +470,14 @@ def _tiled_fwd(operands, tau: float, exclude_diag: bool):
     for cols, x_s, x_t in _column_tiles(a_s, a_t, b_s, b_t):
         _tile_stats_kernel[(triton.cdiv(m, block_m),)](
             x_s, x_t, x_s.stride(0), ra_s, ra_t, rb_s[cols], rb_t[cols], state, m, x_s.shape[1], cols.start,
-            1.0 / tau, BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag, ACC=acc)
+            1.0 / tau, BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diagonal, ACC=acc)
     loss = torch.empty(m, dtype=math, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](state, loss, lse_s, lse_t, m, 1, BLOCK=128, ACC=acc)
     return loss, lse_s, lse_t
 
 
-def _tiled_bwd(g, operands, lse_s, lse_t, tau: float, exclude_diag: bool):
+def _tiled_bwd(g, operands, lse_s, lse_t, tau: float, exclude_diagonal: bool):
     """d loss / d a^ and d loss / d b^ (fp32) on the tiled path: per column tile the two matmul
     operands of the fused row and column passes (_tile_grad_operands_kernel, in the features' dtype,
     scaled against fp16 underflow by operand_scale), then two matmuls with fp32 accumulation."""
@@ -496,13 +495,13 @@ def _tiled_bwd(g, operands, lse_s, lse_t, tau: float, exclude_diag: bool):
         _tile_grad_operands_kernel[(triton.cdiv(m, block_m), triton.cdiv(width, block_n))](
             x_s, x_t, x_s.stride(0), ra_s, ra_t, rb_s[cols], rb_t[cols], lse_s, lse_t, g, row_scale, col_scale,
             w_rows, w_cols, w_rows.stride(0), m, width, cols.start, 1.0 / tau,
-            BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diag, ACC=acc)
+            BLOCK_M=block_m, BLOCK_N=block_n, EXCLUDE_DIAG=exclude_diagonal, ACC=acc)
         d_a_hat += _mm_fp32(w_rows, b_s[cols])
         d_b_hat[cols] = _mm_fp32(w_cols.T, a_s)
     return d_a_hat * (g / (tau * row_scale))[:, None], d_b_hat / col_scale
 
 
-def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
+def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diagonal: bool, tiled: Optional[bool] = None):
     """``tiled`` forces the tiled path (tests); by default it takes features too wide for the fused kernels."""
     square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
     m, n = a_s.shape[0], b_s.shape[0]
@@ -510,7 +509,7 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optio
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
     cfg = _fused_config(a_s, a_t, tiled)
     if cfg is None:
-        return _tiled_fwd((a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t), tau, exclude_diag)
+        return _tiled_fwd((a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t), tau, exclude_diagonal)
     loss = torch.empty(m, dtype=torch.float32, device=a_s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     programs = triton.cdiv(m, cfg["BLOCK_M"])
@@ -521,7 +520,7 @@ def _launch_fwd(a_s, a_t, b_s, b_t, tau: float, exclude_diag: bool, tiled: Optio
         a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
         ra_s, ra_t, rb_s, rb_t, loss, lse_s, lse_t, partials,
         m, n, a_s.shape[1], a_t.shape[1], 1.0 / tau, span,
-        EXCLUDE_DIAG=exclude_diag, PRECISION=_precision(a_s, a_t), SPLIT=splits > 1, **cfg,
+        EXCLUDE_DIAG=exclude_diagonal, PRECISION=_precision(a_s, a_t), SPLIT=splits > 1, **cfg,
     )
     if splits > 1:
         _corr_fwd_merge_kernel[(triton.cdiv(m, 128),)](partials, loss, lse_s, lse_t, m, splits, BLOCK=128,
@@ -547,7 +546,7 @@ def operand_scale(factors: Tensor, count: int) -> Tensor:
     return torch.exp2(torch.floor(torch.log2(min(count, 1024) / peak))).reshape(1)
 
 
-def _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau: float, exclude_diag: bool):
+def _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t, tau: float, exclude_diagonal: bool):
     """d loss / d a^ and d loss / d b^ (fp32) from the row and column passes."""
     m, n, ds = a_s.shape[0], b_s.shape[0], a_s.shape[1]
     common = (a_s, a_s.stride(0), a_t, a_t.stride(0), b_s, b_s.stride(0), b_t, b_t.stride(0),
@@ -560,12 +559,12 @@ def _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, ra_s, ra_t, rb_s, rb_t, lse_s, lse_t,
     d_a_hat = torch.empty((splits, m, ds), dtype=torch.float32, device=a_s.device)
     _corr_bwd_rows_kernel[(row_programs, splits)](
         *common, operand_scale(rb_s, n), d_a_hat, d_a_hat.stride(1), d_a_hat.stride(0), *sizes, span,
-        EXCLUDE_DIAG=exclude_diag, PRECISION=precision, **cfg)
+        EXCLUDE_DIAG=exclude_diagonal, PRECISION=precision, **cfg)
     splits, span = _splits(col_programs, m, cfg["BLOCK_M"], a_s.device)
     d_b_hat = torch.empty((splits, n, ds), dtype=torch.float32, device=a_s.device)
     _corr_bwd_cols_kernel[(col_programs, splits)](
         *common, operand_scale(g * ra_s / tau, m), d_b_hat, d_b_hat.stride(1), d_b_hat.stride(0), *sizes, span,
-        EXCLUDE_DIAG=exclude_diag, PRECISION=precision, **cfg)
+        EXCLUDE_DIAG=exclude_diagonal, PRECISION=precision, **cfg)
     d_a_hat = d_a_hat[0] if d_a_hat.shape[0] == 1 else d_a_hat.sum(0)
     d_b_hat = d_b_hat[0] if d_b_hat.shape[0] == 1 else d_b_hat.sum(0)
     return d_a_hat, d_b_hat
@@ -575,11 +574,11 @@ def _pass_inv_norms(x: Tensor, inv_norm: Tensor) -> Tensor:
     """The student's inverse norms as the backward passes take them: 0 for all-zero rows. Such a row's
     similarities are 0 whatever its factor and its matmul contribution is exactly 0, but its clamped
     1 / eps would set the fp16/bf16 operand scale (operand_scale) and flush every other entry of the
-    operands to zero (found by tests/test_properties.py). The normalisation backward keeps 1 / eps."""
+    operands to zero (tests/test_properties.py checks such rows). The normalisation backward keeps 1 / eps."""
     return inv_norm.masked_fill(x.abs().amax(dim=1) == 0, 0.0) if x.shape[1] else inv_norm
 
 
-def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: bool, tiled: Optional[bool] = None):
+def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diagonal: bool, tiled: Optional[bool] = None):
     orig_a, orig_b = a_s, b_s
     square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
     m, n = a_s.shape[0], b_s.shape[0]
@@ -591,10 +590,10 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: b
     pb_s = pa_s if square else _pass_inv_norms(b_s, rb_s)
     if cfg is None:
         d_a_hat, d_b_hat = _tiled_bwd(g, (a_s, a_t, b_s, b_t, pa_s, ra_t, pb_s, rb_t), lse_s, lse_t, tau,
-                                      exclude_diag)
+                                      exclude_diagonal)
     else:
         d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, pa_s, ra_t, pb_s, rb_t, lse_s, lse_t, tau,
-                                      exclude_diag)
+                                      exclude_diagonal)
     if square:
         d_a = _norm_backward(a_s, ra_s, d_a_hat + d_b_hat).to(orig_a.dtype)
         return d_a, torch.empty(0, dtype=orig_a.dtype, device=orig_a.device)
@@ -604,10 +603,9 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diag: b
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops + autograd
+# the ops' implementations (mlkd_fast_triton::*, schemas in mlkd_fast.ops.SCHEMAS)
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mlkd_fast_triton::correlation_fwd", mutates_args=())
-def correlation_fwd_op(
+def correlation_fwd(
     student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor], teacher_cols: Optional[Tensor],
     tau: float, exclude_diagonal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -616,8 +614,7 @@ def correlation_fwd_op(
     return _launch_fwd(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)
 
 
-@torch.library.custom_op("mlkd_fast_triton::correlation_bwd", mutates_args=())
-def correlation_bwd_op(
+def correlation_bwd(
     grad_rows: Tensor, student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor],
     teacher_cols: Optional[Tensor], lse_s: Tensor, lse_t: Tensor, tau: float, exclude_diagonal: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -625,15 +622,3 @@ def correlation_bwd_op(
     square mode, where the rows receive both)."""
     return _launch_bwd(grad_rows, student_rows, teacher_rows, student_cols, teacher_cols, lse_s, lse_t,
                        tau, exclude_diagonal)
-
-
-def correlation_kl_rows(
-    student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor], teacher_cols: Optional[Tensor],
-    tau: float, exclude_diagonal: bool,
-) -> Tensor:
-    """Per-row correlation KL (fp32, fp64 when any input is fp64; length M) with autograd to the
-    student features; the teacher features are constants."""
-    rows, _, _ = correlation_fwd_op(student_rows, teacher_rows.detach(), student_cols,
-                                    None if teacher_cols is None else teacher_cols.detach(), float(tau),
-                                    bool(exclude_diagonal))
-    return rows

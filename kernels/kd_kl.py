@@ -1,4 +1,4 @@
-"""Temperature KL on raw logits (SPEC 2.1): loss and gradient in one pass over the data.
+"""Temperature KL on raw logits (docs/design.md §1.1): loss and gradient in one pass over the data.
 
 Per row, with u = t / T, v = s / T, p = softmax(u), q = softmax(v):
     l       = sum_c p_c (log p_c - log q_c)
@@ -34,11 +34,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import sm_count
+from ._device import sm_count
 
 
 # Longest row held on chip by one program: at 16384 columns (16 warps) ptxas spills 40-356 bytes
-# per thread on sm_90 (benchmarks/triton_build.py), at 8192 none.
+# per thread on sm_90 (tools/triton_build.py), at 8192 none.
 MAX_FUSED_BLOCK = 8192
 SPLIT_BLOCK = 4096  # column chunk of the looped and split paths
 LOOPED_ROWS_IN_L2 = 40 << 20  # bytes of rows the looped path keeps in flight (H100 L2: 50 MB)
@@ -63,8 +63,8 @@ def _narrow(x, DST: tl.constexpr):
 
 @triton.jit
 def _kd_kl_fused_kernel(
-    S_ptr, S_stride,  # student logits (N, C), unit column stride
-    T_ptr, T_stride,  # teacher logits (N, C)
+    Student_ptr, Student_stride,  # student logits (N, C), unit column stride
+    Teacher_ptr, Teacher_stride,  # teacher logits (N, C)
     W_ptr,  # (N,) ACC row weights w_i, read only when HAS_WEIGHT
     Loss_ptr,  # (N,) ACC: w_i T^2 l_i
     GS_ptr, GS_stride,  # (N, C) student gradient, written when STUDENT_GRAD
@@ -78,11 +78,11 @@ def _kd_kl_fused_kernel(
     in_row = cols < C
     inv_temp = _host_scalar(inv_temp, ACC)
     temp = _host_scalar(temp, ACC)
-    keep = 1.0
+    row_w = 1.0
     if HAS_WEIGHT:
-        keep = tl.load(W_ptr + row)
-    v = tl.load(S_ptr + row * S_stride + cols, mask=in_row, other=-float("inf")).to(ACC) * inv_temp
-    u = tl.load(T_ptr + row * T_stride + cols, mask=in_row, other=-float("inf")).to(ACC) * inv_temp
+        row_w = tl.load(W_ptr + row)
+    v = tl.load(Student_ptr + row * Student_stride + cols, mask=in_row, other=-float("inf")).to(ACC) * inv_temp
+    u = tl.load(Teacher_ptr + row * Teacher_stride + cols, mask=in_row, other=-float("inf")).to(ACC) * inv_temp
 
     # Shift by the row maxima before anything else: m + log z rounds at the scale of the logits.
     m_s = tl.max(v, axis=0)
@@ -98,21 +98,21 @@ def _kd_kl_fused_kernel(
     log_z_t = tl.log(z_t)
     kl = a / z_t + (m_s - m_t) + (log_z_s - log_z_t)
     # weight 0 (a masked row): exactly 0, whatever the row holds (NaN, all -inf)
-    tl.store(Loss_ptr + row, tl.where(keep == 0.0, 0.0, kl * temp * temp * keep))
+    tl.store(Loss_ptr + row, tl.where(row_w == 0.0, 0.0, kl * temp * temp * row_w))
 
     p = e_t / z_t
     if STUDENT_GRAD:
-        g_s = tl.where(keep == 0.0, 0.0, temp * (e_s / z_s - p) * keep)
+        g_s = tl.where(row_w == 0.0, 0.0, temp * (e_s / z_s - p) * row_w)
         tl.store(GS_ptr + row * GS_stride + cols, _narrow(g_s, GS_ptr.dtype.element_ty), mask=in_row)
     if TEACHER_GRAD:
         log_ratio = ((u - m_t) - log_z_t) - ((v - m_s) - log_z_s)
-        g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_ratio - kl) * keep)
-        g_t = tl.where(keep == 0.0, 0.0, g_t)
+        g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_ratio - kl) * row_w)
+        g_t = tl.where(row_w == 0.0, 0.0, g_t)
         tl.store(GT_ptr + row * GT_stride + cols, _narrow(g_t, GT_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
-def _online_row_stats(S_row, T_row, lo, hi, inv_temp, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _online_row_stats(Student_row, Teacher_row, lo, hi, inv_temp, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """m_s, Z_s, m_t, Z_t, A of columns [lo, hi) of one row, online over BLOCK-column chunks; each Z
     and A relative to its maximum (to 0 while that maximum is -inf)."""
     m_s = tl.full([], -float("inf"), ACC)  # typed: the loop carries them in ACC
@@ -123,8 +123,8 @@ def _online_row_stats(S_row, T_row, lo, hi, inv_temp, BLOCK: tl.constexpr, ACC: 
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         ok = cols < hi
-        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
-        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
+        v = tl.load(Student_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
+        u = tl.load(Teacher_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
         new_m_s = tl.maximum(m_s, tl.max(v, axis=0))
         ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
         z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(v - ref_s), axis=0)
@@ -141,8 +141,8 @@ def _online_row_stats(S_row, T_row, lo, hi, inv_temp, BLOCK: tl.constexpr, ACC: 
 
 @triton.jit
 def _write_row_grads(
-    S_row, T_row, GS_row, GT_row, lo, hi,
-    m_s, log_z_s, m_t, log_z_t, kl, keep, inv_temp, temp,
+    Student_row, Teacher_row, GS_row, GT_row, lo, hi,
+    m_s, log_z_s, m_t, log_z_t, kl, row_w, inv_temp, temp,
     BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, REVERSE: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -156,24 +156,24 @@ def _write_row_grads(
             start = lo + i * BLOCK
         cols = start + tl.arange(0, BLOCK)
         ok = cols < hi
-        v = tl.load(S_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
-        u = tl.load(T_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
+        v = tl.load(Student_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
+        u = tl.load(Teacher_row + cols, mask=ok, other=-float("inf")).to(ACC) * inv_temp
         log_p = (u - m_t) - log_z_t
         log_q = (v - m_s) - log_z_s
         p = tl.exp(log_p)
         if STUDENT_GRAD:
-            g_s = tl.where(keep == 0.0, 0.0, temp * (tl.exp(log_q) - p) * keep)
+            g_s = tl.where(row_w == 0.0, 0.0, temp * (tl.exp(log_q) - p) * row_w)
             tl.store(GS_row + cols, _narrow(g_s, GS_row.dtype.element_ty), mask=ok)
         if TEACHER_GRAD:
-            g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl) * keep)
-            g_t = tl.where(keep == 0.0, 0.0, g_t)
+            g_t = tl.where(u == -float("inf"), 0.0, temp * p * (log_p - log_q - kl) * row_w)
+            g_t = tl.where(row_w == 0.0, 0.0, g_t)
             tl.store(GT_row + cols, _narrow(g_t, GT_row.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _kd_kl_looped_kernel(
-    S_ptr, S_stride,  # student logits (N, C), unit column stride
-    T_ptr, T_stride,  # teacher logits (N, C)
+    Student_ptr, Student_stride,  # student logits (N, C), unit column stride
+    Teacher_ptr, Teacher_stride,  # teacher logits (N, C)
     W_ptr,  # (N,) ACC row weights w_i, read only when HAS_WEIGHT
     Loss_ptr,  # (N,) ACC: w_i T^2 l_i
     GS_ptr, GS_stride,  # (N, C) student gradient, written when STUDENT_GRAD
@@ -189,28 +189,28 @@ def _kd_kl_looped_kernel(
     inv_temp = _host_scalar(inv_temp, ACC)
     temp = _host_scalar(temp, ACC)
     for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: r * stride may pass 2^31
-        s_row = S_ptr + r * S_stride
-        t_row = T_ptr + r * T_stride
+        s_row = Student_ptr + r * Student_stride
+        t_row = Teacher_ptr + r * Teacher_stride
         m_s, z_s, m_t, z_t, a = _online_row_stats(s_row, t_row, 0, C, inv_temp, BLOCK, ACC)
         m_s = tl.where(m_s == -float("inf"), 0.0, m_s)
         m_t = tl.where(m_t == -float("inf"), 0.0, m_t)
         log_z_s = tl.log(z_s)
         log_z_t = tl.log(z_t)
         kl = a / z_t + (m_s - m_t) + (log_z_s - log_z_t)
-        keep = 1.0
+        row_w = 1.0
         if HAS_WEIGHT:
-            keep = tl.load(W_ptr + r)
-        tl.store(Loss_ptr + r, tl.where(keep == 0.0, 0.0, kl * temp * temp * keep))
+            row_w = tl.load(W_ptr + r)
+        tl.store(Loss_ptr + r, tl.where(row_w == 0.0, 0.0, kl * temp * temp * row_w))
         if STUDENT_GRAD or TEACHER_GRAD:
             _write_row_grads(s_row, t_row, GS_ptr + r * GS_stride, GT_ptr + r * GT_stride, 0, C,
-                             m_s, log_z_s, m_t, log_z_t, kl, keep, inv_temp, temp,
+                             m_s, log_z_s, m_t, log_z_t, kl, row_w, inv_temp, temp,
                              BLOCK, STUDENT_GRAD, TEACHER_GRAD, True, ACC)
 
 
 @triton.jit
 def _kd_kl_stats_kernel(
-    S_ptr, S_stride,  # student logits (N, C)
-    T_ptr, T_stride,  # teacher logits (N, C)
+    Student_ptr, Student_stride,  # student logits (N, C)
+    Teacher_ptr, Teacher_stride,  # teacher logits (N, C)
     Stats_ptr,  # (N, SPLITS, 5) ACC partials: m_s, z_s, m_t, z_t, A (each relative to its own max)
     C, span, inv_temp: tl.float64,
     BLOCK: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
@@ -220,8 +220,8 @@ def _kd_kl_stats_kernel(
     split = tl.program_id(1)
     lo = split * span
     hi = tl.minimum(lo + span, C)
-    m_s, z_s, m_t, z_t, a = _online_row_stats(S_ptr + row * S_stride, T_ptr + row * T_stride, lo, hi,
-                                              inv_temp, BLOCK, ACC)
+    m_s, z_s, m_t, z_t, a = _online_row_stats(Student_ptr + row * Student_stride, Teacher_ptr + row * Teacher_stride,
+                                              lo, hi, inv_temp, BLOCK, ACC)
     out = Stats_ptr + (row * SPLITS + split) * 5
     tl.store(out + 0, tl.where(m_s == -float("inf"), 0.0, m_s))
     tl.store(out + 1, z_s)
@@ -232,9 +232,9 @@ def _kd_kl_stats_kernel(
 
 @triton.jit
 def _kd_kl_grad_kernel(
-    S_ptr, S_stride,  # student logits (N, C)
-    T_ptr, T_stride,  # teacher logits (N, C)
-    Row_ptr,  # (N, 6) ACC: m_s, log z_s, m_t, log z_t, l_i, keep
+    Student_ptr, Student_stride,  # student logits (N, C)
+    Teacher_ptr, Teacher_stride,  # teacher logits (N, C)
+    Row_ptr,  # (N, 6) ACC: m_s, log z_s, m_t, log z_t, l_i, row_w
     GS_ptr, GS_stride,  # (N, C) student gradient
     GT_ptr, GT_stride,  # (N, C) teacher gradient, when TEACHER_GRAD
     C, span, inv_temp: tl.float64, temp: tl.float64,
@@ -246,7 +246,7 @@ def _kd_kl_grad_kernel(
     lo = tl.program_id(1) * span
     hi = tl.minimum(lo + span, C)
     stats = Row_ptr + row * 6
-    _write_row_grads(S_ptr + row * S_stride, T_ptr + row * T_stride, GS_ptr + row * GS_stride,
+    _write_row_grads(Student_ptr + row * Student_stride, Teacher_ptr + row * Teacher_stride, GS_ptr + row * GS_stride,
                      GT_ptr + row * GT_stride, lo, hi,
                      tl.load(stats + 0), tl.load(stats + 1), tl.load(stats + 2), tl.load(stats + 3),
                      tl.load(stats + 4), tl.load(stats + 5), inv_temp, temp,
@@ -373,10 +373,10 @@ def _launch_kd_kl(
     log_z_t = torch.log(z_t_row)
     top_s, top_t = top_s.squeeze(1), top_t.squeeze(1)
     kl = (a * w_t).sum(dim=1) / z_t_row + (top_s - top_t) + (log_z_s - log_z_t)
-    keep = torch.ones_like(kl) if row_weight is None else row_weight
-    rows.copy_(torch.where(keep == 0, 0.0, kl * (temperature * temperature) * keep))
+    row_w = torch.ones_like(kl) if row_weight is None else row_weight
+    rows.copy_(torch.where(row_w == 0, 0.0, kl * (temperature * temperature) * row_w))
     if student_grad or teacher_grad:
-        row_stats = torch.stack([top_s, log_z_s, top_t, log_z_t, kl, keep], dim=1).contiguous()
+        row_stats = torch.stack([top_s, log_z_s, top_t, log_z_t, kl, row_w], dim=1).contiguous()
         _kd_kl_grad_kernel[(n, splits)](
             s, s.stride(0), t, t.stride(0), row_stats,
             grad_s, gs_stride, grad_t, gt_stride,
@@ -400,10 +400,9 @@ def _launch_scale_rows(x: Tensor, g: Tensor, inplace: bool) -> Optional[Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops + autograd
+# the ops' implementations (mlkd_fast_triton::*, schemas in mlkd_fast.ops.SCHEMAS)
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mlkd_fast_triton::kd_kl", mutates_args=())
-def kd_kl_op(
+def kd_kl(
     student: Tensor, teacher: Tensor, row_weight: Optional[Tensor], temperature: float,
     student_grad: bool, teacher_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -413,24 +412,11 @@ def kd_kl_op(
     return _launch_kd_kl(student, teacher, row_weight, temperature, student_grad, teacher_grad)
 
 
-@torch.library.custom_op("mlkd_fast_triton::scale_rows", mutates_args=())
-def scale_rows_op(x: Tensor, g: Tensor) -> Tensor:
+def scale_rows(x: Tensor, g: Tensor) -> Tensor:
     """``x * g[:, None]`` with fp32 math (fp64 for fp64 ``x``), stored in ``x.dtype`` (the KL backward)."""
     return _launch_scale_rows(x, g, inplace=False)
 
 
-@torch.library.custom_op("mlkd_fast_triton::scale_rows_", mutates_args=("x",))
-def scale_rows_inplace_op(x: Tensor, g: Tensor) -> None:
+def scale_rows_(x: Tensor, g: Tensor) -> None:
     """``x *= g[:, None]`` in place, fp32 math; rows with ``g == 1`` are not touched."""
     _launch_scale_rows(x, g, inplace=True)
-
-
-def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_weight: Optional[Tensor] = None) -> Tensor:
-    """Per-row ``w_i T^2 KL(softmax(t/T) || softmax(s/T))`` (fp32, fp64 for fp64 inputs; length N) with autograd.
-
-    Gradients are computed in the forward only for the inputs that will need them.
-    """
-    grad_on = torch.is_grad_enabled()
-    rows, _, _ = kd_kl_op(student, teacher, row_weight, float(temperature),
-                          grad_on and student.requires_grad, grad_on and teacher.requires_grad)
-    return rows

@@ -3,10 +3,13 @@
 Where things live:
 - losses (``MLKDLoss``, ``KDLoss``, ``CorrelationLoss``): :mod:`mlkd_fast.losses`
 - functional ops and input checks: :mod:`mlkd_fast.functional`
-- the pure-PyTorch reference of every op: :mod:`mlkd_fast.reference`
-- Triton kernels, one file per op: :mod:`mlkd_fast.kernels` (``kernels/`` in the source tree)
+- the pure-PyTorch reference of every op (the tests' oracle): :mod:`mlkd_fast.reference`
+- the training-only terms of ``MLKDLoss`` (feature alignment, SupCon): :mod:`mlkd_fast.terms`
+- the fused ops' contract (schemas, constants, fakes, autograd): :mod:`mlkd_fast.ops`
+- Triton kernels, one file per op: :mod:`mlkd_fast.kernels` (``kernels/`` in the source tree), their
+  ops defined by :mod:`mlkd_fast._triton`
 - the compiled C++/CUDA ops (``csrc/``): :mod:`mlkd_fast._native`
-- backend choice: :mod:`mlkd_fast.backends`
+- the backend registry and the choice of a backend: :mod:`mlkd_fast.backends`
 """
 from . import functional, reference
 from .backends import BackendStatus, available_backends

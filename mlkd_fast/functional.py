@@ -1,7 +1,9 @@
-"""Functional losses: input checks (SPEC section 4), backend dispatch, and the shared reduction.
+"""Functional losses: input checks (docs/design.md §4), backend dispatch, and the shared reduction.
 
 Every backend computes per-row losses; the reduction below is plain PyTorch on a length-N vector, so
 it is identical for all backends, needs no host synchronisation and traces under ``torch.compile``.
+Each call resolves its backend once (:func:`mlkd_fast.backends.resolve`) and calls that backend's
+per-row function.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _native, reference
-from .backends import resolve_backend
+from . import backends
+from .ops import math_dtype
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -70,7 +72,7 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# temperature KL (SPEC 2.1)
+# temperature KL (docs/design.md §1.1)
 # ---------------------------------------------------------------------------------------------
 def kd_kl_div(
     student_logits: Tensor,
@@ -129,7 +131,7 @@ def kd_kl_div(
         if row_mask.shape != s.shape[:-1]:
             raise ValueError(f"row_mask must have shape {tuple(s.shape[:-1])} (the rows N), got {tuple(row_mask.shape)}")
     device = _check_same_device({"student_logits": s, "teacher_logits": t, "row_mask": row_mask})
-    name = resolve_backend(backend, device)
+    impl = backends.resolve(backend, device)
 
     lead_shape = s.shape[:-1]
     num_classes = s.shape[-1]
@@ -138,47 +140,9 @@ def kd_kl_div(
     mask = None if row_mask is None else row_mask.reshape(-1)
 
     # every backend takes its row weights in the math dtype: fp64 when an input is fp64, else fp32
-    weight_dtype = reference._math_dtype(s2, t2)
-    row_weight = _kd_row_weights(mask, s2.shape[0], num_classes, reduction, weight, weight_dtype, device)
-    if name == "torch":
-        rows = reference.kd_kl_rows(s2, t2, temperature, mask)
-        rows = rows if row_weight is None else rows * row_weight
-    else:
-        if name == "triton":
-            from .kernels.kd_kl import kd_kl_rows
-        else:
-            kd_kl_rows = _native.kd_kl_rows
-        fp16_scale = _fp16_gradient_scale(s2, t2, row_weight, temperature, device)
-        if fp16_scale is None:
-            rows = kd_kl_rows(s2, t2, temperature, row_weight)
-        else:
-            weight_in = fp16_scale if row_weight is None else row_weight * fp16_scale
-            rows = kd_kl_rows(s2, t2, temperature, weight_in) / fp16_scale
+    row_weight = _kd_row_weights(mask, s2.shape[0], num_classes, reduction, weight, math_dtype(s2, t2), device)
+    rows = impl.kd_kl_rows(s2, t2, temperature, row_weight)
     return rows.reshape(lead_shape) if reduction == "none" else rows.sum()
-
-
-def _fp16_gradient_scale(s: Tensor, t: Tensor, row_weight: Optional[Tensor], temperature: float,
-                         device: torch.device) -> Optional[Tensor]:
-    """Per-row powers of two S_i when a gradient stored in the forward is fp16, else None.
-
-    The kernels store w_i d(T^2 l_i)/ds = w_i T (q - p) in the input dtype. In fp16 with w_i = 1/N
-    most entries are subnormal, and a GradScaler's factor, which reaches the KL only in the backward,
-    cannot bring back the lost bits (64% of the entries off by > 0.2% at N = 512 before this). So the
-    kernels get w_i S_i, with S_i making the largest possible student entry ~1024, and the loss rows
-    are divided by S_i exactly: the backward then rescales the stored gradient by g_i / S_i (a pass
-    that bf16 and fp32 do not need). The teacher gradient has no such bound (it grows with the logit
-    gap), so when it is stored too S_i only undoes w_i: the gradients are stored unweighted. Each
-    gradient is stored in its input's dtype, so an fp16 student beside an fp32 or fp64 teacher needs
-    S_i as much as two fp16 inputs do."""
-    if not torch.is_grad_enabled():
-        return None
-    if not ((s.requires_grad and s.dtype == torch.float16) or (t.requires_grad and t.dtype == torch.float16)):
-        return None
-    n = s.shape[0]
-    w = torch.ones(n, dtype=reference._math_dtype(s, t), device=device) if row_weight is None else row_weight
-    bound = 1.0 / w.abs() if t.requires_grad else 1024.0 / (temperature * w.abs())
-    exponent = torch.floor(torch.log2(bound)).clamp(-60.0, 60.0)
-    return torch.where(w != 0, torch.exp2(exponent), torch.ones_like(w))
 
 
 def _kd_row_weights(mask: Optional[Tensor], n: int, c: int, reduction: str, weight: float, dtype: torch.dtype,
@@ -196,7 +160,7 @@ def _kd_row_weights(mask: Optional[Tensor], n: int, c: int, reduction: str, weig
 
 
 # ---------------------------------------------------------------------------------------------
-# correlation KL (SPEC 2.2)
+# correlation KL (docs/design.md §1.2)
 # ---------------------------------------------------------------------------------------------
 def correlation_kl(
     student_feats: Tensor,
@@ -290,10 +254,10 @@ def correlation_kl(
     rows_in_cols = square or bool(cols_start_with_rows)  # row i is column i: (i, i) is its self-similarity
     exclude_diagonal = rows_in_cols and not keep_diagonal
     counted_cols = n_cols - 1 if exclude_diagonal else n_cols
-    name = resolve_backend(backend, device)
+    impl = backends.resolve(backend, device)
     if counted_cols < 2:
         # One-point (or empty) row distributions: KL exactly 0. Decided by the shapes alone (no host sync).
-        rows = _zero_rows(a_s, None if square else b_s, reference._math_dtype(a_s, a_t, *([] if square else [b_s, b_t])))
+        rows = _zero_rows(a_s, None if square else b_s, math_dtype(a_s, a_t, b_s, b_t))
         return _correlation_reduce(rows, reduction, tau, scale_by_tau_sq, max(counted_cols, 1))
 
     a_s = _last_dim_contiguous(a_s)
@@ -301,15 +265,7 @@ def correlation_kl(
     if not square:
         b_s = _last_dim_contiguous(b_s)
         b_t = _last_dim_contiguous(b_t.detach())
-    if name == "torch":
-        rows = reference.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, keep_diagonal=keep_diagonal,
-                                             cols_start_with_rows=bool(cols_start_with_rows))
-    elif name == "triton":
-        from .kernels import correlation
-
-        rows = correlation.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, exclude_diagonal)
-    else:
-        rows = _native.correlation_kl_rows(a_s, a_t, b_s, b_t, tau, exclude_diagonal)
+    rows = impl.correlation_rows(a_s, a_t, b_s, b_t, tau, exclude_diagonal)
 
     return _correlation_reduce(rows, reduction, tau, scale_by_tau_sq, counted_cols)
 

@@ -1,4 +1,4 @@
-"""``nn.Module`` losses: a thin layer over :mod:`mlkd_fast.functional` (SPEC 2.3, 3)."""
+"""``nn.Module`` losses: a thin layer over :mod:`mlkd_fast.functional` (docs/design.md §1.3, §2)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -8,13 +8,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as MF
-from . import reference
+from . import terms
+from .ops import math_dtype
 
 __all__ = ["KDLoss", "CorrelationLoss", "MLKDLoss", "PAPER_WEIGHTS"]
 
 
 class KDLoss(nn.Module):
-    """Temperature KL on logits (SPEC 2.1); see :func:`mlkd_fast.functional.kd_kl_div`."""
+    """Temperature KL on logits (docs/design.md §1.1); see :func:`mlkd_fast.functional.kd_kl_div`."""
 
     def __init__(self, temperature: float = 4.0, reduction: str = "batchmean", backend: str = "auto") -> None:
         super().__init__()
@@ -32,7 +33,7 @@ class KDLoss(nn.Module):
 
 
 class CorrelationLoss(nn.Module):
-    """Batch-correlation KL (SPEC 2.2); see :func:`mlkd_fast.functional.correlation_kl`."""
+    """Batch-correlation KL (docs/design.md §1.2); see :func:`mlkd_fast.functional.correlation_kl`."""
 
     def __init__(
         self,
@@ -79,7 +80,7 @@ def _mlp(dims: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-# The released code's weights (SPEC 2.3 / ANCHORS): CE, KD, correlation, alignment, SupCon.
+# The weights of the authors' released code (docs/design.md §1.3): CE, KD, correlation, alignment, SupCon.
 PAPER_WEIGHTS = {
     "cifar100": dict(w_ce=1.0, w_kd=0.0, w_corr=50.0, w_align=20.0, w_supcon=1.0),
     "imagenet": dict(w_ce=1.0, w_kd=0.0, w_corr=20.0, w_align=10.0, w_supcon=0.5),
@@ -87,7 +88,7 @@ PAPER_WEIGHTS = {
 
 
 class MLKDLoss(nn.Module):
-    """The Multi-level KD objective (SPEC 2.3) as one drop-in loss.
+    """The Multi-level KD objective (docs/design.md §1.3) as one drop-in loss.
 
     ``total = w_ce CE(s, y) + w_kd KL_T(s, t) + w_corr Corr_tau(f_s, f_t)
     + w_align (2 - 2 cos(h(f_s), f_t)) + w_supcon SupCon([g_s(f_s); g_t(f_t)], y)``
@@ -224,7 +225,7 @@ class MLKDLoss(nn.Module):
         weighted: dict[str, Tensor] = {}
         if w["ce"] > 0:
             plain = self._plain(student_logits, "student_logits")
-            parts["ce"] = F.cross_entropy(plain.to(reference._math_dtype(plain)), target)
+            parts["ce"] = F.cross_entropy(plain.to(math_dtype(plain)), target)
         if w["kd"] > 0:
             # weighted inside: the fused backends fold w_kd into their stored gradient
             weighted["kd"] = MF.kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
@@ -232,15 +233,15 @@ class MLKDLoss(nn.Module):
         if w["corr"] > 0:
             parts["corr"] = self._correlation(student_feats, teacher_feats)
         if w["align"] > 0:
-            parts["align"] = reference.feature_alignment(self.align_head(student_feats), teacher_feats.detach())
+            parts["align"] = terms.feature_alignment(self.align_head(student_feats), teacher_feats.detach())
         if w["supcon"] > 0:
             emb = torch.cat([self.supcon_student(student_feats), self.supcon_teacher(teacher_feats.detach())])
             labels = target.repeat(2 * self.views)
             gather = self.supcon_gather
             if gather is None:
-                parts["supcon"] = reference.supcon_loss(emb, labels, self.supcon_temperature)
+                parts["supcon"] = terms.supcon_loss(emb, labels, self.supcon_temperature)
             else:
-                parts["supcon"] = reference.supcon_loss(emb, labels, self.supcon_temperature,
+                parts["supcon"] = terms.supcon_loss(emb, labels, self.supcon_temperature,
                                                         gather(emb), gather(labels))
 
         if not parts and not weighted:

@@ -1,4 +1,4 @@
-"""The tiled correlation kernels (Triton, native) against the fp64 reference (SPEC 2.2)."""
+"""The tiled correlation kernels (Triton, native) against the fp64 reference (docs/design.md §1.2)."""
 import pytest
 import torch
 
@@ -114,7 +114,7 @@ def test_few_rows_many_columns(kernel_backend, dtype):
 
 def test_fp16_gradients_of_a_large_batch_do_not_underflow(kernel_backend):
     # With batchmean over 512 rows the backward's (Q - P) r^b g / tau terms are ~1e-6: unscaled they
-    # are fp16 subnormals (6% gradient error before the fix). The gradient itself is representable, so
+    # are fp16 subnormals (a 6% gradient error). The gradient itself is representable, so
     # the kernel must come close to the fp64 gradient rounded once to fp16.
     backend, device = kernel_backend
     a_s, a_t = torch.randn(512, 64), torch.randn(512, 64)

@@ -1,8 +1,8 @@
-"""The CUDA kernels of csrc/*.cu run on the CPU emulator of tests/simt_emulator (no GPU needed).
+"""The CUDA kernels of csrc/cuda/*.cu run on the CPU emulator of tests/simt_emulator (no GPU needed).
 
 The emulator executes the real kernel code: every index, mask, barrier, shuffle, shared-memory layout
 and WMMA operand (alignment and leading dimension checked), in both thread orders, so that a missing
-barrier shows as a wrong number. The arguments are what ops.cpp passes; the fp64 oracle is the
+barrier shows as a wrong number. The arguments are what csrc/cuda/glue.cpp passes; the fp64 oracle is the
 package reference. Inputs sit in NaN-filled buffers (also between rows when a row stride is padded):
 a read out of bounds reaches the results as NaN. Outputs sit between sentinel guards that must survive.
 Speed, the real fragment layouts and the GPU memory model are left to the GPU tests (test_native_ops).
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mlkd_fast import reference
-# The Triton launchers' host helpers compute what ops.cpp computes around the fused CUDA kernels.
+# The Triton launchers' host helpers compute what csrc/cuda/glue.cpp computes around the fused CUDA kernels.
 from mlkd_fast.kernels.correlation import _inv_norms, _norm_backward, operand_scale
 from simt_emulator import build
 
@@ -99,7 +99,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) 
 
 
 # ------------------------------------------------------------------------------------------------
-# Temperature KL: kd_kl_cuda_launch as ops.cpp calls it (split decided by kd_kl_cuda_split).
+# Temperature KL: kd_kl_cuda_launch as glue.cpp calls it (split decided by kd_kl_cuda_split).
 # ------------------------------------------------------------------------------------------------
 def _run_kd_kl(emu, s: torch.Tensor, t: torch.Tensor, temperature: float, weight: Optional[torch.Tensor],
                teacher_grad: bool, row_stride: Optional[int] = None, offset: int = 0):
@@ -207,7 +207,7 @@ def test_scale_rows_kernels(emu, order, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# Correlation: the fused tensor-core kernels with the arguments ops.cpp builds (correlation_fwd_cuda,
+# Correlation: the fused tensor-core kernels with the arguments glue.cpp builds (correlation_fwd_cuda,
 # correlation_bwd_cuda: inverse norms, operand scales, the row and the column pass, the normalisation
 # backward), mirrored here in a few lines.
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ class FusedCorrelation:
         return features, strides, norms, counts
 
     def _split(self, rows: int, cols: int, backward: bool, width: int):
-        """correlation_cuda_split and the NaN-filled partials ops.cpp would allocate for it."""
+        """correlation_cuda_split and the NaN-filled partials glue.cpp would allocate for it."""
         split = (ctypes.c_int64 * 2)()
         self.emu.simt_correlation_split(ctypes.c_int64(rows), ctypes.c_int64(cols), ctypes.c_int64(self.ds),
                                         int(backward), split)
@@ -280,7 +280,7 @@ def _correlation_oracle(a_s, a_t, b_s, b_t, tau, exclude_diagonal, grad):
     a64 = a_s.double().requires_grad_()
     b64 = None if b_s is None else b_s.double().requires_grad_()
     rows = reference.correlation_kl_rows(a64, a_t.double(), b64, None if b_t is None else b_t.double(), tau,
-                                         keep_diagonal=not exclude_diagonal, cols_start_with_rows=b_s is not None)
+                                         exclude_diagonal=exclude_diagonal)
     (rows * grad.double()).sum().backward()
     return rows.detach(), a64.grad, (None if b64 is None else b64.grad)
 

@@ -1,4 +1,4 @@
-"""The fused KL kernels (Triton, native) against the fp64 reference (SPEC 2.1).
+"""The fused KL kernels (Triton, native) against the fp64 reference (docs/design.md §1.1).
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1; the same tests run on CUDA when present.
 """

@@ -3,8 +3,8 @@
 row masks, -inf teacher entries, huge magnitudes, non-contiguous and expanded (stride 0) inputs, and
 a teacher that requires grad.
 
-Profiles: ``ci`` (default; few derandomized examples, the file runs in well under a minute on the
-2-core machine: the Triton interpreter is slow, so its shapes stay small) and ``soak`` (many random
+Profiles: ``ci`` (default; few derandomized examples, so that the file runs in well under a minute
+on two cores: the Triton interpreter is slow, so its shapes stay small) and ``soak`` (many random
 examples), chosen by ``MLKD_FAST_HYPOTHESIS_PROFILE``:
 
     MLKD_FAST_HYPOTHESIS_PROFILE=soak python -m pytest tests/test_properties.py

@@ -57,7 +57,7 @@ def test_kd_rows_gradcheck_student_and_teacher():
     s = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([True, False, True, True, False])
-    assert torch.autograd.gradcheck(lambda a, b: reference.kd_kl_rows(a, b, 2.5, mask), (s, t))
+    assert torch.autograd.gradcheck(lambda a, b: reference.kd_kl_rows(a, b, 2.5, mask.double()), (s, t))
 
 
 def _explicit_correlation(a_s, a_t, b_s, b_t, tau, exclude_diag):
@@ -87,7 +87,7 @@ def test_correlation_rows_match_explicit_computation(mode):
         expected = _explicit_correlation(a_s, a_t, b_s, b_t, 0.5, False)
     else:
         keep = mode == "keep_diagonal"
-        got = reference.correlation_kl_rows(a_s, a_t, tau=0.5, keep_diagonal=keep)
+        got = reference.correlation_kl_rows(a_s, a_t, tau=0.5, exclude_diagonal=not keep)
         expected = _explicit_correlation(a_s, a_t, a_s, a_t, 0.5, not keep)
     torch.testing.assert_close(got, expected)
 
@@ -108,14 +108,14 @@ def test_correlation_shards_make_up_the_square_loss(keep_diagonal):
     features (reaching them as rows and as columns) are the square ones."""
     x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     t = torch.randn(12, 7, dtype=torch.float64)
-    square = reference.correlation_kl_rows(x, t, tau=0.5, keep_diagonal=keep_diagonal)
+    square = reference.correlation_kl_rows(x, t, tau=0.5, exclude_diagonal=not keep_diagonal)
     (want,) = torch.autograd.grad(square.sum(), x)
     shards, total = [], 0.0
     for lo, hi in ((0, 4), (4, 8), (8, 12)):
         rest = torch.cat([torch.arange(0, lo), torch.arange(hi, 12)])
         rows = reference.correlation_kl_rows(x[lo:hi], t[lo:hi], torch.cat([x[lo:hi], x[rest]]),
                                              torch.cat([t[lo:hi], t[rest]]), tau=0.5,
-                                             keep_diagonal=keep_diagonal, cols_start_with_rows=True)
+                                             exclude_diagonal=not keep_diagonal)
         shards.append(rows)
         total = total + rows.sum()
     (got,) = torch.autograd.grad(total, x)

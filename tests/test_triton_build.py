@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# ptxas reports 0 bytes for the variants at the SPEC 5 shapes; a few mixed-width ones spill up to
-# ~400 bytes. The fp32 configuration this check replaced (64-row tiles, 3 stages) spilled ~22 KB.
+# ptxas reports 0 bytes for the variants at the docs/design.md §5 shapes; a few mixed-width ones spill
+# up to ~400 bytes. The limit catches a configuration that does not fit (64-row fp32 tiles with
+# 3 stages, say, spill ~22 KB).
 MAX_SPILL_BYTES = 512
 
 

@@ -54,27 +54,27 @@ def test_row_plan():
 
 
 def test_opcheck_kd_kl(device):
-    from mlkd_fast.kernels import kd_kl
+    ops = torch.ops.mlkd_fast_triton
     s = torch.randn(6, 70, device=device, requires_grad=True)
     t = torch.randn(6, 70, device=device, requires_grad=True)
     weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.0, 0.0], device=device)
     for args in [(s, t, None, 2.0, True, False), (s, t, weight, 3.0, True, True), (s.detach(), t.detach(), None, 1.0, False, False)]:
-        torch.library.opcheck(kd_kl.kd_kl_op, args)
-    torch.library.opcheck(kd_kl.scale_rows_op, (torch.randn(6, 70, device=device), torch.rand(6, device=device)))
-    torch.library.opcheck(kd_kl.scale_rows_inplace_op, (torch.randn(6, 70, device=device), weight))
+        torch.library.opcheck(ops.kd_kl.default, args)
+    torch.library.opcheck(ops.scale_rows.default, (torch.randn(6, 70, device=device), torch.rand(6, device=device)))
+    torch.library.opcheck(ops.scale_rows_.default, (torch.randn(6, 70, device=device), weight))
 
 
 @pytest.mark.parametrize("ds, dt", [(16, 24), (200, 136)], ids=["fused", "tiled"])
 def test_opcheck_correlation(device, ds, dt):
-    from mlkd_fast.kernels import correlation
+    ops = torch.ops.mlkd_fast_triton
     a_s = torch.randn(20, ds, device=device, requires_grad=True)
     a_t = torch.randn(20, dt, device=device)
     b_s = torch.randn(7, ds, device=device, requires_grad=True)
     b_t = torch.randn(7, dt, device=device)
-    torch.library.opcheck(correlation.correlation_fwd_op, (a_s, a_t, None, None, 0.5, True))
-    torch.library.opcheck(correlation.correlation_fwd_op, (a_s, a_t, b_s, b_t, 0.5, False))
-    _, lse_s, lse_t = correlation.correlation_fwd_op(a_s, a_t, b_s, b_t, 0.5, False)
-    torch.library.opcheck(correlation.correlation_bwd_op,
+    torch.library.opcheck(ops.correlation_fwd.default, (a_s, a_t, None, None, 0.5, True))
+    torch.library.opcheck(ops.correlation_fwd.default, (a_s, a_t, b_s, b_t, 0.5, False))
+    _, lse_s, lse_t = ops.correlation_fwd(a_s, a_t, b_s, b_t, 0.5, False)
+    torch.library.opcheck(ops.correlation_bwd.default,
                           (torch.rand(20, device=device), a_s.detach(), a_t, b_s.detach(), b_t, lse_s.detach(), lse_t.detach(), 0.5, False))
 
 
@@ -107,8 +107,7 @@ def test_correlation_tiled_path_matches_reference(device, monkeypatch, mode, dty
                                        tiled=True)
     leaves = [a_s.double().requires_grad_()] + ([] if b_s is None else [b_s.double().requires_grad_()])
     ref = reference.correlation_kl_rows(leaves[0], a_t.double(), leaves[1] if b_s is not None else None,
-                                        None if b_t is None else b_t.double(), 0.5, keep_diagonal=mode == "keep_diagonal",
-                                        cols_start_with_rows=mode == "shard")
+                                        None if b_t is None else b_t.double(), 0.5, exclude_diagonal=exclude)
     ref_grads = torch.autograd.grad((ref * g.double()).sum(), leaves)
     tol = TILED_TOL[dtype]
     assert loss.dtype == torch.float32 and d_a.dtype == dtype
@@ -136,7 +135,7 @@ def test_correlation_tiled_fp16_gradients_of_a_large_batch_do_not_underflow(devi
 
 
 def test_correlation_plan():
-    """Fused kernels up to the widths that fit an SM (benchmarks/triton_build.py), tiled beyond."""
+    """Fused kernels up to the widths that fit an SM (tools/triton_build.py), tiled beyond."""
     from mlkd_fast.kernels import correlation
     assert correlation._config(128, 128, 2)["BLOCK_M"] == 64
     assert correlation._config(512, 37, 2)["BLOCK_M"] == 32

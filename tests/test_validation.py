@@ -1,4 +1,4 @@
-"""Every bad input of SPEC section 4 gets a clear error naming the argument."""
+"""Every bad input of docs/design.md §4 gets a clear error naming the argument."""
 import pytest
 import torch
 

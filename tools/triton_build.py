@@ -2,7 +2,7 @@
 
 The interpreter that runs the Triton kernels in CI checks their arithmetic, not whether the real
 compiler accepts them or what they cost on chip. This tool runs each launcher on ``meta`` tensors of
-the SPEC 5 shapes (and the odd ones of the tests) with Triton's active driver replaced by one that
+the docs/design.md §5 shapes (and the odd ones of the tests) with Triton's active driver replaced by one that
 only names a target (default sm_90, an H100): every ``kernel[grid](...)`` is compiled, not launched,
 through Triton's own binder (the same specialisation and options a GPU run gets), down to a cubin.
 ptxas then reports registers, spills and shared memory per compiled variant.
@@ -11,7 +11,7 @@ ptxas then reports registers, spills and shared memory per compiled variant.
 
 It must run in a process without TRITON_INTERPRET (the kernels must be compiled ``JITFunction``s);
 tests/test_triton_build.py runs it so, and fails on a compile error, too much shared memory or a
-spill. The planners (kernels' ``_sm_count``) see a non-CUDA device and plan as for an H100 (132 SMs).
+spill. The planners (``mlkd_fast.kernels.sm_count``) see a non-CUDA device and plan as for an H100 (132 SMs).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _install_compile_only_driver(arch: int) -> None:
 
 
 def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
-    """(label, launcher call) covering every kernel variant the launchers pick at the SPEC 5 shapes and
+    """(label, launcher call) covering every kernel variant the launchers pick at the docs/design.md §5 shapes and
     at the widths and paths in between, on meta tensors (nothing is allocated)."""
     import torch
 

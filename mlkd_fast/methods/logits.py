@@ -12,15 +12,13 @@ The small input-check helpers at the top are shared with :mod:`.features` and :m
 """
 from __future__ import annotations
 
-import math
 from functools import reduce
-from numbers import Real
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..functional import kd_kl_div
+from ..functional import _check_finite, _check_tensor, kd_kl_div
 
 __all__ = [
     "kd_loss",
@@ -35,14 +33,10 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# shared checks and precision helpers
+# shared checks and precision helpers (the scalar and tensor checks are the functional API's)
 # ---------------------------------------------------------------------------------------------
-def _check_float(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float32/float16/bfloat16/float64), got {x.dtype}")
-    return x
+_check_float = _check_tensor
+_check_real = _check_finite
 
 
 def _check_ndim(x: Tensor, name: str, ndim: int, layout: str, at_least: bool = False) -> None:
@@ -58,15 +52,6 @@ def _check_batch(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
         raise ValueError(f"empty batch: {name_a} has shape {tuple(a.shape)}")
     if a.device != b.device:
         raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}; move them to one device")
-
-
-def _check_real(value: object, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
-    return value
 
 
 def _check_labels(target: object, n: int, name: str = "target") -> Tensor:

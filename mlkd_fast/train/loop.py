@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..methods import Distiller, FeatureTaps, Outputs

@@ -1,4 +1,4 @@
-"""Builds csrc/*.cu for the CPU emulator in simt.h and loads it with ctypes.
+"""Builds csrc/cuda/*.cu for the CPU emulator in simt.h and loads it with ctypes.
 
 The CUDA sources are compiled unchanged by g++ except for two mechanical rewrites that C++ cannot
 parse: ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``simt::launch(kernel, grid, block,
@@ -18,7 +18,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-CSRC = REPO / "csrc"
+CSRC = REPO / "csrc" / "cuda"  # the .cu files and launchers.h; they include ../common.h
 CUDA_SOURCES = ("kd_kl_cuda.cu", "correlation_cuda.cu")
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
@@ -68,7 +68,8 @@ def load() -> ctypes.CDLL:
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    inputs = [CSRC / name for name in CUDA_SOURCES] + [CSRC / "cuda_ops.h", HERE / "simt.h", HERE / "driver.cpp", Path(__file__)]
+    inputs = [CSRC / name for name in CUDA_SOURCES] + [CSRC / "launchers.h", CSRC.parent / "common.h",
+                                                       HERE / "simt.h", HERE / "driver.cpp", Path(__file__)]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()[:16]
     out_dir = REPO / "build" / "simt_emulator" / digest
     library = out_dir / "libsimt.so"

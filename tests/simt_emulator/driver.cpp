@@ -2,7 +2,7 @@
 // few CUDA runtime calls the launchers make, answered by the emulator.
 #include "simt.h"
 
-#include "cuda_ops.h"
+#include "launchers.h"
 
 using simt::rt;
 

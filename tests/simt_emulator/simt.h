@@ -1,4 +1,4 @@
-// A CPU emulator of the CUDA execution model, just large enough to run csrc/*.cu unchanged on a machine
+// A CPU emulator of the CUDA execution model, just large enough to run csrc/cuda/*.cu unchanged on a machine
 // without a GPU (tests/simt_emulator/build.py rewrites only the launch syntax and the dynamic shared
 // memory declaration). It checks what a GPU run would check first: indexing, masking, barrier placement,
 // shared-memory layout and WMMA operand rules. It says nothing about speed or the GPU memory model.

@@ -1,5 +1,5 @@
-// CUDA kernels of the temperature KL (SPEC 2.1): plain launchers on raw pointers, so that this file
-// needs only the CUDA headers (fast to compile); ops.cpp wraps them as the CUDA implementation of
+// CUDA kernels of the temperature KL (docs/design.md §1.1): plain launchers on raw pointers, so that this
+// file needs only the CUDA headers (fast to compile); glue.cpp wraps them as the CUDA implementation of
 // mlkd_fast::kd_kl and mlkd_fast::scale_rows.
 //
 // One block per row (or, for few long rows, a row split over blocks; see kd_kl_partials_kernel).
@@ -18,14 +18,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
-#include "cuda_ops.h"
+#include "../common.h"
+#include "launchers.h"
 
 namespace mlkd_fast {
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -1,6 +1,6 @@
-// Fused batch-correlation KL (SPEC 2.2) on tensor cores for fp16/bf16 features (WMMA, sm_80+): the
-// CUDA implementation of mlkd_fast::correlation_fwd / correlation_bwd behind ops.cpp (fp32 features
-// keep the tiled cuBLAS path there).
+// Fused batch-correlation KL (docs/design.md §1.2) on tensor cores for fp16/bf16 features (WMMA, sm_80+):
+// the CUDA implementation of mlkd_fast::correlation_fwd / correlation_bwd behind glue.cpp (fp32 features
+// take the tiled cuBLAS path of cpu/correlation.cpp).
 //
 // x_kl = (a_k . b_l) r^a_k r^b_l / tau for the student (s) and the teacher (t), r = 1 / max(||.||, eps).
 // A block owns 64 tile rows and streams tiles of 64 columns. For each tile:
@@ -12,8 +12,8 @@
 //     the tile's columns) on tensor cores, out_k *= h_k / S at the end, where
 //       row pass    (rows a, columns b, statistics of row k):    f_l = r^b_l,          h_k = g_k / tau
 //       column pass (rows b, columns a, statistics of column l): f_l = g_l r^a_l / tau, h_k = 1
-//     gives d loss / d a^ and d loss / d b^ (ops.cpp finishes the normalisation backward). S is a power of
-//     two (ops.cpp) making max |f| S ~ min(count, 1024): (Q - P) f is ~f / count and underflows fp16 unscaled.
+//     gives d loss / d a^ and d loss / d b^ (glue.cpp finishes the normalisation backward). S is a power of
+//     two (glue.cpp) making max |f| S ~ min(count, 1024): (Q - P) f is ~f / count and underflows fp16 unscaled.
 // Few rows (e.g. 4096: 64 row blocks on 132 SMs) would leave the GPU idle: correlation_cuda_split then
 // cuts the columns into blockIdx.z spans of >= 256; each block writes partial statistics (forward) or
 // partial output rows (backward), merged by a second small kernel in a fixed order.
@@ -27,16 +27,15 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
-#include "cuda_ops.h"
+#include "../common.h"
+#include "launchers.h"
 
 namespace mlkd_fast {
 namespace {
 
 using namespace nvcuda;
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kBlockRows = 64;   // tile rows per block: 16 per warp
 constexpr int kBlockCols = 64;   // tile columns per step
 constexpr int kThreads = 128;

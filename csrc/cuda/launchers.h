@@ -1,5 +1,5 @@
-// Launchers of the CUDA kernels (csrc/*.cu) on raw pointers: the .cu files need no torch headers,
-// ops.cpp turns tensors into these arguments and registers the CUDA implementations.
+// Launchers of the CUDA kernels (the .cu files beside this header) on raw pointers, so that the .cu
+// files need no torch headers; glue.cpp turns tensors into these arguments.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -41,7 +41,7 @@ cudaError_t scale_rows_cuda_launch(CudaDtype dtype, const void* x, const float* 
 cudaError_t scale_rows_inplace_cuda_launch(CudaDtype dtype, void* x, int64_t x_stride, const float* g, int64_t n,
                                            int64_t c, cudaStream_t stream);
 
-// Fused correlation KL (csrc/correlation_cuda.cu): fp16/bf16 features on tensor cores (sm_80+).
+// Fused correlation KL (correlation_cuda.cu): fp16/bf16 features on tensor cores (sm_80+).
 // One side of the similarity tiles: student and teacher features of the same n items.
 struct CorrSide {
   const void* s;           // (n, Ds) student features, last stride 1

@@ -1,0 +1,55 @@
+// The CPU implementations of the mlkd_fast ops (registered in registration.cpp), and the
+// device-independent pieces of them that the CUDA glue (cuda/glue.cpp) reuses. Every op takes fp32,
+// fp16, bf16 and fp64, student and teacher in any combination; the math is fp32, or fp64 when an input
+// is fp64. Semantics are those of the Triton ops in kernels/ (see their docstrings).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace mlkd_fast {
+
+// ---- registered for CPU tensors ----
+
+// kd_kl.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                         const c10::optional<at::Tensor>& row_weight,
+                                                         double temperature, bool student_grad, bool teacher_grad);
+// scale_rows.cpp
+at::Tensor scale_rows_cpu(const at::Tensor& x, const at::Tensor& g);
+void scale_rows_inplace_cpu(const at::Tensor& x, const at::Tensor& g);
+
+// correlation.cpp; also the CUDA path of fp32 and fp64 features (cuBLAS tiles, ATen statistics).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation_fwd_tiled(const at::Tensor& a_s, const at::Tensor& a_t,
+                                                                   const c10::optional<at::Tensor>& b_s,
+                                                                   const c10::optional<at::Tensor>& b_t, double tau,
+                                                                   bool exclude_diagonal);
+std::tuple<at::Tensor, at::Tensor> correlation_bwd_tiled(const at::Tensor& grad_rows, const at::Tensor& a_s,
+                                                       const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
+                                                       const c10::optional<at::Tensor>& b_t, const at::Tensor& lse_s,
+                                                       const at::Tensor& lse_t, double tau, bool exclude_diagonal);
+
+// ---- shared with the CUDA glue ----
+
+// The math dtype of kd_kl: fp64 when either input is fp64, else fp32.
+at::ScalarType kl_math_type(const at::Tensor& s, const at::Tensor& t);
+
+// The checks and the outputs of kd_kl (kd_kl.cpp), shared by the CPU and the CUDA implementation.
+// Student and teacher may differ in dtype; the loss rows and the row weights are in the math dtype, each
+// gradient in its input's dtype.
+struct KdKlOutputs {
+  at::Tensor rows, grad_s, grad_t, weight;  // weight: contiguous row_weight in the math dtype, or undefined
+};
+KdKlOutputs kd_kl_outputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& weight,
+                          bool student_grad, bool teacher_grad);
+
+// Inverse row norms 1 / max(||x||, kNormEps), computed in `math` (fp32, or fp64 for the fp64 path)
+// (correlation.cpp).
+at::Tensor inv_norms(const at::Tensor& x, at::ScalarType math);
+
+// The normalisation backward: the gradient of x from that of x^ = x r, r = inv_norm (correlation.cpp).
+at::Tensor norm_backward(const at::Tensor& x_hat, const at::Tensor& inv_norm, const at::Tensor& d_hat);
+
+}  // namespace mlkd_fast

@@ -1,0 +1,232 @@
+"""The contract of the fused ops (docs/design.md §3), defined once for every op namespace.
+
+Two backends implement these ops with their own kernels: the compiled ``csrc/`` library in the
+namespace ``mlkd_fast`` (it declares the schemas in C++ with ``TORCH_LIBRARY``;
+``tests/test_dispatch.py`` checks that they equal :data:`SCHEMAS`) and the Triton kernels in
+``mlkd_fast_triton`` (defined from :data:`SCHEMAS` by :func:`define_ops`). This module holds what
+both share: the schemas, the constants, the fake (meta) implementations, the autograd, and the
+Python side of calling the ops (:func:`fused_kd_kl_rows`, :func:`fused_correlation_rows`). It
+imports nothing of the package, so that every other module may import it.
+
+Dtypes: inputs fp32/fp16/bf16/fp64 in any student/teacher combination; loss rows, log-sum-exps and
+row weights in the math dtype (:func:`math_dtype`); each gradient in its input's dtype.
+``kd_kl`` returns the per-row loss with the gradients already computed (the loss is final, so the
+forward knows them), both times the row weights w_i (the reduction and the loss weight, folded in by
+:mod:`mlkd_fast.functional`). Its backward only scales them by d loss / d row on the device: in
+place when autograd frees the graph after this backward, where rows with d loss / d row = 1 (all of
+them after ``total.backward()``) cost nothing; out of place when the graph is kept
+(``retain_graph``, ``create_graph``) or traced by ``torch.compile``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+NATIVE_NAMESPACE = "mlkd_fast"
+TRITON_NAMESPACE = "mlkd_fast_triton"
+
+# Rows are normalised as x / max(||x||, NORM_EPS) (docs/design.md §1.2). The compiled library holds
+# the same value in C++ (kNormEps).
+NORM_EPS = 1e-8
+
+# The schema of every fused op, as ``str(torch.ops.<namespace>.<op>.default._schema)`` prints it
+# without the namespace. ``scale_rows_`` scales ``x`` in place and leaves the rows with g == 1 untouched.
+SCHEMAS: dict[str, str] = {
+    "kd_kl": "kd_kl(Tensor student, Tensor teacher, Tensor? row_weight, float temperature, bool student_grad, "
+             "bool teacher_grad) -> (Tensor, Tensor, Tensor)",
+    "scale_rows": "scale_rows(Tensor x, Tensor g) -> Tensor",
+    "scale_rows_": "scale_rows_(Tensor(a!) x, Tensor g) -> ()",
+    "correlation_fwd": "correlation_fwd(Tensor student_rows, Tensor teacher_rows, Tensor? student_cols, "
+                       "Tensor? teacher_cols, float tau, bool exclude_diagonal) -> (Tensor, Tensor, Tensor)",
+    "correlation_bwd": "correlation_bwd(Tensor grad_rows, Tensor student_rows, Tensor teacher_rows, "
+                       "Tensor? student_cols, Tensor? teacher_cols, Tensor lse_s, Tensor lse_t, float tau, "
+                       "bool exclude_diagonal) -> (Tensor, Tensor)",
+}
+
+
+def math_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype of the loss rows, statistics and row weights: fp64 when any input is fp64 (so that
+    fp64 inputs keep fp64 math, e.g. for gradcheck), else fp32. ``None`` entries are skipped."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# fake (meta) implementations: shapes and dtypes only
+# ---------------------------------------------------------------------------------------------
+def _fake_kd_kl(student, teacher, row_weight, temperature, student_grad, teacher_grad):
+    n, c = student.shape
+    rows = student.new_empty(n, dtype=math_dtype(student, teacher))
+    grad_s = student.new_empty((n, c)) if student_grad else student.new_empty(0)
+    grad_t = teacher.new_empty((n, c)) if teacher_grad else teacher.new_empty(0)
+    return rows, grad_s, grad_t
+
+
+def _fake_scale_rows(x, g):
+    return x.new_empty(x.shape)
+
+
+def _fake_scale_rows_inplace(x, g):
+    return None
+
+
+def _fake_correlation_fwd(a_s, a_t, b_s, b_t, tau, exclude_diagonal):
+    return tuple(a_s.new_empty(a_s.shape[0], dtype=math_dtype(a_s, a_t, b_s, b_t)) for _ in range(3))
+
+
+def _fake_correlation_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau, exclude_diagonal):
+    return a_s.new_empty(a_s.shape), (b_s.new_empty(b_s.shape) if b_s is not None else a_s.new_empty(0))
+
+
+FAKES: dict[str, Callable] = {
+    "kd_kl": _fake_kd_kl,
+    "scale_rows": _fake_scale_rows,
+    "scale_rows_": _fake_scale_rows_inplace,
+    "correlation_fwd": _fake_correlation_fwd,
+    "correlation_bwd": _fake_correlation_bwd,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+def graph_freed_after_this_backward(grad_rows: Tensor) -> bool:
+    """Whether the running backward is plain eager autograd and the last use of the saved tensors (no
+    ``retain_graph`` or ``create_graph``; not traced by torch.compile, AOTAutograd or any dispatch
+    mode), so that a stored gradient may be scaled in place and handed on. Unknown means no."""
+    if torch.compiler.is_compiling() or type(grad_rows) is not torch.Tensor:
+        return False
+    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return False
+    try:
+        return not keep_graph()
+    except RuntimeError:  # not inside an autograd graph task
+        return False
+
+
+def register_fakes_and_autograd(namespace: str) -> None:
+    """Registers the fakes of ``namespace``'s ops and the autograd of its ``kd_kl`` and
+    ``correlation_fwd`` (whose backwards call its ``scale_rows``/``scale_rows_`` and ``correlation_bwd``)."""
+    ops = getattr(torch.ops, namespace)
+
+    def kd_kl_setup_context(ctx, inputs, output):
+        # The stored-gradient outputs never receive a gradient; without this autograd would fill an
+        # (N, C) tensor of zeros for each of them on every backward (a full extra pass over memory).
+        ctx.set_materialize_grads(False)
+        ctx.student_grad, ctx.teacher_grad = inputs[4], inputs[5]
+        ctx.save_for_backward(output[1], output[2])
+
+    def kd_kl_backward(ctx, grad_rows, _grad_s, _grad_t):
+        if grad_rows is None:
+            return None, None, None, None, None, None
+        stored_s, stored_t = ctx.saved_tensors
+        wanted = ((stored_s, ctx.student_grad), (stored_t, ctx.teacher_grad))
+        if graph_freed_after_this_backward(grad_rows):
+            grads = []
+            for stored, flag in wanted:
+                if flag:
+                    ops.scale_rows_(stored, grad_rows)
+                grads.append(stored.detach() if flag else None)
+        else:
+            grads = [ops.scale_rows(stored, grad_rows) if flag else None for stored, flag in wanted]
+        return grads[0], grads[1], None, None, None, None
+
+    def corr_setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        a_s, a_t, b_s, b_t, tau, exclude_diagonal = inputs
+        ctx.tau, ctx.exclude_diagonal, ctx.square = tau, exclude_diagonal, b_s is None
+        if ctx.square:
+            ctx.save_for_backward(a_s, a_t, output[1], output[2])
+        else:
+            ctx.save_for_backward(a_s, a_t, b_s, b_t, output[1], output[2])
+
+    def corr_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
+        if ctx.square:
+            a_s, a_t, lse_s, lse_t = ctx.saved_tensors
+            b_s = b_t = None
+        else:
+            a_s, a_t, b_s, b_t, lse_s, lse_t = ctx.saved_tensors
+        d_a, d_b = ops.correlation_bwd(grad_rows, a_s, a_t, b_s, b_t, lse_s, lse_t, ctx.tau, ctx.exclude_diagonal)
+        return d_a, None, (None if ctx.square else d_b), None, None, None
+
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    torch.library.register_autograd(f"{namespace}::kd_kl", kd_kl_backward, setup_context=kd_kl_setup_context)
+    torch.library.register_autograd(f"{namespace}::correlation_fwd", corr_backward, setup_context=corr_setup_context)
+
+
+def define_ops(namespace: str, impls: Mapping[str, Callable]) -> None:
+    """Defines every op of :data:`SCHEMAS` in ``namespace`` with ``impls[name]`` as its CPU and CUDA
+    kernel, then registers the fakes and the autograd. For backends whose kernels are Python
+    functions (Triton); the compiled library declares its ops in C++."""
+    missing = set(SCHEMAS) - set(impls)
+    if missing:
+        raise ValueError(f"define_ops({namespace!r}): no implementation for {', '.join(sorted(missing))}")
+    for name, schema in SCHEMAS.items():
+        qualname = f"{namespace}::{name}"
+        torch.library.define(qualname, schema[len(name):])
+        torch.library.impl(qualname, ("CPU", "CUDA"), impls[name])
+    register_fakes_and_autograd(namespace)
+
+
+# ---------------------------------------------------------------------------------------------
+# calling the ops: the per-row functions of the fused backends (docs/design.md §1)
+# ---------------------------------------------------------------------------------------------
+def fp16_gradient_scale(s: Tensor, t: Tensor, row_weight: Optional[Tensor], temperature: float) -> Optional[Tensor]:
+    """Per-row powers of two S_i when a gradient stored in the forward is fp16, else None.
+
+    The kernels store w_i d(T^2 l_i)/ds = w_i T (q - p) in the input dtype. In fp16 with w_i = 1/N
+    most entries would be subnormal, and a GradScaler's factor, which reaches the KL only in the
+    backward, cannot bring back the lost bits (at N = 512, 64% of the entries would be off by more
+    than 0.2%). So the kernels get w_i S_i, with S_i making the largest possible student entry
+    ~1024, and the loss rows are divided by S_i exactly: the backward then rescales the stored
+    gradient by g_i / S_i (a pass that bf16 and fp32 do not need). The teacher gradient has no such
+    bound (it grows with the logit gap), so when it is stored too S_i only undoes w_i: the gradients
+    are stored unweighted. Each gradient is stored in its input's dtype, so an fp16 student beside an
+    fp32 or fp64 teacher needs S_i as much as two fp16 inputs do."""
+    if not torch.is_grad_enabled():
+        return None
+    if not ((s.requires_grad and s.dtype == torch.float16) or (t.requires_grad and t.dtype == torch.float16)):
+        return None
+    w = torch.ones(s.shape[0], dtype=math_dtype(s, t), device=s.device) if row_weight is None else row_weight
+    bound = 1.0 / w.abs() if t.requires_grad else 1024.0 / (temperature * w.abs())
+    exponent = torch.floor(torch.log2(bound)).clamp(-60.0, 60.0)
+    return torch.where(w != 0, torch.exp2(exponent), torch.ones_like(w))
+
+
+def fused_kd_kl_rows(namespace: str) -> Callable[[Tensor, Tensor, float, Optional[Tensor]], Tensor]:
+    """The per-row KL of ``namespace``'s ``kd_kl`` op: ``(student, teacher, temperature, row_weight)``
+    -> ``w_i T^2 l_i`` with autograd, the gradients computed in the forward only for the inputs that
+    will need them (fp16 ones stored scaled, see :func:`fp16_gradient_scale`)."""
+
+    def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_weight: Optional[Tensor] = None) -> Tensor:
+        op = getattr(torch.ops, namespace).kd_kl
+        grad_on = torch.is_grad_enabled()
+        flags = (grad_on and student.requires_grad, grad_on and teacher.requires_grad)
+        scale = fp16_gradient_scale(student, teacher, row_weight, temperature)
+        if scale is None:
+            return op(student, teacher, row_weight, float(temperature), *flags)[0]
+        weight = scale if row_weight is None else row_weight * scale
+        return op(student, teacher, weight, float(temperature), *flags)[0] / scale
+
+    kd_kl_rows.__qualname__ = f"fused_kd_kl_rows({namespace!r})"
+    return kd_kl_rows
+
+
+def fused_correlation_rows(namespace: str) -> Callable[..., Tensor]:
+    """The per-row correlation KL of ``namespace``'s ``correlation_fwd`` op: ``(student_rows,
+    teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)`` -> ``l_i`` with autograd to the
+    student features; the teacher features are constants."""
+
+    def correlation_rows(student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor],
+                         teacher_cols: Optional[Tensor], tau: float, exclude_diagonal: bool) -> Tensor:
+        op = getattr(torch.ops, namespace).correlation_fwd
+        return op(student_rows, teacher_rows.detach(), student_cols,
+                  None if teacher_cols is None else teacher_cols.detach(), float(tau), bool(exclude_diagonal))[0]
+
+    correlation_rows.__qualname__ = f"fused_correlation_rows({namespace!r})"
+    return correlation_rows

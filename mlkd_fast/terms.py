@@ -1,0 +1,80 @@
+"""The training-only terms of ``MLKDLoss`` (docs/design.md §1.3): feature alignment and SupCon.
+
+Unlike the ops of :mod:`mlkd_fast.reference`, these have no fused kernels: this plain PyTorch is
+their only implementation, used by :class:`mlkd_fast.losses.MLKDLoss` in training.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import NORM_EPS, math_dtype
+
+__all__ = ["feature_alignment", "supcon_loss", "SUPCON_EPS"]
+
+SUPCON_EPS = 1e-7  # inside the log of the SupCon denominator, as in the authors' code
+
+
+def _normalize_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return F.normalize(x.to(dtype), p=2.0, dim=-1, eps=NORM_EPS)
+
+
+def feature_alignment(student_proj: Tensor, teacher_feats: Tensor) -> Tensor:
+    """BYOL-style alignment ``mean_i (2 - 2 cos(student_proj_i, teacher_feats_i))`` (fp32 scalar)."""
+    dtype = math_dtype(student_proj, teacher_feats)
+    a = _normalize_rows(student_proj, dtype)
+    b = _normalize_rows(teacher_feats, dtype)
+    return (2.0 - 2.0 * (a * b).sum(dim=-1)).mean()
+
+
+def supcon_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    temperature: float = 0.07,
+    contrast: Optional[Tensor] = None,
+    contrast_labels: Optional[Tensor] = None,
+) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, the "out" form) over L2-normalised rows, as
+    the MLKD authors' released code computes it.
+
+    For every anchor i: ``-mean_{p in P(i)} [ s_ip - log( sum_{a != i} exp(s_ia) + 1e-7 ) ]`` with
+    ``s_ia = z_i.z_a / t - max_a' z_i.z_a' / t`` (the row maximum, self included, as a constant) and
+    P(i) the other rows of the same label. The 1e-7 matters only for an anchor far from every other
+    row: its denominator, relative to its self-similarity, is then 1e-7 or less, and the floor makes
+    its positives' log-probabilities strongly negative (a large loss pulling it towards them) where a
+    plain softmax would renormalise over the far rows.
+    Anchors without a positive are left out of the mean (the authors' code divides 0 by 0 there; in
+    ``MLKDLoss`` every anchor has one, the other network's embedding of the same image). Their code
+    also scales the loss by ``temperature / 0.07``, which is 1 at the default temperature.
+
+    ``contrast`` (N, D) with ``contrast_labels`` (N,): the anchors are contrasted with these rows
+    instead of with each other; they must begin with the anchors themselves (row i of ``contrast``
+    is anchor i, left out as self), e.g. one process's embeddings against the global batch's. Each
+    shard's loss is then the mean over its own anchors; with as many anchors per shard, the mean
+    over the shards is the loss of the whole batch.
+    """
+    dtype = math_dtype(embeddings) if contrast is None else math_dtype(embeddings, contrast)
+    z = _normalize_rows(embeddings, dtype)
+    if contrast is None:
+        c, c_labels = z, labels
+    else:
+        if contrast_labels is None:
+            raise ValueError("supcon_loss: contrast needs contrast_labels")
+        if contrast.shape[0] < z.shape[0] or contrast_labels.shape[0] != contrast.shape[0]:
+            raise ValueError(f"supcon_loss: contrast {tuple(contrast.shape)} with contrast_labels "
+                             f"{tuple(contrast_labels.shape)} must start with the {z.shape[0]} anchors")
+        c, c_labels = _normalize_rows(contrast, dtype), contrast_labels
+    self_mask = torch.eye(z.shape[0], c.shape[0], dtype=torch.bool, device=z.device)
+    sim = z @ c.T / temperature
+    shifted = sim - sim.amax(dim=-1, keepdim=True).detach()
+    others = torch.logsumexp(shifted.masked_fill(self_mask, float("-inf")), dim=-1, keepdim=True)
+    log_prob = shifted - torch.logaddexp(others, others.new_tensor(math.log(SUPCON_EPS)))
+    positives = (labels[:, None] == c_labels[None, :]) & ~self_mask
+    n_pos = positives.sum(dim=-1)
+    per_anchor = -torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=-1) / n_pos.clamp_min(1)
+    has_pos = n_pos > 0
+    return (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1)
