@@ -1,6 +1,6 @@
-// The mlkd_fast op library: the schemas (defined once here) and which implementation each device
-// dispatches to: the C++ kernels of cpu/ for CPU tensors and, when built with CUDA (MLKD_WITH_CUDA,
-// set by setup.py), the CUDA glue of cuda/ for CUDA tensors. The Python side (mlkd_fast/_native.py)
+// The mlkd_fast op library's registrations: which implementation each device dispatches to, the C++
+// kernels of cpu/ for CPU tensors and, when built with CUDA (MLKD_WITH_CUDA, set by setup.py), the
+// CUDA glue of cuda/ for CUDA tensors. The Python side (mlkd_fast/_native.py) defines the schemas,
 // loads the library and adds the fake implementations and autograd.
 #include <torch/library.h>
 
@@ -19,16 +19,11 @@ static bool built_with_cuda() {
 #endif
 }
 
-TORCH_LIBRARY(mlkd_fast, m) {
+// The ops' schemas are not declared here: mlkd_fast/ops.py defines them (the one table every backend
+// shares) before it loads this library, which only adds their kernels. The build flag lives in a
+// namespace of its own.
+TORCH_LIBRARY(mlkd_fast_build, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
-  m.def("kd_kl(Tensor student, Tensor teacher, Tensor? row_weight, float temperature, bool student_grad, "
-        "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("scale_rows(Tensor x, Tensor g) -> Tensor");
-  m.def("scale_rows_(Tensor(a!) x, Tensor g) -> ()");
-  m.def("correlation_fwd(Tensor student_rows, Tensor teacher_rows, Tensor? student_cols, Tensor? teacher_cols, "
-        "float tau, bool exclude_diagonal) -> (Tensor, Tensor, Tensor)");
-  m.def("correlation_bwd(Tensor grad_rows, Tensor student_rows, Tensor teacher_rows, Tensor? student_cols, "
-        "Tensor? teacher_cols, Tensor lse_s, Tensor lse_t, float tau, bool exclude_diagonal) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mlkd_fast, CPU, m) {

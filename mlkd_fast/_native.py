@@ -1,8 +1,8 @@
 """Soft loading of the compiled ``csrc/`` library (``mlkd_fast/_C*.so``).
 
-The library declares its ops with ``TORCH_LIBRARY(mlkd_fast, ...)`` under the schemas of
-:data:`mlkd_fast.ops.SCHEMAS`; it has no Python module of its own and is loaded with
-``torch.ops.load_library``, after which this module registers the ops' fakes and autograd
+The ops are declared here from :data:`mlkd_fast.ops.SCHEMAS` (:func:`mlkd_fast.ops.define_schemas`);
+the library, which has no Python module of its own, is loaded with ``torch.ops.load_library`` and
+registers only their CPU and CUDA kernels; this module then adds the fakes and autograd
 (:func:`mlkd_fast.ops.register_fakes_and_autograd`). The package imports without it: ``LOADED`` and
 ``LOAD_ERROR`` say whether it loaded and why not, and :mod:`mlkd_fast.backends` reports them.
 """
@@ -25,6 +25,7 @@ def _load() -> tuple[bool, str]:
             "the compiled extension is not built (install from source with a C++ compiler; "
             "see csrc/README.md)"
         )
+    ops.define_schemas(ops.NATIVE_NAMESPACE)
     try:
         torch.ops.load_library(candidates[0])
     except Exception as exc:  # a library built against another torch, say
@@ -39,7 +40,7 @@ def has_cuda_kernels() -> bool:
     """Whether the loaded library registered CUDA implementations."""
     if not LOADED:
         return False
-    return bool(torch.ops.mlkd_fast.built_with_cuda())
+    return bool(torch.ops.mlkd_fast_build.built_with_cuda())
 
 
 if LOADED:

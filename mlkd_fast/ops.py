@@ -1,9 +1,9 @@
 """The contract of the fused ops (docs/design.md §3), defined once for every op namespace.
 
-Two backends implement these ops with their own kernels: the compiled ``csrc/`` library in the
-namespace ``mlkd_fast`` (it declares the schemas in C++ with ``TORCH_LIBRARY``;
-``tests/test_dispatch.py`` checks that they equal :data:`SCHEMAS`) and the Triton kernels in
-``mlkd_fast_triton`` (defined from :data:`SCHEMAS` by :func:`define_ops`). This module holds what
+Two backends implement these ops with their own kernels, both under the schemas of
+:data:`SCHEMAS` and nowhere else: the compiled ``csrc/`` library in the namespace ``mlkd_fast``
+(:func:`define_schemas` declares them, then the library registers its kernels) and the Triton kernels
+in ``mlkd_fast_triton`` (:func:`define_ops`). This module holds what
 both share: the schemas, the constants, the fake (meta) implementations, the autograd, and the
 Python side of calling the ops (:func:`fused_kd_kl_rows`, :func:`fused_correlation_rows`). It
 imports nothing of the package, so that every other module may import it.
@@ -162,15 +162,28 @@ def register_fakes_and_autograd(namespace: str) -> None:
 def define_ops(namespace: str, impls: Mapping[str, Callable]) -> None:
     """Defines every op of :data:`SCHEMAS` in ``namespace`` with ``impls[name]`` as its CPU and CUDA
     kernel, then registers the fakes and the autograd. For backends whose kernels are Python
-    functions (Triton); the compiled library declares its ops in C++."""
+    functions (Triton)."""
     missing = set(SCHEMAS) - set(impls)
     if missing:
         raise ValueError(f"define_ops({namespace!r}): no implementation for {', '.join(sorted(missing))}")
-    for name, schema in SCHEMAS.items():
-        qualname = f"{namespace}::{name}"
-        torch.library.define(qualname, schema[len(name):])
-        torch.library.impl(qualname, ("CPU", "CUDA"), impls[name])
+    define_schemas(namespace)
+    for name in SCHEMAS:
+        torch.library.impl(f"{namespace}::{name}", ("CPU", "CUDA"), impls[name])
     register_fakes_and_autograd(namespace)
+
+
+_DECLARED: set[str] = set()
+
+
+def define_schemas(namespace: str) -> None:
+    """Declares every op of :data:`SCHEMAS` in ``namespace``, without kernels (once per process): the
+    Triton backend adds Python ones (:func:`define_ops`), the compiled library its C++ and CUDA ones
+    when loaded."""
+    if namespace in _DECLARED:
+        return
+    for name, schema in SCHEMAS.items():
+        torch.library.define(f"{namespace}::{name}", schema[len(name):])
+    _DECLARED.add(namespace)
 
 
 # ---------------------------------------------------------------------------------------------
