@@ -10,8 +10,10 @@ Where things live:
   ops defined by :mod:`mlkd_fast._triton`
 - the compiled C++/CUDA ops (``csrc/``): :mod:`mlkd_fast._native`
 - the backend registry and the choice of a backend: :mod:`mlkd_fast.backends`
+- the distiller zoo (registry, distillers, their loss functions, feature taps): :mod:`mlkd_fast.methods`
+- the training loop (``mlkd-train``): :mod:`mlkd_fast.train`
 """
-from . import functional, reference
+from . import functional, methods, reference
 from .backends import BackendStatus, available_backends
 from .losses import PAPER_WEIGHTS, CorrelationLoss, KDLoss, MLKDLoss
 
@@ -25,6 +27,7 @@ __all__ = [
     "available_backends",
     "BackendStatus",
     "functional",
+    "methods",
     "reference",
     "__version__",
 ]
