@@ -291,16 +291,3 @@ def _correlation_reduce(rows: Tensor, reduction: str, tau: float, scale_by_tau_s
         return total / rows.shape[0]
     return total / (rows.shape[0] * counted_cols)
 
-
-_ZOO_LOSSES = ("kd_loss", "dkd_loss", "dist_loss", "dml_loss", "bss_loss", "fitnet_loss", "at_loss", "fsp_loss",
-               "nst_loss", "sp_loss", "pkt_loss", "rkd_loss", "cc_loss", "crd_loss", "crd_inbatch_loss")
-
-
-def __getattr__(name: str):
-    """The distiller zoo's losses as ``mlkd_fast.functional.<method>_loss`` (they live in
-    :mod:`mlkd_fast.methods`, which imports this module, hence the lookup on first use)."""
-    if name in _ZOO_LOSSES:
-        from . import methods
-
-        return getattr(methods, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

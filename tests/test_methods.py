@@ -192,11 +192,3 @@ def test_fsp_widens_a_narrower_student_only():
     assert len(list(M.build("fsp", narrow, wide).parameters())) == 2
     assert len(list(M.build("fsp", wide, wide).parameters())) == 0
 
-
-def test_every_zoo_loss_has_a_functional_form():
-    from mlkd_fast import functional
-
-    for name in functional._ZOO_LOSSES:
-        assert getattr(functional, name) is getattr(M, name), name
-    with pytest.raises(AttributeError, match="has no attribute 'hinton_loss'"):
-        functional.hinton_loss
