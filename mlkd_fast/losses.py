@@ -4,12 +4,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as MF
 from . import terms
-from .ops import math_dtype
 
 __all__ = ["KDLoss", "CorrelationLoss", "MLKDLoss", "PAPER_WEIGHTS"]
 
@@ -224,8 +222,7 @@ class MLKDLoss(nn.Module):
         parts: dict[str, Tensor] = {}
         weighted: dict[str, Tensor] = {}
         if w["ce"] > 0:
-            plain = self._plain(student_logits, "student_logits")
-            parts["ce"] = F.cross_entropy(plain.to(math_dtype(plain)), target)
+            parts["ce"] = terms.cross_entropy(self._plain(student_logits, "student_logits"), target)
         if w["kd"] > 0:
             # weighted inside: the fused backends fold w_kd into their stored gradient
             weighted["kd"] = MF.kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,

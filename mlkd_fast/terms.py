@@ -78,3 +78,8 @@ def supcon_loss(
     per_anchor = -torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=-1) / n_pos.clamp_min(1)
     has_pos = n_pos > 0
     return (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1)
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """CE in the logits' precision, at least fp32 (fp64 logits stay fp64)."""
+    return F.cross_entropy(logits.to(math_dtype(logits)), target)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..terms import cross_entropy
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,3 @@ class Distiller(nn.Module):
     def extra_repr(self) -> str:
         return f"w_ce={self.w_ce:g}"
 
-
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """CE in the logits' precision, at least fp32 (fp64 logits stay fp64)."""
-    math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return F.cross_entropy(logits.to(math_dtype), target)

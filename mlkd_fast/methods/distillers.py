@@ -454,8 +454,10 @@ class CRD(_PooledFeatures):
 class DML(Distiller):
     """Deep mutual learning (Zhang et al., CVPR 2018): a cohort of K >= 2 students trained together,
     each with CE plus the mean KL from the others' (detached) predictions to its own, T 1, weight 1.
-    No teacher: ``forward`` takes the list of the cohort's outputs as ``student`` and returns the sum
-    of the members' losses (each member's gradient is exactly that of its own loss)."""
+    No teacher. The other members are the distiller's ``peers`` (the loop fills them): ``forward``
+    then takes the first member's outputs and the batch's ``inputs``; or it takes the list of the
+    whole cohort's outputs as ``student``. It returns the sum of the members' losses (each member's
+    gradient is exactly that of its own loss)."""
 
     source = "Zhang et al., CVPR 2018"
 
@@ -465,8 +467,16 @@ class DML(Distiller):
         if int(cohort) < 2:
             raise ValueError(f"method 'dml' needs a cohort of at least 2 students, got {cohort}")
         self.w_dml, self.temperature, self.cohort = float(w_dml), float(temperature), int(cohort)
+        self.peers = nn.ModuleList()
 
-    def forward(self, student: Sequence[Outputs], teacher=None, target: Optional[Tensor] = None, **context) -> Tensor:
+    @property
+    def needs(self) -> Needs:
+        return Needs(context=("inputs",) if len(self.peers) else ())
+
+    def forward(self, student, teacher=None, target: Optional[Tensor] = None, inputs: Optional[Tensor] = None,
+                **context) -> Tensor:
+        if isinstance(student, Outputs) and len(self.peers) == self.cohort - 1 and inputs is not None:
+            student = [student] + [Outputs(*peer(inputs)) for peer in self.peers]
         if isinstance(student, Outputs) or len(student) != self.cohort:
             raise ValueError(f"method 'dml' takes the list of its {self.cohort} students' outputs")
         kl_terms = dml_loss([o.logits for o in student], self.temperature)

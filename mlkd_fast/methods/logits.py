@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from ..functional import _check_finite, _check_tensor, kd_kl_div
+from ..ops import math_dtype as _math_dtype
+from ..reference import _kl_terms
 
 __all__ = [
     "kd_loss",
@@ -64,11 +66,6 @@ def _check_labels(target: object, n: int, name: str = "target") -> Tensor:
     return target.long()
 
 
-def _math_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp64 stays fp64 (gradcheck, reference runs); every other dtype is computed in fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _out_dtype(*tensors: Tensor) -> torch.dtype:
     """The floating dtype the inputs promote to: the precision the result is returned in."""
     return reduce(torch.promote_types, (t.dtype for t in tensors))
@@ -81,16 +78,6 @@ def _zero_loss(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     for x in tensors:
         out = out + x.to(dtype).mul(0).sum()
     return out
-
-
-def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Elementwise ``p (log p - log q)``, exactly 0 where ``p == 0`` (``log p = -inf``) with a zero
-    gradient there, NaN kept where ``p`` is NaN."""
-    p = log_p.exp()
-    has_mass = p > 0
-    safe_p = torch.where(has_mass, log_p, torch.zeros_like(log_p))
-    safe_q = torch.where(has_mass, log_q, torch.zeros_like(log_q))
-    return torch.where(has_mass, p * (safe_p - safe_q), p * 0)
 
 
 def _check_logit_pair(student_logits: object, teacher_logits: object) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import Distiller, FeatureTaps, Outputs
-from ..methods.distillers import DML
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .data import with_rotations
 from .distributed import DistInfo, broadcast_buffers, sum_across
@@ -40,9 +39,6 @@ class DistillStep(nn.Module):
                 teacher_fn: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         logits, feats = self.student(x)
         out = Outputs(logits, feats, self._taps.take() if self._taps is not None else {})
-        if isinstance(self.distiller, DML):
-            cohort = [out] + [Outputs(*peer(x)) for peer in self.distiller.peers]
-            return self.distiller(cohort, None, y)
         context: dict[str, Any] = {}
         wanted = self.distiller.needs.context
         if "index" in wanted:

@@ -133,7 +133,7 @@ class Run:
         except ValueError as exc:
             raise SystemExit(f"mlkd-train: {exc}") from None
         if method == "dml":  # the cohort's other members train with the student, owned by the distiller
-            distiller.peers = nn.ModuleList(self._network(a.arch) for _ in range(distiller.cohort - 1))
+            distiller.peers.extend(self._network(a.arch) for _ in range(distiller.cohort - 1))
         distiller = distiller.to(self.device)
         if a.sync_bn and self.dist.enabled:
             distiller = convert_sync_batchnorm(distiller, self.device.type)
