@@ -7,6 +7,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from ..methods import available as available_methods
+from .data import NOISE_TYPES
 from .models import ARCHS
 
 USAGE = """Distil a student from a teacher.
@@ -68,9 +69,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="views per image: 4 adds the 90/180/270 rotations (the authors' recipe: CE on the "
                         "plain views, rectangular correlation rotated x plain) (default: %(default)s)")
     g.add_argument("--label-noise", type=float, default=0.0,
-                   help="fraction of training labels replaced by another class, fixed by --seed (digits)")
+                   help="fraction of training labels replaced by another class, fixed by --seed")
+    g.add_argument("--noise-type", choices=NOISE_TYPES, default="symmetric",
+                   help="symmetric: a noisy label is a uniformly drawn other class; asymmetric: class c becomes "
+                        "class (c + 1) mod K, the same fraction in every class (default: %(default)s)")
     g.add_argument("--imbalance", type=float, default=1.0,
-                   help="long-tailed training set: largest / smallest class size ratio (digits; 1 = off)")
+                   help="long-tailed training set: largest / smallest class size ratio, class k keeping "
+                        "ratio^(-k/(K-1)) of the largest class's size (1 = off)")
+    g.add_argument("--train-per-class", type=int, default=None,
+                   help="digits: this many training images per class, every other image in the test set "
+                        "(default: a stratified 75/25 split)")
 
     g = p.add_argument_group("models")
     g.add_argument("--arch", choices=ARCHS, default=None, help="student (default: cnn-small on digits, else resnet18)")
@@ -100,7 +108,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="under DDP, BatchNorm in the trained networks and the loss heads normalises with the "
                         "global batch's statistics (SyncBatchNorm); a no-op in a single process")
     g.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, native (default: %(default)s)")
-    g.add_argument("--teacher-epochs", type=int, default=30, help="digits teacher epochs (default: %(default)s)")
+    g.add_argument("--teacher-epochs", type=int, default=30,
+                   help="digits teacher epochs; 0 trains no teacher (methods without one: ce, dml) "
+                        "(default: %(default)s)")
     g.add_argument("--epochs", type=int, default=40, help="student epochs (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
     g.add_argument("--lr", type=float, default=0.02, help="SGD (Nesterov, momentum 0.9) lr (default: %(default)s)")
@@ -128,7 +138,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--quiet", action="store_true", help="print only the final summary")
     args = p.parse_args(argv)
 
-    for name in ("teacher_epochs", "epochs", "batch_size", "image_size", "num_classes", "steps_per_epoch"):
+    if args.teacher_epochs < 0:
+        p.error("--teacher-epochs must be >= 0")
+    for name in ("epochs", "batch_size", "image_size", "num_classes", "steps_per_epoch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers < 0:
@@ -148,8 +160,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}")
     args.digits = args.data == "digits"
     args.synthetic = args.data == "synthetic"
-    if (args.label_noise > 0 or args.imbalance > 1) and not args.digits:
-        p.error("--label-noise and --imbalance apply to the digits data")
+    if (args.label_noise > 0 or args.imbalance > 1) and args.synthetic:
+        p.error("--label-noise and --imbalance apply to digits or folder data, not synthetic")
+    if args.train_per_class is not None and not args.digits:
+        p.error("--train-per-class applies to the digits data")
+    if args.train_per_class is not None and not 1 <= args.train_per_class <= 150:
+        p.error("--train-per-class must be in [1, 150] (the smallest digits class has 174 images)")
     if not (args.digits or args.synthetic) and not os.path.isdir(args.data):
         p.error(f"--data {args.data!r}: no such folder (expected <data>/train and <data>/val)")
     try:
@@ -162,6 +178,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--global-correlation / --global-supcon apply to --method mlkd or paper, not {args.method}")
     if args.temperature is not None and not args.temperature > 0:
         p.error("--temperature must be > 0")
+    if args.teacher_epochs == 0 and args.method not in ("ce", "dml") and args.teacher_weights is None:
+        p.error(f"--teacher-epochs 0 trains no teacher, but --method {args.method} distils from one: "
+                f"give --teacher-weights")
     args.loss = args.method  # the name the summary and older scripts read
     if not (args.digits or args.synthetic) and args.method not in ("ce", "dml") and args.teacher_weights is None:
         p.error("--teacher-weights is required to distil on a folder dataset")

@@ -24,9 +24,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", "
 # --------------------------------------------------------------------------------------------
 # Digits (scikit-learn, no network) and the robustness-study options
 # --------------------------------------------------------------------------------------------
-def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_digits_split(test_fraction: float = 0.25, seed: int = 0,
+                      train_per_class: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Digits as ``(x_train, y_train, x_test, y_test)``: images (n, 1, 8, 8) scaled to [0, 1],
-    split per class (stratified) with a fixed seed."""
+    split per class (stratified) with a fixed seed. ``train_per_class`` keeps that many training
+    images of each class and holds out all the others as the test set (a harder task with a larger,
+    finer-grained test set); otherwise ``test_fraction`` of each class is the test set."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - an install without the [train]/[test] extra
@@ -39,22 +42,45 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> tuple[Tenso
     for c in y.unique():
         idx = (y == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
+        if train_per_class is not None:
+            if not 1 <= train_per_class < len(idx):
+                raise ValueError(f"train_per_class must be in [1, {len(idx) - 1}] (class {int(c)} has {len(idx)} "
+                                 f"images), got {train_per_class}")
+            test_idx.append(idx[train_per_class:])
+        else:
+            test_idx.append(idx[: int(round(len(idx) * test_fraction))])
     test_mask = torch.zeros(len(y), dtype=torch.bool)
     test_mask[torch.cat(test_idx)] = True
     return x[~test_mask], y[~test_mask], x[test_mask], y[test_mask]
 
 
-def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Symmetric label noise: exactly ``round(fraction * n)`` labels, chosen by ``seed``, are replaced
-    by a uniformly drawn *different* class. Returns ``(noisy_labels, flipped_mask)``."""
+NOISE_TYPES = ("symmetric", "asymmetric")
+
+
+def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int,
+                    kind: str = "symmetric") -> tuple[Tensor, Tensor]:
+    """Label noise fixed by ``seed``. Returns ``(noisy_labels, flipped_mask)``.
+
+    - ``symmetric``: exactly ``round(fraction * n)`` labels, drawn from the whole set, are replaced by a
+      uniformly drawn *different* class;
+    - ``asymmetric``: in each class, exactly ``round(fraction * n_c)`` labels are replaced by one fixed
+      other class, ``(c + 1) mod K`` (a systematic confusion, the harder kind: the wrong class is
+      learnable)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"label noise must be in [0, 1), got {fraction}")
+    if kind not in NOISE_TYPES:
+        raise ValueError(f"noise type must be one of {NOISE_TYPES}, got {kind!r}")
     gen = torch.Generator().manual_seed(seed)
     n = labels.numel()
     flipped = torch.zeros(n, dtype=torch.bool)
-    flipped[torch.randperm(n, generator=gen)[: int(round(fraction * n))]] = True
-    shift = torch.randint(1, num_classes, (n,), generator=gen)  # never 0: the class always changes
+    if kind == "symmetric":
+        flipped[torch.randperm(n, generator=gen)[: int(round(fraction * n))]] = True
+        shift = torch.randint(1, num_classes, (n,), generator=gen)  # never 0: the class always changes
+    else:
+        for c in labels.unique().tolist():
+            idx = (labels == c).nonzero().squeeze(1)
+            flipped[idx[torch.randperm(len(idx), generator=gen)[: int(round(fraction * len(idx)))]]] = True
+        shift = torch.ones(n, dtype=torch.long)
     noisy = torch.where(flipped, (labels + shift) % num_classes, labels)
     return noisy, flipped
 

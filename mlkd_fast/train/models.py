@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .checkpoint import read_torch_file
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
-DIGITS_ARCHS = ("cnn-small", "cnn-large")
+DIGITS_ARCHS = ("cnn-tiny", "cnn-small", "cnn-large")
 ARCHS = DIGITS_ARCHS + TORCHVISION_ARCHS
 
 
@@ -57,8 +57,10 @@ class WithFeatures(nn.Module):
 def build_model(arch: str, num_classes: int, weights_path: str | None = None) -> nn.Module:
     """A network by name; ``weights_path`` loads a state dict (of the plain torchvision model, of
     this wrapper, or a ``{"model": state_dict}`` checkpoint) with a clear error when it does not fit."""
-    if arch == "cnn-small":
-        model: nn.Module = SmallCNN((8, 16, 32), num_classes)
+    if arch == "cnn-tiny":
+        model: nn.Module = SmallCNN((4, 8, 16), num_classes)
+    elif arch == "cnn-small":
+        model = SmallCNN((8, 16, 32), num_classes)
     elif arch == "cnn-large":
         model = SmallCNN((32, 64, 128), num_classes)
     elif arch in TORCHVISION_ARCHS:

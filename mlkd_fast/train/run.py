@@ -55,15 +55,11 @@ class Run:
     def _load_data(self) -> None:
         a = self.args
         if a.digits:
-            x, y, x_test, y_test = D.load_digits_split(seed=a.seed)
+            x, y, x_test, y_test = D.load_digits_split(seed=a.seed, train_per_class=a.train_per_class)
             self.num_classes = 10
-            if a.imbalance > 1:
-                keep = D.imbalance_indices(y, a.imbalance, a.seed)
-                x, y = x[keep], y[keep]
-            if a.label_noise > 0:
-                y, flipped = D.add_label_noise(y, a.label_noise, self.num_classes, a.seed)
-                self.info["noisy_labels"] = int(flipped.sum())
-            self.info["train_samples"] = len(y)
+            keep, y = self._corrupt_labels(y)
+            x = x[keep]
+            self.info.update(train_samples=len(y), test_samples=len(y_test))
             self.train = D.TensorSource(x, y, self.shard, a.seed, self.device)
             self.train_size: Optional[int] = len(y)
             x_test, y_test = x_test[self.dist.rank::self.dist.world], y_test[self.dist.rank::self.dist.world]
@@ -79,6 +75,8 @@ class Run:
             classes, train_samples = D.scan_image_folder(os.path.join(a.data, "train"))
             _, val_samples = D.scan_image_folder(os.path.join(a.data, "val"), classes)
             self.num_classes = len(classes)
+            keep, labels = self._corrupt_labels(torch.tensor([label for _, label in train_samples]))
+            train_samples = [(train_samples[i][0], int(label)) for i, label in zip(keep.tolist(), labels.tolist())]
             self.info.update(train_samples=len(train_samples), val_samples=len(val_samples), classes=len(classes))
             if self.shard.steps(len(train_samples)) < 1:
                 raise SystemExit(f"mlkd-train: {len(train_samples)} training images are fewer than one global "
@@ -90,6 +88,17 @@ class Run:
             self.train = D.FolderSource(train_samples, train=True, **common)
             self.val = D.FolderSource(val_samples, train=False, **common)
             self.eval_batches = lambda: self.val.epoch(0)
+
+    def _corrupt_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training set of ``--imbalance`` and ``--label-noise``: ``(kept indices, their labels)``,
+        fixed by ``--seed`` (the test set stays clean and balanced)."""
+        a = self.args
+        keep = D.imbalance_indices(labels, a.imbalance, a.seed) if a.imbalance > 1 else torch.arange(len(labels))
+        labels = labels[keep]
+        if a.label_noise > 0:
+            labels, flipped = D.add_label_noise(labels, a.label_noise, self.num_classes, a.seed, a.noise_type)
+            self.info["noisy_labels"] = int(flipped.sum())
+        return keep, labels
 
     # ---- models and phases ----------------------------------------------------------------
     def input_shape(self) -> tuple[int, int, int]:
@@ -247,7 +256,7 @@ def train_all(args: argparse.Namespace) -> dict:
 
         # teacher: trained here on digits unless given; loaded otherwise
         teacher = None
-        if uses_teacher or args.digits:
+        if uses_teacher or (args.digits and args.teacher_epochs > 0):
             if args.teacher_weights:
                 teacher = run.load_teacher(args.teacher_weights)
             elif args.digits:
@@ -297,7 +306,8 @@ def train_all(args: argparse.Namespace) -> dict:
 # What a checkpoint must share with the run that resumes it: the networks, the objective, the
 # training data and its order. A resume with other values would continue a different run silently.
 RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
-                   "global_correlation", "global_supcon", "seed", "label_noise", "imbalance")
+                   "global_correlation", "global_supcon", "seed", "label_noise", "noise_type", "imbalance",
+                   "train_per_class")
 # Also these when stopped mid-epoch: the saved step index counts global batches of this size.
 MID_EPOCH_SETTINGS = ("batch_size", "world_size")
 _SETTING_NAMES = {"num_classes": "number of classes (--num-classes, or the class folders of --data)",

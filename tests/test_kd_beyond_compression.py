@@ -1,0 +1,72 @@
+"""The study command of benchmarks/kd_beyond_compression.py on its CI slice (--quick): the outputs'
+shape, resuming, and the report/README rebuild. Accuracy is not asserted here (2 epochs)."""
+import json
+
+import pytest
+
+from benchmarks import kd_beyond_compression as study
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kdbc")
+    return out, study.main(["--quick", "--out", str(out)])
+
+
+def test_quick_slice_trains_each_teacher_once_and_every_method_per_setting(quick):
+    out, result = quick
+    rows = result["rows"]
+    keys = sorted((r["method"], r["setting"], r["gap"]) for r in rows)
+    assert keys == sorted([("teacher", s, "large") for s in ("clean", "sym40")]
+                          + [(m, s, "-") for m in ("ce", "dml") for s in ("clean", "sym40")]
+                          + [("kd", s, "large") for s in ("clean", "sym40")])
+    for r in rows:
+        assert 0.0 <= r["top1_last"] <= r["top1_best"] <= 100.0
+        assert r["seed"] == 0 and r["seconds"] > 0 and r["epochs"] == 2 and r["train_samples"] == 200
+    assert {r["noisy_labels"] for r in rows if r["setting"] == "sym40"} == {80}
+    on_disk = json.loads((out / "kd_beyond_compression.json").read_text())
+    assert on_disk["rows"] == rows and on_disk["protocol"]["student"] == "cnn-tiny"
+    assert {"torch", "python", "mlkd_fast"} <= set(on_disk["versions"]) and on_disk["commit"]
+    # the teacher the students learnt from is the one of their setting and seed
+    config = (out / "kd_beyond_compression_runs" / "sym40" / "large" / "kd" / "seed0" / "config.json").read_text()
+    assert json.loads(config)["teacher_weights"].endswith("sym40/large/teacher/seed0/student.pt")
+
+
+def test_quick_slice_writes_the_table_and_the_noise_plot(quick):
+    out, _ = quick
+    table = (out / "kd_beyond_compression.md").read_text()
+    assert "| method | clean | sym40 | settings above CE |" in table
+    for method in ("teacher", "ce", "kd", "dml"):
+        assert f"\n| {method} | " in table
+    assert (out / "kd_beyond_compression_noise.png").stat().st_size > 1000
+    assert not (out / "kd_beyond_compression_imbalance.png").exists()  # no imbalance setting in the slice
+
+
+def test_a_second_invocation_redoes_only_unfinished_runs(quick, capsys):
+    out, result = quick
+    (out / "kd_beyond_compression_runs" / "clean" / "-" / "dml" / "seed0" / "summary.json").unlink()
+    again = study.main(["--quick", "--out", str(out)])
+    assert "8 runs, 7 already finished, 1 to train" in capsys.readouterr().out
+    same = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert same(again["rows"]) == same(result["rows"])  # the retrained run gives the same numbers
+
+
+def test_report_rebuilds_the_readme_section_from_the_json(quick, tmp_path):
+    out, _ = quick
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{study.START}\nSTALE TABLE\n{study.END}\nrest\n")
+    study.main(["--quick", "--out", str(out), "--report", "--readme", str(readme)])
+    text = readme.read_text()
+    assert "STALE TABLE" not in text and "| kd | " in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "kd_beyond_compression_noise.png" in text
+
+
+def test_bad_slices_are_refused_before_anything_trains(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--methods", "kd", "nope", "--out", str(tmp_path)])
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown gap"):
+        study.main(["--gaps", "huge", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        study.main(["--quick", "--out", str(tmp_path), "--label-smoothing", "0.1"])  # not an mlkd-train flag
+    assert not (tmp_path / "kd_beyond_compression_runs").exists()
