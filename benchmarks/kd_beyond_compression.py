@@ -169,8 +169,16 @@ def _train(argv: list[str]) -> dict:
         return main(argv)
 
 
-def _row(key: RunKey, summary: dict, protocol: Protocol) -> dict:
-    return {"method": key.method, "setting": key.setting, "gap": key.gap, "seed": key.seed,
+def _trained_by(runs_dir: str, key: RunKey) -> Optional[str]:
+    path = os.path.join(runs_dir, key.folder, "study.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("commit")
+
+
+def _row(key: RunKey, summary: dict, protocol: Protocol, commit: Optional[str]) -> dict:
+    return {"method": key.method, "setting": key.setting, "gap": key.gap, "seed": key.seed, "commit": commit,
             "top1_last": summary["student_top1"], "top1_best": summary["best_top1"],
             "best_epoch": summary["best_epoch"],
             "epochs": protocol.teacher_epochs if key.method == "teacher" else protocol.epochs,
@@ -178,9 +186,9 @@ def _row(key: RunKey, summary: dict, protocol: Protocol) -> dict:
             "noisy_labels": summary.get("noisy_labels", 0)}
 
 
-def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, threads: int) -> list[dict]:
+def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, threads: int, commit: str) -> list[dict]:
     """Runs what is not finished yet on ``jobs`` worker processes (students after their teacher);
-    returns one row per key."""
+    returns one row per key. Each trained run records ``commit`` (the code it ran) beside it."""
     done = {k: s for k in keys if (s := _finished(runs_dir, k)) is not None}
     todo = [k for k in keys if k not in done]
     print(f"{NAME}: {len(keys)} runs, {len(done)} already finished, {len(todo)} to train on {jobs} process(es) "
@@ -212,6 +220,8 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
                     if summary.get("interrupted"):
                         raise KeyboardInterrupt
                     done[k] = summary
+                    with open(os.path.join(runs_dir, k.folder, "study.json"), "w") as f:
+                        json.dump({"commit": commit}, f)
                     trained += 1
                     elapsed = time.perf_counter() - start
                     eta = elapsed / trained * (len(todo) - trained)
@@ -222,7 +232,7 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise SystemExit(f"{NAME}: stopped; run the same command again to continue (finished runs are kept)")
-    return [_row(k, done[k], protocol) for k in keys]
+    return [_row(k, done[k], protocol, _trained_by(runs_dir, k)) for k in keys]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +304,8 @@ def markdown(result: dict) -> str:
              f"{p['epochs']} epochs, batch {p['batch_size']}, data `{p['data']}`"
              + (f" ({p['train_per_class']} training images per class, the rest is the test set)"
                 if p.get("train_per_class") else "")
-             + f"; commit `{result['commit']}`; `{result['command']}`.", ""]
+             + f"; runs trained at commit(s) {', '.join(f'`{c}`' for c in result['run_commits'])}; "
+             f"`{result['command']}`.", ""]
     for g in summ["gaps"]:
         teacher = p["gaps"].get(g, "none")
         lines += [f"**Gap `{g}`: teacher `{teacher}`**", "",
@@ -491,11 +502,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     jobs = args.jobs or (cores if args.data == "digits" else 1)
     threads = max(1, cores // jobs)
     start = time.perf_counter()
-    rows = execute(keys, protocol, runs_dir, jobs, threads)
+    commit = _commit()  # the code the runs of this invocation train with
+    rows = execute(keys, protocol, runs_dir, jobs, threads, commit)
     command = " ".join([f"python benchmarks/{NAME}.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"protocol": {**protocol.__dict__, "extra": list(protocol.extra),
                            "settings": {s: SETTINGS[s] for s in args.settings}, "seeds": args.seeds},
-              "methods": args.methods, "command": command, "commit": _commit(), "versions": _versions(),
+              "methods": args.methods, "command": command, "commit": commit,
+              "run_commits": sorted({r["commit"] or "unknown" for r in rows}), "versions": _versions(),
               "machine": f"{platform.machine()}, {cores} CPU core(s)", "jobs": jobs, "threads_per_job": threads,
               "wall_seconds": round(time.perf_counter() - start, 1), "rows": rows}
     write_outputs(result, args.out, args.readme or None)

@@ -2,7 +2,8 @@
 
 Where things live:
 - losses (``MLKDLoss``, ``KDLoss``, ``CorrelationLoss``): :mod:`mlkd_fast.losses`
-- functional ops and input checks: :mod:`mlkd_fast.functional`
+- every loss as a function (the fused ops and the zoo's losses): :mod:`mlkd_fast.functional`; the
+  fused ops' checks and dispatch: :mod:`mlkd_fast.fused`
 - the pure-PyTorch reference of every op (the tests' oracle): :mod:`mlkd_fast.reference`
 - the training-only terms of ``MLKDLoss`` (feature alignment, SupCon): :mod:`mlkd_fast.terms`
 - the fused ops' contract (schemas, constants, fakes, autograd): :mod:`mlkd_fast.ops`

@@ -1,4 +1,4 @@
-"""``nn.Module`` losses: a thin layer over :mod:`mlkd_fast.functional` (docs/design.md §1.3, §2)."""
+"""``nn.Module`` losses: a thin layer over the fused ops (:mod:`mlkd_fast.fused`) (docs/design.md §1.3, §2)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import functional as MF
+from . import fused as MF
 from . import terms
 
 __all__ = ["KDLoss", "CorrelationLoss", "MLKDLoss", "PAPER_WEIGHTS"]
@@ -272,3 +272,16 @@ class MLKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self._weights_str()}, temperature={self.temperature}, tau={self.tau}, "
                 f"views={self.views}, backend={self.backend!r}")
+
+
+def mlkd_loss(student_logits: Tensor, teacher_logits: Tensor, student_feats: Tensor, teacher_feats: Tensor,
+              target: Tensor, temperature: float = 4.0, tau: float = 0.5, w_ce: float = 1.0, w_kd: float = 1.0,
+              w_corr: float = 1.0, keep_diagonal: bool = False, scale_by_tau_sq: bool = False,
+              backend: str = "auto") -> Tensor:
+    """The MLKD objective without trainable heads as a function:
+    ``w_ce CE(s, y) + w_kd KL_T(s, t) + w_corr Corr_tau(f_s, f_t)`` on one view per image, exactly
+    what :class:`MLKDLoss` computes with the same arguments (the alignment and SupCon terms and the
+    rotation views need its heads: use the module)."""
+    loss_fn = MLKDLoss(temperature=temperature, tau=tau, w_ce=w_ce, w_kd=w_kd, w_corr=w_corr,
+                       keep_diagonal=keep_diagonal, scale_by_tau_sq=scale_by_tau_sq, backend=backend)
+    return loss_fn(student_logits, teacher_logits, student_feats, teacher_feats, target)

@@ -12,7 +12,7 @@ Dtypes: inputs fp32/fp16/bf16/fp64 in any student/teacher combination; loss rows
 row weights in the math dtype (:func:`math_dtype`); each gradient in its input's dtype.
 ``kd_kl`` returns the per-row loss with the gradients already computed (the loss is final, so the
 forward knows them), both times the row weights w_i (the reduction and the loss weight, folded in by
-:mod:`mlkd_fast.functional`). Its backward only scales them by d loss / d row on the device: in
+:mod:`mlkd_fast.fused`). Its backward only scales them by d loss / d row on the device: in
 place when autograd frees the graph after this backward, where rows with d loss / d row = 1 (all of
 them after ``total.backward()``) cost nothing; out of place when the graph is kept
 (``retain_graph``, ``create_graph``) or traced by ``torch.compile``.

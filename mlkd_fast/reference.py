@@ -6,7 +6,7 @@ for fp64), not for speed or memory: the correlation here materialises the (M, N)
 Its row functions have the per-row signatures every backend implements (:mod:`mlkd_fast.backends`):
 ``kd_kl_rows(student, teacher, temperature, row_weight)`` and ``correlation_kl_rows(student_rows,
 teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)``; the reduction lives in
-:mod:`mlkd_fast.functional` and is shared by every backend.
+:mod:`mlkd_fast.fused` and is shared by every backend.
 
 The training-only terms of ``MLKDLoss`` (feature alignment, SupCon) live in :mod:`mlkd_fast.terms`;
 they are re-exported here for the code and tests that import them from this module.

@@ -27,6 +27,7 @@ def test_quick_slice_trains_each_teacher_once_and_every_method_per_setting(quick
     on_disk = json.loads((out / "kd_beyond_compression.json").read_text())
     assert on_disk["rows"] == rows and on_disk["protocol"]["student"] == "cnn-tiny"
     assert {"torch", "python", "mlkd_fast"} <= set(on_disk["versions"]) and on_disk["commit"]
+    assert all(r["commit"] == on_disk["commit"] for r in rows) and on_disk["run_commits"] == [on_disk["commit"]]
     # the teacher the students learnt from is the one of their setting and seed
     config = (out / "kd_beyond_compression_runs" / "sym40" / "large" / "kd" / "seed0" / "config.json").read_text()
     assert json.loads(config)["teacher_weights"].endswith("sym40/large/teacher/seed0/student.pt")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import functional as MF
+from .. import fused as MF
 from ..losses import MLKDLoss
 from .base import Distiller, ModelSpec, Needs, Outputs, cross_entropy
 from .features import at_loss, fitnet_loss, fsp_loss, nst_loss

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..functional import _check_finite, _check_tensor, kd_kl_div
+from ..fused import _check_finite, _check_tensor, kd_kl_div
 from ..ops import math_dtype as _math_dtype
 from ..reference import _kl_terms
 

@@ -53,14 +53,49 @@ def _check_embeddings(f_s: object, f_t: object, s_name: str, t_name: str,
     return s, t
 
 
+def _check_chunk(chunk: object, name: str = "chunk") -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {chunk!r}")
+
+
+def _default_rows(b: int, width: int = 0) -> int:
+    """Rows per block: a block's ``(rows, B)`` matrices and ``(rows, width)`` slices stay near 2^22
+    elements each (16 MiB in fp32), at least one row."""
+    return max(1, min(b, (1 << 22) // max(1, b + width)))
+
+
+def _sum_over_row_blocks(block_sum, b: int, rows: Optional[int], *tensors: Tensor) -> Tensor:
+    """``sum over [start, stop) of block_sum(start, stop, *tensors)``, the B x B relation matrices
+    built ``rows`` rows at a time (docs/design.md §6). With a graph to build, each block is
+    recomputed in the backward (activation checkpointing), so neither pass holds more than one
+    block's ``(rows, B)`` matrices: memory O(rows * B + B * D) instead of O(B^2). One block covering
+    every row is the plain computation."""
+    if rows is None or rows >= b:
+        return block_sum(0, b, *tensors)
+    needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    total = None
+    for start in range(0, b, rows):
+        stop = min(b, start + rows)
+        part = (checkpoint(block_sum, start, stop, *tensors, use_reentrant=False) if needs_graph
+                else block_sum(start, stop, *tensors))
+        total = part if total is None else total + part
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # SP (Tung & Mori, Similarity-Preserving Knowledge Distillation, ICCV 2019)
 # ---------------------------------------------------------------------------------------------
-def sp_loss(student_feats: Union[Tensor, Sequence[Tensor]], teacher_feats: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+def sp_loss(student_feats: Union[Tensor, Sequence[Tensor]], teacher_feats: Union[Tensor, Sequence[Tensor]], *,
+            chunk: Optional[int] = None) -> Tensor:
     """Similarity preserving: for each stage pair, ``G = F F^T`` of the maps flattened to ``(B, -1)``,
     each row L2-normalised (``F.normalize``, eps 1e-12), and ``||G_t - G_s||_F^2 / B^2``; summed
     over the pairs, as RepDistiller computes it. One tensor per network or equal-length sequences.
     RepDistiller and mdistiller weight the sum 3000. A batch of one sample gives exactly 0.
+
+    A row's normalisation needs that row only, so the Gram matrices are built ``chunk`` rows at a
+    time (default: as many as keep a block near 2^22 elements; all rows at small batch), each block
+    recomputed in the backward: O(chunk * B) memory at any batch. ``chunk`` changes the result by
+    float summation order only.
     """
     single = isinstance(student_feats, Tensor)
     if single != isinstance(teacher_feats, Tensor):
@@ -79,21 +114,28 @@ def sp_loss(student_feats: Union[Tensor, Sequence[Tensor]], teacher_feats: Union
     for i, (s, _) in enumerate(pairs):
         if s.shape[0] != b:
             raise ValueError(f"student_feats[{i}] has batch size {s.shape[0]} but student_feats[0] has {b}")
+    _check_chunk(chunk)
     if b == 1:
         return _zero_loss(tensors, dtype).to(_out_dtype(*tensors))
-
-    def gram(x: Tensor) -> Tensor:
-        x = x.to(dtype).flatten(1)
-        return F.normalize(x @ x.T, p=2.0, dim=1)
-
-    total = sum((gram(t) - gram(s)).square().sum() / (b * b) for s, t in pairs)
+    total = None
+    for s, t in pairs:
+        s, t = s.to(dtype).flatten(1), t.to(dtype).flatten(1)
+        rows = chunk or _default_rows(b, max(s.shape[1], t.shape[1]))
+        part = _sum_over_row_blocks(_sp_block, b, rows, s, t) / (b * b)
+        total = part if total is None else total + part
     return total.to(_out_dtype(*tensors))
+
+
+def _sp_block(start: int, stop: int, s: Tensor, t: Tensor) -> Tensor:
+    g_s = F.normalize(s[start:stop] @ s.T, p=2.0, dim=1)
+    g_t = F.normalize(t[start:stop] @ t.T, p=2.0, dim=1)
+    return (g_t - g_s).square().sum()
 
 
 # ---------------------------------------------------------------------------------------------
 # PKT (Passalis & Tefas, Learning Deep Representations with Probabilistic Knowledge Transfer, ECCV 2018)
 # ---------------------------------------------------------------------------------------------
-def pkt_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-7) -> Tensor:
+def pkt_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-7, *, chunk: Optional[int] = None) -> Tensor:
     """Probabilistic knowledge transfer, exactly RepDistiller's ``PKT.cosine_similarity_loss`` (the
     authors' passalis/probabilistic_kt formula):
 
@@ -102,21 +144,36 @@ def pkt_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-7) -> Tensor:
     ``eps = 1e-7`` as there. RepDistiller replaces NaN entries of ``x_hat`` by 0; here a NaN input
     gives a NaN loss instead (never hidden). RepDistiller / mdistiller weight: 30000. A batch of one
     sample gives exactly 0.
+
+    Row sums of ``K`` need no B x B matrix: ``sum_j K_ij = (x_hat_i . sum_j x_hat_j + B) / 2``. With
+    them the loss is a sum over rows, built ``chunk`` rows at a time (default: all rows at small
+    batch, blocks near 2^22 elements at large batch) and recomputed in the backward: O(chunk * B)
+    memory. ``chunk`` changes the result by float summation order only.
     """
     s, t = _check_embeddings(f_s, f_t, "f_s", "f_t")
     eps = _check_real(eps, "eps", positive=True)
+    _check_chunk(chunk)
     dtype = _math_dtype(s, t)
-    if s.shape[0] == 1:
+    b = s.shape[0]
+    if b == 1:
         return _zero_loss((s, t), dtype).to(_out_dtype(s, t))
 
-    def probabilities(x: Tensor) -> Tensor:
+    def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.to(dtype)
         x = x / (x.square().sum(dim=1, keepdim=True).sqrt() + eps)
-        k = (x @ x.T + 1.0) / 2.0
-        return k / k.sum(dim=1, keepdim=True)
+        return x, (x @ x.sum(dim=0) + b) / 2.0
 
-    p_s, p_t = probabilities(s), probabilities(t)
-    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean().to(_out_dtype(s, t))
+    (x_s, sums_s), (x_t, sums_t) = unit_rows(s), unit_rows(t)
+    rows = chunk or _default_rows(b, max(x_s.shape[1], x_t.shape[1]))
+    total = _sum_over_row_blocks(lambda i, j, *a: _pkt_block(i, j, eps, *a), b, rows, x_s, x_t, sums_s, sums_t)
+    return (total / (b * b)).to(_out_dtype(s, t))
+
+
+def _pkt_block(start: int, stop: int, eps: float, x_s: Tensor, x_t: Tensor, sums_s: Tensor,
+               sums_t: Tensor) -> Tensor:
+    p_s = (x_s[start:stop] @ x_s.T + 1.0) / 2.0 / sums_s[start:stop, None]
+    p_t = (x_t[start:stop] @ x_t.T + 1.0) / 2.0 / sums_t[start:stop, None]
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,35 +182,58 @@ def pkt_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-7) -> Tensor:
 _PDIST_EPS = 1e-12  # floor on squared distances (RKD authors / RepDistiller): keeps sqrt's gradient finite
 
 
-def _normalized_distances(e: Tensor) -> Tensor:
-    """Pairwise Euclidean distances with a zero diagonal, divided by their mean over the off-diagonal
-    entries (all of which are >= 1e-6 > 0 after the floor, so this is the references' "mean over the
-    non-zero distances"). The rows are centred first: distances do not change, and the Gram-matrix
-    form loses less to cancellation."""
-    b = e.shape[0]
-    e = e - e.mean(dim=0, keepdim=True)
-    sq_norm = e.square().sum(dim=1)
-    sq = (sq_norm[:, None] + sq_norm[None, :] - 2.0 * (e @ e.T)).clamp_min(_PDIST_EPS)
-    off_diag = ~torch.eye(b, dtype=torch.bool, device=e.device)
-    d = torch.where(off_diag, sq.sqrt(), torch.zeros_like(sq))
-    return d / (d.sum() / (b * (b - 1)))
+def _distance_block(start: int, stop: int, e: Tensor, sq_norm: Tensor) -> Tensor:
+    """Rows ``[start, stop)`` of the pairwise Euclidean distances of the (centred) rows ``e``, zero on
+    the diagonal. Squared distances are floored at 1e-12 (keeps sqrt's gradient finite), so every
+    off-diagonal entry is > 0 and the references' "mean over the non-zero distances" is the mean
+    over the off-diagonal ones. Centring the rows first changes no distance and loses less of the
+    Gram-matrix form to cancellation."""
+    sq = (sq_norm[start:stop, None] + sq_norm[None, :] - 2.0 * (e[start:stop] @ e.T)).clamp_min(_PDIST_EPS)
+    cols = torch.arange(e.shape[0], device=e.device)
+    rows = torch.arange(start, stop, device=e.device)
+    return torch.where(rows[:, None] != cols[None, :], sq.sqrt(), torch.zeros_like(sq))
 
 
-def rkd_distance_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
+def _distance_sum_block(start: int, stop: int, e: Tensor, sq_norm: Tensor) -> Tensor:
+    return _distance_block(start, stop, e, sq_norm).sum()
+
+
+def _rkd_distance_block(start: int, stop: int, e_s: Tensor, n_s: Tensor, mean_s: Tensor, e_t: Tensor, n_t: Tensor,
+                        mean_t: Tensor) -> Tensor:
+    d_s = _distance_block(start, stop, e_s, n_s) / mean_s
+    d_t = _distance_block(start, stop, e_t, n_t) / mean_t
+    return F.smooth_l1_loss(d_s, d_t, reduction="sum")
+
+
+def rkd_distance_loss(f_s: Tensor, f_t: Tensor, *, chunk: Optional[int] = None) -> Tensor:
     """RKD's distance term: ``smooth_l1(d_s / mean d_s, d_t / mean d_t)`` averaged over all ``B^2``
     entries of the two distance matrices (zero diagonals included, as in the RKD authors' code and
-    RepDistiller). Inputs ``(B, ...)`` are flattened per sample. A batch of one sample gives 0."""
+    RepDistiller). Inputs ``(B, ...)`` are flattened per sample. A batch of one sample gives 0.
+
+    Two passes over row blocks of ``chunk`` rows (default: all rows at small batch, blocks near 2^22
+    elements at large batch), each block recomputed in the backward: the first sums the distances
+    for the means, the second the Huber terms. O(chunk * B) memory; ``chunk`` changes the result by
+    float summation order only."""
     s, t = _check_embeddings(f_s, f_t, "f_s", "f_t", flatten=True)
-    return _rkd_distance(s, t).to(_out_dtype(s, t))
+    _check_chunk(chunk)
+    return _rkd_distance(s, t, chunk).to(_out_dtype(s, t))
 
 
-def _rkd_distance(s: Tensor, t: Tensor) -> Tensor:
+def _rkd_distance(s: Tensor, t: Tensor, chunk: Optional[int] = None) -> Tensor:
     dtype = _math_dtype(s, t)
-    if s.shape[0] == 1:
+    b = s.shape[0]
+    if b == 1:
         return _zero_loss((s, t), dtype)
-    d_s = _normalized_distances(s.to(dtype).flatten(1))
-    d_t = _normalized_distances(t.to(dtype).flatten(1))
-    return F.smooth_l1_loss(d_s, d_t, reduction="mean")
+    parts = []
+    for x in (s, t):
+        e = x.to(dtype).flatten(1)
+        e = e - e.mean(dim=0, keepdim=True)
+        sq_norm = e.square().sum(dim=1)
+        rows = chunk or _default_rows(b, e.shape[1])
+        mean = _sum_over_row_blocks(_distance_sum_block, b, rows, e, sq_norm) / (b * (b - 1))
+        parts += [e, sq_norm, mean]
+    rows = chunk or _default_rows(b, max(parts[0].shape[1], parts[3].shape[1]))
+    return _sum_over_row_blocks(_rkd_distance_block, b, rows, *parts) / (b * b)
 
 
 def _vertex_cosines(e: Tensor, start: int, stop: int) -> Tensor:
@@ -190,8 +270,7 @@ def rkd_angle_loss(f_s: Tensor, f_t: Tensor, chunk: Optional[int] = None) -> Ten
     change the result beyond float summation order. A batch of one sample gives exactly 0.
     """
     s, t = _check_embeddings(f_s, f_t, "f_s", "f_t", flatten=True)
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    _check_chunk(chunk)
     return _rkd_angle(s, t, chunk).to(_out_dtype(s, t))
 
 
@@ -216,7 +295,7 @@ def _rkd_angle(s: Tensor, t: Tensor, chunk: Optional[int]) -> Tensor:
 
 
 def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0, *,
-             angle_chunk: Optional[int] = None) -> Tensor:
+             angle_chunk: Optional[int] = None, distance_chunk: Optional[int] = None) -> Tensor:
     """Relational KD: ``distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss``.
 
     Weights 25 and 50 are the RKD paper's, RepDistiller's and mdistiller's defaults (the method's
@@ -226,12 +305,11 @@ def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weig
     s, t = _check_embeddings(f_s, f_t, "f_s", "f_t", flatten=True)
     distance_weight = _check_real(distance_weight, "distance_weight")
     angle_weight = _check_real(angle_weight, "angle_weight")
-    if angle_chunk is not None and (isinstance(angle_chunk, bool) or not isinstance(angle_chunk, int)
-                                    or angle_chunk < 1):
-        raise ValueError(f"angle_chunk must be a positive int or None, got {angle_chunk!r}")
+    _check_chunk(angle_chunk, "angle_chunk")
+    _check_chunk(distance_chunk, "distance_chunk")
     total = _zero_loss((s, t), _math_dtype(s, t))
     if distance_weight != 0:
-        total = total + distance_weight * _rkd_distance(s, t)
+        total = total + distance_weight * _rkd_distance(s, t, distance_chunk)
     if angle_weight != 0:
         total = total + angle_weight * _rkd_angle(s, t, angle_chunk)
     return total.to(_out_dtype(s, t))
@@ -246,7 +324,10 @@ def cc_correlation(emb: Tensor, gamma: float = 0.4, p_order: int = 2) -> Tensor:
 
     It equals ``exp(-gamma ||e_i - e_j||^2)`` to order P when the embeddings have unit norm."""
     x = emb.to(_math_dtype(emb))
-    g = x @ x.T
+    return _rbf_taylor(x @ x.T, gamma, p_order)
+
+
+def _rbf_taylor(g: Tensor, gamma: float, p_order: int) -> Tensor:
     psi = torch.ones_like(g)
     power = torch.ones_like(g)
     for p in range(1, p_order + 1):
@@ -255,7 +336,8 @@ def cc_correlation(emb: Tensor, gamma: float = 0.4, p_order: int = 2) -> Tensor:
     return math.exp(-2.0 * gamma) * psi
 
 
-def cc_loss(emb_s: Tensor, emb_t: Tensor, gamma: float = 0.4, p_order: int = 2) -> Tensor:
+def cc_loss(emb_s: Tensor, emb_t: Tensor, gamma: float = 0.4, p_order: int = 2, *,
+            chunk: Optional[int] = None) -> Tensor:
     """Correlation congruence: ``||psi(E_t) - psi(E_s)||_F^2 / B^2`` with :func:`cc_correlation`.
 
     ``gamma = 0.4, P = 2`` are the values of the CC authors' setting as torchdistill configures its
@@ -266,17 +348,28 @@ def cc_loss(emb_s: Tensor, emb_t: Tensor, gamma: float = 0.4, p_order: int = 2) 
     The embeddings (``(B, D)``, widths may differ) are used as given: the RBF reading needs unit
     norms, so L2-normalise them beforehand for it (torchdistill feeds raw linear outputs). A batch of
     one sample gives exactly 0.
+
+    The kernel matrices are built ``chunk`` rows at a time (default: all rows at small batch, blocks
+    near 2^22 elements at large batch), each block recomputed in the backward: O(chunk * B) memory.
     """
     s, t = _check_embeddings(emb_s, emb_t, "emb_s", "emb_t")
     gamma = _check_real(gamma, "gamma", positive=True)
     if isinstance(p_order, bool) or not isinstance(p_order, int) or p_order < 0:
         raise ValueError(f"p_order must be an int >= 0, got {p_order!r}")
+    _check_chunk(chunk)
     dtype = _math_dtype(s, t)
     b = s.shape[0]
     if b == 1:
         return _zero_loss((s, t), dtype).to(_out_dtype(s, t))
-    diff = cc_correlation(t.to(dtype), gamma, p_order) - cc_correlation(s.to(dtype), gamma, p_order)
-    return (diff.square().sum() / (b * b)).to(_out_dtype(s, t))
+    x_s, x_t = s.to(dtype), t.to(dtype)
+    rows = chunk or _default_rows(b, max(x_s.shape[1], x_t.shape[1]))
+
+    def block(start: int, stop: int, x_s: Tensor, x_t: Tensor) -> Tensor:
+        diff = (_rbf_taylor(x_t[start:stop] @ x_t.T, gamma, p_order)
+                - _rbf_taylor(x_s[start:stop] @ x_s.T, gamma, p_order))
+        return diff.square().sum()
+
+    return (_sum_over_row_blocks(block, b, rows, x_s, x_t) / (b * b)).to(_out_dtype(s, t))
 
 
 # ---------------------------------------------------------------------------------------------
