@@ -574,7 +574,7 @@ def _pass_inv_norms(x: Tensor, inv_norm: Tensor) -> Tensor:
     """The student's inverse norms as the backward passes take them: 0 for all-zero rows. Such a row's
     similarities are 0 whatever its factor and its matmul contribution is exactly 0, but its clamped
     1 / eps would set the fp16/bf16 operand scale (operand_scale) and flush every other entry of the
-    operands to zero (tests/test_properties.py checks such rows). The normalisation backward keeps 1 / eps."""
+    operands to zero (tests/test_op_correlation.py checks such rows). The normalisation backward keeps 1 / eps."""
     return inv_norm.masked_fill(x.abs().amax(dim=1) == 0, 0.0) if x.shape[1] else inv_norm
 
 

@@ -145,6 +145,8 @@ def register_fakes_and_autograd(namespace: str) -> None:
             ctx.save_for_backward(a_s, a_t, b_s, b_t, output[1], output[2])
 
     def corr_backward(ctx, grad_rows, _grad_lse_s, _grad_lse_t):
+        if grad_rows is None:  # only the statistics were used: they carry no gradient (as in kd_kl)
+            return None, None, None, None, None, None
         if ctx.square:
             a_s, a_t, lse_s, lse_t = ctx.saved_tensors
             b_s = b_t = None

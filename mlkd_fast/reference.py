@@ -52,8 +52,15 @@ def kd_kl_rows(
     the teacher logits only if they require grad (online / mutual distillation).
     """
     dtype = math_dtype(student_logits, teacher_logits)
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    if row_weight is not None:
+        # masked rows' logits replaced before the softmax: a NaN or inf there, or an all -inf
+        # teacher row, would otherwise reach the gradient as 0 * NaN through log_softmax's backward
+        kept = (row_weight != 0)[:, None]
+        s = torch.where(kept, s, torch.zeros_like(s))
+        t = torch.where(kept, t, torch.zeros_like(t))
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
     rows = _kl_terms(log_p, log_q).sum(dim=-1) * (temperature * temperature)
     if row_weight is not None:
         rows = torch.where(row_weight != 0, rows, torch.zeros_like(rows)) * row_weight

@@ -1,8 +1,10 @@
-"""Test setup: Triton runs under its interpreter on CPU-only machines.
+"""Test setup and fixtures; shared helpers are in tests/helpers.py (``from helpers import ...``).
 
-TRITON_INTERPRET must be set before mlkd_fast (and so its kernels) is imported.
+Triton runs under its interpreter on CPU-only machines: TRITON_INTERPRET must be set before mlkd_fast
+(and so its kernels) is imported.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -10,32 +12,28 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import mlkd_fast  # noqa: E402
-from mlkd_fast.backends import backend_status  # noqa: E402
+# tests/ on sys.path, so that the test files import helpers (and simt_emulator) under any import mode
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
-KERNEL_BACKENDS = ("triton", "native")
-DEVICES = ("cpu", "cuda")
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute error relative to the largest |ref| (0 where both are NaN), in fp64."""
-    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
-    same_nan = torch.isnan(x) & torch.isnan(ref)
-    diff = torch.where(same_nan, torch.zeros_like(x), (x - ref).abs())
-    return float(diff.max() / ref.abs().nan_to_num(0).max().clamp_min(1e-30))
+import mlkd_fast  # noqa: E402,F401
+from helpers import BACKENDS, DEVICES, KERNEL_BACKENDS, backend_device_id, require_backend  # noqa: E402
 
 
-def require_backend(backend: str, device: str) -> None:
-    """Skip (with the reason) when a backend cannot run on a device here."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (the CPU twin of this test runs on CPU)")
-    status = backend_status(backend, device)
-    if not status:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {status.reason}")
+@pytest.fixture(params=[(b, d) for d in DEVICES for b in BACKENDS], ids=backend_device_id)
+def op_backend(request):
+    """(backend, device) for every backend, the reference "torch" included, on CPU and CUDA (the CUDA
+    ones skip with the reason without a GPU, as does a backend that cannot run here)."""
+    backend, device = request.param
+    require_backend(backend, device)
+    return backend, torch.device(device)
 
 
-@pytest.fixture(params=[(b, d) for d in DEVICES for b in KERNEL_BACKENDS], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(params=[(b, d) for d in DEVICES for b in KERNEL_BACKENDS], ids=backend_device_id)
 def kernel_backend(request):
+    """(backend, device) for the backends with fused kernels of their own (Triton, native): for what
+    only they have (custom ops, stored gradients, compiled graphs)."""
     backend, device = request.param
     require_backend(backend, device)
     return backend, torch.device(device)

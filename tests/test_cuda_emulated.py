@@ -5,7 +5,7 @@ and WMMA operand (alignment and leading dimension checked), in both thread order
 barrier shows as a wrong number. The arguments are what csrc/cuda/glue.cpp passes; the fp64 oracle is the
 package reference. Inputs sit in NaN-filled buffers (also between rows when a row stride is padded):
 a read out of bounds reaches the results as NaN. Outputs sit between sentinel guards that must survive.
-Speed, the real fragment layouts and the GPU memory model are left to the GPU tests (test_native_ops).
+Speed, the real fragment layouts and the GPU memory model are left to the GPU tests (test_op_*.py, test_backend_native.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import require_backend
+from helpers import require_backend
 from mlkd_fast import methods as M
 
 D64 = torch.float64

@@ -1,9 +1,13 @@
-"""MLKDLoss: default weights, the paper preset's terms, logged components, heads as parameters."""
+"""The loss modules (KDLoss, CorrelationLoss, MLKDLoss): default weights, the paper preset's terms,
+logged components, heads as parameters, every dtype on every backend, last batches of one or two,
+argument checks; and the reference's other MLKD terms (feature alignment, SupCon)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mlkd_fast
+from helpers import BACKENDS, BF16, F16, F32, F64, dtype_id, math_dtype, rel_err, require_backend, \
+    skip_interpreted_bf16_dots
 from mlkd_fast import functional as MF, reference
 
 
@@ -85,10 +89,8 @@ def test_kd_and_correlation_modules_match_functional():
                                0.09 * MF.correlation_kl(fs, ft, tau=0.3, backend="torch"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_kd_term_logs_the_unweighted_value(backend):
-    from conftest import require_backend
-
     require_backend(backend, "cpu")
     s, t, fs, ft, y = _batch()
     loss_fn = mlkd_fast.MLKDLoss(w_ce=0.5, w_kd=2.5, w_corr=0.25, backend=backend)
@@ -190,3 +192,135 @@ def test_cross_entropy_follows_the_logits_dtype():
         torch.testing.assert_close(value, F.cross_entropy(low.detach().float(), y))
         value.backward()
         assert low.grad.dtype == dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# every dtype on every backend: the terms in fp32 or better, fp64 staying fp64
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, F16, BF16, F64], ids=dtype_id)
+def test_loss_modules_in_every_dtype(op_backend, dtype):
+    backend, device = op_backend
+    skip_interpreted_bf16_dots(backend, device, dtype)
+    s = (torch.randn(6, 11) * 2).to(dtype).to(device).requires_grad_()
+    t = (torch.randn(6, 11) * 2).to(dtype).to(device)
+    f_s = torch.randn(6, 8).to(dtype).to(device).requires_grad_()
+    f_t = torch.randn(6, 5).to(dtype).to(device)
+    kd = mlkd_fast.KDLoss(backend=backend)(s, t)
+    corr = mlkd_fast.CorrelationLoss(backend=backend)(f_s, f_t)
+    assert kd.dtype == corr.dtype == math_dtype(dtype)
+    (kd + corr).backward()
+    assert s.grad.dtype == f_s.grad.dtype == dtype
+    assert torch.isfinite(s.grad).all() and torch.isfinite(f_s.grad).all()
+
+
+def test_mlkd_loss_in_double(op_backend):
+    """``MLKDLoss().double()`` (heads in fp64) on fp64 inputs: every term in fp64, gradients fp64."""
+    backend, device = op_backend
+    loss_fn = mlkd_fast.MLKDLoss(8, 5, w_align=1.0, w_supcon=0.5, backend=backend).double().to(device)
+    s = torch.randn(6, 11, dtype=F64, device=device, requires_grad=True)
+    f_s = torch.randn(6, 8, dtype=F64, device=device, requires_grad=True)
+    total = loss_fn(s, torch.randn(6, 11, dtype=F64, device=device), f_s,
+                    torch.randn(6, 5, dtype=F64, device=device), torch.randint(0, 3, (6,), device=device))
+    total.backward()
+    assert total.dtype == F64 and s.grad.dtype == F64 and f_s.grad.dtype == F64
+    assert loss_fn.last["kd"].dtype == F64 and loss_fn.last["corr"].dtype == F64
+    assert all(p.grad is not None and p.grad.dtype == F64 for p in loss_fn.parameters() if p.requires_grad)
+    # the fp64 loss of the fused terms agrees with the reference to fp64 precision
+    ref_fn = mlkd_fast.MLKDLoss(backend="torch")
+    x = [torch.randn(5, 7, dtype=F64), torch.randn(5, 7, dtype=F64), torch.randn(5, 4, dtype=F64),
+         torch.randn(5, 3, dtype=F64), torch.randint(0, 7, (5,))]
+    ours = mlkd_fast.MLKDLoss(backend=backend)(*(v.to(device) for v in x))
+    assert rel_err(ours, ref_fn(*x)) <= 1e-12
+
+
+@pytest.mark.parametrize("s_dtype, t_dtype", [(F32, F64), (BF16, F32), (F16, F64)],
+                         ids=dtype_id)
+def test_mlkd_loss_with_mixed_student_and_teacher(op_backend, s_dtype, t_dtype):
+    backend, device = op_backend
+    skip_interpreted_bf16_dots(backend, device, s_dtype, t_dtype)
+    loss_fn = mlkd_fast.MLKDLoss(backend=backend)
+    s = torch.randn(6, 11).to(s_dtype).to(device).requires_grad_()
+    f_s = torch.randn(6, 8).to(s_dtype).to(device).requires_grad_()
+    total = loss_fn(s, torch.randn(6, 11).to(t_dtype).to(device), f_s, torch.randn(6, 5).to(t_dtype).to(device),
+                    torch.randint(0, 11, (6,), device=device))
+    total.backward()
+    assert s.grad.dtype == s_dtype and f_s.grad.dtype == s_dtype
+    assert torch.isfinite(total) and torch.isfinite(s.grad).all() and torch.isfinite(f_s.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# last batches of one or two (degenerate correlation), argument checks
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mlkd_loss_trains_on_a_last_batch_of_one_or_two(backend, batch):
+    require_backend(backend, "cpu")
+    loss_fn = mlkd_fast.MLKDLoss(backend=backend)
+    s = torch.randn(batch, 10, requires_grad=True)
+    f_s = torch.randn(batch, 8, requires_grad=True)
+    total = loss_fn(s, torch.randn(batch, 10), f_s, torch.randn(batch, 6), torch.randint(0, 10, (batch,)))
+    total.backward()
+    assert torch.isfinite(total) and loss_fn.last["corr"] == 0
+    assert torch.isfinite(s.grad).all() and (f_s.grad == 0).all()
+
+
+@pytest.mark.parametrize("images", [1, 2])
+@pytest.mark.parametrize("dataset", ["cifar100", "imagenet"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paper_preset_trains_on_a_last_batch_of_one_or_two_images(backend, dataset, images):
+    """4 rotation views per image: 1 image is 4 rows (3 rotated rows against 1 plain column)."""
+    require_backend(backend, "cpu")
+    loss_fn = mlkd_fast.MLKDLoss.paper(dataset, 8, 6, backend=backend)
+    rows = 4 * images
+    s = torch.randn(rows, 10, requires_grad=True)
+    f_s = torch.randn(rows, 8, requires_grad=True)
+    total = loss_fn(s, torch.randn(rows, 10), f_s, torch.randn(rows, 6), torch.randint(0, 10, (images,)))
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(f_s.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in loss_fn.parameters() if p.grad is not None)
+    if images == 1:
+        assert loss_fn.last["corr"] == 0
+
+
+def test_module_constructors_check_arguments():
+    with pytest.raises(ValueError, match="temperature"):
+        mlkd_fast.KDLoss(temperature=0)
+    with pytest.raises(ValueError, match="tau"):
+        mlkd_fast.CorrelationLoss(tau=-1)
+    with pytest.raises(ValueError, match="reduction"):
+        mlkd_fast.KDLoss(reduction="avg")
+    with pytest.raises(ValueError, match="student_dim"):
+        mlkd_fast.MLKDLoss(w_align=1.0)
+    with pytest.raises(ValueError, match="w_kd"):
+        mlkd_fast.MLKDLoss(w_kd=-1.0)
+    with pytest.raises(ValueError, match="dataset"):
+        mlkd_fast.MLKDLoss.paper("mnist", 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference's other terms: feature alignment, SupCon
+# ---------------------------------------------------------------------------------------------
+def test_feature_alignment_value_and_gradcheck():
+    a = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 8, dtype=torch.float64)
+    expected = (2 - 2 * F.cosine_similarity(a, b, dim=1)).mean()
+    torch.testing.assert_close(reference.feature_alignment(a, b), expected)
+    assert reference.feature_alignment(b, b).abs() < 1e-12
+    assert torch.autograd.gradcheck(lambda x: reference.feature_alignment(x, b), (a,))
+
+
+def test_supcon_matches_loop_and_gradcheck():
+    z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2])  # label 3 has no positive: left out
+    zn = F.normalize(z.detach(), dim=1)
+    terms = []
+    for i in range(8):
+        others = [a for a in range(8) if a != i]
+        pos = [p for p in others if y[p] == y[i]]
+        if not pos:
+            continue
+        row_max = max(zn[i] @ zn[a] / 0.07 for a in range(8))  # self included; 1e-7 as the authors' code
+        denom = row_max + torch.log(sum(torch.exp(zn[i] @ zn[a] / 0.07 - row_max) for a in others) + 1e-7)
+        terms.append(-sum(zn[i] @ zn[p] / 0.07 - denom for p in pos) / len(pos))
+    torch.testing.assert_close(reference.supcon_loss(z.detach(), y), torch.stack(terms).mean())
+    assert torch.autograd.gradcheck(lambda x: reference.supcon_loss(x, y, 0.5), (z,))

@@ -424,8 +424,34 @@ def test_image_folder_fail_mode_names_the_corrupt_file(tmp_path):
     with pytest.raises(RuntimeError, match="broken0.jpg"):
         dataset[bad]
     skipping = D.ImageFiles(samples, D.folder_transforms(True, 16))
-    images, labels, n_bad = D.collate_skipping([skipping[i] for i in range(len(samples))])
+    images, labels, n_bad, index = D.collate_skipping([skipping[i] for i in range(len(samples))])
     assert n_bad == 1 and images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
+    assert index.tolist() == [i for i in range(len(samples)) if i != bad]  # the broken file's index left out
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_folder_batches_carry_their_sample_indices_and_crd_keeps_a_bank_over_them(tmp_path, decode):
+    _image_folder(tmp_path / "data", per_class=5)
+    samples = D.scan_image_folder(str(tmp_path / "data" / "train"))[1]
+    source = D.FolderSource(samples, D.Shard(4), seed=3, device=torch.device("cpu"), train=True, image_size=16,
+                            workers=0, decode=decode)
+    seen = []
+    for x, y, index in source.epoch(1, with_index=True):
+        assert x.shape == (4, 3, 16, 16)
+        assert y.tolist() == [samples[i][1] for i in index.tolist()]  # each label is its sample's
+        seen += index.tolist()
+    assert seen == D.epoch_order(10, 3, 1)[:8].tolist()  # the epoch's order, partial last batch dropped
+    weights = tmp_path / "teacher.pt"
+    torch.save(build_model("resnet18", 2).state_dict(), weights)
+    out = tmp_path / f"out-{decode}"
+    summary = main(["--data", str(tmp_path / "data"), "--arch", "resnet18", "--teacher-arch", "resnet18",
+                    "--teacher-weights", str(weights), "--image-size", "16", "--batch-size", "4", "--epochs", "1",
+                    "--workers", "0", "--decode", decode, "--method", "crd", "--method-opt", "num_negatives=4",
+                    "--out", str(out), "--quiet"])
+    assert 0.0 <= summary["student_top1"] <= 100.0
+    bank = torch.load(out / "checkpoint.pt", weights_only=False)["distiller"]
+    banks = [v for k, v in bank.items() if k.endswith("memory_s")]
+    assert banks and banks[0].shape[0] == 10  # one row per training image
 
 
 def test_missing_and_empty_folders_give_clear_errors(tmp_path, capsys):

@@ -5,7 +5,9 @@
 #      (tools/prebuild_native.sh);
 #   2. both parts of benchmarks/gpu_pass.sh, dry (CUDA cases skip), in a copy of the working tree as
 #      the GPU machine gets it, installing exactly as there (the prebuilt library must be taken);
-#   3. the Triton interpreter tests, the native tests and the sm_90 build check in those versions.
+#   3. in those versions: the per-op tests on every backend (the Triton interpreter's and the native
+#      library's included), the backend-specific, dispatch/autograd and loss-module tests, and the
+#      sm_90 build check.
 # CI runs it after the main suite. Exit status: non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +36,5 @@ done
 grep -q "the carried prebuilt library" "$COPY/out1/part1.log" \
   || { echo "rehearse: the pass built the library instead of taking the prebuilt one" >&2; exit 1; }
 python3 -m pytest -p no:cacheprovider -q -n 2 --dist loadfile \
-  tests/test_kd_kl_kernels.py tests/test_correlation_kernels.py tests/test_triton_ops.py tests/test_native_ops.py \
-  tests/test_mlkd_loss.py tests/test_validation.py tests/test_triton_build.py
+  tests/test_op_kd_kl.py tests/test_op_correlation.py tests/test_backend_triton.py tests/test_backend_native.py \
+  tests/test_dispatch.py tests/test_mlkd_loss.py tests/test_triton_build.py

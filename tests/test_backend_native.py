@@ -1,15 +1,17 @@
-"""The compiled library: ops registered, opcheck of each, fakes, soft loading."""
+"""What only the native backend (the compiled library) has: its ops registered, fakes, soft loading,
+the AVX2 sweeps, the CPU output block cache, the C++ correlation's tiles, mixed dtypes read by the op
+itself. The op tests themselves (every backend, opcheck included) are tests/test_op_*.py."""
 import sys
 
 import pytest
 import torch
 
-from conftest import rel_err, require_backend
-from mlkd_fast import _native
+from helpers import BF16, DEVICES, F64, rel_err, require_backend
+from mlkd_fast import _native, reference
 from mlkd_fast.backends import REGISTRY
 
 
-@pytest.fixture(params=["cpu", "cuda"])
+@pytest.fixture(params=DEVICES)
 def device(request):
     require_backend("native", request.param)
     return torch.device(request.param)
@@ -19,40 +21,6 @@ def test_ops_are_registered(device):
     for name in ("kd_kl", "scale_rows", "scale_rows_", "correlation_fwd", "correlation_bwd"):
         assert hasattr(torch.ops.mlkd_fast, name)
     assert isinstance(torch.ops.mlkd_fast_build.built_with_cuda(), bool)
-
-
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_every_op(device, requires_grad):
-    s = torch.randn(6, 70, device=device, requires_grad=requires_grad)
-    t = torch.randn(6, 70, device=device, requires_grad=requires_grad)
-    weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.0, 0.0], device=device)
-    torch.library.opcheck(torch.ops.mlkd_fast.kd_kl.default, (s, t, None, 2.0, requires_grad, False))
-    torch.library.opcheck(torch.ops.mlkd_fast.kd_kl.default, (s, t, weight, 3.0, requires_grad, requires_grad))
-    torch.library.opcheck(torch.ops.mlkd_fast.scale_rows.default, (torch.randn(6, 70, device=device), torch.rand(6, device=device)))
-    torch.library.opcheck(torch.ops.mlkd_fast.scale_rows_.default, (torch.randn(6, 70, device=device), weight))
-    a_s = torch.randn(20, 16, device=device, requires_grad=requires_grad)
-    a_t = torch.randn(20, 24, device=device)
-    b_s = torch.randn(7, 16, device=device, requires_grad=requires_grad)
-    b_t = torch.randn(7, 24, device=device)
-    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, None, None, 0.5, True))
-    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, b_s, b_t, 0.5, False))
-    _, lse_s, lse_t = torch.ops.mlkd_fast.correlation_fwd(a_s.detach(), a_t, b_s.detach(), b_t, 0.5, False)
-    torch.library.opcheck(torch.ops.mlkd_fast.correlation_bwd.default,
-                          (torch.rand(20, device=device), a_s.detach(), a_t, b_s.detach(), b_t, lse_s, lse_t, 0.5, False))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_opcheck_correlation_in_half_precision(device, dtype):
-    """On CUDA fp16/bf16 features take the fused tensor-core kernels, a separate implementation."""
-    a_s = torch.randn(70, 40, device=device, dtype=dtype, requires_grad=True)
-    a_t = torch.randn(70, 24, device=device, dtype=dtype)
-    b_s = torch.randn(33, 40, device=device, dtype=dtype, requires_grad=True)
-    b_t = torch.randn(33, 24, device=device, dtype=dtype)
-    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, None, None, 0.5, True))
-    torch.library.opcheck(torch.ops.mlkd_fast.correlation_fwd.default, (a_s, a_t, b_s, b_t, 0.5, False))
-    _, lse_s, lse_t = torch.ops.mlkd_fast.correlation_fwd(a_s.detach(), a_t, None, None, 0.5, True)
-    torch.library.opcheck(torch.ops.mlkd_fast.correlation_bwd.default,
-                          (torch.rand(70, device=device), a_s.detach(), a_t, None, None, lse_s, lse_t, 0.5, True))
 
 
 def test_fakes_give_shapes_and_dtypes(device):
@@ -157,24 +125,6 @@ def test_large_cpu_outputs_reuse_freed_blocks_without_aliasing():
     assert scaled.data_ptr() not in (second.data_ptr(), reused.data_ptr())
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
-def test_backward_fills_no_zero_gradients(backend):
-    """The stored-gradient outputs of kd_kl get no gradient; autograd must not materialise (N, C)
-    zeros for them on every backward."""
-    require_backend(backend, "cpu")
-    from mlkd_fast import functional
-
-    s = torch.randn(8, 300, requires_grad=True)
-    t = torch.randn(8, 300)
-    loss = functional.kd_kl_div(s, t, backend=backend)
-    with torch.profiler.profile(record_shapes=True) as prof:
-        loss.backward()
-    fills = [(e.key, e.input_shapes) for e in prof.key_averages(group_by_input_shape=True)
-             if e.key in ("aten::zeros", "aten::zero_", "aten::fill_", "aten::zeros_like")]
-    assert not [f for f in fills if [8, 300] in f[1] or any(300 in shape for shape in f[1])], fills
-    assert s.grad is not None and s.grad.abs().sum() > 0
-
-
 @pytest.mark.parametrize("mode", ["square", "keep_diagonal", "rectangular", "shard"])
 def test_correlation_spans_several_tiles(mode):
     """The C++ CPU correlation walks 1024 x 1024 tiles (4096 on CUDA): rows and columns of several
@@ -202,3 +152,13 @@ def test_correlation_spans_several_tiles(mode):
     torch.testing.assert_close(rows.double(), ref_rows, rtol=2e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):  # error relative to the largest entry (fp32 sums of ~1500 terms)
         assert rel_err(g, r) <= 1e-5, f"gradient error {rel_err(g, r):.2e}"
+
+
+def test_native_op_takes_mixed_dtypes_itself(device):
+    """The compiled kd_kl reads student and teacher each in its own dtype (no promotion around it)."""
+    s = torch.randn(4, 50, device=device, dtype=BF16)
+    t = torch.randn(4, 50, device=device, dtype=F64)
+    rows, g_s, g_t = torch.ops.mlkd_fast.kd_kl(s, t, None, 2.0, True, True)
+    assert rows.dtype == F64 and g_s.dtype == BF16 and g_t.dtype == F64
+    ref = reference.kd_kl_rows(s.double().cpu(), t.cpu(), 2.0)
+    assert rel_err(rows, ref) <= 1e-12

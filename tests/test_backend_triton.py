@@ -1,11 +1,10 @@
-"""Triton-specific paths: the split-row path, opcheck of every custom op, the tiled correlation."""
+"""What only the Triton backend has: the KL launcher's row paths and their plan, the correlation's
+tiled path and its plan. The op tests themselves (every backend) are tests/test_op_*.py."""
 import pytest
 import torch
 
-from conftest import rel_err, require_backend
+from helpers import DEVICES, rel_err, require_backend
 from mlkd_fast import reference
-
-DEVICES = ["cpu", "cuda"]
 
 
 @pytest.fixture(params=DEVICES)
@@ -51,31 +50,6 @@ def test_row_plan():
     assert kd_kl._looped_programs(8192, 32000 * 4, cpu) == 264
     assert kd_kl._looped_programs(8192, 131072 * 8, cpu) == 132
     assert kd_kl._looped_programs(100, 131072 * 8, cpu) == 100
-
-
-def test_opcheck_kd_kl(device):
-    ops = torch.ops.mlkd_fast_triton
-    s = torch.randn(6, 70, device=device, requires_grad=True)
-    t = torch.randn(6, 70, device=device, requires_grad=True)
-    weight = torch.tensor([0.5, 0.0, 1.0, 2.0, 1.0, 0.0], device=device)
-    for args in [(s, t, None, 2.0, True, False), (s, t, weight, 3.0, True, True), (s.detach(), t.detach(), None, 1.0, False, False)]:
-        torch.library.opcheck(ops.kd_kl.default, args)
-    torch.library.opcheck(ops.scale_rows.default, (torch.randn(6, 70, device=device), torch.rand(6, device=device)))
-    torch.library.opcheck(ops.scale_rows_.default, (torch.randn(6, 70, device=device), weight))
-
-
-@pytest.mark.parametrize("ds, dt", [(16, 24), (200, 136)], ids=["fused", "tiled"])
-def test_opcheck_correlation(device, ds, dt):
-    ops = torch.ops.mlkd_fast_triton
-    a_s = torch.randn(20, ds, device=device, requires_grad=True)
-    a_t = torch.randn(20, dt, device=device)
-    b_s = torch.randn(7, ds, device=device, requires_grad=True)
-    b_t = torch.randn(7, dt, device=device)
-    torch.library.opcheck(ops.correlation_fwd.default, (a_s, a_t, None, None, 0.5, True))
-    torch.library.opcheck(ops.correlation_fwd.default, (a_s, a_t, b_s, b_t, 0.5, False))
-    _, lse_s, lse_t = ops.correlation_fwd(a_s, a_t, b_s, b_t, 0.5, False)
-    torch.library.opcheck(ops.correlation_bwd.default,
-                          (torch.rand(20, device=device), a_s.detach(), a_t, b_s.detach(), b_t, lse_s.detach(), lse_t.detach(), 0.5, False))
 
 
 TILED_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
