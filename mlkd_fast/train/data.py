@@ -248,8 +248,8 @@ def scan_image_folder(split_dir: str, classes: Optional[Sequence[str]] = None) -
 class ImageFiles(torch.utils.data.Dataset):
     """Decoded, augmented uint8 images of a folder split (PIL on the CPU workers).
 
-    A file that fails to decode gives ``None`` (counted and dropped by :func:`collate_skipping`)
-    or, with ``on_corrupt="fail"``, an error that names it.
+    Items are ``(image, label, index)``. A file that fails to decode gives ``None`` (counted and
+    dropped by :func:`collate_skipping`) or, with ``on_corrupt="fail"``, an error that names it.
     """
 
     def __init__(self, samples: list[tuple[str, int]], transform, on_corrupt: str = "skip") -> None:
@@ -269,7 +269,7 @@ class ImageFiles(torch.utils.data.Dataset):
             if self.on_corrupt == "fail":
                 raise RuntimeError(f"cannot decode image {path!r}: {exc}") from exc
             return None
-        return self.transform(img), label
+        return self.transform(img), label, i
 
 
 class ImageBytes(torch.utils.data.Dataset):
@@ -286,11 +286,13 @@ class ImageBytes(torch.utils.data.Dataset):
         from torchvision.io import read_file
 
         path, label = self.samples[i]
-        return read_file(path), label, path
+        return read_file(path), label, path, i
 
 
 def collate_bytes(batch):
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+    """``(file bytes, labels, paths, indices)`` of a batch."""
+    return ([b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch],
+            torch.tensor([b[3] for b in batch]))
 
 
 def _is_jpeg(data: Tensor) -> bool:
@@ -347,11 +349,12 @@ def augment_on_device(images: list[Tensor], train: bool, size: int) -> Tensor:
 
 
 def collate_skipping(batch):
-    """Stacks the decodable samples of a batch; returns ``(images, labels, n_corrupt)``."""
+    """Stacks the decodable samples of a batch; returns ``(images, labels, n_corrupt, indices)``."""
     good = [b for b in batch if b is not None]
     if not good:
-        return None, None, len(batch)
-    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), len(batch) - len(good)
+        return None, None, len(batch), None
+    return (torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), len(batch) - len(good),
+            torch.tensor([b[2] for b in good]))
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -427,26 +430,30 @@ class FolderSource:
                                                              min(len(self.dataset), (self.shard.rank + 1) * per_rank)))
         return torch.utils.data.DataLoader(subset, shuffle=False, **kwargs)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """``(images, labels)`` batches on the device; with ``with_index`` also the samples' indices in
+        the split (methods with a per-sample memory, e.g. CRD). Undecodable files are left out."""
         if self.train:
             self.sampler.set_epoch(epoch, start_step)
             if start_step:  # persistent workers hold the old sampler position: start afresh
                 self._loader = None
         if self._loader is None:
             self._loader = self._make_loader()
-        for images, labels, extra in self._loader:
+        for batch in self._loader:
             if self.decode == "device":
-                decoded = decode_on_device(images, extra, self.device, self.on_corrupt)
+                datas, labels, paths, index = batch
+                decoded = decode_on_device(datas, paths, self.device, self.on_corrupt)
                 good = [i for i, img in enumerate(decoded) if img is not None]
                 self.corrupt += len(decoded) - len(good)
                 if not good:
                     continue
                 images = augment_on_device([decoded[i] for i in good], self.train, self.image_size)
-                labels = labels[good]
-                yield normalize_images(images, self.channels_last), labels.to(self.device, non_blocking=True)
-                continue
-            self.corrupt += extra
-            if images is None:
-                continue
-            x = images.to(self.device, non_blocking=True)
-            yield normalize_images(x, self.channels_last), labels.to(self.device, non_blocking=True)
+                x, labels, index = normalize_images(images, self.channels_last), labels[good], index[good]
+            else:
+                images, labels, corrupt, index = batch
+                self.corrupt += corrupt
+                if images is None:
+                    continue
+                x = normalize_images(images.to(self.device, non_blocking=True), self.channels_last)
+            y = labels.to(self.device, non_blocking=True)
+            yield (x, y, index.to(self.device, non_blocking=True)) if with_index else (x, y)

@@ -84,7 +84,7 @@ class Run:
             common = dict(shard=self.shard, seed=a.seed, device=self.device, image_size=a.image_size,
                           workers=a.workers, channels_last=self.channels_last, on_corrupt=a.on_corrupt,
                           decode=a.decode)
-            self.train_size = None
+            self.train_size = len(train_samples)
             self.train = D.FolderSource(train_samples, train=True, **common)
             self.val = D.FolderSource(val_samples, train=False, **common)
             self.eval_batches = lambda: self.val.epoch(0)
@@ -132,7 +132,7 @@ class Run:
         if method == "crd" and options.get("negatives", "bank") == "bank":
             if self.train_size is None:
                 raise SystemExit("mlkd-train: --method crd keeps a memory bank indexed by each training sample, and "
-                                 "only the digits data yields sample indices so far; use --method-opt negatives=batch")
+                                 "synthetic data has no samples to index; use --method-opt negatives=batch")
             options.setdefault("num_data", self.train_size)
         shape = self.input_shape()
         student_spec = M.model_spec(model, shape)
