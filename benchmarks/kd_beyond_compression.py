@@ -443,8 +443,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
                         "1 otherwise)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="default: %(default)s")
     p.add_argument("--readme", default=None,
-                   help="README whose kdbc section is rewritten (default: the repository's README for a full "
-                        "digits run into the default --out; none otherwise; '' for none)")
+                   help="README whose kdbc section is rewritten (default: the repository's README for the whole "
+                        "digits grid into the default --out, none for a slice or elsewhere; '' for none)")
     p.add_argument("--report", action="store_true", help="only rebuild the table, plots and README from the JSON")
     args, extra = p.parse_known_args(argv)
     registered = available()
@@ -471,10 +471,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.readme is None:
-        full = not (args.quick or args.report) and args.data == "digits"
+        sliced = argv_given(argv, ("--methods", "--settings", "--gaps", "--seeds", "--quick", "--report"))
+        full = not sliced and args.data == "digits"
         args.readme = os.path.join(ROOT, "README.md") if full and os.path.abspath(args.out) == os.path.join(
             HERE, "results") else ""
     return args, extra
+
+
+def argv_given(argv: Optional[Sequence[str]], flags: Sequence[str]) -> bool:
+    """Whether any of ``flags`` is on the command line (a slice never rewrites the README's table)."""
+    given = sys.argv[1:] if argv is None else argv
+    return any(a == f or a.startswith(f + "=") for a in given for f in flags)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

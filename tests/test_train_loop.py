@@ -514,3 +514,24 @@ def test_device_decoding_path_trains_and_skips_corrupt_files(tmp_path):
     assert batch.shape == (len(samples) - 1, 3, 24, 24) and batch.dtype == torch.uint8
     with pytest.raises(RuntimeError, match="broken0.jpg"):
         D.decode_on_device([r[0] for r in raw], [r[2] for r in raw], torch.device("cpu"), on_corrupt="fail")
+
+
+def test_samples_a_method_makes_leave_the_students_batchnorm_estimates_alone():
+    """BSS's adversarial samples go through the student in train mode (their own batch statistics,
+    gradients to the student) without moving BatchNorm's running estimates, which evaluation uses."""
+    from mlkd_fast.methods import build, model_spec
+    from mlkd_fast.train.loop import DistillStep
+
+    student, teacher = build_model("cnn-tiny", 10), build_model("cnn-small", 10)
+    distiller = build("bss", model_spec(student, (1, 8, 8)), model_spec(teacher, (1, 8, 8)))
+    step = DistillStep(student, distiller).train()
+    before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k or "num_batches" in k}
+    logits = step._extra_logits(torch.randn(16, 1, 8, 8) * 50.0)  # far off the data
+    assert logits.shape == (16, 10) and logits.requires_grad
+    logits.sum().backward()
+    assert student.fc.weight.grad is not None
+    for k, v in student.state_dict().items():
+        if k in before:
+            assert torch.equal(v, before[k]), k
+    student(torch.randn(16, 1, 8, 8))  # an ordinary training forward still updates them
+    assert not torch.equal(student.state_dict()["body.1.running_mean"], before["body.1.running_mean"])

@@ -44,8 +44,28 @@ class DistillStep(nn.Module):
         if "index" in wanted:
             context["index"] = index
         if "inputs" in wanted:
-            context.update(inputs=x, teacher_fn=teacher_fn, student_fn=lambda z: self.student(z)[0])
+            context.update(inputs=x, teacher_fn=teacher_fn, student_fn=self._extra_logits)
         return self.distiller(out, teacher_out, y, **context)
+
+    def _extra_logits(self, z: Tensor) -> Tensor:
+        """The student's logits on samples a method makes (BSS's adversarial ones). They normalise with
+        their own batch statistics, but BatchNorm's running estimates, which evaluation uses, stay those
+        of the training data: samples pushed far off the data (on digits, by the attack's reference step
+        size) would otherwise drag them there and leave the evaluated model at chance."""
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        norms = [m for m in self.student.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        kept = [tuple(getattr(m, n) for n in names) for m in norms]
+        try:
+            # the forward updates throw-away copies (BatchNorm's backward may hold them: no in-place restore)
+            for m, buffers in zip(norms, kept):
+                for n, b in zip(names, buffers):
+                    setattr(m, n, b.clone())
+            return self.student(z)[0]
+        finally:
+            for m, buffers in zip(norms, kept):
+                for n, b in zip(names, buffers):
+                    setattr(m, n, b)
 
 
 class StopFlag:
