@@ -186,9 +186,11 @@ def _row(key: RunKey, summary: dict, protocol: Protocol, commit: Optional[str]) 
             "noisy_labels": summary.get("noisy_labels", 0)}
 
 
-def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, threads: int, commit: str) -> list[dict]:
+def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, threads: int,
+            commit: str) -> tuple[list[dict], int]:
     """Runs what is not finished yet on ``jobs`` worker processes (students after their teacher);
-    returns one row per key. Each trained run records ``commit`` (the code it ran) beside it."""
+    returns one row per key and how many runs this call trained. Each trained run records ``commit``
+    (the code it ran) beside it."""
     done = {k: s for k in keys if (s := _finished(runs_dir, k)) is not None}
     todo = [k for k in keys if k not in done]
     print(f"{NAME}: {len(keys)} runs, {len(done)} already finished, {len(todo)} to train on {jobs} process(es) "
@@ -232,7 +234,7 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise SystemExit(f"{NAME}: stopped; run the same command again to continue (finished runs are kept)")
-    return [_row(k, done[k], protocol, _trained_by(runs_dir, k)) for k in keys]
+    return [_row(k, done[k], protocol, _trained_by(runs_dir, k)) for k in keys], trained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +331,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(row) + f" | {tail} |")
         lines.append("")
     total = sum(r["seconds"] for r in rows)
-    lines.append(f"{len(rows)} runs, {total / 60:.1f} min of training in all; wall time of the last invocation "
-                 f"{result['wall_seconds'] / 60:.1f} min on {result['machine']} ({result['jobs']} process(es)).")
+    calls = result.get("invocations") or [{"runs_trained": len(rows), "wall_seconds": result["wall_seconds"]}]
+    walls = ", ".join(f"{c['wall_seconds'] / 60:.1f} min for {c['runs_trained']} runs" for c in calls)
+    lines.append(f"{len(rows)} runs, {total / 60:.1f} min of training in all; wall time {walls} on "
+                 f"{result['machine']} ({result['jobs']} process(es) at once).")
     return "\n".join(lines) + "\n"
 
 
@@ -510,14 +514,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     threads = max(1, cores // jobs)
     start = time.perf_counter()
     commit = _commit()  # the code the runs of this invocation train with
-    rows = execute(keys, protocol, runs_dir, jobs, threads, commit)
+    rows, trained = execute(keys, protocol, runs_dir, jobs, threads, commit)
+    invocation = {"commit": commit, "runs_trained": trained, "wall_seconds": round(time.perf_counter() - start, 1),
+                  "jobs": jobs}
+    invocations = []  # the earlier invocations that trained runs of this table, when it is the same grid
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+        if {(r["method"], r["setting"], r["gap"], r["seed"]) for r in previous.get("rows", [])} <= {
+                (r["method"], r["setting"], r["gap"], r["seed"]) for r in rows}:
+            invocations = previous.get("invocations", [])
     command = " ".join([f"python benchmarks/{NAME}.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"protocol": {**protocol.__dict__, "extra": list(protocol.extra),
                            "settings": {s: SETTINGS[s] for s in args.settings}, "seeds": args.seeds},
               "methods": args.methods, "command": command, "commit": commit,
               "run_commits": sorted({r["commit"] or "unknown" for r in rows}), "versions": _versions(),
               "machine": f"{platform.machine()}, {cores} CPU core(s)", "jobs": jobs, "threads_per_job": threads,
-              "wall_seconds": round(time.perf_counter() - start, 1), "rows": rows}
+              "wall_seconds": invocation["wall_seconds"], "invocations": invocations + [invocation], "rows": rows}
     write_outputs(result, args.out, args.readme or None)
     return result
 

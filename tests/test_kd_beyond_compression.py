@@ -50,6 +50,8 @@ def test_a_second_invocation_redoes_only_unfinished_runs(quick, capsys):
     assert "8 runs, 7 already finished, 1 to train" in capsys.readouterr().out
     same = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert same(again["rows"]) == same(result["rows"])  # the retrained run gives the same numbers
+    assert [c["runs_trained"] for c in again["invocations"]] == [8, 1]
+    assert "wall time " in (out / "kd_beyond_compression.md").read_text()
 
 
 def test_report_rebuilds_the_readme_section_from_the_json(quick, tmp_path):
