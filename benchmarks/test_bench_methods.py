@@ -88,12 +88,27 @@ def eager_pkt(f_s, f_t, eps=1e-7):
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 
 
+def _eager_pdist(e):
+    d = (e.pow(2).sum(1)[:, None] + e.pow(2).sum(1)[None] - 2 * e @ e.t()).clamp(min=1e-12).sqrt()
+    d = d.clone()
+    d[range(len(e)), range(len(e))] = 0
+    return d / d[d > 0].mean()
+
+
+def eager_rkd_distance(f_s, f_t):
+    return F.smooth_l1_loss(_eager_pdist(f_s), _eager_pdist(f_t))
+
+
+def eager_cc(e_s, e_t, gamma=0.4):
+    def kernel(e):  # the Gaussian RBF to order 2 in the dot products
+        g = e @ e.t()
+        return torch.exp(torch.tensor(-2 * gamma)) * (1 + 2 * gamma * g + 2 * gamma ** 2 * g * g)
+
+    return (kernel(e_t) - kernel(e_s)).pow(2).sum() / e_s.shape[0] ** 2
+
+
 def eager_rkd(f_s, f_t):
-    def dist(e):
-        d = (e.pow(2).sum(1)[:, None] + e.pow(2).sum(1)[None] - 2 * e @ e.t()).clamp(min=1e-12).sqrt()
-        d = d.clone()
-        d[range(len(e)), range(len(e))] = 0
-        return d / d[d > 0].mean()
+    dist = _eager_pdist
 
     def angle(e):
         v = F.normalize(e[None] - e[:, None], p=2, dim=2)
@@ -121,6 +136,8 @@ CASES = {
     "sp": ("maps", M.sp_loss, eager_sp),
     "pkt": ("feats", M.pkt_loss, eager_pkt),
     "rkd": ("feats", M.rkd_loss, eager_rkd),
+    "rkd_distance": ("feats", M.rkd_distance_loss, eager_rkd_distance),
+    "cc": ("feats", M.cc_loss, eager_cc),
     "crd_inbatch": ("feats", M.crd_inbatch_loss, eager_crd_inbatch),
 }
 
