@@ -73,3 +73,28 @@ def test_bad_slices_are_refused_before_anything_trains(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--quick", "--out", str(tmp_path), "--label-smoothing", "0.1"])  # not an mlkd-train flag
     assert not (tmp_path / "kd_beyond_compression_runs").exists()
+
+
+def test_folder_data_with_the_loops_flags_passed_through(tmp_path):
+    """--data PATH: the teachers and students train on an ImageNet-style folder, with mlkd-train flags
+    the study does not know (--image-size, --workers) given to every run."""
+    import torch
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(8):
+                pixels = torch.randint(0, 256, (20, 20, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / c / f"{i}.png")
+    out = tmp_path / "out"
+    result = study.main(["--data", str(tmp_path / "data"), "--methods", "kd", "--settings", "sym40", "--seeds", "0",
+                         "--gap", "large=resnet18", "--arch", "resnet18", "--epochs", "1", "--batch-size", "4",
+                         "--image-size", "16", "--workers", "0", "--out", str(out)])
+    assert sorted(r["method"] for r in result["rows"]) == ["ce", "kd", "teacher"]
+    assert {r["train_samples"] for r in result["rows"]} == {16} and {r["noisy_labels"] for r in result["rows"]} == {6}
+    config = json.loads((out / "kd_beyond_compression_runs" / "sym40" / "large" / "kd" / "seed0" / "config.json")
+                        .read_text())
+    assert config["image_size"] == 16 and config["workers"] == 0 and config["data"] == str(tmp_path / "data")
+    assert result["protocol"]["extra"] == ["--image-size", "16", "--workers", "0"]
