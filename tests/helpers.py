@@ -141,3 +141,19 @@ def apply_layout(kind: str, x: torch.Tensor) -> torch.Tensor:
     if kind == "expanded":
         return x[:1].expand(x.shape[0], x.shape[1])
     return x
+
+
+def make_image_folder(root, classes=("a", "b"), per_class=6, corrupt=0) -> None:
+    """An ImageNet-style folder of random 40 x 36 PNGs: ``root/{train,val}/<class>/<i>.png``, plus
+    ``corrupt`` undecodable ``broken<i>.jpg`` files in the first training class."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (40, 36, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    for i in range(corrupt):
+        (root / "train" / classes[0] / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")

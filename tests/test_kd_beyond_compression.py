@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import kd_beyond_compression as study
+from helpers import make_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +79,7 @@ def test_bad_slices_are_refused_before_anything_trains(tmp_path, capsys):
 def test_folder_data_with_the_loops_flags_passed_through(tmp_path):
     """--data PATH: the teachers and students train on an ImageNet-style folder, with mlkd-train flags
     the study does not know (--image-size, --workers) given to every run."""
-    import torch
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (tmp_path / "data" / split / c).mkdir(parents=True)
-            for i in range(8):
-                pixels = torch.randint(0, 256, (20, 20, 3), generator=gen, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(tmp_path / "data" / split / c / f"{i}.png")
+    make_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "out"
     result = study.main(["--data", str(tmp_path / "data"), "--methods", "kd", "--settings", "sym40", "--seeds", "0",
                          "--gap", "large=resnet18", "--arch", "resnet18", "--epochs", "1", "--batch-size", "4",

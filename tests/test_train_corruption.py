@@ -1,7 +1,6 @@
 """The training-data options of the robustness study: label noise (symmetric, asymmetric), long-tailed
 imbalance, small digits training sets, on digits and on folder data; runs without a teacher."""
 import json
-import os
 import re
 
 import pytest
@@ -10,6 +9,8 @@ import torch
 from mlkd_fast.train import data as D
 from mlkd_fast.train import main
 from mlkd_fast.train.cli import parse_args
+
+from helpers import make_image_folder
 
 
 def test_asymmetric_noise_flips_the_same_fraction_of_every_class_to_the_next_class():
@@ -80,20 +81,8 @@ def test_resume_refuses_another_noise_type(tmp_path):
         main([*run, "--resume", "--noise-type", "asymmetric"])
 
 
-def _image_folder(root, classes=("a", "b", "c"), per_class=8):
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in classes:
-            os.makedirs(root / split / c, exist_ok=True)
-            for i in range(per_class):
-                pixels = torch.randint(0, 256, (24, 24, 3), generator=gen, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-
-
 def test_folder_data_takes_label_noise_and_imbalance(tmp_path):
-    _image_folder(tmp_path / "data")
+    make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=8)
     summary = main(["--data", str(tmp_path / "data"), "--method", "ce", "--arch", "resnet18", "--image-size", "16",
                     "--batch-size", "4", "--epochs", "1", "--workers", "0", "--imbalance", "4",
                     "--label-noise", "0.5", "--out", str(tmp_path / "out"), "--quiet"])

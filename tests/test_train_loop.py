@@ -16,6 +16,8 @@ from mlkd_fast.train import main
 from mlkd_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from mlkd_fast.train.models import build_model
 
+from helpers import make_image_folder
+
 SHORT = ["--teacher-epochs", "3", "--epochs", "3", "--quiet"]
 
 
@@ -389,22 +391,8 @@ def test_rotations_and_paper_preset_on_synthetic_images_bf16_channels_last(tmp_p
     assert {"ce", "corr", "align", "supcon"} <= set(record)
 
 
-def _image_folder(root, classes=("a", "b"), per_class=6, corrupt=0):
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in classes:
-            os.makedirs(root / split / c, exist_ok=True)
-            for i in range(per_class):
-                pixels = torch.randint(0, 256, (40, 36, 3), generator=gen, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    for i in range(corrupt):
-        (root / "train" / classes[0] / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-
-
 def test_image_folder_run_skips_and_counts_corrupt_files(tmp_path):
-    _image_folder(tmp_path / "data", corrupt=1)
+    make_image_folder(tmp_path / "data", corrupt=1)
     weights = tmp_path / "teacher.pt"
     torch.save(build_model("resnet18", 2).state_dict(), weights)
     summary = main(["--data", str(tmp_path / "data"), "--arch", "resnet18", "--teacher-arch", "resnet18",
@@ -417,7 +405,7 @@ def test_image_folder_run_skips_and_counts_corrupt_files(tmp_path):
 
 
 def test_image_folder_fail_mode_names_the_corrupt_file(tmp_path):
-    _image_folder(tmp_path / "data", per_class=1, corrupt=1)
+    make_image_folder(tmp_path / "data", per_class=1, corrupt=1)
     samples = D.scan_image_folder(str(tmp_path / "data" / "train"))[1]
     dataset = D.ImageFiles(samples, D.folder_transforms(True, 16), on_corrupt="fail")
     bad = [i for i, (p, _) in enumerate(samples) if "broken" in p][0]
@@ -431,7 +419,7 @@ def test_image_folder_fail_mode_names_the_corrupt_file(tmp_path):
 
 @pytest.mark.parametrize("decode", ["workers", "device"])
 def test_folder_batches_carry_their_sample_indices_and_crd_keeps_a_bank_over_them(tmp_path, decode):
-    _image_folder(tmp_path / "data", per_class=5)
+    make_image_folder(tmp_path / "data", per_class=5)
     samples = D.scan_image_folder(str(tmp_path / "data" / "train"))[1]
     source = D.FolderSource(samples, D.Shard(4), seed=3, device=torch.device("cpu"), train=True, image_size=16,
                             workers=0, decode=decode)
@@ -458,7 +446,7 @@ def test_missing_and_empty_folders_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--data", str(tmp_path / "nowhere"), "--teacher-weights", "x.pt"])
     assert exc.value.code == 2 and "no such folder" in capsys.readouterr().err
-    _image_folder(tmp_path / "data", per_class=1)
+    make_image_folder(tmp_path / "data", per_class=1)
     os.makedirs(tmp_path / "data" / "train" / "empty")
     with pytest.raises(ValueError, match="empty.*holds no images"):
         D.scan_image_folder(str(tmp_path / "data" / "train"))
@@ -495,7 +483,7 @@ def test_device_decoding_path_trains_and_skips_corrupt_files(tmp_path):
     device (nvJPEG on CUDA; here the CPU twin of the same code)."""
     from PIL import Image
 
-    _image_folder(tmp_path / "data", corrupt=1)
+    make_image_folder(tmp_path / "data", corrupt=1)
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "data" / "train" / "b" / "real.jpg")
     datas = [D.ImageBytes(D.scan_image_folder(str(tmp_path / "data" / "train"))[1])[i] for i in range(3)]
     weights = tmp_path / "teacher.pt"
