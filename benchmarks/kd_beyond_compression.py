@@ -18,12 +18,19 @@ large gap) and ``cnn-small`` (8-16-32, the small gap); 60 epochs, batch 16, SGD 
 ``--data PATH`` (an ImageNet-style folder) with ``--arch`` / ``--gap NAME=ARCH``; any other flag is
 passed to every ``mlkd-train`` run (e.g. ``--device cuda --precision bf16 --batch-size 256``).
 
-Outputs (in ``--out``, default ``benchmarks/results``): ``kd_beyond_compression.json`` (protocol,
-versions, commit, one row per run), ``kd_beyond_compression.md`` (mean +- std per method and setting,
-wins over CE), ``kd_beyond_compression_noise.png`` and ``..._imbalance.png``, and the README section
-between ``<!-- kdbc:start -->`` and ``<!-- kdbc:end -->`` (``--readme``). The runs live under
+Outputs (in ``--out``): ``kd_beyond_compression.json`` (protocol, versions, commit, one row per run),
+``kd_beyond_compression.md`` (mean +- std per method and setting, wins over CE),
+``kd_beyond_compression_noise.png`` and ``..._imbalance.png``, and the README section between
+``<!-- kdbc:start -->`` and ``<!-- kdbc:end -->`` (``--readme``). The runs live under
 ``<out>/kd_beyond_compression_runs/``: a finished run is never redone, a stopped one resumes from its
 checkpoint, so the command can be stopped and run again. ``--report`` only rebuilds the outputs.
+
+Where it writes: nothing committed changes unless its path is given. ``--out`` defaults to
+``runs/kd_beyond_compression/`` (``runs/kd_beyond_compression_quick/`` with ``--quick``), under the
+current folder and git-ignored; the committed results (``benchmarks/results/``, and the README's
+section) are rewritten only by ``--out benchmarks/results``: the whole digits grid written there
+also rewrites the README's section, unless ``--readme ''``; a slice rewrites no README unless
+``--readme PATH`` names it.
 """
 from __future__ import annotations
 
@@ -41,9 +48,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from mlkd_fast import methods as _zoo
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NAME = "kd_beyond_compression"
+COMMITTED = os.path.join(HERE, "results")  # written only when --out names it
+DEFAULT_OUT = os.path.join("runs", NAME)
+QUICK_OUT = os.path.join("runs", f"{NAME}_quick")
 START, END = "<!-- kdbc:start -->", "<!-- kdbc:end -->"
 
 # setting -> (mlkd-train flags, x of the noise / imbalance plot)
@@ -58,11 +70,18 @@ SETTINGS: dict[str, list[str]] = {
 }
 NOISE_AXIS = {"clean": 0, "sym20": 20, "sym40": 40, "sym60": 60}
 IMBALANCE_AXIS = {"clean": 1, "lt10": 10, "lt100": 100}
-TEACHER_FREE = ("ce", "dml")
-# table order: outputs and decision boundary, representations, relations between samples, cohorts, ours
-ORDER = ("ce", "kd", "dkd", "dist", "bss", "fitnet", "at", "fsp", "nst", "sp", "pkt", "rkd", "cc", "crd", "dml",
-         "mlkd")
-QUICK = dict(methods=["ce", "kd", "dml"], settings=["clean", "sym40"], gaps=["large"], seeds=[0], epochs=2)
+# what the study knows of a method comes from its class's traits (mlkd_fast.methods.base)
+BASELINE = _zoo.baseline()
+TEACHER_FREE = tuple(m for m in _zoo.available() if not _zoo.method_class(m).needs_teacher)
+# table order: the baseline, outputs and decision boundary, representations, relations between samples,
+# cohorts, ours; alphabetical within a family
+FAMILIES = ("none", "outputs", "representations", "relations", "cohort", "ours")
+QUICK = dict(methods=[BASELINE, "kd", "dml"], settings=["clean", "sym40"], gaps=["large"], seeds=[0], epochs=2)
+
+
+def table_order(method: str) -> tuple:
+    family = _zoo.method_class(method).family
+    return (FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), method)
 
 
 @dataclass(frozen=True)
@@ -129,7 +148,7 @@ def argv_of(key: RunKey, protocol: Protocol, runs_dir: str) -> list[str]:
     if os.path.isfile(os.path.join(out, "checkpoint.pt")):
         argv.append("--resume")  # a run stopped part-way continues where it stopped
     if key.method == "teacher":
-        return argv + ["--method", "ce", "--arch", protocol.gaps[key.gap], "--epochs", str(protocol.teacher_epochs),
+        return argv + ["--method", BASELINE, "--arch", protocol.gaps[key.gap], "--epochs", str(protocol.teacher_epochs),
                        "--teacher-epochs", "0"]
     argv += ["--method", key.method, "--arch", protocol.student, "--epochs", str(protocol.epochs)]
     for method, option in protocol.method_options:
@@ -282,7 +301,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     for r in rows:
         for g in ([r["gap"]] if r["gap"] != "-" else gaps):
             by.setdefault((g, r["method"], r["setting"]), []).append(r)
-    ce = {(r["setting"], r["seed"]): r["top1_last"] for r in rows if r["method"] == "ce"}
+    ce = {(r["setting"], r["seed"]): r["top1_last"] for r in rows if r["method"] == BASELINE}
     cells = {}
     for (g, m, s), rs in by.items():
         mean, std = _stats([r["top1_last"] for r in rs])
@@ -317,17 +336,17 @@ def markdown(result: dict) -> str:
             row, above = [], 0
             for s in settings:
                 c = cells.get((g, m, s))
-                ce = cells.get((g, "ce", s))
+                ce = cells.get((g, BASELINE, s))
                 if c is None:
                     row.append("")
                     continue
                 text = f"{c['mean']:.2f} ± {c['std']:.2f}"
-                if m not in ("ce", "teacher") and ce is not None:
+                if m not in (BASELINE, "teacher") and ce is not None:
                     better = c["mean"] > ce["mean"]
                     above += better
                     text = (f"**{text}**" if better else text + " ≤CE") + f" ({c['wins']}/{c['compared']})"
                 row.append(text)
-            tail = f"{above}/{len(settings)}" if m not in ("ce", "teacher") else ""
+            tail = f"{above}/{len(settings)}" if m not in (BASELINE, "teacher") else ""
             lines.append(f"| {m} | " + " | ".join(row) + f" | {tail} |")
         lines.append("")
     total = sum(r["seconds"] for r in rows)
@@ -363,7 +382,7 @@ def plots(result: dict, out_dir: str) -> list[str]:
                 pts = [(x, cells[(g, m, s)]) for s, x in axis.items() if (g, m, s) in cells]
                 if len(pts) < 2:
                     continue
-                style = dict(color="black", linestyle="--", linewidth=2) if m == "ce" else \
+                style = dict(color="black", linestyle="--", linewidth=2) if m == BASELINE else \
                     dict(color="grey", linestyle=":", linewidth=2) if m == "teacher" else dict(color=colors(i % 20))
                 ax.errorbar([x for x, _ in pts], [c["mean"] for _, c in pts], yerr=[c["std"] for _, c in pts],
                             label=m, marker="o", markersize=3, capsize=2, **style)
@@ -445,23 +464,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained at once, each in its own process (default: one per CPU core on digits, "
                         "1 otherwise)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="default: %(default)s")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {DEFAULT_OUT}, {QUICK_OUT} with --quick); the committed results "
+                        f"change only when it is given: --out benchmarks/results")
     p.add_argument("--readme", default=None,
                    help="README whose kdbc section is rewritten (default: the repository's README for the whole "
-                        "digits grid into the default --out, none for a slice or elsewhere; '' for none)")
+                        "digits grid written to --out benchmarks/results, none for a slice or elsewhere; '' for "
+                        "none)")
     p.add_argument("--report", action="store_true", help="only rebuild the table, plots and README from the JSON")
     args, extra = p.parse_known_args(argv)
+    if args.out is None:  # never the committed benchmarks/results unless named
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     registered = available()
     if args.quick:
         for k, v in QUICK.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
-    args.methods = args.methods or sorted(registered, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    args.methods = args.methods or sorted(registered, key=table_order)
     unknown = [m for m in args.methods if m not in registered]
     if unknown:
         p.error(f"unknown method(s) {unknown}; available: {', '.join(registered)}")
-    if "ce" not in args.methods:
-        args.methods = ["ce"] + args.methods  # every table compares against it
+    if BASELINE not in args.methods:
+        args.methods = [BASELINE] + args.methods  # every table compares against it
     args.settings = args.settings or list(SETTINGS)
     args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
     for o in args.method_opt:
@@ -477,8 +501,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     if args.readme is None:
         sliced = argv_given(argv, ("--methods", "--settings", "--gaps", "--seeds", "--quick", "--report"))
         full = not sliced and args.data == "digits"
-        args.readme = os.path.join(ROOT, "README.md") if full and os.path.abspath(args.out) == os.path.join(
-            HERE, "results") else ""
+        args.readme = os.path.join(ROOT, "README.md") if full and os.path.abspath(args.out) == COMMITTED else ""
     return args, extra
 
 

@@ -23,7 +23,6 @@ from conftest import run_info  # noqa: E402
 
 from mlkd_fast import methods as M  # noqa: E402
 from mlkd_fast.train.data import normalize_images  # noqa: E402
-from mlkd_fast.train.loop import DistillStep  # noqa: E402
 from mlkd_fast.train.models import build_model  # noqa: E402
 
 
@@ -51,9 +50,6 @@ def measure(fast: bool, args, device: torch.device) -> dict:
     classes = args.num_classes
     teacher = build_model(args.teacher_arch, classes).to(device).eval().requires_grad_(False)
     student = build_model(args.arch, classes).to(device)
-    spec = lambda net: M.ModelSpec(classes, net.feature_dim)  # noqa: E731
-    distiller = M.build("mlkd", spec(student), spec(teacher), backend="auto" if fast else "torch").to(device)
-    loss_fn = distiller.loss
     amp = torch.bfloat16 if fast else None
     channels_last = fast and device.type == "cuda"
     if fast and device.type == "cuda":
@@ -61,9 +57,12 @@ def measure(fast: bool, args, device: torch.device) -> dict:
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
         student = student.to(memory_format=torch.channels_last)
-    step_module = DistillStep(torch.compile(student) if fast and args.compile else student, distiller)
     t_run = torch.compile(teacher) if fast and args.compile else teacher
-    opt = torch.optim.SGD(list(student.parameters()) + list(loss_fn.parameters()), lr=0.1, momentum=0.9)
+    distill = M.Distillation(torch.compile(student) if fast and args.compile else student, t_run, "mlkd",
+                             input_shape=(3, args.image_size, args.image_size),
+                             backend="auto" if fast else "torch").to(device)
+    loss_fn = distill.distiller.loss
+    opt = torch.optim.SGD(distill.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator(device=device).manual_seed(0)
     raw = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), generator=gen,
                         device=device, dtype=torch.uint8)
@@ -72,10 +71,8 @@ def measure(fast: bool, args, device: torch.device) -> dict:
 
     def step():
         x = normalize_images(raw, channels_last)
-        with torch.no_grad(), autocast():
-            t_out = M.Outputs(*t_run(x))
         with autocast():
-            loss = step_module(x, y, t_out)
+            loss = distill(x, y)  # the frozen teacher under no_grad, the student, the loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import ops
 from ..ops import NORM_EPS
 from ._device import sm_count
 
@@ -351,8 +352,7 @@ def _tile_grad_operands_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 def _inv_norms(x: Tensor) -> Tensor:
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # the math dtype
-    return torch.linalg.vector_norm(x, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
+    return torch.linalg.vector_norm(x, dim=1, dtype=ops.math_dtype(x)).clamp_min(NORM_EPS).reciprocal()
 
 
 # (widest feature block, bytes per element) -> tile rows/columns, warps, pipeline stages. Chosen with
@@ -405,7 +405,7 @@ def _operands(a_s, a_t, b_s, b_t):
     and the teacher's each its own."""
     square = b_s is None
     given = (a_s, a_t) if square else (a_s, a_t, b_s, b_t)
-    if any(x.dtype == torch.float64 for x in given):
+    if ops.math_dtype(*given) == torch.float64:
         a_s, a_t, b_s, b_t = (None if x is None else x.to(torch.float64) for x in (a_s, a_t, b_s, b_t))
     elif not square:
         student, teacher = torch.promote_types(a_s.dtype, b_s.dtype), torch.promote_types(a_t.dtype, b_t.dtype)
@@ -418,7 +418,8 @@ def _operands(a_s, a_t, b_s, b_t):
 
 def _math(a_s: Tensor) -> tuple[torch.dtype, object]:
     """(torch dtype, Triton dtype) of the statistics: fp64 on the fp64 path, else fp32."""
-    return (torch.float64, tl.float64) if a_s.dtype == torch.float64 else (torch.float32, tl.float32)
+    math = ops.math_dtype(a_s)
+    return math, (tl.float64 if math == torch.float64 else tl.float32)
 
 
 def _fused_config(a_s: Tensor, a_t: Tensor, tiled: Optional[bool]) -> Optional[dict]:

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import ops
 from ._device import sm_count
 
 
@@ -317,7 +318,7 @@ def _launch_kd_kl(
     chunk), ``splits`` and ``programs`` override the heuristics (tests use them)."""
     n, c = s.shape
     dev = s.device
-    math = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32  # fp64 stays fp64
+    math = ops.math_dtype(s, t)  # fp64 stays fp64
     acc = tl.float64 if math == torch.float64 else tl.float32
     if row_weight is not None and row_weight.dtype != math:
         row_weight = row_weight.to(math)
@@ -388,7 +389,7 @@ def _launch_kd_kl(
 
 def _launch_scale_rows(x: Tensor, g: Tensor, inplace: bool) -> Optional[Tensor]:
     n, c = x.shape
-    g32 = g.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()  # the math dtype
+    g32 = g.to(ops.math_dtype(x)).contiguous()  # the math dtype
     block = min(triton.next_power_of_2(c), 4096)
     grid = (n, triton.cdiv(c, block))
     if inplace:

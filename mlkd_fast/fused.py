@@ -8,61 +8,22 @@ per-row function.
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import _checks as check
 from . import backends
+from ._checks import REDUCTIONS
 from .ops import math_dtype
-
-REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 __all__ = ["kd_kl_div", "correlation_kl", "REDUCTIONS"]
 
 
 # ---------------------------------------------------------------------------------------------
-# checks
+# layout
 # ---------------------------------------------------------------------------------------------
-def _check_tensor(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float32/float16/bfloat16/float64), got {x.dtype}")
-    return x
-
-
-def _check_finite(value: object, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
-    return value
-
-
-def _check_positive(value: object, name: str) -> float:
-    return _check_finite(value, name, positive=True)
-
-
-def _check_reduction(reduction: object) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
-    return reduction  # type: ignore[return-value]
-
-
-def _check_same_device(tensors: dict[str, Optional[Tensor]]) -> torch.device:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {k: v.device for k, v in present.items()}
-    first_name, first = next(iter(devices.items()))
-    for name, dev in devices.items():
-        if dev != first:
-            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; move them to one device")
-    return first
-
-
 def _last_dim_contiguous(x: Tensor) -> Tensor:
     """Kernels take any row stride; they copy only when the last stride is not 1."""
     if x.stride(-1) != 1:
@@ -109,8 +70,8 @@ def kd_kl_div(
         An fp32 scalar, or the per-row vector for ``reduction="none"``; fp64 when either input is
         fp64 (the math is then fp64 on every backend; otherwise fp32, whatever the input dtypes).
     """
-    s = _check_tensor(student_logits, "student_logits")
-    t = _check_tensor(teacher_logits, "teacher_logits")
+    s = check.float_tensor(student_logits, "student_logits")
+    t = check.float_tensor(teacher_logits, "teacher_logits")
     if s.ndim < 2:
         raise ValueError(f"student_logits must have shape (N, C) (or (..., C)), got ndim {s.ndim}")
     if t.ndim != s.ndim:
@@ -121,9 +82,9 @@ def kd_kl_div(
         raise ValueError(f"student_logits and teacher_logits disagree on the classes C: {s.shape[-1]} vs {t.shape[-1]}")
     if s.numel() == 0:
         raise ValueError(f"empty batch: student_logits has shape {tuple(s.shape)}")
-    temperature = _check_positive(temperature, "temperature")
-    reduction = _check_reduction(reduction)
-    weight = _check_finite(weight, "weight")
+    temperature = check.positive(temperature, "temperature")
+    reduction = check.reduction(reduction)
+    weight = check.real(weight, "weight")
     if row_mask is not None:
         if not isinstance(row_mask, Tensor):
             raise TypeError(f"row_mask must be a bool torch.Tensor, got {type(row_mask).__name__}")
@@ -131,7 +92,7 @@ def kd_kl_div(
             raise TypeError(f"row_mask must have dtype torch.bool, got {row_mask.dtype}")
         if row_mask.shape != s.shape[:-1]:
             raise ValueError(f"row_mask must have shape {tuple(s.shape[:-1])} (the rows N), got {tuple(row_mask.shape)}")
-    device = _check_same_device({"student_logits": s, "teacher_logits": t, "row_mask": row_mask})
+    device = check.same_device({"student_logits": s, "teacher_logits": t, "row_mask": row_mask})
     impl = backends.resolve(backend, device)
 
     lead_shape = s.shape[:-1]
@@ -213,8 +174,8 @@ def correlation_kl(
     that a small last batch never stops training. No columns at all (an empty column tensor) is an
     error.
     """
-    a_s = _check_tensor(student_feats, "student_feats")
-    a_t = _check_tensor(teacher_feats, "teacher_feats")
+    a_s = check.float_tensor(student_feats, "student_feats")
+    a_t = check.float_tensor(teacher_feats, "teacher_feats")
     for x, name in ((a_s, "student_feats"), (a_t, "teacher_feats")):
         if x.ndim != 2:
             raise ValueError(f"{name} must have shape (M, D), got ndim {x.ndim}")
@@ -224,8 +185,8 @@ def correlation_kl(
         raise ValueError("student_cols and teacher_cols must be given together (rectangular mode) or not at all")
     square = student_cols is None
     if not square:
-        b_s = _check_tensor(student_cols, "student_cols")
-        b_t = _check_tensor(teacher_cols, "teacher_cols")
+        b_s = check.float_tensor(student_cols, "student_cols")
+        b_t = check.float_tensor(teacher_cols, "teacher_cols")
         for x, name in ((b_s, "student_cols"), (b_t, "teacher_cols")):
             if x.ndim != 2:
                 raise ValueError(f"{name} must have shape (N, D), got ndim {x.ndim}")
@@ -243,9 +204,9 @@ def correlation_kl(
         raise ValueError("student_cols and teacher_cols have no rows: a correlation needs at least one column (N = 0)")
     if a_s.shape[1] == 0 or a_t.shape[1] == 0:
         raise ValueError("student_feats and teacher_feats need at least one feature column")
-    tau = _check_positive(tau, "tau")
-    reduction = _check_reduction(reduction)
-    device = _check_same_device(
+    tau = check.positive(tau, "tau")
+    reduction = check.reduction(reduction)
+    device = check.same_device(
         {"student_feats": a_s, "teacher_feats": a_t, "student_cols": b_s, "teacher_cols": b_t}
     )
     n_cols = a_s.shape[0] if square else b_s.shape[0]

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from . import _checks as check
 from . import fused as MF
 from . import terms
 
@@ -17,8 +18,8 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, reduction: str = "batchmean", backend: str = "auto") -> None:
         super().__init__()
-        MF._check_positive(temperature, "temperature")
-        MF._check_reduction(reduction)
+        check.positive(temperature, "temperature")
+        check.reduction(reduction)
         self.temperature = float(temperature)
         self.reduction = reduction
         self.backend = backend
@@ -42,8 +43,8 @@ class CorrelationLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        MF._check_positive(tau, "tau")
-        MF._check_reduction(reduction)
+        check.positive(tau, "tau")
+        check.reduction(reduction)
         self.tau = float(tau)
         self.reduction = reduction
         self.keep_diagonal = keep_diagonal
@@ -155,9 +156,9 @@ class MLKDLoss(nn.Module):
         super().__init__()
         self.correlation_gather = correlation_gather
         self.supcon_gather = supcon_gather
-        self.temperature = MF._check_positive(temperature, "temperature")
-        self.tau = MF._check_positive(tau, "tau")
-        self.supcon_temperature = MF._check_positive(supcon_temperature, "supcon_temperature")
+        self.temperature = check.positive(temperature, "temperature")
+        self.tau = check.positive(tau, "tau")
+        self.supcon_temperature = check.positive(supcon_temperature, "supcon_temperature")
         self.weights = {"ce": float(w_ce), "kd": float(w_kd), "corr": float(w_corr),
                         "align": float(w_align), "supcon": float(w_supcon)}
         for name, w in self.weights.items():

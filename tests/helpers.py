@@ -48,6 +48,12 @@ def fused_ops(backend: str):
     return getattr(torch.ops, FUSED_NAMESPACE[backend])
 
 
+def namespace_ops(namespace: str) -> set[str]:
+    """The names of the ops defined under a torch.ops namespace (its dispatcher entries)."""
+    prefix = f"{namespace}::"
+    return {n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix)}
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest absolute error relative to the largest |ref| (0 where both are NaN), in fp64."""
     x, ref = x.detach().cpu().double(), ref.detach().cpu().double()

@@ -1,6 +1,9 @@
 """The study command of benchmarks/kd_beyond_compression.py on its CI slice (--quick): the outputs'
-shape, resuming, and the report/README rebuild. Accuracy is not asserted here (2 epochs)."""
+shape, where they go (never the committed results unless named), resuming, and the report/README
+rebuild. Accuracy is not asserted here (2 epochs)."""
+import hashlib
 import json
+import os
 
 import pytest
 
@@ -8,10 +11,49 @@ from benchmarks import kd_beyond_compression as study
 from helpers import make_image_folder
 
 
+def _committed_digest() -> str:
+    """A hash of every committed result the study could write: benchmarks/results/ (its files, not the
+    git-ignored runs folder) and the README's study section."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(study.COMMITTED):
+        dirs[:] = sorted(d for d in dirs if d != f"{study.NAME}_runs")
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, study.COMMITTED).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    with open(os.path.join(study.ROOT, "README.md")) as f:
+        readme = f.read()
+    h.update(readme[readme.find(study.START):readme.find(study.END)].encode())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kdbc")
-    return out, study.main(["--quick", "--out", str(out)])
+    """The quick slice as the README gives it, with no --out, run from a scratch folder: its outputs go
+    to runs/kd_beyond_compression_quick/ there, and benchmarks/results/ stays byte for byte the same."""
+    cwd = tmp_path_factory.mktemp("kdbc")
+    before, here = _committed_digest(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = study.main(["--quick"])
+    finally:
+        os.chdir(here)
+    assert _committed_digest() == before, "the quick slice rewrote committed results"
+    out = cwd / "runs" / "kd_beyond_compression_quick"
+    assert (out / "kd_beyond_compression.json").is_file()
+    return out, result
+
+
+def test_default_outputs_are_never_the_committed_results():
+    args, _ = study.parse_args(["--quick"])
+    assert args.out == os.path.join("runs", "kd_beyond_compression_quick") and args.readme == ""
+    args, _ = study.parse_args([])
+    assert args.out == os.path.join("runs", "kd_beyond_compression") and args.readme == ""
+    args, _ = study.parse_args(["--out", study.COMMITTED])  # named: the whole grid rewrites the README too
+    assert args.readme == os.path.join(study.ROOT, "README.md")
+    args, _ = study.parse_args(["--quick", "--out", study.COMMITTED])
+    assert args.readme == ""  # a slice never rewrites the README's table unless --readme names it
 
 
 def test_quick_slice_trains_each_teacher_once_and_every_method_per_setting(quick):

@@ -41,8 +41,10 @@ def test_stage_names_that_do_not_exist_are_named():
     ("resnet18", (3, 32, 32), {"body.layer1": (64, 8, 8), "body.layer2": (128, 4, 4), "body.layer3": (256, 2, 2),
                                "body.layer4": (512, 1, 1)}),
     ("mobilenet_v2", (3, 32, 32), {"body.features.1": (16, 16, 16), "body.features.3": (24, 8, 8),
-                                   "body.features.6": (32, 4, 4), "body.features.13": (96, 2, 2),
-                                   "body.features.18": (1280, 1, 1)}),
+                                   "body.features.6": (32, 4, 4), "body.features.13": (96, 2, 2)}),  # 1 x 1: no stage
+    ("mobilenet_v2", (3, 64, 64), {"body.features.1": (16, 32, 32), "body.features.3": (24, 16, 16),
+                                   "body.features.6": (32, 8, 8), "body.features.13": (96, 4, 4),
+                                   "body.features.18": (1280, 2, 2)}),
 ])
 def test_model_spec_taps_the_stage_outputs(arch, shape, stages):
     spec = M.model_spec(build_model(arch, 7), shape)
@@ -63,6 +65,8 @@ def _outputs(net, needs_stages, x):
 
 
 def _step(distiller, student, teacher, x, y):
+    if distiller.schedule is not None and distiller.epoch is None:
+        distiller.set_epoch(0, 10)
     needs = distiller.needs
     s_out = _outputs(student, needs.student_stages, x)
     with torch.no_grad():
@@ -106,9 +110,10 @@ def test_missing_loop_context_is_named(nets):
     student, teacher, s_spec, t_spec = nets
     distiller = M.build("crd", s_spec, t_spec, num_data=32)
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
-    with pytest.raises(ValueError, match=r"method 'crd' needs \['index'\] from the training loop"):
+    with pytest.raises(ValueError, match=r"method 'crd' needs \['index'\] with every batch"):
         distiller(M.Outputs(*student(x)), M.Outputs(*teacher(x)), y)
-    with pytest.raises(ValueError, match=r"method 'crd' with a memory bank needs num_data"):
+    with pytest.raises(ValueError, match=r"method 'crd' keeps a memory bank of every training sample: it needs "
+                                         r"num_data"):
         M.build("crd", s_spec, t_spec)
 
 
@@ -125,9 +130,13 @@ def test_dkd_warms_up_linearly(nets):
     full = M.build("dkd", s_spec, t_spec, warmup=0)
     ramped = M.build("dkd", s_spec, t_spec, warmup=20)
     _step(full, student, teacher, x, y)
+    ramped.set_epoch(0)
     _step(ramped, student, teacher, x, y)
     torch.testing.assert_close(ramped.last["dkd"], full.last["dkd"] / 20)
-    ramped.epoch = 25
+    ramped.set_epoch(9)
+    _step(ramped, student, teacher, x, y)
+    torch.testing.assert_close(ramped.last["dkd"], full.last["dkd"] / 2)
+    ramped.set_epoch(25)
     _step(ramped, student, teacher, x, y)
     torch.testing.assert_close(ramped.last["dkd"], full.last["dkd"])
 
@@ -170,7 +179,7 @@ def test_dml_gives_each_member_the_gradient_of_its_own_loss():
     own.backward()
     for a, p in zip(joint, cohort[0].parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match=r"method 'dml' takes the list of its 2 students' outputs"):
+    with pytest.raises(ValueError, match=r"method 'dml' takes its 2 students' outputs"):
         distiller(outs[0], None, y)
 
 

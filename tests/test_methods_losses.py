@@ -327,7 +327,7 @@ def test_rkd_chunked_angle_equals_naive_b3(chunk):
 
 
 def test_rkd_chunk_default_caps_the_work_tensors():
-    from mlkd_fast.methods.relations import _default_angle_chunk
+    from mlkd_fast.methods.rkd import _default_angle_chunk
 
     assert _default_angle_chunk(4096, 4096) == 1
     assert _default_angle_chunk(64, 128) == 64
@@ -571,7 +571,8 @@ BAD_BATCH = [
     ("dist", lambda: M.dist_loss(torch.randn(3, 4), torch.randn(3, 5)), "classes"),
     ("dml", lambda: M.dml_loss([torch.randn(3, 4), torch.randn(2, 4)]), r"logits_list\[1\]"),
     ("fitnet", lambda: M.fitnet_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)), "student_map_regressed"),
-    ("at", lambda: M.at_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)), "spatial size"),
+    ("at", lambda: M.at_loss(torch.randn(2, 3, 4, 2), torch.randn(2, 3, 2, 4)), "cannot be pooled"),
+    ("nst", lambda: M.nst_loss(torch.randn(2, 3, 4, 2), torch.randn(2, 3, 2, 4)), "cannot be pooled"),
     ("at_batch", lambda: M.at_loss([torch.randn(2, 3, 4, 4)], [torch.randn(3, 3, 4, 4)]), r"teacher_maps\[0\]"),
     ("fsp", lambda: M.fsp_loss((torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4)),
                                (torch.randn(2, 2, 4, 4), torch.randn(2, 4, 4, 4))), "channel"),

@@ -37,4 +37,5 @@ grep -q "the carried prebuilt library" "$COPY/out1/part1.log" \
   || { echo "rehearse: the pass built the library instead of taking the prebuilt one" >&2; exit 1; }
 python3 -m pytest -p no:cacheprovider -q -n 2 --dist loadfile \
   tests/test_op_kd_kl.py tests/test_op_correlation.py tests/test_backend_triton.py tests/test_backend_native.py \
-  tests/test_dispatch.py tests/test_mlkd_loss.py tests/test_triton_build.py
+  tests/test_op_contract.py tests/test_import_graph.py tests/test_backend_resolution.py tests/test_op_fakes.py \
+  tests/test_autograd_glue.py tests/test_mlkd_loss.py tests/test_triton_build.py

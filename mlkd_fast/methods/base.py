@@ -1,16 +1,24 @@
-"""The distiller contract every method of the zoo follows.
+"""The distiller contract every method of the zoo follows, and the traits the loop reads.
 
 A distiller is an ``nn.Module`` that takes what the student and the teacher produced for a batch
 (:class:`Outputs`: logits, pooled features, stage maps) and the labels, and returns the scalar loss
 ``w_ce * CE + the method's terms``, keeping the detached terms in ``.last``. Whatever it trains
-(regressors, embedding heads, memory banks) is its own parameters and buffers, so that
+(regressors, embedding heads, memory banks, peers) is its own parameters and buffers, so that
 ``distiller.parameters()`` goes to the optimiser and ``distiller.state_dict()`` into the checkpoint.
-It declares in :attr:`Distiller.needs` which outputs it reads, so that the loop taps only those.
+
+What a training loop must know about a method is declared on its class, never guessed from its
+name: whether it needs a teacher (:attr:`Distiller.needs_teacher`), which outputs and per-batch
+inputs it reads (:attr:`Distiller.needs`), how its weights move with the epoch
+(:attr:`Distiller.schedule`, fed by :meth:`Distiller.set_epoch`), which all-gathers it takes under
+data parallelism (:attr:`Distiller.gather_hooks`), which facts of the training data its constructor
+takes (:attr:`Distiller.data_options`), whether it takes rotated views (:attr:`Distiller.takes_views`)
+and its options (:meth:`Distiller.options`).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from torch import Tensor, nn
 
@@ -19,11 +27,20 @@ from ..terms import cross_entropy
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a distiller needs to know about a network to size its trainable parts."""
+    """What a distiller needs to know about a network to size its trainable parts.
+
+    ``stages``: module path -> (C, H, W) of the stage outputs, shallow first (empty when none were
+    found; ``stage_note`` then says why and how to name them). ``input_shape``: the (C, H, W) of one
+    input. ``feature_module``: for a network that returns logits only, the module whose input is
+    the pooled features (its classifier); ``None`` when the network returns ``(logits, features)``.
+    """
 
     num_classes: int
     feature_dim: int
-    stages: dict[str, tuple[int, ...]] = field(default_factory=dict)  # module path -> (C, H, W), shallow first
+    stages: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()
+    feature_module: Optional[str] = None
+    stage_note: str = ""
 
     @property
     def stage_names(self) -> list[str]:
@@ -42,14 +59,16 @@ class Outputs:
 
 @dataclass(frozen=True)
 class Needs:
-    """The outputs a distiller reads: ``feats``, the stage maps (by module path) of each network, and
+    """The outputs a distiller reads: ``feats``, the stage maps (by module path) of each network,
     extra per-batch inputs of the loop (``"index"``: the samples' dataset indices; ``"inputs"``: the
-    images, with ``"teacher_fn"`` the teacher as a callable)."""
+    images, with ``"teacher_fn"`` / ``"student_fn"`` the networks as callables returning logits), and
+    ``peers``: how many more student networks it trains beside the student (a cohort)."""
 
     feats: bool = False
     student_stages: tuple[str, ...] = ()
     teacher_stages: tuple[str, ...] = ()
     context: tuple[str, ...] = ()
+    peers: int = 0
 
 
 class Distiller(nn.Module):
@@ -58,6 +77,22 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     #: where the method's default weights and temperatures come from (paper and reference code)
     source: ClassVar[str] = ""
+    #: what is distilled: "outputs", "representations", "relations", "cohort", "ours", or "none" (the baseline)
+    family: ClassVar[str] = ""
+    #: distils from a teacher; False: the loop builds none (and a study trains it once for every gap)
+    needs_teacher: ClassVar[bool] = True
+    #: plain training with no distillation term: the baseline every method is compared with
+    is_baseline: ClassVar[bool] = False
+    #: takes view-major batches of rotated copies (``views`` > 1 in its options)
+    takes_views: ClassVar[bool] = False
+    #: under data parallelism: hook name -> True when the loop must set it in every multi-process
+    #: run, False when it is set on request (``--global-<name>``); :meth:`set_gather` sets one
+    gather_hooks: ClassVar[Mapping[str, bool]] = {}
+    #: constructor option -> fact of the training data the loop passes unless the user gives it
+    #: (``"num_samples"``: the training set's size)
+    data_options: ClassVar[Mapping[str, str]] = {}
+    #: the method's pure functions, exported as ``mlkd_fast.functional.<function name>``
+    functions: ClassVar[tuple[Callable[..., Any], ...]] = ()
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec], w_ce: float = 1.0) -> None:
         super().__init__()
@@ -66,13 +101,58 @@ class Distiller(nn.Module):
         self.student_spec, self.teacher_spec = student, teacher
         self.w_ce = float(w_ce)
         self.last: dict[str, Tensor] = {}
-        # the loop sets both at each epoch's start (warm-ups and schedules read them); 0 = unknown length
-        self.epoch, self.epochs = 0, 0
+        # set by set_epoch (the loop calls it at every epoch's start); None until then
+        self.epoch: Optional[int] = None
+        self.epochs: Optional[int] = None
 
+    # ---- traits of an instance (they may depend on its options) ---------------------------
     @property
     def needs(self) -> Needs:
         return Needs()
 
+    @property
+    def schedule(self) -> Optional[str]:
+        """How the method's weights move with the epoch, in words; ``None`` when they do not. A method
+        with a schedule refuses to run before :meth:`set_epoch` has told it the epoch."""
+        return None
+
+    @property
+    def schedule_needs_total(self) -> bool:
+        """Whether the schedule also needs the run's length (``set_epoch(epoch, epochs)``)."""
+        return False
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The method's options (constructor keywords) with their defaults."""
+        params = inspect.signature(cls.__init__).parameters
+        return {n: (None if p.default is inspect.Parameter.empty else p.default) for n, p in params.items()
+                if n not in ("self", "student", "teacher") and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+    # ---- what the loop feeds --------------------------------------------------------------
+    def set_epoch(self, epoch: int, epochs: Optional[int] = None) -> None:
+        """The current epoch (0-based) and, when known, the run's length; warm-ups and weight
+        schedules read them."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise ValueError(f"epochs must be an int >= 1 or None, got {epochs!r}")
+        self.epoch, self.epochs = epoch, epochs
+
+    def set_gather(self, hook: str, gather: Optional[Callable[[Tensor], Tensor]]) -> None:
+        """Sets the all-gather (with gradient) that the method's ``hook`` uses under data parallelism."""
+        if hook not in self.gather_hooks:
+            raise ValueError(f"method {self.name!r} has no gather hook {hook!r}; its hooks: "
+                             f"{', '.join(self.gather_hooks) or 'none'}")
+        self._set_gather(hook, gather)
+
+    def _set_gather(self, hook: str, gather: Optional[Callable[[Tensor], Tensor]]) -> None:
+        raise NotImplementedError
+
+    def attach_peers(self, peers: list[nn.Module]) -> None:
+        """The other members of a cohort (``needs.peers`` networks), trained with the student."""
+        raise ValueError(f"method {self.name!r} trains no peers")
+
+    # ---- the loss -------------------------------------------------------------------------
     def loss_terms(self, student: Outputs, teacher: Outputs, target: Tensor, **context) -> dict[str, Tensor]:
         """The method's weighted terms (each a scalar); CE is added by :meth:`forward`."""
         raise NotImplementedError
@@ -83,16 +163,23 @@ class Distiller(nn.Module):
         if self.w_ce > 0:
             terms["ce"] = self.w_ce * cross_entropy(student.logits, target)
         terms.update(self.loss_terms(student, teacher, target, **context))
+        return self._total(terms)
+
+    def _total(self, terms: dict[str, Tensor]) -> Tensor:
         total = sum(terms.values())
         self.last = {k: v.detach() for k, v in terms.items()}
         self.last["total"] = total.detach()
         return total
 
     def check(self, student: Outputs, teacher: Optional[Outputs], context: dict) -> None:
-        """A clear error naming the method and the output it needs when the loop did not provide it."""
+        """A clear error naming the method and what it needs when the caller did not provide it."""
         needs = self.needs
-        if teacher is None and self.teacher_spec is not None:
+        if teacher is None and self.needs_teacher:
             raise ValueError(f"method {self.name!r} needs the teacher's outputs")
+        if self.schedule is not None and (self.epoch is None or (self.schedule_needs_total and self.epochs is None)):
+            what = "set_epoch(epoch, epochs)" if self.schedule_needs_total else "set_epoch(epoch)"
+            raise ValueError(f"method {self.name!r} has a schedule ({self.schedule}): call {what} at each "
+                             f"epoch's start, or turn the schedule off in its options")
         for role, out, stages in (("student", student, needs.student_stages),
                                   ("teacher", teacher, needs.teacher_stages)):
             if out is None:
@@ -103,10 +190,9 @@ class Distiller(nn.Module):
             if missing:
                 raise ValueError(f"method {self.name!r} needs the {role}'s stage outputs {missing} "
                                  f"(tap them with FeatureTaps); got {sorted(out.stages)}")
-        missing = [c for c in needs.context if c not in context]
+        missing = [c for c in needs.context if context.get(c) is None]
         if missing:
-            raise ValueError(f"method {self.name!r} needs {missing} from the training loop")
+            raise ValueError(f"method {self.name!r} needs {missing} with every batch")
 
     def extra_repr(self) -> str:
         return f"w_ce={self.w_ce:g}"
-

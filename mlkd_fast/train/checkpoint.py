@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError, MissingInputError
+
 
 def _atomic_write(path: str, write) -> None:
     """Writes through a temp file in the same folder, then renames: a crash never leaves a torn file."""
@@ -42,12 +44,12 @@ def read_torch_file(path: str, weights_only: bool) -> Any:
     """``torch.load`` onto the CPU; a file that cannot be read (cut short by a full disk or a copy,
     overwritten, not a PyTorch file) raises a ValueError naming it instead of an archive error."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
+        raise MissingInputError(f"no such file: {path!r}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # zip, unpickling and EOF errors alike: the file is unusable
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+        raise InputError(f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                          f"{type(exc).__name__}: {reason}") from exc
 
 
@@ -55,11 +57,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint` for ``--resume``, with a clear error naming
     ``path`` when it is missing, unreadable or not an mlkd-train checkpoint."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint to resume from at {path!r}")
+        raise MissingInputError(f"no checkpoint to resume from at {path!r}")
     state = read_torch_file(path, weights_only=False)
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"{path!r} is not an mlkd-train checkpoint (it lacks {', '.join(missing)}); "
+        raise InputError(f"{path!r} is not an mlkd-train checkpoint (it lacks {', '.join(missing)}); "
                          f"remove it or start without --resume")
     return state
 

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .errors import CorruptImageError, InputError, MissingDependencyError, MissingInputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
@@ -33,7 +35,7 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0,
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - an install without the [train]/[test] extra
-        raise ImportError("the digits default needs scikit-learn: pip install scikit-learn") from exc
+        raise MissingDependencyError("the digits default needs scikit-learn: pip install scikit-learn") from exc
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
@@ -225,22 +227,22 @@ def scan_image_folder(split_dir: str, classes: Optional[Sequence[str]] = None) -
     """Class names and ``(path, label)`` samples of one split, with clear errors for a missing
     folder, no class folders, or an empty class folder."""
     if not os.path.isdir(split_dir):
-        raise FileNotFoundError(f"data folder {split_dir!r} does not exist (expected <data>/train and <data>/val "
+        raise MissingInputError(f"data folder {split_dir!r} does not exist (expected <data>/train and <data>/val "
                                 "with one sub-folder per class)")
     found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not found:
-        raise ValueError(f"{split_dir!r} holds no class folders")
+        raise InputError(f"{split_dir!r} holds no class folders")
     classes = list(classes) if classes is not None else found
     missing = sorted(set(found) - set(classes))
     if missing:
-        raise ValueError(f"{split_dir!r} has class folders not in the training split: {missing[:5]}")
+        raise InputError(f"{split_dir!r} has class folders not in the training split: {missing[:5]}")
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         folder = os.path.join(split_dir, name)
         files = sorted(os.path.join(root, f) for root, _, fs in os.walk(folder) for f in fs
                        if f.endswith(IMAGE_EXTENSIONS)) if os.path.isdir(folder) else []
         if not files and name in found:
-            raise ValueError(f"class folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}...)")
+            raise InputError(f"class folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}...)")
         samples += [(f, label) for f in files]
     return classes, samples
 
@@ -267,7 +269,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 img = img.convert("RGB")
         except Exception as exc:  # PIL raises several types for damaged files
             if self.on_corrupt == "fail":
-                raise RuntimeError(f"cannot decode image {path!r}: {exc}") from exc
+                raise CorruptImageError(f"cannot decode image {path!r}: {exc}") from exc
             return None
         return self.transform(img), label, i
 
@@ -324,7 +326,7 @@ def decode_on_device(datas: list[Tensor], paths: list[str], device: torch.device
             images.append(_decode_one(data, device))
         except RuntimeError as exc:
             if on_corrupt == "fail":
-                raise RuntimeError(f"cannot decode image {path!r}: {exc}") from exc
+                raise CorruptImageError(f"cannot decode image {path!r}: {exc}") from exc
             images.append(None)
     return images
 

@@ -1,9 +1,10 @@
 """Training one network (teacher, student or baseline) for some epochs: the step, the epoch, the
 evaluation, checkpoints every epoch, exact resume, and a clean stop on SIGTERM / SIGINT.
 
-Read top to bottom: :class:`DistillStep` (what DDP wraps) -> :func:`train_epoch` -> :func:`run_phase`.
-The objective of every phase is a distiller of :mod:`mlkd_fast.methods` (plain CE for a teacher or
-a baseline).
+Read top to bottom: :class:`Phase` -> :func:`train_epoch` -> :func:`run_phase`. What a phase trains
+is a :class:`mlkd_fast.methods.Distillation` (student, frozen teacher and method in one module, the
+one DDP wraps); the loop never looks inside the method: it reads the traits the method declares
+(``needs``, ``set_epoch``) and calls it (plain CE for a teacher or a baseline).
 """
 from __future__ import annotations
 
@@ -15,58 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..methods import Distiller, FeatureTaps, Outputs
+from ..methods import Distiller
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .data import with_rotations
+from .errors import InputError
 from .distributed import DistInfo, broadcast_buffers, sum_across
-
-class DistillStep(nn.Module):
-    """Student + distiller (with whatever the method trains), the module DDP wraps; the teacher stays
-    outside, frozen.
-
-    ``forward(x, y, teacher_out, index, teacher_fn)`` returns the scalar training loss: the student's
-    :class:`~mlkd_fast.methods.Outputs` (with the stage maps its taps recorded) go to the distiller
-    with the teacher's and whatever else the method declares it needs."""
-
-    def __init__(self, student: nn.Module, distiller: Distiller, taps: Optional[FeatureTaps] = None) -> None:
-        super().__init__()
-        self.student, self.distiller = student, distiller
-        self._taps = taps
-
-    def forward(self, x: Tensor, y: Tensor, teacher_out: Optional[Outputs] = None, index: Optional[Tensor] = None,
-                teacher_fn: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-        logits, feats = self.student(x)
-        out = Outputs(logits, feats, self._taps.take() if self._taps is not None else {})
-        context: dict[str, Any] = {}
-        wanted = self.distiller.needs.context
-        if "index" in wanted:
-            context["index"] = index
-        if "inputs" in wanted:
-            context.update(inputs=x, teacher_fn=teacher_fn, student_fn=self._extra_logits)
-        return self.distiller(out, teacher_out, y, **context)
-
-    def _extra_logits(self, z: Tensor) -> Tensor:
-        """The student's logits on samples a method makes (BSS's adversarial ones). They normalise with
-        their own batch statistics, but BatchNorm's running estimates, which evaluation uses, stay those
-        of the training data: samples pushed far off the data (on digits, by the attack's reference step
-        size) would otherwise drag them there and leave the evaluated model at chance."""
-        names = ("running_mean", "running_var", "num_batches_tracked")
-        norms = [m for m in self.student.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        kept = [tuple(getattr(m, n) for n in names) for m in norms]
-        try:
-            # the forward updates throw-away copies (BatchNorm's backward may hold them: no in-place restore)
-            for m, buffers in zip(norms, kept):
-                for n, b in zip(names, buffers):
-                    setattr(m, n, b.clone())
-            return self.student(z)[0]
-        finally:
-            for m, buffers in zip(norms, kept):
-                for n, b in zip(names, buffers):
-                    setattr(m, n, b)
-
 
 class StopFlag:
     """Set by SIGTERM / SIGINT; the loop saves a checkpoint at the next step boundary and returns."""
@@ -99,7 +55,7 @@ class Phase:
 
     name: str
     model: nn.Module                   # unwrapped (for checkpoints and evaluation)
-    step_module: nn.Module             # DistillStep, possibly DDP-wrapped
+    step_module: nn.Module             # the Distillation, possibly DDP-wrapped
     optimizer: torch.optim.Optimizer
     scheduler: Any
     epochs: int
@@ -107,7 +63,6 @@ class Phase:
     distiller: Optional[Distiller] = None
     teacher: Optional[nn.Module] = None
     views: int = 1
-    teacher_taps: Optional[FeatureTaps] = None
     best_top1: float = -1.0
     best_epoch: int = 0
     history: list = field(default_factory=list)
@@ -123,22 +78,44 @@ class Phase:
                 "best": (self.best_top1, self.best_epoch), "history": self.history, "rng": rng_state()}
 
     def load(self, ckpt: dict[str, Any]) -> tuple[int, int]:
-        """Restores a checkpoint of this phase; returns ``(epoch, step)`` to continue from."""
+        """Restores a checkpoint of this phase; returns ``(epoch, step)`` to continue from. A checkpoint
+        of a run of another length (``--resume`` with another ``--epochs``) continues on the schedule of
+        a run of this length (:func:`fit_schedule`)."""
         if ckpt.get("arch") != self.arch:
-            raise ValueError(f"checkpoint is of --arch {ckpt.get('arch')!r} but this {self.name} is {self.arch!r}")
+            raise InputError(f"checkpoint is of --arch {ckpt.get('arch')!r} but this {self.name} is {self.arch!r}")
         try:
             self.model.load_state_dict(ckpt["model"])
             if self.distiller is not None:
                 self.distiller.load_state_dict(ckpt["distiller"])
         except (RuntimeError, AttributeError, TypeError) as exc:
-            raise ValueError(f"checkpoint does not fit this {self.name} ({self.arch}, distiller): "
+            raise InputError(f"checkpoint does not fit this {self.name} ({self.arch}, distiller): "
                              f"{str(exc).splitlines()[0]}") from exc
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        fit_schedule(self.scheduler, self.optimizer, self.epochs)
         self.best_top1, self.best_epoch = ckpt["best"]
         self.history = list(ckpt["history"])
         set_rng_state(ckpt["rng"])
         return ckpt["epoch"], ckpt["step"]
+
+
+def fit_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, epochs: int) -> None:
+    """Makes a restored lr schedule that of a run of ``epochs`` epochs, from the epoch it was saved at.
+
+    Cosine (``CosineAnnealingLR``) saved for another ``T_max``: ``T_max`` becomes ``epochs`` and the
+    lr that of the longer (or shorter) cosine at the saved epoch, so every later epoch trains at the
+    lr a fresh run of ``epochs`` epochs has there. A finished run trained on to a larger ``--epochs``
+    has reached lr ~0: its lr jumps back up (e.g. 40 -> 60 epochs: to 25% of the base lr, then down
+    to 0 at epoch 60). Step schedules (``MultiStepLR``, ``--lr-steps``) depend on the epoch only:
+    their milestones stay and nothing changes."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == epochs:
+        return
+    scheduler.T_max = epochs
+    done, low = scheduler.last_epoch, scheduler.eta_min  # epochs finished: the next one trains at the lr set here
+    lrs = [low + (base - low) * (1 + math.cos(math.pi * done / epochs)) / 2 for base in scheduler.base_lrs]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 @dataclass
@@ -197,9 +174,8 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
     interrupted_at = None
     distiller = phase.distiller
     if distiller is not None:
-        distiller.epoch, distiller.epochs = epoch, phase.epochs
+        distiller.set_epoch(epoch, phase.epochs)
     wants_index = distiller is not None and "index" in distiller.needs.context
-    teacher_fn = (lambda z: phase.teacher(z)[0]) if phase.teacher is not None else None
     batches = source.epoch(epoch, start_step, with_index=True) if wants_index else source.epoch(epoch, start_step)
     for step, batch in enumerate(batches, start=start_step):
         x, y, index = batch if wants_index else (*batch, None)
@@ -208,14 +184,8 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
             break
         if views > 1:
             x = with_rotations(x, views)
-        teacher_out = None
-        if phase.teacher is not None:
-            with torch.no_grad(), ctx.autocast():
-                t_logits, t_feats = phase.teacher(x)
-                taps = phase.teacher_taps
-                teacher_out = Outputs(t_logits, t_feats, taps.take() if taps is not None else {})
         with ctx.autocast():
-            loss = phase.step_module(x, y, teacher_out, index, teacher_fn)
+            loss = phase.step_module(x, y, index)
         phase.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         phase.optimizer.step()

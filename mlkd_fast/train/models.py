@@ -6,6 +6,7 @@ import os
 from torch import Tensor, nn
 
 from .checkpoint import read_torch_file
+from .errors import InputError, MissingDependencyError, MissingInputError
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
 DIGITS_ARCHS = ("cnn-tiny", "cnn-small", "cnn-large")
@@ -67,7 +68,7 @@ def build_model(arch: str, num_classes: int, weights_path: str | None = None) ->
         try:
             import torchvision
         except ImportError as exc:
-            raise ImportError(f"--arch {arch} needs torchvision: pip install torchvision") from exc
+            raise MissingDependencyError(f"--arch {arch} needs torchvision: pip install torchvision") from exc
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         model = WithFeatures(net, "fc" if arch.startswith("resnet") else "classifier")
     else:
@@ -77,20 +78,50 @@ def build_model(arch: str, num_classes: int, weights_path: str | None = None) ->
     return model
 
 
-def load_weights(model: nn.Module, path: str, arch: str) -> None:
+def classifier_name(model: nn.Module) -> str:
+    """The name of the final linear layer, the one whose outputs are the classes (``fc``, ``head``,
+    ``head.3``): its keys are those ``--teacher-new-head`` replaces."""
+    root, prefix = (model.head, "head") if isinstance(model, WithFeatures) else (model, "")
+    names = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear classifier")
+    return ".".join(p for p in (prefix, names[-1]) if p)
+
+
+def load_weights(model: nn.Module, path: str, arch: str, new_head: bool = False) -> None:
+    """Loads a state dict into ``model`` (see :func:`build_model`), with a clear error when it is
+    missing, unreadable, of another architecture or of another class count. ``new_head`` keeps the
+    model's own (freshly initialised) classifier and loads everything else: weights trained on other
+    classes, to be fine-tuned on these."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
+        raise MissingInputError(f"weights file {path!r} does not exist")
     state = read_torch_file(path, weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path!r} does not hold a state dict")
+        raise InputError(f"{path!r} does not hold a state dict")
     if isinstance(model, WithFeatures) and not any(k.startswith(("body.", "head.")) for k in state):
         # a plain torchvision state dict: its fc / classifier keys are the head's
         head = "fc." if "fc.weight" in state else "classifier."
         state = {("head." + k[len(head):]) if k.startswith(head) else "body." + k: v for k, v in state.items()}
+    own = model.state_dict()
+    cls = classifier_name(model)
+    cls_keys = {f"{cls}.weight", f"{cls}.bias"}
+    rest_fits = set(state) - cls_keys == set(own) - cls_keys and all(
+        getattr(state[k], "shape", None) == own[k].shape for k in own if k not in cls_keys)
+    theirs, ours = getattr(state.get(f"{cls}.weight"), "shape", (None,))[0], own[f"{cls}.weight"].shape[0]
+    if new_head:
+        state = {k: v for k, v in state.items() if k not in cls_keys}
+    elif rest_fits and theirs is not None and theirs != ours:
+        raise InputError(f"weights {path!r} classify {theirs} classes but the data has {ours}: give weights "
+                         f"trained on these {ours} classes, or --teacher-new-head (with --teacher-epochs N) to "
+                         f"replace their {theirs}-class classifier with a new one for {ours} classes and fine-tune "
+                         f"the teacher on the data")
     try:
-        model.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=not new_head)
     except RuntimeError as exc:
-        raise ValueError(f"weights {path!r} do not fit --arch {arch} (a checkpoint of another architecture or "
+        raise InputError(f"weights {path!r} do not fit --arch {arch} (a checkpoint of another architecture or "
                          f"class count?): {str(exc).splitlines()[0]} ...") from exc
+    if new_head and (set(missing) - cls_keys or unexpected):
+        raise InputError(f"weights {path!r} do not fit --arch {arch} (a checkpoint of another architecture?): "
+                         f"missing {sorted(set(missing) - cls_keys)[:5]}, unexpected {sorted(unexpected)[:5]}")

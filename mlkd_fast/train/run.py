@@ -3,7 +3,6 @@ checkpoints and resume checks. :func:`train_all` runs them in order; :mod:`.loop
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -18,7 +17,8 @@ from . import data as D
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from .cli import parse_args
 from .distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, shutdown_distributed
-from .loop import DistillStep, Phase, RunContext, StopFlag, run_phase
+from .errors import InputError
+from .loop import Phase, RunContext, StopFlag, run_phase
 from .models import build_model, load_weights
 
 
@@ -112,48 +112,45 @@ class Run:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def build_distiller(self, method: str, model: nn.Module, teacher: Optional[nn.Module], views: int) -> M.Distiller:
-        """The method's distiller for this student and teacher, with the run's options: ``--method-opt``,
-        ``--temperature``, ``--backend``; ``paper`` is MLKD with the authors' preset."""
+    def data_facts(self) -> dict[str, Any]:
+        """What a method's ``data_options`` may ask of the training data."""
+        return {"num_samples": self.train_size}
+
+    def build_distillation(self, phase: str, method: str, model: nn.Module, teacher: Optional[nn.Module],
+                           views: int) -> M.Distillation:
+        """The student, the teacher and the method as one module, with the run's options: the student
+        phase's method takes ``--method-opt`` (the teacher and baseline phases never see them), and
+        every method takes what its traits ask of the run (``--temperature`` and ``--backend`` where
+        it has those options, the rotation views where it takes views, the data facts of its
+        ``data_options``, peers built like the student, its gather hooks under DDP)."""
         a = self.args
-        options = dict(a.method_options)
-        params = inspect.signature(M.method_class("mlkd" if method == "paper" else method).__init__).parameters
-        if a.temperature is not None and "temperature" in params:
+        cls = M.method_class(method)
+        known = cls.options()
+        options = dict(a.method_options) if phase == "student" else {}
+        if a.temperature is not None and "temperature" in known:
             options.setdefault("temperature", a.temperature)
-        if method in ("mlkd", "paper"):
+        if "backend" in known:
             options.setdefault("backend", a.backend)
+        if cls.takes_views:
             options.setdefault("views", views)
-            if method == "paper":
-                options.setdefault("preset", "cifar100" if a.digits else "imagenet")
-                options.setdefault("corr_head", True)
-            method = "mlkd"
-        elif "backend" in params:
-            options.setdefault("backend", a.backend)
-        if method == "crd" and options.get("negatives", "bank") == "bank":
-            if self.train_size is None:
-                raise SystemExit("mlkd-train: --method crd keeps a memory bank indexed by each training sample, and "
-                                 "synthetic data has no samples to index; use --method-opt negatives=batch")
-            options.setdefault("num_data", self.train_size)
-        shape = self.input_shape()
-        student_spec = M.model_spec(model, shape)
-        teacher_spec = M.model_spec(teacher, shape) if teacher is not None else None
-        try:
-            distiller = M.build(method, student_spec, teacher_spec, **options)
+        facts = self.data_facts()
+        for option, fact in cls.data_options.items():
+            if options.get(option) is None and facts.get(fact) is not None:
+                options[option] = facts[fact]
+        try:  # what the method finds missing in this run (crd's indices on synthetic data, stages) is the user's
+            distill = M.Distillation(torch.compile(model) if a.compile else model,
+                                     teacher if cls.needs_teacher else None, method, input_shape=self.input_shape(),
+                                     peer_factory=lambda: self._network(a.arch), **options)
         except ValueError as exc:
-            raise SystemExit(f"mlkd-train: {exc}") from None
-        if method == "dml":  # the cohort's other members train with the student, owned by the distiller
-            distiller.peers.extend(self._network(a.arch) for _ in range(distiller.cohort - 1))
-        distiller = distiller.to(self.device)
+            raise InputError(f"--method {a.method if phase == 'student' else method}: {exc}") from exc
+        distill = distill.to(self.device)
         if a.sync_bn and self.dist.enabled:
-            distiller = convert_sync_batchnorm(distiller, self.device.type)
-        if isinstance(distiller, M.distillers.CRD) and self.dist.enabled:
-            distiller.gather = gather_with_grad
-        if isinstance(distiller, M.distillers.MLKD):
-            if a.global_correlation:
-                distiller.loss.correlation_gather = gather_with_grad
-            if a.global_supcon:
-                distiller.loss.supcon_gather = gather_with_grad
-        return distiller
+            distill.distiller = convert_sync_batchnorm(distill.distiller, self.device.type)
+        if self.dist.enabled:
+            for hook, always in cls.gather_hooks.items():
+                if always or getattr(a, f"global_{hook}", False):
+                    distill.distiller.set_gather(hook, gather_with_grad)
+        return distill
 
     def make_phase(self, name: str, arch: str, epochs: int, method: str,
                    teacher: Optional[torch.nn.Module] = None) -> Phase:
@@ -161,22 +158,19 @@ class Run:
         torch.manual_seed(a.seed + {"teacher": 0, "student": 100, "baseline": 100}[name])
         model = self._network(arch)
         views = a.rotations if teacher is not None else 1
-        distiller = self.build_distiller(method, model, teacher if method != "ce" else None, views)
-        needs = distiller.needs
-        student_taps = M.FeatureTaps(model, needs.student_stages) if needs.student_stages else None
-        teacher_taps = M.FeatureTaps(teacher, needs.teacher_stages) if needs.teacher_stages else None
-        step = DistillStep(torch.compile(model) if a.compile else model, distiller, student_taps)
+        distill = self.build_distillation(name, method, model, teacher, views)
+        step: nn.Module = distill
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            step = DDP(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        params = list(model.parameters()) + list(distiller.parameters())
+            step = DDP(distill, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        params = list(model.parameters()) + list(distill.distiller.parameters())
         opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=a.weight_decay, nesterov=True)
         if a.lr_steps:
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, a.lr_steps, 0.1)
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        return Phase(name, model, step, opt, sched, epochs, arch, distiller, teacher, views, teacher_taps)
+        return Phase(name, model, step, opt, sched, epochs, arch, distill.distiller, distill.teacher, views)
 
     def load_teacher(self, path: str) -> torch.nn.Module:
         teacher = build_model(self.args.teacher_arch, self.num_classes, path)
@@ -193,8 +187,15 @@ class Run:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Runs ``mlkd-train`` with ``argv`` (default: the command line). Returns the summary written to
-    ``<out>/summary.json``, or ``{"interrupted": True}`` when stopped (checkpoint saved)."""
-    summary = train_all(parse_args(argv))  # its DDP modules are gone with it (shutdown_distributed says why)
+    ``<out>/summary.json``, or ``{"interrupted": True}`` when stopped (checkpoint saved). For use from
+    Python: errors are raised (the user's as :class:`~.errors.UserError` or ``SystemExit``); the command
+    line's exit status and one-line messages are :func:`mlkd_fast.train.__main__.main`'s."""
+    return run_parsed(parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> dict:
+    """:func:`main` with the arguments already parsed by :func:`~.cli.parse_args`."""
+    summary = train_all(args)  # its DDP modules are gone with it (shutdown_distributed says why)
     # a stopped run may have stopped its ranks at different steps: no barrier then (it would hang)
     shutdown_distributed(wait_for_all="interrupted" not in summary)
     return summary
@@ -211,6 +212,7 @@ def train_all(args: argparse.Namespace) -> dict:
     resume_state = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
     if resume_state is not None:
         check_resume(ckpt_path, resume_state, config)
+        check_lengths(resume_state, args)
     if main_rank:
         os.makedirs(out, exist_ok=True)
         write_json_atomic(os.path.join(out, "config.json"), {**vars(args), "world_size": run.dist.world,
@@ -231,16 +233,23 @@ def train_all(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     summary: dict[str, Any] = {"method": args.method, "loss": args.method, "world_size": run.dist.world, **run.info}
-    uses_teacher = args.method not in ("ce", "dml")
+    uses_teacher = M.method_class(args.method).needs_teacher
+    baseline = M.baseline()  # plain training: the teacher phase and --compare-baseline
     with StopFlag() as stop:
         ctx = RunContext(run.device, run.dist, run.amp_dtype, ckpt_path, log, stop,
                          progress=not args.quiet, max_steps=args.max_steps,
                          completed=dict(resume_state.get("completed", {})) if resume_state else {}, config=config)
         done = ctx.completed
 
+        trained: list[str] = []  # the phases this invocation trains
+
         def train(phase: Phase) -> bool:
-            """Runs a phase (resuming it if the checkpoint is of it); True when it finished."""
+            """Runs a phase (resuming it if the checkpoint is of it; a finished one trains on from its final
+            state to another --epochs); True when it finished."""
             state = resume_state if resume_state is not None and resume_state["phase"] == phase.name else None
+            if state is None and phase.name in done:
+                state = final_state(out, phase.name)
+            trained.append(phase.name)
             result = run_phase(phase, run.train, run.eval_batches, ctx, state)
             if not result["finished"]:
                 if main_rank:
@@ -251,20 +260,30 @@ def train_all(args: argparse.Namespace) -> dict:
             if main_rank:
                 save_checkpoint(os.path.join(out, f"{phase.name}.pt"), {"model": phase.model.state_dict(),
                                                                        "arch": phase.arch})
-                save_checkpoint(ckpt_path, phase.state(phase.epochs, 0, done, ctx.config))
+                final = phase.state(phase.epochs, 0, done, ctx.config)
+                if phase.name in EXTENDABLE:  # kept for a later --resume with a larger --epochs
+                    save_checkpoint(final_state_path(out, phase.name), final)
+                save_checkpoint(ckpt_path, final)
             return True
 
-        # teacher: trained here on digits unless given; loaded otherwise
+        # teacher: given (--teacher-weights); or trained here on digits or folder data for --teacher-epochs,
+        # from scratch, or from the weights with a new classifier (--teacher-new-head); or random (synthetic)
         teacher = None
-        if uses_teacher or (args.digits and args.teacher_epochs > 0):
-            if args.teacher_weights:
+        if uses_teacher or args.teacher_epochs > 0:
+            if args.teacher_weights and not args.teacher_new_head:
                 teacher = run.load_teacher(args.teacher_weights)
-            elif args.digits:
-                phase = run.make_phase("teacher", args.teacher_arch, args.teacher_epochs, "ce")
-                if "teacher" in done:
+            elif not args.synthetic:
+                phase = run.make_phase("teacher", args.teacher_arch, args.teacher_epochs, baseline)
+                if "teacher" in done:  # never retrained: the student learnt from it
                     load_weights(phase.model, os.path.join(out, "teacher.pt"), args.teacher_arch)
-                elif not train(phase):
-                    return _stopped(metrics)
+                    if done["teacher"].get("last_epoch", args.teacher_epochs) != args.teacher_epochs and main_rank:
+                        print(f"mlkd-train: the teacher finished its {done['teacher']['last_epoch']} epochs before: "
+                              f"--teacher-epochs {args.teacher_epochs} does not retrain it", file=sys.stderr)
+                else:
+                    if args.teacher_new_head and not (resume_state is not None and resume_state["phase"] == "teacher"):
+                        load_weights(phase.model, args.teacher_weights, args.teacher_arch, new_head=True)
+                    if not train(phase):
+                        return _stopped(metrics)
                 teacher = run.frozen(phase.model)
             else:  # synthetic: a random teacher is enough to measure throughput
                 teacher = run.frozen(build_model(args.teacher_arch, run.num_classes))
@@ -273,14 +292,17 @@ def train_all(args: argparse.Namespace) -> dict:
 
         phases = [("student", args.method, teacher if uses_teacher else None)]
         if args.compare_baseline:
-            phases.append(("baseline", "ce", None))
+            phases.append(("baseline", baseline, None))
         for name, loss, t in phases:
-            if name not in done:
+            if name not in done or done[name].get("last_epoch", args.epochs) != args.epochs:  # or another --epochs
                 phase = run.make_phase(name, args.arch, args.epochs, loss, t)
                 if not train(phase):
                     return _stopped(metrics)
         if metrics is not None:
             metrics.close()
+        if resume_state is not None and not trained and main_rank:
+            print(f"mlkd-train: the run in {out} is finished ({args.epochs} epoch{'s' * (args.epochs != 1)}): "
+                  f"nothing to train (--resume with a larger --epochs trains it on)", file=sys.stderr, flush=True)
 
     s = done["student"]
     summary.update(student_top1=s["last_top1"], best_top1=s["best_top1"], best_epoch=s["best_epoch"],
@@ -291,7 +313,12 @@ def train_all(args: argparse.Namespace) -> dict:
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN: no eval
     if main_rank:
-        write_json_atomic(os.path.join(out, "summary.json"), summary)
+        summary_path = os.path.join(out, "summary.json")
+        if trained or not os.path.isfile(summary_path):
+            write_json_atomic(summary_path, summary)
+        else:  # nothing trained: the finished run's own summary (its training time) stays
+            with open(summary_path) as f:
+                summary = json.load(f)
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}%"  # noqa: E731
         line = f"student ({args.method}) top-1 {fmt(summary['student_top1'])}"
         if "teacher_top1" in summary:
@@ -307,7 +334,11 @@ def train_all(args: argparse.Namespace) -> dict:
 # training data and its order. A resume with other values would continue a different run silently.
 RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
                    "global_correlation", "global_supcon", "seed", "label_noise", "noise_type", "imbalance",
-                   "train_per_class")
+                   "train_per_class", "lr_steps", "teacher_new_head")
+# Not among them: --epochs and --teacher-epochs. A resume with another count trains the phase to it on
+# the schedule of a run of that length (loop.fit_schedule); a finished student or baseline trains on
+# from its final state, kept in <out>/<phase>_state.pt (the teacher is never retrained once finished).
+EXTENDABLE = ("student", "baseline")
 # Also these when stopped mid-epoch: the saved step index counts global batches of this size.
 MID_EPOCH_SETTINGS = ("batch_size", "world_size")
 _SETTING_NAMES = {"num_classes": "number of classes (--num-classes, or the class folders of --data)",
@@ -329,8 +360,41 @@ def check_resume(path: str, ckpt: dict[str, Any], config: dict[str, Any]) -> Non
     if differ:
         detail = "; ".join(f"{_SETTING_NAMES.get(k, '--' + k.replace('_', '-'))} is {saved[k]!r} in the checkpoint "
                            f"but {config.get(k)!r} in this run" for k in differ)
-        raise ValueError(f"--resume: {path!r} was written with other settings: {detail}. Resume with the "
+        raise InputError(f"--resume: {path!r} was written with other settings: {detail}. Resume with the "
                          f"checkpoint's settings, or give another --out to start afresh")
+
+
+def final_state_path(out: str, phase: str) -> str:
+    """Where a finished student or baseline keeps its training state (weights, optimiser, schedule)."""
+    return os.path.join(out, f"{phase}_state.pt")
+
+
+def final_state(out: str, phase: str) -> dict[str, Any]:
+    """The final training state of a finished phase, to train it on to a larger ``--epochs``."""
+    path = final_state_path(out, phase)
+    if not os.path.isfile(path):
+        raise InputError(f"--resume with another --epochs trains the finished {phase} on from its final state, "
+                         f"but {path!r} is missing (runs of older versions kept only the last phase's, in "
+                         f"checkpoint.pt): give another --out to train afresh")
+    state = load_checkpoint(path)
+    if state["phase"] != phase:
+        raise InputError(f"{path!r} holds the {state['phase']!r} phase, not the {phase}")
+    return state
+
+
+def check_lengths(ckpt: dict[str, Any], args: argparse.Namespace) -> None:
+    """Refuses a resume whose --epochs (or --teacher-epochs, for a teacher still training) is fewer than
+    what the checkpoint's phases have trained already: they cannot be untrained."""
+    completed = ckpt.get("completed") or {}
+    phases = [(ckpt["phase"], ckpt["epoch"], ckpt["step"])] if ckpt["phase"] not in completed else []
+    phases += [(name, done["last_epoch"], 0) for name, done in completed.items()
+               if name in EXTENDABLE and "last_epoch" in done]  # a finished teacher is never retrained
+    for name, epoch, step in phases:
+        flag, wanted = ("--teacher-epochs", args.teacher_epochs) if name == "teacher" else ("--epochs", args.epochs)
+        if epoch > wanted or (epoch == wanted and step > 0):
+            trained = f"{epoch} epoch(s)" + (f" and {step} step(s)" if step else "")
+            raise InputError(f"--resume: the {name} has trained {trained} already, more than {flag} {wanted}: "
+                             f"give {flag} {epoch + (step > 0)} or more, or another --out to start afresh")
 
 
 def _stopped(metrics) -> dict:

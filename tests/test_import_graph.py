@@ -1,0 +1,99 @@
+"""The package's import graph: a DAG with the op contract at the bottom and the kernels above it only, each module importable alone."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of the package, its subpackages (the zoo, the loop) included."""
+    files = {}
+    for p in (ROOT / "mlkd_fast").rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if p.stem == "__init__" else parts)] = p
+    files.update({("mlkd_fast.kernels" if p.stem == "__init__" else f"mlkd_fast.kernels.{p.stem}"): p
+                  for p in (ROOT / "kernels").glob("*.py")})
+    return files
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (anywhere in the file, lazy imports included)."""
+    files = _module_files()
+    graph = {}
+    for module, path in files.items():
+        package = module if path.stem == "__init__" else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                for alias in node.names:
+                    edges.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in files else target)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+        graph[module] = {e for e in edges if e in files and e != module}
+    return graph
+
+
+def test_import_graph_is_a_dag():
+    graph = _import_graph()
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    # the layering: the op contract imports nothing of the package; the kernels only the contract
+    assert graph["mlkd_fast.ops"] == set()
+    assert graph["mlkd_fast.kernels"] <= {"mlkd_fast.kernels.kd_kl", "mlkd_fast.kernels.correlation",
+                                          "mlkd_fast.kernels._device"}
+    for module, deps in graph.items():
+        if module.startswith("mlkd_fast.kernels"):
+            assert {d for d in deps if not d.startswith("mlkd_fast.kernels")} <= {"mlkd_fast.ops"}, module
+
+
+_IMPORT_EACH = """
+import os, sys
+import torch  # preloaded once; each module is then imported alone in a forked child
+try:
+    import triton  # noqa: F401
+except Exception:
+    pass
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            __import__(name)
+        except BaseException as exc:
+            print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per module")
+def test_each_module_imports_alone():
+    modules = sorted(_module_files())
+    run = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *modules], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
