@@ -163,3 +163,47 @@ def make_image_folder(root, classes=("a", "b"), per_class=6, corrupt=0) -> None:
                 Image.fromarray(pixels).save(root / split / c / f"{i}.png")
     for i in range(corrupt):
         (root / "train" / classes[0] / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+
+
+def make_cifar_pickles(root, kind="cifar10", train_per_class=3, test_per_class=2, meta=True):
+    """A tiny CIFAR dataset in the python-version layout, ``root/cifar-10-batches-py/`` (data_batch_1..5,
+    test_batch, batches.meta) or ``root/cifar-100-python/`` (train, test, meta), each file a pickled dict
+    with the real files' keys ("data": uint8 (n, 3072) rows in CHW order, "labels" or "fine_labels" and
+    "coarse_labels", "filenames", "batch_label"; str keys, as torchvision's latin1 unpickling of the real
+    Python 2 files gives them). Returns the batches folder."""
+    import pickle
+
+    import numpy as np
+
+    classes = 10 if kind == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(0)
+
+    def batch(labels, name):
+        entry = {"batch_label": name, "data": rng.randint(0, 256, (len(labels), 3072)).astype(np.uint8),
+                 "filenames": [f"img_{name}_{i}.png" for i in range(len(labels))]}
+        if kind == "cifar10":
+            entry["labels"] = list(labels)
+        else:
+            entry.update(fine_labels=list(labels), coarse_labels=[c // 5 for c in labels])
+        return entry
+
+    train = [c for _ in range(train_per_class) for c in range(classes)]
+    test = [c for _ in range(test_per_class) for c in range(classes)]
+    if kind == "cifar10":
+        chunks = np.array_split(np.array(train), 5)
+        files = {f"data_batch_{i + 1}": batch(chunk.tolist(), f"training batch {i + 1} of 5")
+                 for i, chunk in enumerate(chunks)}
+        files["test_batch"] = batch(test, "testing batch 1 of 1")
+        if meta:
+            files["batches.meta"] = {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072}
+    else:
+        files = {"train": batch(train, "train"), "test": batch(test, "test")}
+        if meta:
+            files["meta"] = {"fine_label_names": [f"fine{c}" for c in range(100)],
+                             "coarse_label_names": [f"coarse{c}" for c in range(20)]}
+    for name, entry in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    return folder

@@ -258,3 +258,15 @@ def test_dkd_with_beta_trains_from_the_console_script(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in records] == ["teacher", "teacher", "student", "student"]
     assert "dkd" in records[-1] and "dkd" not in records[0]
+
+
+def test_networks_of_two_families_pair_their_stages_by_resolution():
+    student = M.ModelSpec(10, 8, {"bn1": (16, 16, 16), "b0": (24, 8, 8), "b1": (40, 4, 4), "b3": (48, 2, 2),
+                                  "b5": (96, 1, 1)})
+    teacher = M.ModelSpec(10, 8, {"conv1": (24, 16, 16), "pool": (24, 8, 8), "s2": (48, 8, 8), "s3": (96, 4, 4)})
+    at = M.build("at", student, teacher)
+    assert (at.s_stages, at.t_stages) == (("bn1", "b0", "b1"), ("conv1", "s2", "s3"))
+    nst = M.build("nst", student, teacher)  # its default, the last stage, of the pairs
+    assert (nst.s_stages, nst.t_stages) == (("b1",), ("s3",))
+    with pytest.raises(ValueError, match=r"share no spatial size to pair them by; name them"):
+        M.build("at", student, M.ModelSpec(10, 8, {"a": (4, 3, 3), "b": (4, 5, 5)}))

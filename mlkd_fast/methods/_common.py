@@ -40,12 +40,38 @@ def require_teacher(teacher: Optional[ModelSpec], method: str) -> ModelSpec:
 
 
 def paired_stages(student: ModelSpec, teacher: ModelSpec, s_names, t_names, s_default: slice, t_default: slice,
-                  method: str) -> tuple[tuple, tuple]:
-    s = pick_stages(student, s_names, s_default, "student", method)
-    t = pick_stages(teacher, t_names, t_default, "teacher", method)
+                  method: str, by_resolution: bool = True) -> tuple[tuple, tuple]:
+    """The stages a method compares, student and teacher one to one. By default the same slice of
+    each network's stages; when the two networks have different numbers of stages (two families,
+    say a MobileNet from a ShuffleNet) and ``by_resolution``, the default slice is taken of the
+    stages they have at the same resolutions (for each spatial size both have, the last stage of
+    that size in each)."""
+    if by_resolution and s_names is None and t_names is None and len(student.stages) != len(teacher.stages) \
+            and student.stages and teacher.stages:
+        s, t = _by_resolution(student, teacher, s_default, method)
+    else:
+        s = pick_stages(student, s_names, s_default, "student", method)
+        t = pick_stages(teacher, t_names, t_default, "teacher", method)
     if len(s) != len(t):
-        raise ValueError(f"method {method!r} pairs stages one to one: student {list(s)} vs teacher {list(t)}")
+        raise ValueError(f"method {method!r} pairs stages one to one: student {list(s)} vs teacher {list(t)}; name "
+                         f"them (student_stages=[...], teacher_stages=[...])")
     return s, t
+
+
+def _by_resolution(student: ModelSpec, teacher: ModelSpec, default: slice, method: str) -> tuple[tuple, tuple]:
+    def last_per_size(spec: ModelSpec) -> dict[tuple, str]:
+        out: dict[tuple, str] = {}
+        for name, shape in spec.stages.items():
+            out[tuple(shape[1:])] = name
+        return out
+
+    s_sizes, t_sizes = last_per_size(student), last_per_size(teacher)
+    common = [size for size in s_sizes if size in t_sizes]
+    if not common:
+        raise ValueError(f"method {method!r}: the student's stages {student.stage_names} and the teacher's "
+                         f"{teacher.stage_names} share no spatial size to pair them by; name them "
+                         f"(student_stages=[...], teacher_stages=[...])")
+    return tuple(s_sizes[c] for c in common)[default], tuple(t_sizes[c] for c in common)[default]
 
 
 def stage_pairs(student: Maps, teacher: Maps, s_name: str, t_name: str) -> list[tuple[Tensor, Tensor, str, str]]:

@@ -66,7 +66,7 @@ class FitNet(Distiller):
         (self.s_stage,), (self.t_stage,) = paired_stages(
             student, teacher, None if student_stage is None else [student_stage],
             None if teacher_stage is None else [teacher_stage], slice(mid_s, mid_s + 1), slice(mid_t, mid_t + 1),
-            "fitnet")
+            "fitnet", by_resolution=False)  # each network's middle stage: the regressor pools to the teacher's
         self.w_fitnet = float(w_fitnet)
         self.regressor = Regressor(student.stages[self.s_stage], teacher.stages[self.t_stage])
 

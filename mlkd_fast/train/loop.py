@@ -133,6 +133,10 @@ class RunContext:
     steps_done: int = 0
     completed: dict = field(default_factory=dict)  # results of the phases already finished
     config: dict = field(default_factory=dict)     # settings a resume must share, stored in checkpoints
+    # per-step values (loss, the method's terms, lr) every ``log_every`` optimiser steps: kept on the device
+    # during the epoch (no host sync in the step) and handed to ``log_steps(records)`` at its end
+    log_steps: Optional[Callable[[list], None]] = None
+    log_every: int = 10
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -176,6 +180,13 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
     if distiller is not None:
         distiller.set_epoch(epoch, phase.epochs)
     wants_index = distiller is not None and "index" in distiller.needs.context
+    # per-step records: every log_every-th optimiser step of the phase (counted over its epochs), stacked on the
+    # device and read back once at the end of the epoch (reading them each step would sync the host every step)
+    every = ctx.log_every if ctx.log_steps is not None else 0
+    per_epoch = source.steps_per_epoch()
+    lr = phase.optimizer.param_groups[0]["lr"]  # the schedule steps per epoch
+    rows: list = []
+    keys: Optional[list[str]] = None
     batches = source.epoch(epoch, start_step, with_index=True) if wants_index else source.epoch(epoch, start_step)
     for step, batch in enumerate(batches, start=start_step):
         x, y, index = batch if wants_index else (*batch, None)
@@ -190,6 +201,14 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
         loss.backward()
         phase.optimizer.step()
         total += loss.detach().double() * y.shape[0]
+        if every and (epoch * per_epoch + step) % every == 0:
+            terms = distiller.last if distiller is not None else {}
+            if keys is None:
+                keys = [k for k, v in terms.items() if not torch.is_tensor(v) or v.numel() == 1]
+            nan = torch.full((), float("nan"), device=loss.device)
+            rows.append((step, torch.stack([loss.detach().float()] + [
+                torch.as_tensor(terms[k], device=loss.device).detach().float().reshape(()) if k in terms else nan
+                for k in keys])))
         images += y.shape[0]
         steps += 1
         ctx.steps_done += 1
@@ -203,6 +222,10 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    if rows:
+        values = torch.stack([r[1] for r in rows]).cpu().tolist()
+        ctx.log_steps([{"phase": phase.name, "epoch": epoch + 1, "step": s, "global_step": epoch * per_epoch + s + 1,
+                        "loss": v[0], **dict(zip(keys, v[1:])), "lr": lr} for (s, _), v in zip(rows, values)])
     loss_sum, count = sum_across([float(total), float(images)], ctx.device)
     return {"loss": loss_sum / max(count, 1), "images": count, "seconds": elapsed, "steps": steps,
             "images_per_s": count / max(elapsed, 1e-9), "step_ms": 1e3 * elapsed / max(steps, 1),
@@ -210,18 +233,21 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, ctx: RunContext) -> float:
-    """Top-1 accuracy in percent over this rank's share of ``batches``, summed over ranks."""
+def evaluate(model: nn.Module, batches, ctx: RunContext) -> tuple[float, float]:
+    """``(top1, top5)`` accuracy in percent over this rank's share of ``batches``, summed over ranks.
+    Top-5 is NaN (reported as n/a) with 5 classes or fewer, where it is 100 by definition."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
-    count = 0
+    correct = torch.zeros(2, dtype=torch.int64, device=ctx.device)
+    count, classes = 0, 0
     for x, y in batches:
         with ctx.autocast():
             logits, _ = model(x)
-        correct += (logits.argmax(1) == y).sum()
+        classes = logits.shape[1]
+        top = logits.topk(min(5, classes), dim=1).indices == y[:, None]
+        correct += torch.stack([top[:, 0].sum(), top.any(1).sum()])
         count += y.shape[0]
-    c, n = sum_across([float(correct), float(count)], ctx.device)
-    return 100.0 * c / max(n, 1)
+    c1, c5, n = sum_across([float(correct[0]), float(correct[1]), float(count)], ctx.device)
+    return 100.0 * c1 / max(n, 1), (100.0 * c5 / max(n, 1) if classes > 5 else float("nan"))
 
 
 def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], ctx: RunContext,
@@ -230,6 +256,7 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
     stopped. Returns ``{"finished": bool, "last_top1", "best_top1", "best_epoch", "images_per_s"}``."""
     epoch, step = phase.load(resume) if resume is not None else (0, 0)
     last_top1 = phase.history[-1]["top1"] if phase.history else float("nan")
+    last_top5 = phase.history[-1].get("top5", float("nan")) if phase.history else float("nan")
     while epoch < phase.epochs:
         stats = train_epoch(phase, source, epoch, step, ctx)
         if stats["interrupted_at"] is not None:
@@ -240,21 +267,23 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
         phase.scheduler.step()
         # every rank evaluates (and rank 0 saves) the same statistics: rank 0's
         broadcast_buffers(phase.model, phase.distiller)
-        top1 = evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None else float("nan")
+        top1, top5 = evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None else (float("nan"),) * 2
         if top1 > phase.best_top1:
             phase.best_top1, phase.best_epoch = top1, epoch + 1
-        last_top1 = top1
+        last_top1, last_top5 = top1, top5
         record = {"phase": phase.name, "epoch": epoch + 1, "loss": round(stats["loss"], 5),
                   "top1": round(top1, 3) if not math.isnan(top1) else None,
+                  "top5": round(top5, 3) if not math.isnan(top5) else None,
                   "images_per_s": round(stats["images_per_s"], 1), "step_ms": round(stats["step_ms"], 2),
                   "lr": phase.optimizer.param_groups[0]["lr"], "corrupt_images": getattr(source, "corrupt", 0)}
         if phase.distiller is not None and phase.distiller.last:
             record.update({k: round(float(v), 5) for k, v in phase.distiller.last.items()})
-        phase.history.append({"epoch": epoch + 1, "top1": top1, "images_per_s": stats["images_per_s"]})
+        phase.history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "images_per_s": stats["images_per_s"]})
         ctx.log(record)
         epoch, step = epoch + 1, 0
         if ctx.dist.main:
             save_checkpoint(ctx.checkpoint_path, phase.state(epoch, 0, ctx.completed, ctx.config))
     rates = [h["images_per_s"] for h in phase.history]
-    return {"finished": True, "last_top1": last_top1, "best_top1": phase.best_top1, "best_epoch": phase.best_epoch,
+    return {"finished": True, "last_top1": last_top1, "last_top5": last_top5, "best_top1": phase.best_top1,
+            "best_epoch": phase.best_epoch,
             "last_epoch": phase.epochs, "images_per_s": sum(rates) / max(len(rates), 1)}

@@ -1,16 +1,70 @@
-"""Networks for the training loop; each returns ``(logits, pooled penultimate features)``."""
+"""Networks for the training loop; each returns ``(logits, pooled penultimate features)``.
+
+``--arch`` names: the digits CNNs (``cnn-tiny``, ``cnn-small``, ``cnn-large``), any torchvision
+classification model (``torchvision.models.list_models(module=torchvision.models)``: ``resnet18``,
+``mobilenet_v3_large``, ``convnext_tiny``, ``vit_b_16``, ...) and, with timm installed (an optional
+extra), ``timm:<name>`` for any model of ``timm.list_models()``. torchvision and timm models are
+built without weights (nothing is downloaded, ever) and split at their classifier (:class:`WithFeatures`):
+their weights come from local files (``--teacher-weights``: a state dict, an mlkd-train ``.pt``, a
+``{"model": ...}`` or ``{"state_dict": ...}`` checkpoint such as timm's).
+"""
 from __future__ import annotations
 
+import difflib
 import os
+from typing import Optional
 
 from torch import Tensor, nn
 
 from .checkpoint import read_torch_file
+from .cifar_models import CIFAR_ARCHS as _CIFAR_ARCHS
 from .errors import InputError, MissingDependencyError, MissingInputError
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
 DIGITS_ARCHS = ("cnn-tiny", "cnn-small", "cnn-large")
-ARCHS = DIGITS_ARCHS + TORCHVISION_ARCHS
+TIMM_PREFIX = "timm:"
+# the torchvision models the loop has always named (kept in ARCHS, the list --help shows)
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
+# the CIFAR KD architectures of RepDistiller / mdistiller (resnet8x4, wrn_40_2, ...: cifar_models.py)
+ARCHS = DIGITS_ARCHS + tuple(_CIFAR_ARCHS) + TORCHVISION_ARCHS
+
+
+def torchvision_classifiers() -> list[str]:
+    """Every torchvision classification model's name (empty when torchvision is missing)."""
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(name: str) -> str:
+    """``name`` if it names a network :func:`build_model` can build, else a ValueError that says what
+    exists (used as the argparse type of ``--arch`` / ``--teacher-arch``)."""
+    if name in DIGITS_ARCHS or name in _CIFAR_ARCHS:
+        return name
+    if name.startswith(TIMM_PREFIX):
+        timm = _timm(name)
+        if name[len(TIMM_PREFIX):] not in timm.list_models():
+            close = difflib.get_close_matches(name[len(TIMM_PREFIX):], timm.list_models(), n=3)
+            raise ValueError(f"no timm model {name[len(TIMM_PREFIX):]!r}" + (f"; did you mean {close}?" if close else
+                                                                            " (timm.list_models() lists them)"))
+        return name
+    known = torchvision_classifiers()
+    if name in known:
+        return name
+    close = difflib.get_close_matches(name, list(DIGITS_ARCHS) + list(_CIFAR_ARCHS) + known, n=3)
+    raise ValueError(f"unknown architecture {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                     + f": give one of {', '.join(DIGITS_ARCHS)}, a CIFAR KD architecture "
+                       f"({', '.join(list(_CIFAR_ARCHS)[:4])}, ...), a torchvision classification model "
+                       f"(resnet18, convnext_tiny, ...) or timm:<name>")
+
+
+def _timm(arch: str):
+    try:
+        import timm
+    except ImportError as exc:
+        raise MissingDependencyError(f"--arch {arch} needs timm (an optional extra): pip install timm") from exc
+    return timm
 
 
 class SmallCNN(nn.Module):
@@ -39,40 +93,73 @@ class SmallCNN(nn.Module):
 
 
 class WithFeatures(nn.Module):
-    """A torchvision classifier split at its last pooling: ``(head(f), f)`` with ``f`` the pooled
-    features (the input of ``fc`` / ``classifier``)."""
+    """A classifier split at its classifier: ``(head(f), f)`` with ``f`` the pooled pre-logit features,
+    the input of the module ``head_path`` (``fc``, ``classifier``, timm's ``head.fc``, ...: the
+    outermost module that maps ``(B, D)`` features to the logits, found by one forward when not
+    given). The classifier moves to ``head`` and an identity takes its place in ``body``, so the
+    state dict is ``body.<the network's keys>`` and ``head.<the classifier's>``; :func:`load_weights`
+    also takes the network's own layout."""
 
-    def __init__(self, net: nn.Module, head_name: str) -> None:
+    def __init__(self, net: nn.Module, head_path: Optional[str] = None, input_shape: tuple = (3, 64, 64)) -> None:
         super().__init__()
-        self.head = getattr(net, head_name)
-        setattr(net, head_name, nn.Identity())
+        if head_path is None:
+            from ..methods.taps import _find_classifier
+
+            head_path = _find_classifier(net, input_shape)
+        parent_path, _, leaf = head_path.rpartition(".")
+        parent = net.get_submodule(parent_path) if parent_path else net
+        self.head = getattr(parent, leaf)
+        setattr(parent, leaf, nn.Identity())
         self.body = net
-        first = self.head if isinstance(self.head, nn.Linear) else next(m for m in self.head if isinstance(m, nn.Linear))
-        self.feature_dim = first.in_features
+        self.head_path = head_path
+        linear = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
+        self.feature_dim = linear[0].in_features if linear else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.body(x)
         return self.head(feats), feats
 
 
-def build_model(arch: str, num_classes: int, weights_path: str | None = None) -> nn.Module:
-    """A network by name; ``weights_path`` loads a state dict (of the plain torchvision model, of
-    this wrapper, or a ``{"model": state_dict}`` checkpoint) with a clear error when it does not fit."""
-    if arch == "cnn-tiny":
-        model: nn.Module = SmallCNN((4, 8, 16), num_classes)
-    elif arch == "cnn-small":
-        model = SmallCNN((8, 16, 32), num_classes)
-    elif arch == "cnn-large":
-        model = SmallCNN((32, 64, 128), num_classes)
-    elif arch in TORCHVISION_ARCHS:
+def build_model(arch: str, num_classes: int, weights_path: str | None = None,
+                in_channels: Optional[int] = None) -> nn.Module:
+    """A network by name (see the module docstring) for ``num_classes`` classes and inputs of
+    ``in_channels`` channels (default: 1 for the digits CNNs, 3 for the others); ``weights_path``
+    loads a state dict (:func:`load_weights`) with a clear error when it does not fit."""
+    if in_channels is None:
+        in_channels = 1 if arch in DIGITS_ARCHS else 3
+    widths = {"cnn-tiny": (4, 8, 16), "cnn-small": (8, 16, 32), "cnn-large": (32, 64, 128)}
+    if arch in widths:
+        model: nn.Module = SmallCNN(widths[arch], num_classes, in_channels=in_channels)
+    elif arch in _CIFAR_ARCHS:
+        if in_channels != 3:
+            raise InputError(f"--arch {arch} takes 3-channel (CIFAR) images, the data has {in_channels} channel(s)")
+        model = _CIFAR_ARCHS[arch](num_classes)
+    elif arch.startswith(TIMM_PREFIX):
+        timm = _timm(arch)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never a download: weights come from local files
+        check_arch(arch)
+        net = timm.create_model(arch[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
+                                in_chans=in_channels)
+        classifier = net.get_classifier()  # timm names its classifier: no forward needed to find it
+        model = WithFeatures(net, next(n for n, m in net.named_modules() if m is classifier))
+    else:
         try:
             import torchvision
         except ImportError as exc:
             raise MissingDependencyError(f"--arch {arch} needs torchvision: pip install torchvision") from exc
-        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-        model = WithFeatures(net, "fc" if arch.startswith("resnet") else "classifier")
-    else:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+        try:
+            check_arch(arch)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if in_channels != 3:
+            raise InputError(f"--arch {arch} (torchvision) takes 3-channel images, the data has {in_channels} "
+                             f"channel(s): use a cnn-* network, or timm:<name> (timm builds any channel count)")
+        options = {"aux_logits": False, "init_weights": False} if arch in ("googlenet", "inception_v3") else {}
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+        head = {"resnet": "fc", "mobilenet_v2": "classifier", "mobilenet_v3_large": "classifier"}
+        known = head["resnet"] if arch.startswith("resnet") else head.get(arch)
+        model = WithFeatures(net, known, input_shape=(3, 224, 224) if "vit" in arch or "swin" in arch
+                             else (3, 64, 64))
     if weights_path is not None:
         load_weights(model, weights_path, arch)
     return model
@@ -96,15 +183,17 @@ def load_weights(model: nn.Module, path: str, arch: str, new_head: bool = False)
     if not os.path.isfile(path):
         raise MissingInputError(f"weights file {path!r} does not exist")
     state = read_torch_file(path, weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    for key in ("model", "state_dict"):  # mlkd-train's and RepDistiller's {"model": ...}, timm's {"state_dict": ...}
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict):
         raise InputError(f"{path!r} does not hold a state dict")
-    if isinstance(model, WithFeatures) and not any(k.startswith(("body.", "head.")) for k in state):
-        # a plain torchvision state dict: its fc / classifier keys are the head's
-        head = "fc." if "fc.weight" in state else "classifier."
-        state = {("head." + k[len(head):]) if k.startswith(head) else "body." + k: v for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped network
+        state = {k[len("module."):]: v for k, v in state.items()}
     own = model.state_dict()
+    if isinstance(model, WithFeatures) and set(state) != set(own):
+        state = _into_wrapper(state, model.head_path)
     cls = classifier_name(model)
     cls_keys = {f"{cls}.weight", f"{cls}.bias"}
     rest_fits = set(state) - cls_keys == set(own) - cls_keys and all(
@@ -125,3 +214,13 @@ def load_weights(model: nn.Module, path: str, arch: str, new_head: bool = False)
     if new_head and (set(missing) - cls_keys or unexpected):
         raise InputError(f"weights {path!r} do not fit --arch {arch} (a checkpoint of another architecture?): "
                          f"missing {sorted(set(missing) - cls_keys)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def _into_wrapper(state: dict, head_path: str) -> dict:
+    """A state dict in the network's own layout (torchvision's, timm's) -> :class:`WithFeatures`'s:
+    the classifier's keys under ``head.``, the rest under ``body.`` (keys already in the wrapper's
+    layout stay)."""
+    if any(k.startswith("body.") for k in state):
+        return state
+    prefix = head_path + "."
+    return {("head." + k[len(prefix):]) if k.startswith(prefix) else "body." + k: v for k, v in state.items()}

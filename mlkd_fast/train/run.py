@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from .cli import parse_args
 from .distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, shutdown_distributed
 from .errors import InputError
+from .logs import RunLogs, plot_curves
 from .loop import Phase, RunContext, StopFlag, run_phase
 from .models import build_model, load_weights
 
@@ -42,7 +43,7 @@ class Run:
         on_cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and on_cuda) else None
         self.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda
-                                                              and not args.digits)
+                                                              and args.data_kind not in ("digits", "mnist5k"))
         self.shard = D.Shard(args.batch_size, self.dist.rank, self.dist.world)
         self.lr = args.lr * (self.dist.world if args.scale_lr else 1)
         self.info: dict[str, Any] = {}
@@ -65,6 +66,25 @@ class Run:
             x_test, y_test = x_test[self.dist.rank::self.dist.world], y_test[self.dist.rank::self.dist.world]
             self.eval_batches = lambda: [(x_test[i:i + 512].to(self.device), y_test[i:i + 512].to(self.device))
                                          for i in range(0, len(x_test), 512)]
+        elif a.data_kind == "mnist5k" or a.data_kind in D.CIFAR_KINDS:
+            # held in memory as uint8 on the device; crops / flips drawn per (seed, epoch, sample index)
+            if a.data_kind == "mnist5k":
+                x, y, x_test, y_test = D.load_mnist5k(a.train_per_class)
+                self.num_classes, (mean, std), pad, flip = 10, ((0.0,), (1.0,)), D.MNIST5K_PAD, False
+            else:
+                x, y, x_test, y_test = D.load_cifar(a.data_kind, a.data_path)
+                self.num_classes = 10 if a.data_kind == "cifar10" else 100
+                (mean, std), pad, flip = D.CIFAR_MEAN_STD[a.data_kind], D.CIFAR_PAD, True
+            keep, y = self._corrupt_labels(y)
+            x = x[keep]
+            self.info.update(train_samples=len(y), test_samples=len(y_test))
+            if self.shard.steps(len(y)) < 1:
+                raise SystemExit(f"mlkd-train: {len(y)} training images are fewer than one global batch "
+                                 f"({self.shard.batch_size * self.shard.world})")
+            self.train = D.MemorySource(x, y, self.shard, a.seed, self.device, mean, std, pad, flip,
+                                        channels_last=self.channels_last)
+            self.train_size = len(y)
+            self.eval_batches = self.train.eval_batches(x_test, y_test)
         elif a.synthetic:
             self.num_classes = a.num_classes
             self.train_size = None
@@ -102,10 +122,13 @@ class Run:
 
     # ---- models and phases ----------------------------------------------------------------
     def input_shape(self) -> tuple[int, int, int]:
-        return (1, 8, 8) if self.args.digits else (3, self.args.image_size, self.args.image_size)
+        kind = self.args.data_kind
+        if kind in ("digits", "mnist5k"):
+            return (1, 8, 8) if kind == "digits" else (1, 28, 28)
+        return (3, 32, 32) if kind in D.CIFAR_KINDS else (3, self.args.image_size, self.args.image_size)
 
     def _network(self, arch: str) -> nn.Module:
-        model = build_model(arch, self.num_classes).to(self.device)
+        model = build_model(arch, self.num_classes, in_channels=self.input_shape()[0]).to(self.device)
         if self.args.sync_bn and self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device.type)
         if self.channels_last:
@@ -165,7 +188,7 @@ class Run:
 
             step = DDP(distill, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         params = list(model.parameters()) + list(distill.distiller.parameters())
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=a.weight_decay, nesterov=True)
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=a.weight_decay, nesterov=a.nesterov)
         if a.lr_steps:
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, a.lr_steps, 0.1)
         else:
@@ -173,7 +196,7 @@ class Run:
         return Phase(name, model, step, opt, sched, epochs, arch, distill.distiller, distill.teacher, views)
 
     def load_teacher(self, path: str) -> torch.nn.Module:
-        teacher = build_model(self.args.teacher_arch, self.num_classes, path)
+        teacher = build_model(self.args.teacher_arch, self.num_classes, path, in_channels=self.input_shape()[0])
         return self.frozen(teacher)
 
     def frozen(self, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -215,21 +238,17 @@ def train_all(args: argparse.Namespace) -> dict:
         check_lengths(resume_state, args)
     if main_rank:
         os.makedirs(out, exist_ok=True)
+        # every flag's value (--config FILE replays it) and what the run made of them
         write_json_atomic(os.path.join(out, "config.json"), {**vars(args), "world_size": run.dist.world,
-                                                             "device": str(run.device), "lr_used": run.lr})
+                                                             "device_used": str(run.device), "lr_used": run.lr})
     if args.resume and resume_state is None and main_rank:
         print(f"mlkd-train: --resume but no {ckpt_path}: starting afresh", file=sys.stderr)
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a" if resume_state else "w") if main_rank else None
+    # metrics.jsonl, steps.jsonl, TensorBoard (a missing tensorboard package is an error before training)
+    metrics = RunLogs(out, bool(resume_state), args.tensorboard, args.quiet) if main_rank else None
 
     def log(record: dict) -> None:
-        if metrics is None:
-            return
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        if not args.quiet:
-            top1 = f"{record['top1']:6.2f}%" if record["top1"] is not None else "   n/a"
-            print(f"[{record['phase']:>8}] epoch {record['epoch']:3d}  loss {record['loss']:.4f}  top1 {top1}  "
-                  f"{record['images_per_s']:8.0f} img/s  {record['step_ms']:7.2f} ms/step", flush=True)
+        if metrics is not None:
+            metrics.epoch(record)
 
     start = time.perf_counter()
     summary: dict[str, Any] = {"method": args.method, "loss": args.method, "world_size": run.dist.world, **run.info}
@@ -238,7 +257,8 @@ def train_all(args: argparse.Namespace) -> dict:
     with StopFlag() as stop:
         ctx = RunContext(run.device, run.dist, run.amp_dtype, ckpt_path, log, stop,
                          progress=not args.quiet, max_steps=args.max_steps,
-                         completed=dict(resume_state.get("completed", {})) if resume_state else {}, config=config)
+                         completed=dict(resume_state.get("completed", {})) if resume_state else {}, config=config,
+                         log_steps=metrics.step_records if metrics is not None else None, log_every=args.log_every)
         done = ctx.completed
 
         trained: list[str] = []  # the phases this invocation trains
@@ -286,9 +306,10 @@ def train_all(args: argparse.Namespace) -> dict:
                         return _stopped(metrics)
                 teacher = run.frozen(phase.model)
             else:  # synthetic: a random teacher is enough to measure throughput
-                teacher = run.frozen(build_model(args.teacher_arch, run.num_classes))
+                teacher = run.frozen(build_model(args.teacher_arch, run.num_classes, in_channels=run.input_shape()[0]))
         if "teacher" in done:
             summary["teacher_top1"] = done["teacher"]["last_top1"]
+            summary["teacher_top5"] = done["teacher"].get("last_top5")
 
         phases = [("student", args.method, teacher if uses_teacher else None)]
         if args.compare_baseline:
@@ -300,16 +321,23 @@ def train_all(args: argparse.Namespace) -> dict:
                     return _stopped(metrics)
         if metrics is not None:
             metrics.close()
+            if args.curves and trained:
+                try:
+                    plot_curves(out)
+                except Exception as exc:  # a plot must never cost the run its summary
+                    print(f"mlkd-train: curves.png not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
         if resume_state is not None and not trained and main_rank:
             print(f"mlkd-train: the run in {out} is finished ({args.epochs} epoch{'s' * (args.epochs != 1)}): "
                   f"nothing to train (--resume with a larger --epochs trains it on)", file=sys.stderr, flush=True)
 
     s = done["student"]
-    summary.update(student_top1=s["last_top1"], best_top1=s["best_top1"], best_epoch=s["best_epoch"],
+    summary.update(student_top1=s["last_top1"], student_top5=s.get("last_top5"), best_top1=s["best_top1"],
+                   best_epoch=s["best_epoch"],
                    last_epoch=s["last_epoch"], images_per_s=round(s["images_per_s"], 1),
                    corrupt_images=run.train.corrupt)
     if "baseline" in done:
         summary["baseline_top1"] = done["baseline"]["last_top1"]
+        summary["baseline_top5"] = done["baseline"].get("last_top5")
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN: no eval
     if main_rank:
@@ -321,6 +349,8 @@ def train_all(args: argparse.Namespace) -> dict:
                 summary = json.load(f)
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}%"  # noqa: E731
         line = f"student ({args.method}) top-1 {fmt(summary['student_top1'])}"
+        if summary.get("student_top5") is not None:
+            line += f" top-5 {fmt(summary['student_top5'])}"
         if "teacher_top1" in summary:
             line = f"teacher top-1 {fmt(summary['teacher_top1'])}  " + line
         if "baseline_top1" in summary:
@@ -334,7 +364,7 @@ def train_all(args: argparse.Namespace) -> dict:
 # training data and its order. A resume with other values would continue a different run silently.
 RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
                    "global_correlation", "global_supcon", "seed", "label_noise", "noise_type", "imbalance",
-                   "train_per_class", "lr_steps", "teacher_new_head")
+                   "train_per_class", "lr_steps", "teacher_new_head", "nesterov")
 # Not among them: --epochs and --teacher-epochs. A resume with another count trains the phase to it on
 # the schedule of a run of that length (loop.fit_schedule); a finished student or baseline trains on
 # from its final state, kept in <out>/<phase>_state.pt (the teacher is never retrained once finished).
