@@ -49,8 +49,8 @@ def test_digits_with_a_few_training_images_per_class_holds_out_all_others():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data", "synthetic", "--label-noise", "0.2"], "apply to digits or folder data, not synthetic"),
-    (["--data", "synthetic", "--train-per-class", "10"], "--train-per-class applies to the digits data"),
+    (["--data", "synthetic", "--label-noise", "0.2"], "apply to digits, mnist5k, CIFAR or folder data, not synthetic"),
+    (["--data", "synthetic", "--train-per-class", "10"], "--train-per-class applies to the digits and mnist5k data"),
     (["--train-per-class", "0"], r"--train-per-class must be in \[1, 150\]"),
     (["--teacher-epochs", "0", "--method", "kd"], "--teacher-epochs 0 trains no teacher, but --method kd distils"),
     (["--teacher-epochs", "-1"], "--teacher-epochs must be >= 0"),
