@@ -266,7 +266,9 @@ def test_networks_of_two_families_pair_their_stages_by_resolution():
     teacher = M.ModelSpec(10, 8, {"conv1": (24, 16, 16), "pool": (24, 8, 8), "s2": (48, 8, 8), "s3": (96, 4, 4)})
     at = M.build("at", student, teacher)
     assert (at.s_stages, at.t_stages) == (("bn1", "b0", "b1"), ("conv1", "s2", "s3"))
-    nst = M.build("nst", student, teacher)  # its default, the last stage, of the pairs
-    assert (nst.s_stages, nst.t_stages) == (("b1",), ("s3",))
+    sp = M.build("sp", student, teacher)  # its default, the last stage, of the pairs
+    assert (sp.s_stages, sp.t_stages) == (("b1",), ("s3",))
+    big = M.build("at", student, teacher, min_size=8)  # no map under 8 x 8
+    assert (big.s_stages, big.t_stages) == (("bn1", "b0"), ("conv1", "s2"))
     with pytest.raises(ValueError, match=r"share no spatial size to pair them by; name them"):
         M.build("at", student, M.ModelSpec(10, 8, {"a": (4, 3, 3), "b": (4, 5, 5)}))

@@ -82,7 +82,8 @@ def _step(distiller, student, teacher, x, y):
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "dml"])
 def test_distiller_trains_the_student_and_its_own_parts(nets, name):
     student, teacher, s_spec, t_spec = nets
-    distiller = M.build(name, s_spec, t_spec, **({"num_data": 64} if name == "crd" else {}))
+    options = {"crd": {"num_data": 64}, "fsp": {"stage": "joint"}}.get(name, {})  # fsp's init stage: its own test
+    distiller = M.build(name, s_spec, t_spec, **options)
     student.zero_grad(set_to_none=True)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     loss = _step(distiller, student, teacher, x, y)
@@ -201,3 +202,21 @@ def test_fsp_widens_a_narrower_student_only():
     assert len(list(M.build("fsp", narrow, wide).parameters())) == 2
     assert len(list(M.build("fsp", wide, wide).parameters())) == 0
 
+
+
+def test_fsp_is_an_initialisation_stage_then_ce_as_repdistiller(nets):
+    student, teacher, s_spec, t_spec = nets
+    fsp = M.build("fsp", s_spec, t_spec)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    fsp.set_epoch(0, 16)  # an eighth of 16 epochs: 2 of initialisation
+    student.zero_grad(set_to_none=True)
+    _step(fsp, student, teacher, x, y).backward()
+    assert set(fsp.last) == {"fsp", "total"} and student.fc.weight.grad is None  # the classifier does not learn
+    fsp.set_epoch(2, 16)
+    student.zero_grad(set_to_none=True)
+    _step(fsp, student, teacher, x, y).backward()
+    assert set(fsp.last) == {"ce", "total"} and student.fc.weight.grad is not None
+    with pytest.raises(ValueError, match=r"its initialisation stage takes 30 epochs of a 20-epoch run"):
+        M.build("fsp", s_spec, t_spec, init_epochs=30).set_epoch(0, 20)
+    joint = M.build("fsp", s_spec, t_spec, stage="joint")
+    assert joint.schedule is None and set(_step(joint, student, teacher, x, y) and joint.last) == {"ce", "fsp", "total"}

@@ -2,6 +2,7 @@
 base classes, the embedding head, and the row-blocked evaluation of B x B relation matrices."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -128,9 +129,16 @@ class StagePairs(Distiller):
 
     default_stages = slice(None)
 
-    def __init__(self, student, teacher, w_ce, student_stages, teacher_stages) -> None:
+    def __init__(self, student, teacher, w_ce, student_stages, teacher_stages, min_size: int = 1) -> None:
         teacher = require_teacher(teacher, self.name)
         super().__init__(student, teacher, w_ce)
+        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+            raise ValueError(f"method {self.name!r}: min_size must be a positive int, got {min_size!r}")
+        self.min_size = min_size
+        if min_size > 1:  # leave out maps too small to carry spatial structure (a 2 x 2 attention map)
+            student, teacher = (dataclasses.replace(spec, stages={n: shape for n, shape in spec.stages.items()
+                                                                  if min(shape[1:]) >= min_size})
+                                for spec in (student, teacher))
         self.s_stages, self.t_stages = paired_stages(student, teacher, student_stages, teacher_stages,
                                                      self.default_stages, self.default_stages, self.name)
 
@@ -140,6 +148,18 @@ class StagePairs(Distiller):
 
     def maps(self, student: Outputs, teacher: Outputs) -> tuple[list[Tensor], list[Tensor]]:
         return ([student.stages[n] for n in self.s_stages], [teacher.stages[n].detach() for n in self.t_stages])
+
+    def weight_rescaling(self, batch_size: int) -> float:
+        """For terms that scale with the positions: against the stages of RepDistiller's CIFAR ResNets,
+        32 x 32, 16 x 16, 8 x 8 positions (a quarter fewer each), the ratio of ``sum 1/(H W)``."""
+        if self.scales_with != "positions":
+            return super().weight_rescaling(batch_size)
+        ours = [1.0 / (self.student_spec.stages[n][1] * self.student_spec.stages[n][2]) for n in self.s_stages]
+        theirs = [1.0 / (REFERENCE_POSITIONS / 4 ** i) for i in range(len(ours))]
+        return sum(theirs) / sum(ours)
+
+
+REFERENCE_POSITIONS = 32 * 32   # RepDistiller's CIFAR ResNets' first stage
 
 
 class PooledFeatures(Distiller):

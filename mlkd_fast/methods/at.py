@@ -71,11 +71,13 @@ class AT(StagePairs):
     source = "Zagoruyko & Komodakis, ICLR 2017; RepDistiller (-b 1000, p 2)"
     family = "representations"
     functions = (attention_map, at_loss)
+    main_weight = "w_at"
+    scales_with = "positions"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_at: float = 1000.0,
                  p: float = 2.0, student_stages: Optional[Sequence[str]] = None,
-                 teacher_stages: Optional[Sequence[str]] = None) -> None:
-        super().__init__(student, teacher, w_ce, student_stages, teacher_stages)
+                 teacher_stages: Optional[Sequence[str]] = None, min_size: int = 1) -> None:
+        super().__init__(student, teacher, w_ce, student_stages, teacher_stages, min_size)
         self.w_at, self.p = float(w_at), float(p)
 
     def loss_terms(self, student, teacher, target, **context):

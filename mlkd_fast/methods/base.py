@@ -71,6 +71,9 @@ class Needs:
     peers: int = 0
 
 
+REFERENCE_BATCH = 64  # RepDistiller's CIFAR batch, for which the zoo's reference weights were tuned
+
+
 class Distiller(nn.Module):
     """Base class: CE on the labels plus the method's terms (``loss_terms``)."""
 
@@ -93,6 +96,12 @@ class Distiller(nn.Module):
     data_options: ClassVar[Mapping[str, str]] = {}
     #: the method's pure functions, exported as ``mlkd_fast.functional.<function name>``
     functions: ClassVar[tuple[Callable[..., Any], ...]] = ()
+    #: the option that scales the method's distillation term (what a weight search varies); None: none
+    main_weight: ClassVar[Optional[str]] = None
+    #: how the term's size depends on the setting: "batch" (a mean over the B x B entries of
+    #: row-normalised relations: ~ 1/B), "positions" (a mean over the H x W positions of L2-normalised
+    #: maps: ~ 1/(H W) per stage), or None
+    scales_with: ClassVar[Optional[str]] = None
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec], w_ce: float = 1.0) -> None:
         super().__init__()
@@ -120,6 +129,13 @@ class Distiller(nn.Module):
     def schedule_needs_total(self) -> bool:
         """Whether the schedule also needs the run's length (``set_epoch(epoch, epochs)``)."""
         return False
+
+    def weight_rescaling(self, batch_size: int) -> float:
+        """The factor by which this instance's reference weight would be rescaled to act here as it
+        did in the setting it was tuned for (the batch size, the maps' sizes): 1 when the method's
+        term does not scale with them. A weight search includes ``reference * factor``. Against
+        RepDistiller's CIFAR setting, where the reference weights were tuned: batch 64."""
+        return batch_size / REFERENCE_BATCH if self.scales_with == "batch" else 1.0
 
     @classmethod
     def options(cls) -> dict[str, Any]:

@@ -104,6 +104,7 @@ class CC(PooledFeatures):
     source = "Peng et al., ICCV 2019; 128-d embeddings as RepDistiller; weight: see docs/design.md"
     family = "relations"
     functions = (cc_correlation, cc_loss, cc_repdistiller_loss)
+    main_weight = "w_cc"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_cc: Optional[float] = None,
                  embed_dim: int = 128, gamma: float = 0.4, p_order: int = 2, formula: str = "paper") -> None:

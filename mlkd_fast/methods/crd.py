@@ -227,6 +227,7 @@ class CRD(PooledFeatures):
     gather_hooks = {"bank": True}
     data_options = {"num_data": "num_samples"}
     functions = (CRDMemory, crd_sample_indices, crd_loss, crd_inbatch_loss)
+    main_weight = "w_crd"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_crd: float = 0.8,
                  embed_dim: int = 128, tau: float = 0.07, negatives: str = "bank", num_data: Optional[int] = None,

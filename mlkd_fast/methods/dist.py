@@ -58,6 +58,7 @@ class DIST(Distiller):
     source = "Huang et al., NeurIPS 2022; the DIST_KD reference code"
     family = "outputs"
     functions = (dist_loss,)
+    main_weight = "w_dist"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_dist: float = 2.0,
                  beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> None:

@@ -85,6 +85,7 @@ class DKD(Distiller):
     source = "Zhao et al., CVPR 2022; mdistiller's DKD config"
     family = "outputs"
     functions = (dkd_loss,)
+    main_weight = "beta"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, alpha: float = 1.0,
                  beta: float = 8.0, temperature: float = 4.0, warmup: int = 20) -> None:

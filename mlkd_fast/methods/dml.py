@@ -74,6 +74,7 @@ class DML(Distiller):
     family = "cohort"
     needs_teacher = False
     functions = (dml_loss,)
+    main_weight = "w_dml"
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, w_ce: float = 1.0,
                  w_dml: float = 1.0, temperature: float = 1.0, cohort: int = 2) -> None:

@@ -57,6 +57,7 @@ class FitNet(Distiller):
     source = "Romero et al., ICLR 2015; RepDistiller (-b 100, hint layer 2)"
     family = "representations"
     functions = (fitnet_loss,)
+    main_weight = "w_fitnet"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_fitnet: float = 100.0,
                  student_stage: Optional[str] = None, teacher_stage: Optional[str] = None) -> None:

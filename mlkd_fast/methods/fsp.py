@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import _checks as check
 from ..ops import math_dtype
 from ._common import StagePairs
-from .base import ModelSpec
+from .base import ModelSpec, Outputs
 from .registry import register
 
 __all__ = ["fsp_matrix", "fsp_loss", "FSP"]
@@ -91,29 +91,76 @@ def fsp_loss(student_pairs: PairList, teacher_pairs: PairList) -> Tensor:
 
 @register("fsp")
 class FSP(StagePairs):
-    """Gram matrices between consecutive stages, ``G = F1 F2^T / (h w)``, matched by MSE; weight 50.
-    The two maps of a network's pair are pooled to the smaller size (RepDistiller); the networks'
-    maps may differ in size (only their channels meet, in G). FSP compares channel by channel, so
-    where a student stage is narrower than the teacher's (a capacity gap) a trainable 1x1
-    convolution widens it first; equal widths are compared as they are, as in the paper."""
+    """Gram matrices between consecutive stages, ``G = F1 F2^T / (h w)``, matched by MSE. The two maps
+    of a network's pair are pooled to the smaller size (RepDistiller); the networks' maps may differ
+    in size (only their channels meet, in G). FSP compares channel by channel, so where a student
+    stage is narrower than the teacher's (a capacity gap) a trainable 1x1 convolution widens it
+    first; equal widths are compared as they are, as in the paper.
 
-    source = "Yim et al., CVPR 2017; RepDistiller's FSP"
+    ``stage="init"`` (default) is RepDistiller's procedure: an initialisation stage of
+    ``init_epochs`` epochs trained on the FSP loss alone, unweighted (no CE: the classifier does not
+    learn), then CE alone for the rest of the run; by default an eighth of the run (their 30 of 240
+    epochs, at least 1); it needs ``set_epoch(epoch, epochs)`` and a run longer than
+    ``init_epochs``. (RepDistiller trains the
+    initialisation stage with an optimiser of its own; here one optimiser and one lr schedule span
+    the run.) ``stage="joint"`` adds ``w_fsp`` (50) times the FSP loss to CE at every epoch."""
+
+    source = "Yim et al., CVPR 2017; RepDistiller's FSP (init stage of 30 epochs, then CE)"
     family = "representations"
     functions = (fsp_matrix, fsp_loss)
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_fsp: float = 50.0,
                  student_stages: Optional[Sequence[str]] = None,
-                 teacher_stages: Optional[Sequence[str]] = None) -> None:
-        super().__init__(student, teacher, w_ce, student_stages, teacher_stages)
+                 teacher_stages: Optional[Sequence[str]] = None, stage: str = "init",
+                 init_epochs: Optional[int] = None, min_size: int = 1) -> None:
+        super().__init__(student, teacher, w_ce, student_stages, teacher_stages, min_size)
         if len(self.s_stages) < 2:
             raise ValueError("method 'fsp' needs at least two stages (it pairs consecutive ones)")
-        self.w_fsp = float(w_fsp)
+        if stage not in ("init", "joint"):
+            raise ValueError(f"method 'fsp': stage must be 'init' or 'joint', got {stage!r}")
+        if init_epochs is not None and (isinstance(init_epochs, bool) or not isinstance(init_epochs, int)
+                                        or init_epochs < 1):
+            raise ValueError(f"method 'fsp': init_epochs must be a positive int, got {init_epochs!r}")
+        self.w_fsp, self.stage, self.init_epochs = float(w_fsp), stage, init_epochs
         self.adapters = nn.ModuleList(
             nn.Identity() if student.stages[a][0] == teacher.stages[b][0]
             else nn.Conv2d(student.stages[a][0], teacher.stages[b][0], 1, bias=False)
             for a, b in zip(self.s_stages, self.t_stages))
 
-    def loss_terms(self, student, teacher, target, **context):
+    @property
+    def schedule(self) -> Optional[str]:
+        if self.stage == "joint":
+            return None
+        first = "an eighth of the run" if self.init_epochs is None else f"{self.init_epochs} epochs"
+        return f"the FSP loss alone for the first {first}, then CE alone"
+
+    @property
+    def schedule_needs_total(self) -> bool:
+        return self.stage == "init"
+
+    def init_length(self) -> int:
+        """The initialisation stage's epochs in this run."""
+        return self.init_epochs if self.init_epochs is not None else max(1, (self.epochs or 0) // 8)
+
+    def set_epoch(self, epoch: int, epochs: Optional[int] = None) -> None:
+        if self.stage == "init" and epochs is not None and self.init_epochs is not None and epochs <= self.init_epochs:
+            raise ValueError(f"method 'fsp': its initialisation stage takes {self.init_epochs} epochs of a "
+                             f"{epochs}-epoch run, leaving none for CE: pass init_epochs < {epochs} (RepDistiller: "
+                             f"30 of 240), or stage='joint'")
+        super().set_epoch(epoch, epochs)
+
+    def _fsp(self, student: Outputs, teacher: Outputs) -> Tensor:
         s, t = self.maps(student, teacher)
         s = [adapt(m) for adapt, m in zip(self.adapters, s)]
-        return {"fsp": self.w_fsp * fsp_loss(list(zip(s[:-1], s[1:])), list(zip(t[:-1], t[1:])))}
+        return fsp_loss(list(zip(s[:-1], s[1:])), list(zip(t[:-1], t[1:])))
+
+    def forward(self, student: Outputs, teacher: Outputs, target: Tensor, **context) -> Tensor:
+        if self.stage == "init" and self.epoch is not None and self.epochs and self.epoch < self.init_length():
+            self.check(student, teacher, context)
+            return self._total({"fsp": self._fsp(student, teacher)})
+        return super().forward(student, teacher, target, **context)
+
+    def loss_terms(self, student, teacher, target, **context):
+        if self.stage == "init":
+            return {}  # after the initialisation stage: CE alone
+        return {"fsp": self.w_fsp * self._fsp(student, teacher)}

@@ -34,6 +34,7 @@ class KD(Distiller):
     source = "Hinton et al., arXiv 1503.02531; T = 4 as in RepDistiller / mdistiller"
     family = "outputs"
     functions = (kd_loss,)
+    main_weight = "w_kd"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_kd: float = 1.0,
                  temperature: float = 4.0, backend: str = "auto") -> None:

@@ -35,6 +35,7 @@ class MLKD(Distiller):
     takes_views = True
     gather_hooks = {"correlation": False, "supcon": False}
     functions = (mlkd_loss,)
+    main_weight = "w_corr"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, preset: Optional[str] = None,
                  **options: Any) -> None:

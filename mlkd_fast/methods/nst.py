@@ -51,18 +51,20 @@ def nst_loss(student_map: Maps, teacher_map: Maps) -> Tensor:
 
 @register("nst")
 class NST(StagePairs):
-    """Squared MMD of the channel activations with the polynomial kernel, the last stage, weight 50
-    (RepDistiller); maps of different sizes are pooled to the smaller one."""
+    """Squared MMD of the channel activations with the polynomial kernel, summed over every stage (the
+    middle stages RepDistiller uses, ``feat[1:-1]``), weight 50 (RepDistiller); maps of different
+    sizes are pooled to the smaller one; ``min_size`` leaves out stages smaller than that."""
 
-    source = "Huang & Wang, arXiv 1707.01219; RepDistiller (-b 50)"
+    source = "Huang & Wang, arXiv 1707.01219; RepDistiller (-b 50, feat[1:-1])"
     family = "representations"
-    default_stages = slice(-1, None)
     functions = (nst_loss,)
+    main_weight = "w_nst"
+    scales_with = "positions"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_nst: float = 50.0,
                  student_stages: Optional[Sequence[str]] = None,
-                 teacher_stages: Optional[Sequence[str]] = None) -> None:
-        super().__init__(student, teacher, w_ce, student_stages, teacher_stages)
+                 teacher_stages: Optional[Sequence[str]] = None, min_size: int = 1) -> None:
+        super().__init__(student, teacher, w_ce, student_stages, teacher_stages, min_size)
         self.w_nst = float(w_nst)
 
     def loss_terms(self, student, teacher, target, **context):

@@ -65,6 +65,8 @@ class PKT(PooledFeatures):
     source = "Passalis & Tefas, ECCV 2018; RepDistiller (-b 30000)"
     family = "relations"
     functions = (pkt_loss,)
+    main_weight = "w_pkt"
+    scales_with = "batch"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_pkt: float = 30000.0) -> None:
         super().__init__(student, teacher, w_ce)

@@ -162,6 +162,7 @@ class RKD(PooledFeatures):
     source = "Park et al., CVPR 2019; RepDistiller (w_d 25, w_a 50)"
     family = "relations"
     functions = (rkd_distance_loss, rkd_angle_loss, rkd_loss)
+    main_weight = "w_rkd"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_rkd: float = 1.0,
                  distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:

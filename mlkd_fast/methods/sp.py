@@ -72,11 +72,13 @@ class SP(StagePairs):
     family = "relations"
     default_stages = slice(-1, None)
     functions = (sp_loss,)
+    main_weight = "w_sp"
+    scales_with = "batch"
 
     def __init__(self, student: ModelSpec, teacher: ModelSpec, w_ce: float = 1.0, w_sp: float = 3000.0,
                  student_stages: Optional[Sequence[str]] = None,
-                 teacher_stages: Optional[Sequence[str]] = None) -> None:
-        super().__init__(student, teacher, w_ce, student_stages, teacher_stages)
+                 teacher_stages: Optional[Sequence[str]] = None, min_size: int = 1) -> None:
+        super().__init__(student, teacher, w_ce, student_stages, teacher_stages, min_size)
         self.w_sp = float(w_sp)
 
     def loss_terms(self, student, teacher, target, **context):
