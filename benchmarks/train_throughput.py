@@ -4,9 +4,13 @@ Times the same work two ways on one device:
   fp32 eager : fp32 teacher and student, NCHW, the loss on the eager reference (backend="torch");
   fast       : bf16 teacher weights, bf16 autocast student, channels_last, fused loss (backend="auto"),
                optionally torch.compile (--compile).
-Each records images/s, ms per step, the MLKD loss fwd+bwd time at the step's shapes and its share of
-the step, and peak memory. Run: ``python benchmarks/train_throughput.py --out result.json``
-(``--tiny`` for a seconds-long CPU check).
+Each records images/s, ms per step, peak memory, and the step's composition: the teacher's forward
+(under no_grad), the student's forward + backward (with a CE loss on its logits) and the MLKD loss's
+forward + backward at the step's shapes (random inputs of those shapes), each timed alone, and their
+shares of the step (``shares``; ``other`` is what the three leave: the optimiser step, the input
+normalisation, the distiller's glue). Run: ``python benchmarks/train_throughput.py --out result.json``
+(``--tiny`` for a seconds-long CPU check); ``python -m benchmarks.report ... --train result.json``
+puts the composition beside the benchmark table.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import run_info  # noqa: E402
@@ -58,7 +63,8 @@ def measure(fast: bool, args, device: torch.device) -> dict:
         teacher = teacher.to(memory_format=torch.channels_last)
         student = student.to(memory_format=torch.channels_last)
     t_run = torch.compile(teacher) if fast and args.compile else teacher
-    distill = M.Distillation(torch.compile(student) if fast and args.compile else student, t_run, "mlkd",
+    s_run = torch.compile(student) if fast and args.compile else student
+    distill = M.Distillation(s_run, t_run, "mlkd",
                              input_shape=(3, args.image_size, args.image_size),
                              backend="auto" if fast else "torch").to(device)
     loss_fn = distill.distiller.loss
@@ -94,8 +100,29 @@ def measure(fast: bool, args, device: torch.device) -> dict:
         torch.autograd.grad(loss, [s_logits, s_feats])
 
     loss_ms = _time(loss_only, device, args.steps)
+
+    # the networks alone: the teacher's forward, the student's forward + backward (CE on its logits)
+    def teacher_only():
+        with torch.no_grad(), autocast():
+            t_run(normalize_images(raw, channels_last))
+
+    def student_only():
+        x = normalize_images(raw, channels_last)
+        with autocast():
+            out = s_run(x)
+            logits = out[0] if isinstance(out, tuple) else out
+            loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    teacher_ms = _time(teacher_only, device, args.steps)
+    student_ms = _time(student_only, device, args.steps)
+    parts = {"teacher_forward": teacher_ms, "student_fwd_bwd": student_ms, "loss_fwd_bwd": loss_ms}
+    shares = {k: v / step_ms for k, v in parts.items()}
+    shares["other"] = 1.0 - sum(shares.values())
     return {"images_per_s": args.batch_size / step_ms * 1e3, "step_ms": step_ms, "loss_ms": loss_ms,
-            "loss_share": loss_ms / step_ms, "peak_mib": peak, "amp": str(amp), "channels_last": channels_last,
+            "loss_share": loss_ms / step_ms, "teacher_ms": teacher_ms, "student_ms": student_ms,
+            "shares": shares, "peak_mib": peak, "amp": str(amp), "channels_last": channels_last,
             "compiled": bool(fast and args.compile), "loss_backend": "auto" if fast else "torch"}
 
 
@@ -123,6 +150,10 @@ def main(argv=None) -> dict:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
+    for name in ("fp32_eager", "fast"):
+        sh = result[name]["shares"]
+        print(f"{name}: step {result[name]['step_ms']:.1f} ms = teacher {100 * sh['teacher_forward']:.1f}% + student "
+              f"{100 * sh['student_fwd_bwd']:.1f}% + loss {100 * sh['loss_fwd_bwd']:.2f}% + other {100 * sh['other']:.1f}%")
     return result
 
 

@@ -18,4 +18,14 @@ constexpr double kNormEps = 1e-8;
 constexpr int64_t kCorrTileCpu = 1024;
 constexpr int64_t kCorrTileCuda = 4096;
 
+// CPU KL gradients of at least this size are written with streaming (non-temporal) stores.
+constexpr int64_t kStreamOutputBytes = int64_t(64) << 20;
+
+// The materialised CPU correlation (cpu/correlation_dense.cpp) computes both similarity matrices in blocks
+// of rows of full width, at most this many entries (4 MiB of fp32) for the teacher's block.
+constexpr int64_t kDenseBlockEntries = int64_t(1) << 20;
+// From this feature width on, its square backward folds the row weights into one symmetric M x M
+// operand (a pass over the matrix) and runs one matmul instead of two.
+constexpr int64_t kDenseSymmetricMinDim = 256;
+
 }  // namespace mlkd_fast

@@ -34,6 +34,12 @@ TORCH_LIBRARY_IMPL(mlkd_fast, CPU, m) {
   m.impl("correlation_bwd", &correlation_bwd_tiled);
 }
 
+// The materialised correlation, CPU only (mlkd_fast/ops.py DENSE_SCHEMAS declares its ops).
+TORCH_LIBRARY_IMPL(mlkd_fast_dense, CPU, m) {
+  m.impl("correlation_fwd", &correlation_dense_fwd_cpu);
+  m.impl("correlation_bwd", &correlation_dense_bwd_cpu);
+}
+
 #ifdef MLKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(mlkd_fast, CUDA, m) {
   m.impl("kd_kl", &kd_kl_cuda);

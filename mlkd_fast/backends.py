@@ -17,6 +17,15 @@ native, on CUDA and native, then torch, on CPU. (Triton leads on CUDA until the 
 have been checked and timed on a GPU; its correlation is the fused flash-style kernel, the native one
 cuBLAS tiles.) ``MLKD_FAST_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument wins over
 the variable); :func:`resolve` reads it once per call.
+
+Paths. The native correlation on CPU has two (docs/design.md §5.1): ``dense``, the materialised one
+(both M x N matrices from BLAS in blocks of rows, the gradient operand stored for a BLAS-only
+backward: as many matmuls as eager PyTorch, without its elementwise passes), taken while the batch
+has at most :data:`DENSE_MAX_ENTRIES` similarity entries, and ``tiled``, the fused O(M + N) one (tiles
+recomputed in the backward: more matmul work, no M x N matrix) beyond, where memory decides.
+:func:`correlation_path` is the rule and :func:`choose` says which backend and path a call takes and
+why (``mlkd_fast.explain``). ``MLKD_FAST_CORR_PATH=dense|tiled`` (read at import;
+:data:`CORRELATION_PATH`) forces one CPU path, for tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -108,6 +117,55 @@ def _native_status(device: torch.device) -> BackendStatus:
 
 
 # ---------------------------------------------------------------------------------------------
+# the native correlation's paths (docs/design.md §5.1)
+# ---------------------------------------------------------------------------------------------
+# The largest M x N (similarity entries of one matrix) that the CPU takes materialised ("dense"): 2^28,
+# so that the stored gradient operand stays within 1 GiB of fp32 (square B <= 16384; the rotations'
+# 3B x B up to B = 9459). Measured on the development CPU (docs/design.md §5.1): the dense path was
+# faster than both eager and the tiled path at every batch up to there (2-3x the tiled one at 4096 and
+# 8192, whose backward recomputes both matrices; the tiled path is even slower than eager on the
+# rotations' rectangle, which has no symmetry to save the recomputation); so below it time decides,
+# and beyond it memory: eager would hold about ten such matrices, the tiled path holds none.
+DENSE_MAX_ENTRIES = 1 << 28
+PATH_ENV_VAR = "MLKD_FAST_CORR_PATH"
+CORRELATION_PATHS = ("dense", "tiled")
+CORRELATION_PATH = os.environ.get(PATH_ENV_VAR, "auto").strip().lower() or "auto"  # "auto", "dense" or "tiled"
+
+
+def correlation_path(device: torch.device, rows: int, cols: int) -> tuple[str, str]:
+    """(path, reason) of the native correlation for ``rows`` x ``cols`` similarity matrices on ``device``."""
+    if device.type != "cpu":
+        return "fused", ("the CUDA kernels: fused tensor-core tiles for fp16/bf16 features (cuBLAS tiles for fp32), "
+                         "O(M + N) extra memory")
+    if CORRELATION_PATH in CORRELATION_PATHS:
+        return CORRELATION_PATH, f"forced by {PATH_ENV_VAR}={CORRELATION_PATH}"
+    if CORRELATION_PATH != "auto":
+        raise ValueError(f"{PATH_ENV_VAR} must be one of 'auto', 'dense', 'tiled'; got {CORRELATION_PATH!r}")
+    entries = rows * cols
+    size = entries * 4
+    size = f"{size / 2 ** 20:.0f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
+    if entries <= DENSE_MAX_ENTRIES:
+        return "dense", (f"M x N = {rows} x {cols} <= 2^{DENSE_MAX_ENTRIES.bit_length() - 1} entries: materialised, "
+                         "faster than eager and than recomputing tiles (docs/design.md §5.1); the stored gradient "
+                         f"operand takes {size}")
+    return "tiled", (f"M x N = {rows} x {cols} > 2^{DENSE_MAX_ENTRIES.bit_length() - 1} entries: memory decides "
+                     f"(a stored operand would take {size}): fused tiles, O(M + N) extra memory, the "
+                     "backward recomputes them")
+
+
+_native_tiled_correlation_rows = ops.fused_correlation_rows(ops.NATIVE_NAMESPACE)
+
+
+def _native_correlation_rows(student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor],
+                             teacher_cols: Optional[Tensor], tau: float, exclude_diagonal: bool) -> Tensor:
+    """The native per-row correlation: the path :func:`correlation_path` picks for the shapes."""
+    cols = student_rows.shape[0] if student_cols is None else student_cols.shape[0]
+    path, _ = correlation_path(student_rows.device, student_rows.shape[0], cols)
+    impl = ops.dense_correlation_rows if path == "dense" else _native_tiled_correlation_rows
+    return impl(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)
+
+
+# ---------------------------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------------------------
 REGISTRY: dict[str, Backend] = {
@@ -116,8 +174,7 @@ REGISTRY: dict[str, Backend] = {
         Backend("torch", _torch_status, reference.kd_kl_rows, reference.correlation_kl_rows),
         Backend("triton", _triton_status, ops.fused_kd_kl_rows(ops.TRITON_NAMESPACE),
                 ops.fused_correlation_rows(ops.TRITON_NAMESPACE)),
-        Backend("native", _native_status, ops.fused_kd_kl_rows(ops.NATIVE_NAMESPACE),
-                ops.fused_correlation_rows(ops.NATIVE_NAMESPACE)),
+        Backend("native", _native_status, ops.fused_kd_kl_rows(ops.NATIVE_NAMESPACE), _native_correlation_rows),
     )
 }
 BACKENDS = tuple(REGISTRY)  # ("torch", "triton", "native")
@@ -180,3 +237,66 @@ def resolve(backend: str, device: torch.device) -> Backend:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The name of the backend :func:`resolve` picks (for callers that only report it)."""
     return resolve(backend, device).name
+
+
+# ---------------------------------------------------------------------------------------------
+# which backend and path a call takes, and why (mlkd_fast.explain)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Choice:
+    """What one call of an op runs: the backend, its path and the reason (``mlkd_fast.explain``)."""
+
+    op: str
+    backend: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op}: backend {self.backend!r}, path {self.path!r}: {self.reason}"
+
+
+_KL_PATHS = {
+    "torch": ("reference", "the pure-PyTorch reference: log_softmax of both inputs, autograd's backward"),
+    "triton": ("fused", "one Triton kernel per row block: online softmax of both inputs, the gradient stored in the forward"),
+    "native": ("fused", "one sweep per row from memory (compiled SIMD sweeps, rows over the cores); the gradient "
+                        "stored in the forward, the backward a no-op after total.backward()"),
+}
+_CORR_PATHS = {
+    "torch": ("materialised", "the pure-PyTorch reference: both M x N matrices, log_softmax, autograd's backward"),
+    "triton": ("fused", "flash-style Triton kernels: tiles never stored, O(M + N) extra memory"),
+}
+
+
+def _backend_reason(backend: str, device: torch.device) -> tuple[Backend, str]:
+    """:func:`resolve`'s answer, and why."""
+    entry = resolve(backend, device)
+    if backend != "auto":
+        return entry, "asked for"
+    env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if env != "auto":
+        return entry, f"from the environment variable {ENV_VAR}={env}"
+    order = AUTO_ORDER.get(device.type, _AUTO_FALLBACK)
+    skipped = [f"{name}: {REGISTRY[name].status(device).reason}" for name in order[:order.index(entry.name)]] \
+        if entry.name in order else []
+    why = f"auto on {device.type}: the first available of {', '.join(order)}"
+    return entry, why + (f" ({'; '.join(skipped)})" if skipped else "")
+
+
+def choose(op: str, device: Union[str, torch.device], rows: int, cols: Optional[int] = None,
+           backend: str = "auto") -> Choice:
+    """The backend and path that ``op`` (``"kd_kl"`` or ``"correlation"``) takes on ``device`` for
+    ``rows`` rows (and, for the correlation, ``cols`` columns: ``rows`` in square mode), and why.
+    Decided by the device, the shapes and the environment only, like the call itself."""
+    device = torch.device(device)
+    entry, why = _backend_reason(backend, device)
+    if op == "kd_kl":
+        path, detail = _KL_PATHS.get(entry.name, ("custom", "a registered backend"))
+    elif op == "correlation":
+        cols = rows if cols is None else cols
+        if entry.name == "native":
+            path, detail = correlation_path(device, rows, cols)
+        else:
+            path, detail = _CORR_PATHS.get(entry.name, ("custom", "a registered backend"))
+    else:
+        raise ValueError(f"op must be 'kd_kl' or 'correlation', got {op!r}")
+    return Choice(op, entry.name, path, f"{why}; {detail}")

@@ -8,6 +8,7 @@ per-row function.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from . import backends
 from ._checks import REDUCTIONS
 from .ops import math_dtype
 
-__all__ = ["kd_kl_div", "correlation_kl", "REDUCTIONS"]
+__all__ = ["kd_kl_div", "correlation_kl", "explain", "REDUCTIONS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,6 +32,30 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     if x.stride(-1) != 1:  # a width-1 last dimension counts as contiguous whatever its stride
         x = x.as_strided(x.shape, (*x.stride()[:-1], 1))
     return x
+
+
+def _real(value: object, name: str, positive: bool) -> float:
+    """check.real, with the common case (a finite Python float) decided without its isinstance(Real)."""
+    if type(value) is float and math.isfinite(value) and (value > 0 or not positive):
+        return value
+    return check.real(value, name, positive=positive)
+
+
+_CONSTANT_ROWS: dict = {}
+
+
+def _constant_rows(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.full((n,), value)``, kept for the next call with the same arguments (a step's batchmean
+    weights are the same every step; the kernels only read them). Traced calls build it in the graph."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # inference tensors stay out
+        return torch.full((n,), value, dtype=dtype, device=device)
+    key = (n, value, dtype, device)
+    w = _CONSTANT_ROWS.get(key)
+    if w is None:
+        if len(_CONSTANT_ROWS) >= 64:
+            _CONSTANT_ROWS.clear()
+        w = _CONSTANT_ROWS[key] = torch.full((n,), value, dtype=dtype, device=device)
+    return w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +107,9 @@ def kd_kl_div(
         raise ValueError(f"student_logits and teacher_logits disagree on the classes C: {s.shape[-1]} vs {t.shape[-1]}")
     if s.numel() == 0:
         raise ValueError(f"empty batch: student_logits has shape {tuple(s.shape)}")
-    temperature = check.positive(temperature, "temperature")
+    temperature = _real(temperature, "temperature", True)
     reduction = check.reduction(reduction)
-    weight = check.real(weight, "weight")
+    weight = _real(weight, "weight", False)
     if row_mask is not None:
         if not isinstance(row_mask, Tensor):
             raise TypeError(f"row_mask must be a bool torch.Tensor, got {type(row_mask).__name__}")
@@ -92,13 +117,15 @@ def kd_kl_div(
             raise TypeError(f"row_mask must have dtype torch.bool, got {row_mask.dtype}")
         if row_mask.shape != s.shape[:-1]:
             raise ValueError(f"row_mask must have shape {tuple(s.shape[:-1])} (the rows N), got {tuple(row_mask.shape)}")
-    device = check.same_device({"student_logits": s, "teacher_logits": t, "row_mask": row_mask})
+    device = s.device
+    if t.device != device or (row_mask is not None and row_mask.device != device):
+        device = check.same_device({"student_logits": s, "teacher_logits": t, "row_mask": row_mask})
     impl = backends.resolve(backend, device)
 
     lead_shape = s.shape[:-1]
     num_classes = s.shape[-1]
-    s2 = _last_dim_contiguous(s.reshape(-1, num_classes))
-    t2 = _last_dim_contiguous(t.reshape(-1, num_classes))
+    s2 = _last_dim_contiguous(s if s.ndim == 2 else s.reshape(-1, num_classes))
+    t2 = _last_dim_contiguous(t if t.ndim == 2 else t.reshape(-1, num_classes))
     mask = None if row_mask is None else row_mask.reshape(-1)
 
     # every backend takes its row weights in the math dtype: fp64 when an input is fp64, else fp32
@@ -114,7 +141,7 @@ def _kd_row_weights(mask: Optional[Tensor], n: int, c: int, reduction: str, weig
     divisor = c if reduction == "mean" else 1
     if mask is None:
         scale = weight / (n * divisor) if reduction in ("batchmean", "mean") else weight
-        return None if scale == 1.0 else torch.full((n,), scale, dtype=dtype, device=device)
+        return None if scale == 1.0 else _constant_rows(n, scale, dtype, device)
     w = mask.to(dtype)
     if reduction in ("batchmean", "mean"):
         return w * (weight / divisor) / mask.sum().to(dtype).clamp_min(1)
@@ -204,7 +231,7 @@ def correlation_kl(
         raise ValueError("student_cols and teacher_cols have no rows: a correlation needs at least one column (N = 0)")
     if a_s.shape[1] == 0 or a_t.shape[1] == 0:
         raise ValueError("student_feats and teacher_feats need at least one feature column")
-    tau = check.positive(tau, "tau")
+    tau = _real(tau, "tau", True)
     reduction = check.reduction(reduction)
     device = check.same_device(
         {"student_feats": a_s, "teacher_feats": a_t, "student_cols": b_s, "teacher_cols": b_t}
@@ -253,3 +280,44 @@ def _correlation_reduce(rows: Tensor, reduction: str, tau: float, scale_by_tau_s
         return total / rows.shape[0]
     return total / (rows.shape[0] * counted_cols)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# which backend and path a call takes (docs/design.md §5.1)
+# ---------------------------------------------------------------------------------------------
+def explain(op, *args, **kwargs) -> backends.Choice:
+    """Which backend and path ``op(*args, **kwargs)`` would take, and why, without running it.
+
+    ``op`` is :func:`kd_kl_div` or :func:`correlation_kl` (or its name); the arguments are the call's
+    own: the real tensors, or ``torch.empty`` ones of the same shapes on the same device (the choice
+    reads only shapes, the device and the environment, never values). Returns a
+    :class:`mlkd_fast.backends.Choice` (``backend``, ``path``, ``reason``; ``str()`` reads as a sentence):
+
+    >>> import torch, mlkd_fast
+    >>> f = torch.randn(64, 512)
+    >>> mlkd_fast.explain("correlation_kl", f, f).path in ("dense", "materialised")
+    True
+    """
+    import inspect
+
+    name = getattr(op, "__name__", op)
+    if name not in ("kd_kl_div", "correlation_kl"):
+        raise ValueError(f"explain: op must be kd_kl_div or correlation_kl, got {op!r}")
+    fn = kd_kl_div if name == "kd_kl_div" else correlation_kl
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if name == "kd_kl_div":
+        s = check.float_tensor(a["student_logits"], "student_logits")
+        rows = s.numel() // max(s.shape[-1], 1) if s.ndim else 0
+        return backends.choose("kd_kl", s.device, rows, backend=a["backend"])
+    f = check.float_tensor(a["student_feats"], "student_feats")
+    cols_t = a["student_cols"]
+    square = cols_t is None
+    rows, cols = f.shape[0], (f.shape[0] if square else cols_t.shape[0])
+    exclude = (square or bool(a["cols_start_with_rows"])) and not a["keep_diagonal"]
+    choice = backends.choose("correlation", f.device, rows, cols, backend=a["backend"])
+    if (cols - 1 if exclude else cols) < 2:
+        return backends.Choice("correlation", choice.backend, "zero",
+                               "fewer than 2 columns to compare each row with: the loss is exactly 0, no kernel runs")
+    return choice

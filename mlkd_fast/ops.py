@@ -46,6 +46,21 @@ SCHEMAS: dict[str, str] = {
 }
 
 
+# The compiled library's materialised correlation (docs/design.md §5.1), CPU only, in a namespace of its
+# own (the table above is the contract every fused backend implements; these two ops are one backend's
+# path): the forward returns the loss rows and, when ``student_grad``, the gradient operand
+# ``G0 = (Q - P) / tau`` (M x N, 0 on an excluded diagonal), which its backward multiplies by the
+# features. Declared with the native namespace (:func:`define_schemas`), their fakes and autograd
+# registered with its own (:func:`register_fakes_and_autograd`).
+DENSE_NAMESPACE = "mlkd_fast_dense"
+DENSE_SCHEMAS: dict[str, str] = {
+    "correlation_fwd": "correlation_fwd(Tensor student_rows, Tensor teacher_rows, Tensor? student_cols, "
+                       "Tensor? teacher_cols, float tau, bool exclude_diagonal, bool student_grad) -> (Tensor, Tensor)",
+    "correlation_bwd": "correlation_bwd(Tensor grad_rows, Tensor grad_operand, Tensor student_rows, "
+                       "Tensor? student_cols) -> (Tensor, Tensor)",
+}
+
+
 def math_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """The dtype of the loss rows, statistics and row weights: fp64 when any input is fp64 (so that
     fp64 inputs keep fp64 math, e.g. for gradcheck), else fp32. ``None`` entries are skipped."""
@@ -79,6 +94,23 @@ def _fake_correlation_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau, exclude_diag
     return a_s.new_empty(a_s.shape), (b_s.new_empty(b_s.shape) if b_s is not None else a_s.new_empty(0))
 
 
+def _fake_dense_correlation_fwd(a_s, a_t, b_s, b_t, tau, exclude_diagonal, student_grad):
+    dtype = math_dtype(a_s, a_t, b_s, b_t)
+    n = a_s.shape[0] if b_s is None else b_s.shape[0]
+    rows = a_s.new_empty(a_s.shape[0], dtype=dtype)
+    return rows, (a_s.new_empty((a_s.shape[0], n), dtype=dtype) if student_grad else a_s.new_empty(0, dtype=dtype))
+
+
+def _fake_dense_correlation_bwd(g, grad_operand, a_s, b_s):
+    return a_s.new_empty(a_s.shape), (b_s.new_empty(b_s.shape) if b_s is not None else a_s.new_empty(0))
+
+
+DENSE_FAKES: dict[str, Callable] = {
+    "correlation_fwd": _fake_dense_correlation_fwd,
+    "correlation_bwd": _fake_dense_correlation_bwd,
+}
+
+
 FAKES: dict[str, Callable] = {
     "kd_kl": _fake_kd_kl,
     "scale_rows": _fake_scale_rows,
@@ -108,6 +140,58 @@ def graph_freed_after_this_backward(grad_rows: Tensor) -> bool:
         return False
 
 
+def _stored_kd_kl_grads(ops, stored: tuple, flags: tuple, grad_rows: Tensor) -> list:
+    """The KL's backward: its stored gradients scaled by d loss / d row, in place when autograd frees the
+    graph after this backward (rows with factor 1 untouched), else as copies; None where not wanted."""
+    wanted = tuple(zip(stored, flags))
+    if graph_freed_after_this_backward(grad_rows):
+        grads = []
+        for x, flag in wanted:
+            if flag:
+                ops.scale_rows_(x, grad_rows)
+            grads.append(x.detach() if flag else None)
+        return grads
+    return [ops.scale_rows(x, grad_rows) if flag else None for x, flag in wanted]
+
+
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _eager_autograd_applies(*tensors: Tensor) -> bool:
+    """Whether :class:`_EagerKdKl` may stand in for the registered autograd: plain tensors in plain eager
+    autograd (not traced, no functorch transform, no tensor subclass)."""
+    return (_BELOW_AUTOGRAD is not None and not torch.compiler.is_compiling() and not _FUNCTORCH_ACTIVE()
+            and all(type(x) is Tensor for x in tensors))
+
+
+class _EagerKdKl(torch.autograd.Function):
+    """A namespace's ``kd_kl`` with the same backward as its registered autograd, for eager calls:
+    the kernel is called below autograd directly, without the Python wrapper of
+    ``torch.library.register_autograd`` (which refills the schema's defaults and redispatches on every
+    call: ~30 us, a quarter of a (64, 100) KL's forward + backward). Under torch.compile the op is
+    called as registered (:func:`fused_kd_kl_rows` picks)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, row_weight, temperature, student_grad, teacher_grad, namespace):
+        ops = getattr(torch.ops, namespace)
+        with _BELOW_AUTOGRAD():
+            rows, grad_s, grad_t = ops.kd_kl.default(student, teacher, row_weight, temperature, student_grad,
+                                                     teacher_grad)
+        ctx.set_materialize_grads(False)
+        ctx.namespace, ctx.flags = namespace, (student_grad, teacher_grad)
+        ctx.save_for_backward(grad_s, grad_t)
+        ctx.mark_non_differentiable(grad_s, grad_t)
+        return rows, grad_s, grad_t
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_s, _grad_t):
+        if grad_rows is None:
+            return None, None, None, None, None, None, None
+        ops = getattr(torch.ops, ctx.namespace)
+        return (*_stored_kd_kl_grads(ops, ctx.saved_tensors, ctx.flags, grad_rows), None, None, None, None, None)
+
+
 def register_fakes_and_autograd(namespace: str) -> None:
     """Registers the fakes of ``namespace``'s ops and the autograd of its ``kd_kl`` and
     ``correlation_fwd`` (whose backwards call its ``scale_rows``/``scale_rows_`` and ``correlation_bwd``)."""
@@ -123,17 +207,8 @@ def register_fakes_and_autograd(namespace: str) -> None:
     def kd_kl_backward(ctx, grad_rows, _grad_s, _grad_t):
         if grad_rows is None:
             return None, None, None, None, None, None
-        stored_s, stored_t = ctx.saved_tensors
-        wanted = ((stored_s, ctx.student_grad), (stored_t, ctx.teacher_grad))
-        if graph_freed_after_this_backward(grad_rows):
-            grads = []
-            for stored, flag in wanted:
-                if flag:
-                    ops.scale_rows_(stored, grad_rows)
-                grads.append(stored.detach() if flag else None)
-        else:
-            grads = [ops.scale_rows(stored, grad_rows) if flag else None for stored, flag in wanted]
-        return grads[0], grads[1], None, None, None, None
+        return (*_stored_kd_kl_grads(ops, ctx.saved_tensors, (ctx.student_grad, ctx.teacher_grad), grad_rows),
+                None, None, None, None)
 
     def corr_setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
@@ -159,6 +234,31 @@ def register_fakes_and_autograd(namespace: str) -> None:
         torch.library.register_fake(f"{namespace}::{name}", fake)
     torch.library.register_autograd(f"{namespace}::kd_kl", kd_kl_backward, setup_context=kd_kl_setup_context)
     torch.library.register_autograd(f"{namespace}::correlation_fwd", corr_backward, setup_context=corr_setup_context)
+    if namespace == NATIVE_NAMESPACE:
+        _register_dense_fakes_and_autograd()
+
+
+def _register_dense_fakes_and_autograd() -> None:
+    """The fakes and the autograd of the materialised correlation (:data:`DENSE_SCHEMAS`): the backward
+    multiplies the stored gradient operand by the student features; nothing is recomputed."""
+    dense = getattr(torch.ops, DENSE_NAMESPACE)
+
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        a_s, _a_t, b_s, _b_t, _tau, _exclude_diagonal, _student_grad = inputs
+        ctx.square = b_s is None
+        ctx.save_for_backward(output[1], a_s, *(() if ctx.square else (b_s,)))
+
+    def backward(ctx, grad_rows, _grad_operand):
+        if grad_rows is None:
+            return None, None, None, None, None, None, None
+        grad_operand, a_s, *cols = ctx.saved_tensors
+        d_a, d_b = dense.correlation_bwd(grad_rows, grad_operand, a_s, cols[0] if cols else None)
+        return d_a, None, (None if ctx.square else d_b), None, None, None, None
+
+    for name, fake in DENSE_FAKES.items():
+        torch.library.register_fake(f"{DENSE_NAMESPACE}::{name}", fake)
+    torch.library.register_autograd(f"{DENSE_NAMESPACE}::correlation_fwd", backward, setup_context=setup_context)
 
 
 def define_ops(namespace: str, impls: Mapping[str, Callable]) -> None:
@@ -185,6 +285,9 @@ def define_schemas(namespace: str) -> None:
         return
     for name, schema in SCHEMAS.items():
         torch.library.define(f"{namespace}::{name}", schema[len(name):])
+    if namespace == NATIVE_NAMESPACE:  # the compiled library's own materialised correlation
+        for name, schema in DENSE_SCHEMAS.items():
+            torch.library.define(f"{DENSE_NAMESPACE}::{name}", schema[len(name):])
     _DECLARED.add(namespace)
 
 
@@ -219,14 +322,19 @@ def fused_kd_kl_rows(namespace: str) -> Callable[[Tensor, Tensor, float, Optiona
     will need them (fp16 ones stored scaled, see :func:`fp16_gradient_scale`)."""
 
     def kd_kl_rows(student: Tensor, teacher: Tensor, temperature: float, row_weight: Optional[Tensor] = None) -> Tensor:
-        op = getattr(torch.ops, namespace).kd_kl
         grad_on = torch.is_grad_enabled()
         flags = (grad_on and student.requires_grad, grad_on and teacher.requires_grad)
-        scale = fp16_gradient_scale(student, teacher, row_weight, temperature)
-        if scale is None:
-            return op(student, teacher, row_weight, float(temperature), *flags)[0]
-        weight = scale if row_weight is None else row_weight * scale
-        return op(student, teacher, weight, float(temperature), *flags)[0] / scale
+        if flags[0] or flags[1]:
+            scale = fp16_gradient_scale(student, teacher, row_weight, temperature)
+            if scale is not None:
+                row_weight = scale if row_weight is None else row_weight * scale
+        else:
+            scale = None
+        if (flags[0] or flags[1]) and _eager_autograd_applies(student, teacher):
+            rows = _EagerKdKl.apply(student, teacher, row_weight, float(temperature), *flags, namespace)[0]
+        else:
+            rows = getattr(torch.ops, namespace).kd_kl(student, teacher, row_weight, float(temperature), *flags)[0]
+        return rows if scale is None else rows / scale
 
     kd_kl_rows.__qualname__ = f"fused_kd_kl_rows({namespace!r})"
     return kd_kl_rows
@@ -245,3 +353,14 @@ def fused_correlation_rows(namespace: str) -> Callable[..., Tensor]:
 
     correlation_rows.__qualname__ = f"fused_correlation_rows({namespace!r})"
     return correlation_rows
+
+
+def dense_correlation_rows(student_rows: Tensor, teacher_rows: Tensor, student_cols: Optional[Tensor],
+                           teacher_cols: Optional[Tensor], tau: float, exclude_diagonal: bool) -> Tensor:
+    """The per-row correlation KL of the compiled library's materialised path (:data:`DENSE_SCHEMAS`),
+    with autograd to the student features; the gradient operand is stored only when they need one."""
+    grad = torch.is_grad_enabled() and (student_rows.requires_grad or
+                                        (student_cols is not None and student_cols.requires_grad))
+    op = getattr(torch.ops, DENSE_NAMESPACE).correlation_fwd
+    return op(student_rows, teacher_rows.detach(), student_cols,
+              None if teacher_cols is None else teacher_cols.detach(), float(tau), bool(exclude_diagonal), grad)[0]

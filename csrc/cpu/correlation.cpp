@@ -24,6 +24,7 @@
 #include "../common.h"
 #include "kl_sweeps.h"
 #include "ops.h"
+#include "output_cache.h"
 
 namespace mlkd_fast {
 
@@ -35,8 +36,8 @@ at::Tensor inv_norms(const at::Tensor& x, at::ScalarType math) {
 
 // The tiled correlation's math dtype: fp64 when any feature tensor is fp64 (fp64 stays fp64), else
 // fp32 (fp16/bf16 features are widened; mixed student/teacher dtypes meet there).
-static at::ScalarType corr_math_type(const at::Tensor& a_s, const at::Tensor& a_t,
-                                     const c10::optional<at::Tensor>& b_s, const c10::optional<at::Tensor>& b_t) {
+at::ScalarType corr_math_type(const at::Tensor& a_s, const at::Tensor& a_t,
+                              const c10::optional<at::Tensor>& b_s, const c10::optional<at::Tensor>& b_t) {
   for (const at::Tensor* x : {&a_s, &a_t, b_s ? &*b_s : nullptr, b_t ? &*b_t : nullptr})
     if (x != nullptr && x->scalar_type() == at::kDouble) return at::kDouble;
   return at::kFloat;
@@ -71,11 +72,12 @@ static CorrOperands corr_operands(const at::Tensor& a_s, const at::Tensor& a_t, 
 }
 
 // Two flat fp32 buffers, one tile each, that every tile of a call is written into: fresh tensors per
-// tile would page-fault ~100 MB per pass on CPU (4 MB each, beyond the allocator's cache).
+// tile would page-fault ~100 MB per pass on CPU (4 MB each, beyond the allocator's cache). On CPU they
+// come from the output block cache (output_cache.h), so that a call does not fault them in again either.
 struct TileBuffers {
   at::Tensor s, t;
   TileBuffers(const at::Tensor& like, int64_t entries)
-      : s(at::empty({entries}, like.options())), t(at::empty({entries}, like.options())) {}
+      : s(empty_output({entries}, like.options())), t(empty_output({entries}, like.options())) {}
 };
 
 }  // namespace
@@ -116,8 +118,8 @@ static void absorb_tile_aten(at::Tensor& x_s, at::Tensor& x_t, double inv_tau, a
 }
 
 // CPU version: rows in parallel, each row of both tiles swept while it sits in L1 with the
-// KL's sweeps (scale by 1 / tau and max, then the exps with Z^s, Z^t and A, 0 where x^t = -inf), instead
-// of a dozen whole-tile ATen passes through memory.
+// KL's sweeps (the max, then the exps with Z^s, Z^t and A, 0 where x^t = -inf; 1 / tau applied
+// inside), instead of a dozen whole-tile ATen passes through memory.
 static void absorb_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, at::Tensor& state) {
   const int64_t rows = x_s.size(0), cols = x_s.size(1);
   float* xs = x_s.data_ptr<float>();
@@ -127,19 +129,20 @@ static void absorb_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, at:
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> exps(2 * cols);
     for (int64_t i = begin; i < end; ++i) {
-      float* v = xs + i * cols;
-      float* u = xt + i * cols;
+      const float* v = xs + i * cols;
+      const float* u = xt + i * cols;
       float &m_s = st[i], &z_s = st[rows + i], &m_t = st[2 * rows + i], &z_t = st[3 * rows + i],
             &acc = st[4 * rows + i];
-      const float new_m_s = std::max(m_s, sweeps.scale_and_max(v, inv_tau, v, cols));
-      const float new_m_t = std::max(m_t, sweeps.scale_and_max(u, inv_tau, u, cols));
+      const RowMax mx = sweeps.max2(v, u, cols);
+      const float new_m_s = std::max(m_s, mx.x * inv_tau);
+      const float new_m_t = std::max(m_t, mx.y * inv_tau);
       const float ref_s = new_m_s == kNegInf ? 0.0f : new_m_s;
       const float ref_t = new_m_t == kNegInf ? 0.0f : new_m_t;
-      const KlSums sums = sweeps.exp_and_sums(v, u, ref_s, ref_t, exps.data(), exps.data() + cols, cols);
+      const KlSums sums = sweeps.exp_sums(v, u, inv_tau, ref_s, ref_t, exps.data(), exps.data() + cols, cols);
       const float rescale = std::exp(m_t - ref_t);
-      z_s = z_s * std::exp(m_s - ref_s) + static_cast<float>(sums.z_s);
-      z_t = z_t * rescale + static_cast<float>(sums.z_t);
-      acc = acc * rescale + static_cast<float>(sums.a);
+      z_s = z_s * std::exp(m_s - ref_s) + static_cast<float>(sums.z_x);
+      z_t = z_t * rescale + static_cast<float>(sums.z_y);
+      acc = acc * rescale + static_cast<float>(sums.a * inv_tau);
       m_s = new_m_s;
       m_t = new_m_t;
     }
@@ -147,7 +150,7 @@ static void absorb_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, at:
 }
 
 // The backward's matmul operand g_i (Q - P)_ij / tau of one CPU tile, written over x_s:
-// per row, scale, exps against the saved lse's, then e^s w - e^t w with w = g_i / tau (the KL's sweeps).
+// per row, e^(x / tau - lse) of both sides, then e^s w - e^t w with w = g_i / tau (the KL's sweeps).
 static at::Tensor grad_operand_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float inv_tau, const at::Tensor& lse_s,
                                         const at::Tensor& lse_t, const at::Tensor& g_over_tau) {
   const int64_t rows = x_s.size(0), cols = x_s.size(1);
@@ -159,14 +162,9 @@ static at::Tensor grad_operand_tile_cpu(at::Tensor& x_s, at::Tensor& x_t, float 
   const float* gr_p = gr.const_data_ptr<float>();
   const KlSweeps& sweeps = kl_sweeps();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> exps(2 * cols);
     for (int64_t i = begin; i < end; ++i) {
       float* v = xs + i * cols;
-      float* u = xt + i * cols;
-      sweeps.scale_and_max(v, inv_tau, v, cols);
-      sweeps.scale_and_max(u, inv_tau, u, cols);
-      sweeps.exp_and_sums(v, u, ls_p[i], lt_p[i], exps.data(), exps.data() + cols, cols);
-      sweeps.student_grad_row(exps.data(), exps.data() + cols, gr_p[i], gr_p[i], v, cols);
+      sweeps.diff_exp(v, xt + i * cols, inv_tau, ls_p[i], lt_p[i], gr_p[i], gr_p[i], v, cols);
     }
   });
   return x_s;

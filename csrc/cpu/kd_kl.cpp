@@ -64,34 +64,40 @@ struct KlRowsArgs {
 
 }  // namespace
 
-// fp32 math (fp32, fp16 and bf16 inputs in any combination): the vectorised sweeps.
+// fp32 math (fp32, fp16 and bf16 inputs in any combination): the vectorised sweeps. A row is read from
+// memory once (the max of both inputs); the exps and sums sweep it again from L1/L2, writing e^s and
+// e^t into per-thread scratch, and the gradient sweep reads those and writes the output row.
 static void kd_kl_rows_cpu_f32(const KlRowsArgs& a, const float* weight, float* rows, float temperature) {
   const int64_t c = a.c;
   const float inv_t = 1.0f / temperature;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
   const KlSweeps& sw = kl_sweeps();
-  const bool all_float = a.s_type == at::kFloat && a.t_type == at::kFloat;
+  const bool s_float = a.s_type == at::kFloat, t_float = a.t_type == at::kFloat;
+  // A gradient far larger than the caches is written with streaming stores (no read for ownership of
+  // its lines, the next rows' inputs stay cached); one that fits stays cached for its consumer.
+  const bool stream = s_float && a.n * c * static_cast<int64_t>(sizeof(float)) >= kStreamOutputBytes;
+  const auto student_grad = stream ? sw.student_grad_stream : sw.student_grad;
   at::parallel_for(0, a.n, grain, [&](int64_t begin, int64_t end) {
-    // fp32 scratch: v, u, e_s, e_t, and a staging row for dtype conversions. Kept per thread across
-    // calls, so that a call neither allocates it nor faults it in again.
+    // fp32 scratch: e^s, e^t, and staging rows for dtype conversions (s, t, a gradient). Kept per
+    // thread across calls, so that a call neither allocates it nor faults it in again.
     thread_local std::vector<float> scratch;
-    scratch.resize(std::max(scratch.size(), static_cast<size_t>(all_float ? 4 : 5) * c));
-    float* v = scratch.data();
-    float* u = v + c;
-    float* e_s = u + c;
+    scratch.resize(std::max(scratch.size(), static_cast<size_t>(5) * c));
+    float* e_s = scratch.data();
     float* e_t = e_s + c;
-    float* stage = all_float ? nullptr : e_t + c;
-    auto load = [&](const void* base, at::ScalarType dtype, int64_t offset, float* dst) -> float {
-      if (dtype == at::kFloat) return sw.scale_and_max(static_cast<const float*>(base) + offset, inv_t, dst, c);
+    float* s_stage = e_t + c;
+    float* t_stage = s_stage + c;
+    float* g_stage = t_stage + c;
+    auto load = [&](const void* base, at::ScalarType dtype, int64_t offset, float* stage) -> const float* {
+      if (dtype == at::kFloat) return static_cast<const float*>(base) + offset;
       load_row(base, dtype, offset, c, stage);
-      return sw.scale_and_max(stage, inv_t, dst, c);
+      return stage;
     };
     // the sweep writes straight into an fp32 gradient, else into the stage and is then converted
     auto grad_out = [&](void* base, at::ScalarType dtype, int64_t offset) -> float* {
-      return dtype == at::kFloat ? static_cast<float*>(base) + offset : stage;
+      return dtype == at::kFloat ? static_cast<float*>(base) + offset : g_stage;
     };
     auto finish = [&](void* base, at::ScalarType dtype, int64_t offset) {
-      if (dtype != at::kFloat) store_row(stage, base, dtype, offset, c);
+      if (dtype != at::kFloat) store_row(g_stage, base, dtype, offset, c);
     };
     for (int64_t i = begin; i < end; ++i) {
       const float keep = weight == nullptr ? 1.0f : weight[i];
@@ -101,27 +107,30 @@ static void kd_kl_rows_cpu_f32(const KlRowsArgs& a, const float* weight, float* 
         if (a.gt != nullptr) zero_row(a.gt, a.t_type, i * c, c);
         continue;
       }
-      float m_s = load(a.s, a.s_type, i * a.s_stride, v);
-      float m_t = load(a.t, a.t_type, i * a.t_stride, u);
+      const float* x = s_float ? static_cast<const float*>(a.s) + i * a.s_stride : load(a.s, a.s_type, i * a.s_stride, s_stage);
+      const float* y = t_float ? static_cast<const float*>(a.t) + i * a.t_stride : load(a.t, a.t_type, i * a.t_stride, t_stage);
+      const RowMax mx = sw.max2(x, y, c);
+      float m_s = mx.x * inv_t, m_t = mx.y * inv_t;
       if (m_s == kNegInf) m_s = 0.0f;  // an all -inf row: keep the arithmetic finite
       if (m_t == kNegInf) m_t = 0.0f;
-      const KlSums sums = sw.exp_and_sums(v, u, m_s, m_t, e_s, e_t, c);
-      const float log_z_s = static_cast<float>(std::log(sums.z_s));
-      const float log_z_t = static_cast<float>(std::log(sums.z_t));
-      const float kl = static_cast<float>(sums.a / sums.z_t) + (m_s - m_t) + (log_z_s - log_z_t);
+      const KlSums sums = sw.exp_sums(x, y, inv_t, m_s, m_t, e_s, e_t, c);
+      const float log_z_s = static_cast<float>(std::log(sums.z_x));
+      const float log_z_t = static_cast<float>(std::log(sums.z_y));
+      const float kl = static_cast<float>(sums.a * inv_t / sums.z_y) + (m_s - m_t) + (log_z_s - log_z_t);
       rows[i] = kl * temperature * temperature * keep;
-      const float w_s = static_cast<float>(temperature * keep / sums.z_s);
-      const float w_t = static_cast<float>(temperature * keep / sums.z_t);
+      const float w_s = static_cast<float>(temperature * keep / sums.z_x);
+      const float w_t = static_cast<float>(temperature * keep / sums.z_y);
       if (a.gs != nullptr) {
-        sw.student_grad_row(e_s, e_t, w_s, w_t, grad_out(a.gs, a.s_type, i * c), c);
+        student_grad(e_s, e_t, w_s, w_t, grad_out(a.gs, a.s_type, i * c), c);
         finish(a.gs, a.s_type, i * c);
       }
       if (a.gt != nullptr) {
         const float offset = (m_s + log_z_s) - (m_t + log_z_t) - kl;
-        sw.teacher_grad_row(v, u, e_t, w_t, offset, grad_out(a.gt, a.t_type, i * c), c);
+        sw.teacher_grad(x, y, inv_t, e_t, w_t, offset, grad_out(a.gt, a.t_type, i * c), c);
         finish(a.gt, a.t_type, i * c);
       }
     }
+    if (stream) sw.stream_fence();
   });
 }
 

@@ -31,6 +31,17 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_tiled(const at::Tensor& grad_
                                                        const c10::optional<at::Tensor>& b_t, const at::Tensor& lse_s,
                                                        const at::Tensor& lse_t, double tau, bool exclude_diagonal);
 
+// correlation_dense.cpp: the materialised CPU path, ops of their own namespace (mlkd_fast_dense; schemas in
+// mlkd_fast/ops.py DENSE_SCHEMAS): the forward returns the loss rows and, with student_grad, the gradient
+// operand G0 = (Q - P) / tau (M x N, math dtype); the backward needs only G0 and the student features.
+std::tuple<at::Tensor, at::Tensor> correlation_dense_fwd_cpu(const at::Tensor& a_s, const at::Tensor& a_t,
+                                                             const c10::optional<at::Tensor>& b_s,
+                                                             const c10::optional<at::Tensor>& b_t, double tau,
+                                                             bool exclude_diagonal, bool student_grad);
+std::tuple<at::Tensor, at::Tensor> correlation_dense_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& g0,
+                                                             const at::Tensor& a_s,
+                                                             const c10::optional<at::Tensor>& b_s);
+
 // ---- shared with the CUDA glue ----
 
 // The math dtype of kd_kl: fp64 when either input is fp64, else fp32.
@@ -44,6 +55,10 @@ struct KdKlOutputs {
 };
 KdKlOutputs kd_kl_outputs(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& weight,
                           bool student_grad, bool teacher_grad);
+
+// The correlation's math dtype: fp64 when any feature tensor is fp64, else fp32 (correlation.cpp).
+at::ScalarType corr_math_type(const at::Tensor& a_s, const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
+                              const c10::optional<at::Tensor>& b_t);
 
 // Inverse row norms 1 / max(||x||, kNormEps), computed in `math` (fp32, or fp64 for the fp64 path)
 // (correlation.cpp).

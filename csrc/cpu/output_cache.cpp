@@ -27,7 +27,7 @@ namespace {
 
 #if defined(__linux__)
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kCachedBlocks = 4;
+constexpr size_t kCachedBlocks = 16;
 constexpr size_t kCacheBytes = size_t(1) << 30;
 
 class OutputBlockCache final : public c10::Allocator {
