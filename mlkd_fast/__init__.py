@@ -13,9 +13,12 @@ Where things live:
 - the backend registry and the choice of a backend: :mod:`mlkd_fast.backends`
 - the distiller zoo (registry, distillers, their loss functions, feature taps): :mod:`mlkd_fast.methods`
 - the training loop (``mlkd-train``): :mod:`mlkd_fast.train`
+- the teacher cache (``mlkd-cache``, ``mlkd-train --teacher-cache``): :mod:`mlkd_fast.cache`, its code in
+  :mod:`mlkd_fast.train.cache` (writes) and :mod:`mlkd_fast.train.replay` (reads, replays)
 """
 from . import functional, methods, reference
 from .backends import BackendStatus, available_backends
+from .fused import explain
 from .losses import PAPER_WEIGHTS, CorrelationLoss, KDLoss, MLKDLoss
 
 __version__ = "0.1.0"
@@ -26,6 +29,7 @@ __all__ = [
     "CorrelationLoss",
     "PAPER_WEIGHTS",
     "available_backends",
+    "explain",
     "BackendStatus",
     "functional",
     "methods",

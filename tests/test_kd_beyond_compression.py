@@ -56,45 +56,60 @@ def test_default_outputs_are_never_the_committed_results():
     assert args.readme == ""  # a slice never rewrites the README's table unless --readme names it
 
 
-def test_quick_slice_trains_each_teacher_once_and_every_method_per_setting(quick):
+def test_quick_slice_runs_the_pilot_then_the_table(quick):
     out, result = quick
-    rows = result["rows"]
-    keys = sorted((r["method"], r["setting"], r["gap"]) for r in rows)
-    assert keys == sorted([("teacher", s, "large") for s in ("clean", "sym40")]
-                          + [(m, s, "-") for m in ("ce", "dml") for s in ("clean", "sym40")]
-                          + [("kd", s, "large") for s in ("clean", "sym40")])
-    for r in rows:
-        assert 0.0 <= r["top1_last"] <= r["top1_best"] <= 100.0
-        assert r["seed"] == 0 and r["seconds"] > 0 and r["epochs"] == 2 and r["train_samples"] == 200
-    assert {r["noisy_labels"] for r in rows if r["setting"] == "sym40"} == {80}
+    pilot = [r for r in result["rows"] if r["phase"] == "pilot"]
+    table = [r for r in result["rows"] if r["phase"] == "table"]
+    assert sorted((r["method"], r["gap"], r["weight"]) for r in pilot) == sorted(
+        [("teacher", "large", None), ("ce", "-", None), ("kd", "large", 1.0), ("kd", "large", 4.0),
+         ("dml", "-", 1.0), ("dml", "-", 4.0)])
+    assert {r["seed"] for r in pilot} == {1000} and {r["setting"] for r in pilot} == {"clean"}
+    assert sorted((r["method"], r["setting"], r["gap"]) for r in table) == sorted(
+        [("teacher", s, "large") for s in ("clean", "sym40")] + [(m, s, "-") for m in ("ce", "dml")
+                                                                 for s in ("clean", "sym40")]
+        + [("kd", s, "large") for s in ("clean", "sym40")])
+    for r in result["rows"]:
+        assert 0.0 <= r["top1_last"] <= r["top1_best"] <= 100.0 and r["seconds"] > 0
+        assert r["val_top1"] is not None and r["train_samples"] == 400  # 50 per class, a fifth held out
+    # the weights were chosen on the validation split, and the table's runs use them
+    chosen = result["weights"]["large:kd"]["chosen"]
+    assert set(result["weights"]["large:kd"]["validation_top1"]) == {"1", "4"}
+    assert {r["weight"] for r in table if r["method"] == "kd"} == {chosen}
+    assert result["pilot"]["n"] == 1 and result["protocol"]["data"] == "mnist5k"
+    cells = result["statistics"]["cells"]
+    assert set(cells) == {"large:kd:clean", "large:kd:sym40", "-:dml:clean", "-:dml:sym40"}
+    assert all(c["n"] == 1 and c["p"] is None for c in cells.values())  # one seed: no interval, nothing claimed
     on_disk = json.loads((out / "kd_beyond_compression.json").read_text())
-    assert on_disk["rows"] == rows and on_disk["protocol"]["student"] == "cnn-tiny"
+    assert on_disk["rows"] == result["rows"] and on_disk["protocol"]["student"] == "cnn-tiny"
     assert {"torch", "python", "mlkd_fast"} <= set(on_disk["versions"]) and on_disk["commit"]
-    assert all(r["commit"] == on_disk["commit"] for r in rows) and on_disk["run_commits"] == [on_disk["commit"]]
-    # the teacher the students learnt from is the one of their setting and seed
-    config = (out / "kd_beyond_compression_runs" / "sym40" / "large" / "kd" / "seed0" / "config.json").read_text()
-    assert json.loads(config)["teacher_weights"].endswith("sym40/large/teacher/seed0/student.pt")
+    config = (out / "kd_beyond_compression_runs" / "table" / "sym40" / "large" / "kd" / f"w{chosen:g}" / "seed0"
+              / "config.json").read_text()
+    assert json.loads(config)["teacher_weights"].endswith("table/sym40/large/teacher/seed0/student.pt")
 
 
-def test_quick_slice_writes_the_table_and_the_noise_plot(quick):
+def test_quick_slice_writes_the_tables_and_the_noise_plot(quick):
     out, _ = quick
     table = (out / "kd_beyond_compression.md").read_text()
-    assert "| method | clean | sym40 | settings above CE |" in table
-    for method in ("teacher", "ce", "kd", "dml"):
-        assert f"\n| {method} | " in table
+    assert "| method | clean | sym40 |" in table and "After Holm's correction" in table
+    for label in ("teacher (top-1)", "ce (top-1)", "teacher − CE", "kd", "dml"):
+        assert f"\n| {label} | " in table
+    assert "Weights chosen on the validation split" in table
     assert (out / "kd_beyond_compression_noise.png").stat().st_size > 1000
     assert not (out / "kd_beyond_compression_imbalance.png").exists()  # no imbalance setting in the slice
 
 
 def test_a_second_invocation_redoes_only_unfinished_runs(quick, capsys):
     out, result = quick
-    (out / "kd_beyond_compression_runs" / "clean" / "-" / "dml" / "seed0" / "summary.json").unlink()
+    chosen = result["weights"]["-:dml"]["chosen"]
+    (out / "kd_beyond_compression_runs" / "table" / "clean" / "-" / "dml" / f"w{chosen:g}" / "seed0"
+     / "summary.json").unlink()
     again = study.main(["--quick", "--out", str(out)])
-    assert "8 runs, 7 already finished, 1 to train" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(pilot): 6 runs, 6 already finished, 0 to train" in printed
+    assert "(table): 8 runs, 7 already finished, 1 to train" in printed
     same = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert same(again["rows"]) == same(result["rows"])  # the retrained run gives the same numbers
-    assert [c["runs_trained"] for c in again["invocations"]] == [8, 1]
-    assert "wall time " in (out / "kd_beyond_compression.md").read_text()
+    assert [c["runs_trained"] for c in again["invocations"]] == [14, 1]
 
 
 def test_report_rebuilds_the_readme_section_from_the_json(quick, tmp_path):
@@ -104,7 +119,17 @@ def test_report_rebuilds_the_readme_section_from_the_json(quick, tmp_path):
     study.main(["--quick", "--out", str(out), "--report", "--readme", str(readme)])
     text = readme.read_text()
     assert "STALE TABLE" not in text and "| kd | " in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert "kd_beyond_compression_noise.png" in text
+    assert "kd_beyond_compression_noise.png" in text and "After Holm's correction" in text
+
+
+def test_weight_grids_include_the_principled_rescaling():
+    args, extra = study.parse_args([])
+    protocol = study.default_protocol(args, extra)
+    assert study.weight_grid("kd", protocol) == [0.25, 1.0, 4.0]
+    sp = study.weight_grid("sp", protocol)  # batch 32 against RepDistiller's 64: x 0.5
+    assert sp == [750.0, 1500.0, 3000.0, 12000.0]
+    assert study.weight_grid("bss", protocol) == [] and study.weight_grid("fsp", protocol) == []
+    assert study.study_options("at") == ["min_size=4"] and study.study_options("kd") == []
 
 
 def test_bad_slices_are_refused_before_anything_trains(tmp_path, capsys):
@@ -121,14 +146,17 @@ def test_bad_slices_are_refused_before_anything_trains(tmp_path, capsys):
 def test_folder_data_with_the_loops_flags_passed_through(tmp_path):
     """--data PATH: the teachers and students train on an ImageNet-style folder, with mlkd-train flags
     the study does not know (--image-size, --workers) given to every run."""
-    make_image_folder(tmp_path / "data", per_class=8)
+    make_image_folder(tmp_path / "data", per_class=10)
     out = tmp_path / "out"
     result = study.main(["--data", str(tmp_path / "data"), "--methods", "kd", "--settings", "sym40", "--seeds", "0",
-                         "--gap", "large=resnet18", "--arch", "resnet18", "--epochs", "1", "--batch-size", "4",
-                         "--image-size", "16", "--workers", "0", "--out", str(out)])
-    assert sorted(r["method"] for r in result["rows"]) == ["ce", "kd", "teacher"]
-    assert {r["train_samples"] for r in result["rows"]} == {16} and {r["noisy_labels"] for r in result["rows"]} == {6}
-    config = json.loads((out / "kd_beyond_compression_runs" / "sym40" / "large" / "kd" / "seed0" / "config.json")
-                        .read_text())
+                         "--calibration-seeds", "1000", "--grid", "1", "--gap", "large=resnet18", "--arch", "resnet18",
+                         "--epochs", "1", "--batch-size", "4", "--image-size", "16", "--workers", "0", "--out",
+                         str(out)])
+    table = [r for r in result["rows"] if r["phase"] == "table"]
+    assert sorted(r["method"] for r in table) == ["ce", "kd", "teacher"]
+    assert {r["train_samples"] for r in table} == {16} and {r["noisy_labels"] for r in table} == {8}
+    config = json.loads((out / "kd_beyond_compression_runs" / "table" / "sym40" / "large" / "kd" / "w1" / "seed0"
+                         / "config.json").read_text())
     assert config["image_size"] == 16 and config["workers"] == 0 and config["data"] == str(tmp_path / "data")
     assert result["protocol"]["extra"] == ["--image-size", "16", "--workers", "0"]
+    assert config["val_fraction"] == 0.2

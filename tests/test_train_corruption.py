@@ -88,3 +88,23 @@ def test_folder_data_takes_label_noise_and_imbalance(tmp_path):
                     "--label-noise", "0.5", "--out", str(tmp_path / "out"), "--quiet"])
     # classes keep 8, 8 * 4^-0.5 = 4 and 2 images; half of the 14 labels are flipped; val stays whole
     assert summary["train_samples"] == 14 and summary["noisy_labels"] == 7 and summary["val_samples"] == 24
+
+
+def test_a_validation_split_is_held_out_of_the_noisy_training_data(tmp_path):
+    """--val-fraction: a fraction of each observed class leaves the training set, fixed by the seed,
+    noisy where the training data is, evaluated every epoch (val_top1)."""
+    from mlkd_fast.train import data as D
+
+    labels = torch.arange(10).repeat(20)
+    held = D.validation_positions(labels, 0.2, seed=3)
+    assert len(held) == 40 and torch.equal(torch.bincount(labels[held]), torch.full((10,), 4))
+    assert torch.equal(held, D.validation_positions(labels, 0.2, seed=3))
+    assert not torch.equal(held, D.validation_positions(labels, 0.2, seed=4))
+    summary = main(["--out", str(tmp_path), "--train-per-class", "20", "--val-fraction", "0.2", "--label-noise", "0.4",
+                    "--teacher-epochs", "0", "--method", "ce", "--epochs", "2", "--batch-size", "16", "--quiet"])
+    # a fifth of each observed (noisy) class, rounded per class
+    assert summary["train_samples"] + summary["val_samples_held_out"] == 200
+    assert 36 <= summary["val_samples_held_out"] <= 44
+    assert 0.0 <= summary["val_top1"] <= 100.0
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all("val_top1" in r for r in records)

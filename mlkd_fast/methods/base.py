@@ -120,6 +120,13 @@ class Distiller(nn.Module):
         return Needs()
 
     @property
+    def uses_all_parameters(self) -> bool:
+        """Whether every step's loss reaches every trainable parameter (of the student and the method);
+        False when some steps leave some out (fsp's initialisation stage trains no classifier): DDP
+        must then look for the unused ones."""
+        return True
+
+    @property
     def schedule(self) -> Optional[str]:
         """How the method's weights move with the epoch, in words; ``None`` when they do not. A method
         with a schedule refuses to run before :meth:`set_epoch` has told it the epoch."""

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Distiller, Outputs
+from .base import Distiller, ModelSpec, Outputs
 from .registry import build, method_class, resolve
 from .taps import TappedNetwork, model_spec, split_outputs
 
@@ -46,6 +46,10 @@ class Distillation(nn.Module):
             the count (warm-ups need nothing else); without it, call :meth:`set_epoch` at each epoch's
             start when the method has a schedule (it refuses to run otherwise).
         epochs: the run's length, for methods whose schedule spans the run (bss).
+        teacher_spec: instead of ``teacher``, the teacher's :class:`ModelSpec` (classes, feature width,
+            stage shapes) when its outputs come from elsewhere (a teacher cache): no teacher network is
+            held and every call must pass ``teacher_outputs=``. The method is built exactly as with
+            the network of that spec (the same heads, the same initialisation).
 
     ``forward(inputs, target, index=None, teacher_outputs=None)`` returns the scalar loss; ``.last``
     holds its detached terms. ``index``: the samples' dataset indices, for methods that keep one
@@ -57,14 +61,18 @@ class Distillation(nn.Module):
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], method: str, *,
                  input_shape: Sequence[int], student_stages: Optional[Sequence[str]] = None,
                  teacher_stages: Optional[Sequence[str]] = None, peers: Optional[Sequence[nn.Module]] = None,
-                 peer_factory: Optional[Callable[[], nn.Module]] = None, steps_per_epoch: Optional[int] = None, epochs: Optional[int] = None, **options: Any) -> None:
+                 peer_factory: Optional[Callable[[], nn.Module]] = None, steps_per_epoch: Optional[int] = None,
+                 epochs: Optional[int] = None, teacher_spec: Optional[ModelSpec] = None, **options: Any) -> None:
         super().__init__()
         cls = method_class(method)
         name = resolve(method)[0]
-        if cls.needs_teacher and teacher is None:
-            raise ValueError(f"method {method!r} distils from a teacher: pass teacher=<network>")
+        if teacher is not None and teacher_spec is not None:
+            raise ValueError("pass teacher=<network> or teacher_spec=<its ModelSpec> (outputs from a cache), not both")
+        if cls.needs_teacher and teacher is None and teacher_spec is None:
+            raise ValueError(f"method {method!r} distils from a teacher: pass teacher=<network> (or teacher_spec= "
+                             f"and teacher_outputs= with every call, for outputs from a cache)")
         if not cls.needs_teacher:
-            teacher = None
+            teacher, teacher_spec = None, None
         if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
                                             or steps_per_epoch < 1):
             raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
@@ -72,7 +80,7 @@ class Distillation(nn.Module):
         self.method = method
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
         s_spec = model_spec(student, input_shape, student_stages)
-        t_spec = model_spec(teacher, input_shape, teacher_stages) if teacher is not None else None
+        t_spec = model_spec(teacher, input_shape, teacher_stages) if teacher is not None else teacher_spec
         self.distiller: Distiller = build(method, s_spec, t_spec, **options)
         needs = self.distiller.needs
         if needs.peers:
@@ -130,6 +138,9 @@ class Distillation(nn.Module):
         if teacher_out is None and self._teacher_run is not None:
             with torch.no_grad():
                 teacher_out = self._teacher_run(inputs)
+        elif teacher_out is None and self.distiller.teacher_spec is not None and self.distiller.needs_teacher:
+            raise ValueError(f"method {self.method!r}: this Distillation holds no teacher network (built from "
+                             f"teacher_spec): pass teacher_outputs= with every call")
         student_out = self._student_run(inputs)
         wanted = d.needs.context
         context: dict[str, Any] = {}

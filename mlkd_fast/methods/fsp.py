@@ -100,7 +100,7 @@ class FSP(StagePairs):
     ``stage="init"`` (default) is RepDistiller's procedure: an initialisation stage of
     ``init_epochs`` epochs trained on the FSP loss alone, unweighted (no CE: the classifier does not
     learn), then CE alone for the rest of the run; by default an eighth of the run (their 30 of 240
-    epochs, at least 1); it needs ``set_epoch(epoch, epochs)`` and a run longer than
+    epochs, at least 1, and at least one epoch left for CE); it needs ``set_epoch(epoch, epochs)`` and a run longer than
     ``init_epochs``. (RepDistiller trains the
     initialisation stage with an optimiser of its own; here one optimiser and one lr schedule span
     the run.) ``stage="joint"`` adds ``w_fsp`` (50) times the FSP loss to CE at every epoch."""
@@ -138,9 +138,15 @@ class FSP(StagePairs):
     def schedule_needs_total(self) -> bool:
         return self.stage == "init"
 
+    @property
+    def uses_all_parameters(self) -> bool:
+        return self.stage == "joint"  # the initialisation stage trains neither CE nor the classifier
+
     def init_length(self) -> int:
         """The initialisation stage's epochs in this run."""
-        return self.init_epochs if self.init_epochs is not None else max(1, (self.epochs or 0) // 8)
+        if self.init_epochs is not None:
+            return self.init_epochs
+        return min(max(1, (self.epochs or 0) // 8), max(0, (self.epochs or 0) - 1))  # an epoch left for CE
 
     def set_epoch(self, epoch: int, epochs: Optional[int] = None) -> None:
         if self.stage == "init" and epochs is not None and self.init_epochs is not None and epochs <= self.init_epochs:

@@ -6,6 +6,7 @@
 - :mod:`.data`: datasets (the embedded scikit-learn digits default).
 - :mod:`.models`: networks that return ``(logits, pooled features)``.
 - :mod:`.distributed`, :mod:`.checkpoint`: DDP plumbing and atomic checkpoints.
+- :mod:`.cache` (``mlkd-cache``), :mod:`.replay` (``--teacher-cache``): the teacher cache.
 The objective of a phase is a distiller of :mod:`mlkd_fast.methods`.
 """
 from .cli import parse_args  # noqa: E402

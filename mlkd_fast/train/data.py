@@ -4,7 +4,11 @@ ImageNet-shaped batches, and the label-noise / class-imbalance options of the ro
 Every source yields ``(images, labels)`` already on the training device, images as float in the
 layout the model wants, and knows how many steps one epoch has on each process. Epoch order is a
 function of ``(seed, epoch)`` only, so that ``--resume`` continues an epoch exactly and every DDP
-rank agrees on it; each rank takes its own slice of every global batch.
+rank agrees on it; each rank takes its own slice of every global batch. The augmentation of the
+training sources with samples (digits, mnist5k, CIFAR, folders) is a function of ``(seed, epoch,
+sample index)`` too (:func:`augment_params`, :func:`keyed_crop_params`): ``views()`` rebuilds any
+sample's view of any epoch, and ``epoch(..., with_params=True)`` says which it drew, so that a
+teacher cache (:mod:`.cache`) stores the views training draws and checks that it replays them.
 """
 from __future__ import annotations
 
@@ -88,6 +92,22 @@ def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int
     return noisy, flipped
 
 
+def validation_positions(labels: Tensor, fraction: float, seed: int) -> Tensor:
+    """The positions of a validation split: ``round(fraction * n_c)`` of each class c of ``labels``
+    (the observed, possibly noisy ones), drawn with a generator fixed by ``seed``, sorted; none for
+    ``fraction = 0``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return torch.zeros(0, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0x7A11D + seed)
+    held = []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        held.append(idx[torch.randperm(len(idx), generator=gen)[: int(round(fraction * len(idx)))]])
+    return torch.cat(held).sort().values
+
+
 def imbalance_indices(labels: Tensor, ratio: float, seed: int) -> Tensor:
     """Long-tailed subsampling: class ``k`` (of K, in label order) keeps
     ``n_max * ratio ** (-k / (K - 1))`` of its samples (at least 1), so the largest class holds
@@ -131,6 +151,71 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator keyed by ``(seed, epoch, sample index)`` only (splitmix64 of the three): the random
+    crop and flip of one folder image in one epoch, whichever worker, batch, rank or resumed step
+    draws it, and what a teacher cache replays."""
+    key = _splitmix64(_splitmix64(_splitmix64(0xF01DE7 ^ (seed & _MASK64)) ^ epoch) ^ index)
+    return torch.Generator().manual_seed(key & ((1 << 63) - 1))
+
+
+def random_resized_crop_params(height: int, width: int, gen: torch.Generator, scale=(0.08, 1.0),
+                               ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a RandomResizedCrop of an image of ``height x width``, drawn from ``gen``:
+    torchvision's algorithm (``RandomResizedCrop.get_params``: ten tries of an area in ``scale`` and a
+    log-uniform aspect ratio in ``ratio``, else the centre crop of the clamped ratio) with its
+    generator made explicit."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=gen).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=gen).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=gen).item())
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the centre crop
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def keyed_crop_params(height: int, width: int, seed: int, epoch: int, index: int) -> list[int]:
+    """The training view of folder sample ``index`` in ``epoch``: ``[top, left, h, w, flipped]`` of its
+    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and horizontal flip (p = 0.5), a function of
+    ``(seed, epoch, index)`` and the image's size only."""
+    gen = sample_generator(seed, epoch, index)
+    top, left, h, w = random_resized_crop_params(height, width, gen)
+    flipped = int(torch.randint(0, 2, (1,), generator=gen).item())
+    return [top, left, h, w, flipped]
+
+
+def apply_crop_params(img: Tensor, params: Sequence[int], size: int) -> Tensor:
+    """A (3, H, W) uint8 image cropped to ``params``' box, resized to ``size x size`` (bilinear,
+    antialiased: v2.RandomResizedCrop's) and flipped where ``params[4]``."""
+    from torchvision.transforms.v2 import functional as TF
+
+    top, left, h, w, flipped = (int(v) for v in params)
+    img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+    return img.flip(-1) if flipped else img
+
+
 # --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
@@ -153,8 +238,10 @@ class Shard:
 
 @dataclass
 class TensorSource:
-    """In-memory images (digits): shuffled per epoch, shifted by ``augment`` with a per-(epoch, rank)
-    generator whose draws are replayed when an epoch is resumed in the middle."""
+    """In-memory float images shuffled per epoch, shifted by ``augment`` with a per-(epoch, rank)
+    generator whose draws are replayed when an epoch is resumed in the middle (the digits source of
+    older versions, kept for benchmarks/cc_weight.py; the loop holds digits in a :class:`MemorySource`,
+    whose views are keyed per sample)."""
 
     x: Tensor
     y: Tensor
@@ -253,17 +340,23 @@ class ImageFiles(torch.utils.data.Dataset):
 
     Items are ``(image, label, index)``. A file that fails to decode gives ``None`` (counted and
     dropped by :func:`collate_skipping`) or, with ``on_corrupt="fail"``, an error that names it.
+
+    With ``keyed=(seed, size)`` (the training split) the item key is ``(index, epoch)`` and the view
+    is :func:`keyed_crop_params`' (a function of seed, epoch and index, the image's size given); the
+    item is then ``(image, label, index, params)`` (:func:`collate_keyed`).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform, on_corrupt: str = "skip") -> None:
-        self.samples, self.transform, self.on_corrupt = samples, transform, on_corrupt
+    def __init__(self, samples: list[tuple[str, int]], transform, on_corrupt: str = "skip",
+                 keyed: Optional[tuple[int, int]] = None) -> None:
+        self.samples, self.transform, self.on_corrupt, self.keyed = samples, transform, on_corrupt, keyed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
         from PIL import Image
 
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
@@ -272,12 +365,21 @@ class ImageFiles(torch.utils.data.Dataset):
             if self.on_corrupt == "fail":
                 raise CorruptImageError(f"cannot decode image {path!r}: {exc}") from exc
             return None
-        return self.transform(img), label, i
+        if epoch is None or self.keyed is None:
+            return self.transform(img), label, i
+        from torchvision.transforms.v2 import functional as TF
+
+        seed, size = self.keyed
+        img = TF.pil_to_tensor(img)
+        params = keyed_crop_params(img.shape[-2], img.shape[-1], seed, epoch, i)
+        return apply_crop_params(img, params, size), label, i, params
 
 
 class ImageBytes(torch.utils.data.Dataset):
     """Raw file bytes of a folder split, for decoding on the training device (``--decode device``):
-    the workers only read files, so few CPU cores can feed a GPU (nvJPEG decodes the JPEGs)."""
+    the workers only read files, so few CPU cores can feed a GPU (nvJPEG decodes the JPEGs). Items
+    are ``(bytes, label, path, index)``, and ``(bytes, label, path, index, epoch)`` for an
+    ``(index, epoch)`` key (the training split: the view is drawn on the device, keyed the same)."""
 
     def __init__(self, samples: list[tuple[str, int]]) -> None:
         self.samples = samples
@@ -285,17 +387,20 @@ class ImageBytes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
         from torchvision.io import read_file
 
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
-        return read_file(path), label, path, i
+        item = (read_file(path), label, path, i)
+        return item if epoch is None else (*item, epoch)
 
 
 def collate_bytes(batch):
-    """``(file bytes, labels, paths, indices)`` of a batch."""
-    return ([b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch],
-            torch.tensor([b[3] for b in batch]))
+    """``(file bytes, labels, paths, indices)`` of a batch (and the epochs of keyed items)."""
+    out = ([b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch],
+           torch.tensor([b[3] for b in batch]))
+    return (*out, [b[4] for b in batch]) if batch and len(batch[0]) > 4 else out
 
 
 def _is_jpeg(data: Tensor) -> bool:
@@ -332,6 +437,15 @@ def decode_on_device(datas: list[Tensor], paths: list[str], device: torch.device
     return images
 
 
+def keyed_crops_on_device(images: list[Tensor], keys: Sequence[tuple[int, int, int]], size: int) -> tuple[Tensor, Tensor]:
+    """The training views of decoded images on their device, each drawn by :func:`keyed_crop_params`
+    from its ``(seed, epoch, index)`` key: ``((n, 3, size, size) uint8, (n, 5) int64 params)``, the
+    views the workers' path (:class:`ImageFiles` keyed) draws for the same keys and image sizes."""
+    params = [keyed_crop_params(img.shape[-2], img.shape[-1], *key) for img, key in zip(images, keys)]
+    return (torch.stack([apply_crop_params(img, p, size) for img, p in zip(images, params)]),
+            torch.tensor(params, dtype=torch.long).reshape(-1, 5))
+
+
 def augment_on_device(images: list[Tensor], train: bool, size: int) -> Tensor:
     """RandomResizedCrop + horizontal flip (train) or resize + centre crop (eval), image by image on
     the images' device; returns a (n, 3, size, size) uint8 batch."""
@@ -360,8 +474,19 @@ def collate_skipping(batch):
             torch.tensor([b[2] for b in good]))
 
 
+def collate_keyed(batch):
+    """:func:`collate_skipping` of keyed items: ``(images, labels, n_corrupt, indices, params)``, params
+    the ``(n, 5)`` crop boxes and flips of the decodable samples."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None, None, len(batch), None, None
+    return (*collate_skipping(good)[:2], len(batch) - len(good), torch.tensor([b[2] for b in good]),
+            torch.tensor([b[3] for b in good], dtype=torch.long))
+
+
 class ShardSampler(torch.utils.data.Sampler):
-    """This rank's indices of one epoch in global-batch order, from ``start_step`` on."""
+    """This rank's ``(index, epoch)`` keys of one epoch in global-batch order, from ``start_step`` on
+    (the epoch goes with each index: the dataset draws the sample's view from both)."""
 
     def __init__(self, n: int, shard: Shard, seed: int) -> None:
         self.n, self.shard, self.seed = n, shard, seed
@@ -373,13 +498,16 @@ class ShardSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = epoch_order(self.n, self.seed, self.epoch)
         for step in range(self.start_step, self.shard.steps(self.n)):
-            yield from self.shard.indices(order, step).tolist()
+            yield from ((i, self.epoch) for i in self.shard.indices(order, step).tolist())
 
     def __len__(self) -> int:
         return (self.shard.steps(self.n) - self.start_step) * self.shard.batch_size
 
 
 def folder_transforms(train: bool, image_size: int):
+    """The torchvision transforms of a folder split: the evaluation resize + centre crop; ``train``:
+    RandomResizedCrop + flip from the global RNG (the loop's training split draws the same views keyed
+    by sample instead: :func:`keyed_crop_params`)."""
     from torchvision.transforms import v2
 
     if train:
@@ -389,10 +517,31 @@ def folder_transforms(train: bool, image_size: int):
                        v2.CenterCrop(image_size)])
 
 
+class KeyBatches(torch.utils.data.Sampler):
+    """A batch sampler of ``(index, epoch)`` keys: each ``(epoch, indices)`` of ``batches`` is one
+    batch (a teacher cache's teacher batches), generated lazily."""
+
+    def __init__(self, batches) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for epoch, index in self.batches:
+            yield [(int(i), int(epoch)) for i in index.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 @dataclass
 class FolderSource:
     """An ImageNet-style split read by DataLoader workers (decode + crop on the CPU), normalised on
-    the device. ``corrupt`` counts the undecodable files skipped so far."""
+    the device. ``corrupt`` counts the undecodable files skipped so far.
+
+    The training split's crop box and flip are drawn per sample from a generator keyed by ``(seed,
+    epoch, sample index)`` (:func:`keyed_crop_params`; the sampler hands the epoch to the dataset with
+    each index), on either decode path: a resumed epoch, any DDP world size and a teacher cache see
+    the same view of each image (for the same decoded pixels: ``--decode workers`` decodes with PIL,
+    ``device`` with torchvision, which a cache records)."""
 
     samples: list[tuple[str, int]]
     shard: Shard
@@ -410,21 +559,36 @@ class FolderSource:
         if self.decode == "device":
             self.dataset = ImageBytes(self.samples)
         else:
-            self.dataset = ImageFiles(self.samples, folder_transforms(self.train, self.image_size), self.on_corrupt)
+            self.dataset = ImageFiles(self.samples, folder_transforms(False, self.image_size), self.on_corrupt,
+                                      keyed=(self.seed, self.image_size) if self.train else None)
         self.sampler = ShardSampler(len(self.samples), self.shard, self.seed) if self.train else None
         self._loader = None
+
+    def augmentation(self) -> dict:
+        """What draws the training views (a teacher cache's manifest records it)."""
+        return {"kind": "random_resized_crop", "image_size": self.image_size, "scale": [0.08, 1.0],
+                "ratio": [3 / 4, 4 / 3], "flip": True, "decode": self.decode,
+                "params": ["top", "left", "height", "width", "flipped"]}
 
     def steps_per_epoch(self) -> int:
         if self.train:
             return self.shard.steps(len(self.samples))
         return math.ceil(len(self.samples) / self.shard.batch_size)
 
-    def _make_loader(self):
-        collate = collate_bytes if self.decode == "device" else collate_skipping
-        kwargs = dict(batch_size=self.shard.batch_size, num_workers=self.workers, collate_fn=collate,
+    def _collate(self):
+        if self.decode == "device":
+            return collate_bytes
+        return collate_keyed if self.train else collate_skipping
+
+    def _loader_kwargs(self) -> dict:
+        kwargs = dict(num_workers=self.workers, collate_fn=self._collate(),
                       pin_memory=self.device.type == "cuda" and self.decode != "device")
         if self.workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=4)
+        return kwargs
+
+    def _make_loader(self):
+        kwargs = dict(batch_size=self.shard.batch_size, **self._loader_kwargs())
         if self.train:
             return torch.utils.data.DataLoader(self.dataset, sampler=self.sampler, drop_last=True, **kwargs)
         # evaluation: this rank's contiguous share of the split, no padding (metrics are summed)
@@ -433,33 +597,68 @@ class FolderSource:
                                                              min(len(self.dataset), (self.shard.rank + 1) * per_rank)))
         return torch.utils.data.DataLoader(subset, shuffle=False, **kwargs)
 
-    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+    def _batches(self, loader, keep_empty: bool = False) -> Iterator[tuple[Optional[Tensor], ...]]:
+        """``(x on the device, labels, indices, params)`` of a loader's batches (params None for
+        evaluation), the undecodable files left out (counted in ``corrupt``); a batch of undecodable files
+        only is left out too, or with ``keep_empty`` given as ``(None, None, empty indices, None)``."""
+        empty = (None, None, torch.zeros(0, dtype=torch.long), None)
+        for batch in loader:
+            params = None
+            if self.decode == "device":
+                datas, labels, paths, index, *epochs = batch
+                decoded = decode_on_device(datas, paths, self.device, self.on_corrupt)
+                good = [i for i, img in enumerate(decoded) if img is not None]
+                self.corrupt += len(decoded) - len(good)
+                if not good:
+                    if keep_empty:
+                        yield empty
+                    continue
+                images = [decoded[i] for i in good]
+                labels, index = labels[good], index[good]
+                if epochs:
+                    keys = [(self.seed, epochs[0][i], int(index[j])) for j, i in enumerate(good)]
+                    images, params = keyed_crops_on_device(images, keys, self.image_size)
+                else:
+                    images = augment_on_device(images, False, self.image_size)
+                x = normalize_images(images, self.channels_last)
+            else:
+                images, labels, corrupt, index, *rest = batch
+                self.corrupt += corrupt
+                if images is None:
+                    if keep_empty:
+                        yield empty
+                    continue
+                params = rest[0] if rest else None
+                x = normalize_images(images.to(self.device, non_blocking=True), self.channels_last)
+            yield x, labels, index, params
+
+    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False,
+              with_params: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """``(images, labels)`` batches on the device; with ``with_index`` also the samples' indices in
-        the split (methods with a per-sample memory, e.g. CRD). Undecodable files are left out."""
+        the split (methods with a per-sample memory, e.g. CRD); with ``with_params`` also ``(indices,
+        params)`` on the CPU, the (n, 5) crop boxes and flips of the batch (a teacher cache checks them).
+        Undecodable files are left out."""
         if self.train:
             self.sampler.set_epoch(epoch, start_step)
             if start_step:  # persistent workers hold the old sampler position: start afresh
                 self._loader = None
         if self._loader is None:
             self._loader = self._make_loader()
-        for batch in self._loader:
-            if self.decode == "device":
-                datas, labels, paths, index = batch
-                decoded = decode_on_device(datas, paths, self.device, self.on_corrupt)
-                good = [i for i, img in enumerate(decoded) if img is not None]
-                self.corrupt += len(decoded) - len(good)
-                if not good:
-                    continue
-                images = augment_on_device([decoded[i] for i in good], self.train, self.image_size)
-                x, labels, index = normalize_images(images, self.channels_last), labels[good], index[good]
-            else:
-                images, labels, corrupt, index = batch
-                self.corrupt += corrupt
-                if images is None:
-                    continue
-                x = normalize_images(images.to(self.device, non_blocking=True), self.channels_last)
-            y = labels.to(self.device, non_blocking=True)
-            yield (x, y, index.to(self.device, non_blocking=True)) if with_index else (x, y)
+        for x, labels, index, params in self._batches(self._loader):
+            out = (x, labels.to(self.device, non_blocking=True))
+            if with_index:
+                out += (index.to(self.device, non_blocking=True),)
+            if with_params:
+                out += ((index, params),)
+            yield out
+
+    def views(self, batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The training views of arbitrary ``(epoch, indices)`` batches (a teacher cache's teacher batches),
+        through the same dataset and workers: ``(x on the device, indices, params)``, indices and params on
+        the CPU, for the decodable samples; one item per batch (x None when none of it decodes)."""
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=KeyBatches(batches), **self._loader_kwargs())
+        for x, _, index, params in self._batches(loader, keep_empty=True):
+            yield x, index, params
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +672,7 @@ CIFAR_MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR_LAYOUT = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
                 "cifar100": ("cifar-100-python", ["train"], ["test"])}
 CIFAR_PAD = 4        # RepDistiller: RandomCrop(32, padding=4) (zero fill) + RandomHorizontalFlip
+DIGITS_PAD = 1       # digits: random shifts by up to 1 pixel (a crop of the zero-padded 8 x 8 image), no flip
 MNIST5K_PAD = 2      # mnist5k: random shifts by up to 2 pixels (a crop of the zero-padded image), no flip
 MNIST5K_SPLIT_SEED = 5000   # the fixed train/test split of mnist5k, independent of --seed
 MNIST5K_TEST_PER_CLASS = 100
@@ -628,20 +828,22 @@ def normalize_with(x: Tensor, mean, std, channels_last: bool = False) -> Tensor:
 
 @dataclass
 class MemorySource:
-    """A uint8 image set held once on the training device (CIFAR's 50,000 images are 150 MB), shuffled
+    """An image set held once on the training device (CIFAR's 50,000 uint8 images are 150 MB), shuffled
     per epoch (:func:`epoch_order`), each batch cropped / flipped and normalised on the device.
 
-    The augmentation is drawn per sample, keyed by ``(seed, epoch, sample index)`` (:func:`augment_params`):
-    a resumed epoch, any DDP world size and a teacher cache see the same view of each sample. The sample
-    index is the one the batches carry with ``with_index`` (the position in this training set)."""
+    uint8 images are normalised with ``mean`` / ``std``; float images (digits, already scaled to
+    [0, 1]) are used as they are (``mean`` / ``std`` ignored). The augmentation is drawn per sample,
+    keyed by ``(seed, epoch, sample index)`` (:func:`augment_params`): a resumed epoch, any DDP world
+    size and a teacher cache see the same view of each sample. The sample index is the one the
+    batches carry with ``with_index`` (the position in this training set)."""
 
     x: Tensor
     y: Tensor
     shard: Shard
     seed: int
     device: torch.device
-    mean: Sequence[float]
-    std: Sequence[float]
+    mean: Sequence[float] = (0.0,)
+    std: Sequence[float] = (1.0,)
     pad: int = 0
     flip: bool = False
     channels_last: bool = False
@@ -652,28 +854,61 @@ class MemorySource:
         self.y = self.y.to(self.device)
         self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device)
+        self._params: Optional[tuple[int, Tensor]] = None  # the last epoch's augment_params (CPU)
+
+    def augmentation(self) -> dict:
+        """What draws the training views (a teacher cache's manifest records it)."""
+        return {"kind": "crop_flip", "pad": self.pad, "flip": bool(self.flip), "params": ["top", "left", "flipped"]}
 
     def steps_per_epoch(self) -> int:
         return self.shard.steps(len(self.x))
 
-    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+    def _normalize(self, xb: Tensor) -> Tensor:
+        if xb.is_floating_point():
+            return xb.contiguous(memory_format=torch.channels_last) if self.channels_last else xb
+        return normalize_with(xb, self._mean, self._std, self.channels_last)
+
+    def epoch_params(self, epoch: int) -> Tensor:
+        """:func:`augment_params` of an epoch, on the CPU (kept for the last epoch asked)."""
+        if self._params is None or self._params[0] != epoch:
+            self._params = (epoch, augment_params(len(self.x), self.seed, epoch, self.pad, self.flip))
+        return self._params[1]
+
+    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False,
+              with_params: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """``(images, labels)`` batches of this rank from ``start_step``; with ``with_index`` also the
-        samples' indices in the training set (methods with a per-sample memory, e.g. CRD)."""
+        samples' indices in the training set (methods with a per-sample memory, e.g. CRD); with
+        ``with_params`` also ``(indices, params)`` on the CPU (a teacher cache checks them)."""
         # the epoch's order and views go to the device once: a step copies nothing from the host
-        order = epoch_order(len(self.x), self.seed, epoch).to(self.device)
-        params = (augment_params(len(self.x), self.seed, epoch, self.pad, self.flip).to(self.device)
-                  if self.pad or self.flip else None)
+        order_cpu = epoch_order(len(self.x), self.seed, epoch)
+        order = order_cpu.to(self.device)
+        params_cpu = self.epoch_params(epoch)
+        params = params_cpu.to(self.device) if self.pad or self.flip else None
         for step in range(start_step, self.steps_per_epoch()):
             idx = self.shard.indices(order, step)
             xb = self.x[idx]
             if params is not None:
                 xb = crop_flip(xb, params[idx], self.pad)
-            batch = (normalize_with(xb, self._mean, self._std, self.channels_last), self.y[idx])
-            yield (*batch, idx) if with_index else batch
+            out: tuple = (self._normalize(xb), self.y[idx])
+            if with_index:
+                out += (idx,)
+            if with_params:
+                idx_cpu = self.shard.indices(order_cpu, step)
+                out += ((idx_cpu, params_cpu[idx_cpu]),)
+            yield out
+
+    def views(self, batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The training views of arbitrary ``(epoch, indices)`` batches (a teacher cache's teacher
+        batches): ``(x on the device, indices, params)``, the same tensors :meth:`epoch` makes."""
+        for epoch, idx_cpu in batches:
+            params_cpu = self.epoch_params(epoch)
+            xb = self.x[idx_cpu.to(self.device)]
+            if self.pad or self.flip:
+                xb = crop_flip(xb, params_cpu.to(self.device)[idx_cpu.to(self.device)], self.pad)
+            yield self._normalize(xb), idx_cpu, params_cpu[idx_cpu]
 
     def eval_batches(self, x: Tensor, y: Tensor, batch: int = 512) -> Callable[[], list]:
         """The evaluation batches of a test set (this rank's share, normalised, no augmentation)."""
         x = x[self.shard.rank::self.shard.world].to(self.device)
         y = y[self.shard.rank::self.shard.world].to(self.device)
-        return lambda: ((normalize_with(x[i:i + batch], self._mean, self._std, self.channels_last), y[i:i + batch])
-                        for i in range(0, len(x), batch))
+        return lambda: ((self._normalize(x[i:i + batch]), y[i:i + batch]) for i in range(0, len(x), batch))

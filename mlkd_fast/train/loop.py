@@ -187,16 +187,29 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
     lr = phase.optimizer.param_groups[0]["lr"]  # the schedule steps per epoch
     rows: list = []
     keys: Optional[list[str]] = None
-    batches = source.epoch(epoch, start_step, with_index=True) if wants_index else source.epoch(epoch, start_step)
+    # a source replaying a teacher cache yields (x, y, index, the teacher's Outputs) and the teacher does not run
+    cached = getattr(source, "yields_teacher_outputs", False)
+    if cached:
+        batches = source.epoch(epoch, start_step)
+    else:
+        batches = source.epoch(epoch, start_step, with_index=True) if wants_index else source.epoch(epoch, start_step)
     for step, batch in enumerate(batches, start=start_step):
-        x, y, index = batch if wants_index else (*batch, None)
+        teacher_out = None
+        if cached:
+            x, y, index, teacher_out = batch
+            index = index if wants_index else None
+        else:
+            x, y, index = batch if wants_index else (*batch, None)
         if ctx.should_stop(step):
             interrupted_at = step
             break
         if views > 1:
             x = with_rotations(x, views)
         with ctx.autocast():
-            loss = phase.step_module(x, y, index)
+            if teacher_out is None:
+                loss = phase.step_module(x, y, index)
+            else:
+                loss = phase.step_module(x, y, index, teacher_outputs=teacher_out)
         phase.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         phase.optimizer.step()
@@ -251,9 +264,12 @@ def evaluate(model: nn.Module, batches, ctx: RunContext) -> tuple[float, float]:
 
 
 def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], ctx: RunContext,
-              resume: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+              resume: Optional[dict[str, Any]] = None,
+              val_batches: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
     """Trains ``phase`` to its last epoch (or until stopped); checkpoints after every epoch and when
-    stopped. Returns ``{"finished": bool, "last_top1", "best_top1", "best_epoch", "images_per_s"}``."""
+    stopped. Returns ``{"finished": bool, "last_top1", "best_top1", "best_epoch", "images_per_s"}``, and
+    ``last_val_top1`` with ``val_batches`` (a validation split held out of the training data, evaluated
+    every epoch beside the test set)."""
     epoch, step = phase.load(resume) if resume is not None else (0, 0)
     last_top1 = phase.history[-1]["top1"] if phase.history else float("nan")
     last_top5 = phase.history[-1].get("top5", float("nan")) if phase.history else float("nan")
@@ -271,19 +287,25 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
         if top1 > phase.best_top1:
             phase.best_top1, phase.best_epoch = top1, epoch + 1
         last_top1, last_top5 = top1, top5
+        val_top1 = evaluate(phase.model, val_batches(), ctx)[0] if val_batches is not None else None
         record = {"phase": phase.name, "epoch": epoch + 1, "loss": round(stats["loss"], 5),
                   "top1": round(top1, 3) if not math.isnan(top1) else None,
                   "top5": round(top5, 3) if not math.isnan(top5) else None,
                   "images_per_s": round(stats["images_per_s"], 1), "step_ms": round(stats["step_ms"], 2),
                   "lr": phase.optimizer.param_groups[0]["lr"], "corrupt_images": getattr(source, "corrupt", 0)}
+        if val_top1 is not None:
+            record["val_top1"] = round(val_top1, 3)
         if phase.distiller is not None and phase.distiller.last:
             record.update({k: round(float(v), 5) for k, v in phase.distiller.last.items()})
-        phase.history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "images_per_s": stats["images_per_s"]})
+        phase.history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "val_top1": val_top1,
+                              "images_per_s": stats["images_per_s"]})
         ctx.log(record)
         epoch, step = epoch + 1, 0
         if ctx.dist.main:
             save_checkpoint(ctx.checkpoint_path, phase.state(epoch, 0, ctx.completed, ctx.config))
     rates = [h["images_per_s"] for h in phase.history]
-    return {"finished": True, "last_top1": last_top1, "last_top5": last_top5, "best_top1": phase.best_top1,
+    last_val = phase.history[-1].get("val_top1") if phase.history else None
+    return {"finished": True, "last_top1": last_top1, "last_top5": last_top5, "last_val_top1": last_val,
+            "best_top1": phase.best_top1,
             "best_epoch": phase.best_epoch,
             "last_epoch": phase.epochs, "images_per_s": sum(rates) / max(len(rates), 1)}

@@ -47,10 +47,22 @@ class Run:
         self.shard = D.Shard(args.batch_size, self.dist.rank, self.dist.world)
         self.lr = args.lr * (self.dist.world if args.scale_lr else 1)
         self.info: dict[str, Any] = {}
+        self.val_batches = None  # --val-fraction's held-out split of the training data
+        self.held = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
         if args.sync_bn and not self.dist.enabled:
             print("mlkd-train: --sync-bn does nothing in a single process (BatchNorm already sees the whole "
                   "batch)", file=sys.stderr)
         self._load_data()
+        self.cache = None  # --teacher-cache: the teacher's outputs come from it, no teacher network is built
+        if args.teacher_cache is not None:
+            from .replay import TeacherCache
+
+            self.cache = TeacherCache.open(args.teacher_cache)
+            self.cache.check_run(self)  # the same teacher, data, views, seed (an error naming each field)
+            args.teacher_arch = self.cache.teacher_arch
+            if "top1" in self.cache.manifest["teacher"]:
+                self.info.update(teacher_top1=self.cache.manifest["teacher"]["top1"],
+                                 teacher_top5=self.cache.manifest["teacher"].get("top5"))
 
     # ---- data -----------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -59,13 +71,15 @@ class Run:
             x, y, x_test, y_test = D.load_digits_split(seed=a.seed, train_per_class=a.train_per_class)
             self.num_classes = 10
             keep, y = self._corrupt_labels(y)
-            x = x[keep]
+            x_held, x = x[self.held[0]], x[keep]
             self.info.update(train_samples=len(y), test_samples=len(y_test))
-            self.train = D.TensorSource(x, y, self.shard, a.seed, self.device)
+            # held on the device as x / 16 floats, used as they are; shifts by up to DIGITS_PAD pixels drawn per
+            # (seed, epoch, sample index), as on mnist5k and CIFAR (a teacher cache replays them)
+            self.train = D.MemorySource(x, y, self.shard, a.seed, self.device, pad=D.DIGITS_PAD, flip=False)
             self.train_size: Optional[int] = len(y)
-            x_test, y_test = x_test[self.dist.rank::self.dist.world], y_test[self.dist.rank::self.dist.world]
-            self.eval_batches = lambda: [(x_test[i:i + 512].to(self.device), y_test[i:i + 512].to(self.device))
-                                         for i in range(0, len(x_test), 512)]
+            self.eval_batches = self.train.eval_batches(x_test, y_test)
+            if len(self.held[0]):
+                self.val_batches = self.train.eval_batches(x_held, self.held[1])
         elif a.data_kind == "mnist5k" or a.data_kind in D.CIFAR_KINDS:
             # held in memory as uint8 on the device; crops / flips drawn per (seed, epoch, sample index)
             if a.data_kind == "mnist5k":
@@ -76,7 +90,7 @@ class Run:
                 self.num_classes = 10 if a.data_kind == "cifar10" else 100
                 (mean, std), pad, flip = D.CIFAR_MEAN_STD[a.data_kind], D.CIFAR_PAD, True
             keep, y = self._corrupt_labels(y)
-            x = x[keep]
+            x_held, x = x[self.held[0]], x[keep]
             self.info.update(train_samples=len(y), test_samples=len(y_test))
             if self.shard.steps(len(y)) < 1:
                 raise SystemExit(f"mlkd-train: {len(y)} training images are fewer than one global batch "
@@ -85,6 +99,8 @@ class Run:
                                         channels_last=self.channels_last)
             self.train_size = len(y)
             self.eval_batches = self.train.eval_batches(x_test, y_test)
+            if len(self.held[0]):
+                self.val_batches = self.train.eval_batches(x_held, self.held[1])
         elif a.synthetic:
             self.num_classes = a.num_classes
             self.train_size = None
@@ -96,6 +112,8 @@ class Run:
             _, val_samples = D.scan_image_folder(os.path.join(a.data, "val"), classes)
             self.num_classes = len(classes)
             keep, labels = self._corrupt_labels(torch.tensor([label for _, label in train_samples]))
+            held_samples = [(train_samples[i][0], int(label)) for i, label in zip(self.held[0].tolist(),
+                                                                                  self.held[1].tolist())]
             train_samples = [(train_samples[i][0], int(label)) for i, label in zip(keep.tolist(), labels.tolist())]
             self.info.update(train_samples=len(train_samples), val_samples=len(val_samples), classes=len(classes))
             if self.shard.steps(len(train_samples)) < 1:
@@ -108,17 +126,29 @@ class Run:
             self.train = D.FolderSource(train_samples, train=True, **common)
             self.val = D.FolderSource(val_samples, train=False, **common)
             self.eval_batches = lambda: self.val.epoch(0)
+            if held_samples:
+                self.held_out = D.FolderSource(held_samples, train=False, **common)
+                self.val_batches = lambda: self.held_out.epoch(0)
 
     def _corrupt_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training set of ``--imbalance`` and ``--label-noise``: ``(kept indices, their labels)``,
-        fixed by ``--seed`` (the test set stays clean and balanced)."""
+        """The training set of ``--imbalance``, ``--label-noise`` and ``--val-fraction``: ``(kept indices,
+        their labels)``, fixed by ``--seed`` (the test set stays clean and balanced). The validation
+        split (``self.held``: indices and labels) is taken out of the corrupted training data, a
+        fraction of each (observed) class, so it is noisy where the training data is, as a
+        practitioner's held-out data would be."""
         a = self.args
         keep = D.imbalance_indices(labels, a.imbalance, a.seed) if a.imbalance > 1 else torch.arange(len(labels))
         labels = labels[keep]
         if a.label_noise > 0:
             labels, flipped = D.add_label_noise(labels, a.label_noise, self.num_classes, a.seed, a.noise_type)
             self.info["noisy_labels"] = int(flipped.sum())
-        return keep, labels
+        held = D.validation_positions(labels, a.val_fraction, a.seed)
+        mask = torch.ones(len(labels), dtype=torch.bool)
+        mask[held] = False
+        self.held = (keep[held], labels[held])
+        if len(held):
+            self.info["val_samples_held_out"] = len(held)
+        return keep[mask], labels[mask]
 
     # ---- models and phases ----------------------------------------------------------------
     def input_shape(self) -> tuple[int, int, int]:
@@ -160,12 +190,16 @@ class Run:
         for option, fact in cls.data_options.items():
             if options.get(option) is None and facts.get(fact) is not None:
                 options[option] = facts[fact]
+        cached = phase == "student" and self.cache is not None and cls.needs_teacher  # outputs from the cache
         try:  # what the method finds missing in this run (crd's indices on synthetic data, stages) is the user's
             distill = M.Distillation(torch.compile(model) if a.compile else model,
-                                     teacher if cls.needs_teacher else None, method, input_shape=self.input_shape(),
-                                     peer_factory=lambda: self._network(a.arch), **options)
+                                     teacher if cls.needs_teacher and not cached else None, method,
+                                     input_shape=self.input_shape(), peer_factory=lambda: self._network(a.arch),
+                                     teacher_spec=self.cache.teacher_spec if cached else None, **options)
         except ValueError as exc:
             raise InputError(f"--method {a.method if phase == 'student' else method}: {exc}") from exc
+        if cached:  # what the cache cannot give (stage maps, a live teacher, features it lacks): from the traits
+            self.cache.check_method(distill.distiller, a.method)
         distill = distill.to(self.device)
         if a.sync_bn and self.dist.enabled:
             distill.distiller = convert_sync_batchnorm(distill.distiller, self.device.type)
@@ -180,13 +214,15 @@ class Run:
         a = self.args
         torch.manual_seed(a.seed + {"teacher": 0, "student": 100, "baseline": 100}[name])
         model = self._network(arch)
-        views = a.rotations if teacher is not None else 1
+        cached = name == "student" and self.cache is not None and M.method_class(method).needs_teacher
+        views = a.rotations if teacher is not None or cached else 1
         distill = self.build_distillation(name, method, model, teacher, views)
         step: nn.Module = distill
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            step = DDP(distill, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            step = DDP(distill, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       find_unused_parameters=not distill.distiller.uses_all_parameters)
         params = list(model.parameters()) + list(distill.distiller.parameters())
         opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=a.weight_decay, nesterov=a.nesterov)
         if a.lr_steps:
@@ -194,6 +230,15 @@ class Run:
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return Phase(name, model, step, opt, sched, epochs, arch, distill.distiller, distill.teacher, views)
+
+    def source(self, phase: Phase):
+        """The training source of a phase: with --teacher-cache, the student's replays the cache (the same
+        views, checked, with the teacher's stored outputs); every other phase reads the data itself."""
+        if self.cache is not None and phase.name == "student" and phase.distiller.needs_teacher:
+            from .replay import CachedSource
+
+            return CachedSource(self.train, self.cache, self.device, phase.views, wrap=self.args.cache_wrap)
+        return self.train
 
     def load_teacher(self, path: str) -> torch.nn.Module:
         teacher = build_model(self.args.teacher_arch, self.num_classes, path, in_channels=self.input_shape()[0])
@@ -252,6 +297,8 @@ def train_all(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     summary: dict[str, Any] = {"method": args.method, "loss": args.method, "world_size": run.dist.world, **run.info}
+    if run.cache is not None:
+        summary["teacher_cache"] = os.path.abspath(args.teacher_cache)
     uses_teacher = M.method_class(args.method).needs_teacher
     baseline = M.baseline()  # plain training: the teacher phase and --compare-baseline
     with StopFlag() as stop:
@@ -270,7 +317,7 @@ def train_all(args: argparse.Namespace) -> dict:
             if state is None and phase.name in done:
                 state = final_state(out, phase.name)
             trained.append(phase.name)
-            result = run_phase(phase, run.train, run.eval_batches, ctx, state)
+            result = run_phase(phase, run.source(phase), run.eval_batches, ctx, state, run.val_batches)
             if not result["finished"]:
                 if main_rank:
                     print(f"mlkd-train: stopped in {phase.name} epoch {result['epoch'] + 1} step {result['step']}; "
@@ -289,7 +336,7 @@ def train_all(args: argparse.Namespace) -> dict:
         # teacher: given (--teacher-weights); or trained here on digits or folder data for --teacher-epochs,
         # from scratch, or from the weights with a new classifier (--teacher-new-head); or random (synthetic)
         teacher = None
-        if uses_teacher or args.teacher_epochs > 0:
+        if run.cache is None and (uses_teacher or args.teacher_epochs > 0):  # with a cache: no teacher at all
             if args.teacher_weights and not args.teacher_new_head:
                 teacher = run.load_teacher(args.teacher_weights)
             elif not args.synthetic:
@@ -331,6 +378,8 @@ def train_all(args: argparse.Namespace) -> dict:
                   f"nothing to train (--resume with a larger --epochs trains it on)", file=sys.stderr, flush=True)
 
     s = done["student"]
+    if s.get("last_val_top1") is not None:
+        summary["val_top1"] = s["last_val_top1"]
     summary.update(student_top1=s["last_top1"], student_top5=s.get("last_top5"), best_top1=s["best_top1"],
                    best_epoch=s["best_epoch"],
                    last_epoch=s["last_epoch"], images_per_s=round(s["images_per_s"], 1),
@@ -364,7 +413,7 @@ def train_all(args: argparse.Namespace) -> dict:
 # training data and its order. A resume with other values would continue a different run silently.
 RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
                    "global_correlation", "global_supcon", "seed", "label_noise", "noise_type", "imbalance",
-                   "train_per_class", "lr_steps", "teacher_new_head", "nesterov")
+                   "train_per_class", "val_fraction", "lr_steps", "teacher_new_head", "nesterov")
 # Not among them: --epochs and --teacher-epochs. A resume with another count trains the phase to it on
 # the schedule of a run of that length (loop.fit_schedule); a finished student or baseline trains on
 # from its final state, kept in <out>/<phase>_state.pt (the teacher is never retrained once finished).
