@@ -148,6 +148,11 @@ class RunKey:
     def teacher(self) -> "RunKey":
         return RunKey(self.phase, self.setting, self.gap, "teacher", self.seed)
 
+    def cache(self) -> "RunKey":
+        """The teacher's cache: its outputs over every view the students draw (all classes and the
+        features in fp32, so a cached run equals a live-teacher one)."""
+        return RunKey(self.phase, self.setting, self.gap, "cache", self.seed)
+
 
 def default_protocol(args: argparse.Namespace, extra: Sequence[str]) -> Protocol:
     embedded = args.data in ("mnist5k", "digits")
@@ -186,6 +191,16 @@ def reference_weight(method: str) -> Optional[float]:
     return None if cls.main_weight is None else float(cls.options()[cls.main_weight])
 
 
+def reads_cache(method: str, protocol: Protocol) -> bool:
+    """Whether ``method``'s runs can take the teacher from a cache: it needs a teacher, but neither its
+    stage maps nor the live network (the traits of the method as the study builds it)."""
+    cls = _zoo.method_class(method)
+    if not cls.needs_teacher:
+        return False
+    needs = _reference_distiller(method, protocol, next(iter(protocol.gaps.values()))).needs
+    return not needs.teacher_stages and "teacher_fn" not in needs.context
+
+
 def study_options(method: str) -> list[str]:
     """The options every run of ``method`` takes here: maps of at least ``MIN_MAP`` positions a side
     for the methods that compare maps (an attention map of 2 x 2 compares four numbers)."""
@@ -211,8 +226,9 @@ def _reference_distiller(method: str, protocol: Protocol, teacher_arch: str):
 # ---------------------------------------------------------------------------------------------
 def pilot_plan(protocol: Protocol, methods: Sequence[str], gaps: Sequence[str], seeds: Sequence[int],
                factors: Sequence[float] = GRID) -> list[RunKey]:
-    """The pilot: teachers, CE, and every method at every weight of its grid, on clean data."""
-    keys = [RunKey("pilot", "clean", g, "teacher", s) for g in gaps for s in seeds]
+    """The pilot: teachers (and their caches), CE, and every method at every weight of its grid, on
+    clean data."""
+    keys = [RunKey("pilot", "clean", g, kind, s) for g in gaps for s in seeds for kind in ("teacher", "cache")]
     for m in methods:
         grid = weight_grid(m, protocol, factors) if m != BASELINE else []
         for g in (["-"] if m in TEACHER_FREE else gaps):
@@ -224,9 +240,9 @@ def pilot_plan(protocol: Protocol, methods: Sequence[str], gaps: Sequence[str], 
 
 def table_plan(protocol: Protocol, methods: Sequence[str], settings: Sequence[str], gaps: Sequence[str],
                seeds: Sequence[int], chosen: dict[tuple[str, str], Optional[float]]) -> list[RunKey]:
-    """The table's runs: the teachers first, then the students (each after its teacher)."""
-    keys = [RunKey("table", s, g, "teacher", seed) for s in settings for g in gaps for seed in seeds
-            if any(m not in TEACHER_FREE for m in methods)]
+    """The table's runs: the teachers and their caches first, then the students (each after its teacher)."""
+    keys = [RunKey("table", s, g, kind, seed) for s in settings for g in gaps for seed in seeds
+            for kind in ("teacher", "cache") if any(m not in TEACHER_FREE for m in methods)]
     for s in settings:
         for seed in seeds:
             for m in methods:
@@ -236,8 +252,14 @@ def table_plan(protocol: Protocol, methods: Sequence[str], settings: Sequence[st
 
 
 def argv_of(key: RunKey, protocol: Protocol, runs_dir: str) -> list[str]:
-    """The ``mlkd-train`` arguments of one run."""
+    """The ``mlkd-train`` arguments of one run (``mlkd-cache``'s for a cache)."""
     out = os.path.join(runs_dir, key.folder)
+    if key.method == "cache":
+        flags = [f for f in protocol.base_flags() if f != "--no-curves"]
+        return flags + SETTINGS[key.setting] + [
+            "--seed", str(key.seed), "--out", out, "--teacher-arch", protocol.gaps[key.gap], "--teacher-weights",
+            os.path.join(runs_dir, key.teacher().folder, "student.pt"), "--epochs", str(protocol.epochs),
+            "--features"]
     argv = protocol.base_flags() + SETTINGS[key.setting] + ["--seed", str(key.seed), "--out", out]
     if os.path.isfile(os.path.join(out, "checkpoint.pt")):
         argv.append("--resume")  # a run stopped part-way continues where it stopped
@@ -252,6 +274,8 @@ def argv_of(key: RunKey, protocol: Protocol, runs_dir: str) -> list[str]:
         argv += ["--method-opt", option]
     if key.method in TEACHER_FREE:
         return argv + ["--teacher-epochs", "0"]
+    if reads_cache(key.method, protocol):
+        return argv + ["--teacher-cache", os.path.join(runs_dir, key.cache().folder)]
     teacher = os.path.join(runs_dir, key.teacher().folder, "student.pt")
     return argv + ["--teacher-arch", protocol.gaps[key.gap], "--teacher-weights", teacher]
 
@@ -271,17 +295,27 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train(argv: list[str]) -> dict:
-    """One mlkd-train run; what it prints goes to ``train.log`` in its folder."""
+def _train(argv: list[str], cache: bool = False) -> dict:
+    """One mlkd-train run (or mlkd-cache, with ``cache``); what it prints goes to ``train.log`` in its
+    folder. A cache's summary (``summary.json``, so that a finished one is kept) is its images/s."""
     import contextlib
 
+    from mlkd_fast.train import cache as teacher_cache
     from mlkd_fast.train import main
+    from mlkd_fast.train.checkpoint import write_json_atomic
 
     out = argv[argv.index("--out") + 1]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        return main(argv)
+        if not cache:
+            return main(argv)
+        start = time.perf_counter()
+        status = teacher_cache.main(argv)["status"]
+        summary = {"cache": True, "seconds": round(time.perf_counter() - start, 1), "student_top1": None,
+                   "images_per_s": status.get("images_per_s")}
+        write_json_atomic(os.path.join(out, "summary.json"), summary)
+        return summary
 
 
 def _trained_by(runs_dir: str, key: RunKey) -> Optional[str]:
@@ -314,9 +348,14 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
     start, trained = time.perf_counter(), 0
     waiting = [k for k in todo if k.method != "teacher"]
     ready = [k for k in todo if k.method == "teacher"]
+    cached = {m: reads_cache(m, protocol) for m in {k.method for k in keys} - {"teacher", "cache"}}
 
     def teacher_done(k: RunKey) -> bool:
-        return k.method in TEACHER_FREE or k.teacher() in done
+        if k.method in TEACHER_FREE:
+            return True
+        if k.method != "cache" and cached[k.method]:
+            return k.cache() in done
+        return k.teacher() in done
 
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
@@ -327,7 +366,7 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
                 waiting = [k for k in waiting if not teacher_done(k)]
                 while ready and len(running) < 2 * jobs:
                     k = ready.pop(0)
-                    running[pool.submit(_train, argv_of(k, protocol, runs_dir))] = k
+                    running[pool.submit(_train, argv_of(k, protocol, runs_dir), k.method == "cache")] = k
                 if not running:
                     missing = sorted({(k.setting, k.gap, k.seed) for k in waiting})
                     raise SystemExit(f"{NAME}: no teacher for {missing}: its run did not finish")
@@ -344,13 +383,14 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
                     elapsed = time.perf_counter() - start
                     eta = elapsed / trained * (len(todo) - trained)
                     weight = "" if k.weight is None else f" w {k.weight:g}"
+                    top1 = "cached" if summary.get("cache") else f"top-1 {summary['student_top1']:6.2f}"
                     print(f"[{len(done):4d}/{len(keys)}] {k.phase} {k.setting:>6} {k.gap:>5} {k.method:>7}{weight} "
-                          f"seed {k.seed}: top-1 {summary['student_top1']:6.2f}  {summary['seconds']:5.1f} s   "
+                          f"seed {k.seed}: {top1}  {summary['seconds']:5.1f} s   "
                           f"elapsed {elapsed / 60:5.1f} min, ~{eta / 60:.1f} min left", flush=True)
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise SystemExit(f"{NAME}: stopped; run the same command again to continue (finished runs are kept)")
-    return [_row(k, done[k], protocol, _trained_by(runs_dir, k)) for k in keys], trained
+    return [_row(k, done[k], protocol, _trained_by(runs_dir, k)) for k in keys if k.method != "cache"], trained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,8 +770,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 1. the pilot: weights chosen on validation, and the SD for the power estimate
     pilot_keys = pilot_plan(protocol, args.methods, gaps, args.calibration_seeds, args.grid)
-    for k in {(k.method == "teacher", k.method in TEACHER_FREE, k.weight is None): k for k in pilot_keys}.values():
-        train_args(argv_of(k, protocol, runs_dir))  # every kind of run's flags checked before training
+    from mlkd_fast.train.cache import parse_cache_args
+
+    kinds = {(k.method, k.method in TEACHER_FREE, k.weight is None): k for k in pilot_keys}
+    for k in kinds.values():  # every kind of run's flags checked before anything trains
+        (parse_cache_args if k.method == "cache" else train_args)(argv_of(k, protocol, runs_dir))
     pilot_rows, n_trained = execute(pilot_keys, protocol, runs_dir, jobs, threads, commit, "pilot")
     trained += n_trained
     weights = choose_weights(pilot_rows)

@@ -82,9 +82,13 @@ def test_quick_slice_runs_the_pilot_then_the_table(quick):
     on_disk = json.loads((out / "kd_beyond_compression.json").read_text())
     assert on_disk["rows"] == result["rows"] and on_disk["protocol"]["student"] == "cnn-tiny"
     assert {"torch", "python", "mlkd_fast"} <= set(on_disk["versions"]) and on_disk["commit"]
-    config = (out / "kd_beyond_compression_runs" / "table" / "sym40" / "large" / "kd" / f"w{chosen:g}" / "seed0"
-              / "config.json").read_text()
-    assert json.loads(config)["teacher_weights"].endswith("table/sym40/large/teacher/seed0/student.pt")
+    config = json.loads((out / "kd_beyond_compression_runs" / "table" / "sym40" / "large" / "kd" / f"w{chosen:g}"
+                         / "seed0" / "config.json").read_text())
+    # kd reads its teacher from the cache of the teacher of its setting and seed, made once for every student
+    assert config["teacher_cache"].endswith("table/sym40/large/cache/seed0") and config["teacher_weights"] is None
+    manifest = json.loads((out / "kd_beyond_compression_runs" / "table" / "sym40" / "large" / "cache" / "seed0"
+                           / "manifest.json").read_text())
+    assert manifest["epochs"] == 2 and manifest["data"]["label_noise"] == 0.4
 
 
 def test_quick_slice_writes_the_tables_and_the_noise_plot(quick):
@@ -105,11 +109,11 @@ def test_a_second_invocation_redoes_only_unfinished_runs(quick, capsys):
      / "summary.json").unlink()
     again = study.main(["--quick", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "(pilot): 6 runs, 6 already finished, 0 to train" in printed
-    assert "(table): 8 runs, 7 already finished, 1 to train" in printed
+    assert "(pilot): 7 runs, 7 already finished, 0 to train" in printed
+    assert "(table): 10 runs, 9 already finished, 1 to train" in printed
     same = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert same(again["rows"]) == same(result["rows"])  # the retrained run gives the same numbers
-    assert [c["runs_trained"] for c in again["invocations"]] == [14, 1]
+    assert [c["runs_trained"] for c in again["invocations"]] == [17, 1]
 
 
 def test_report_rebuilds_the_readme_section_from_the_json(quick, tmp_path):
