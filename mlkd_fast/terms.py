@@ -68,16 +68,29 @@ def supcon_loss(
             raise ValueError(f"supcon_loss: contrast {tuple(contrast.shape)} with contrast_labels "
                              f"{tuple(contrast_labels.shape)} must start with the {z.shape[0]} anchors")
         c, c_labels = _normalize_rows(contrast, dtype), contrast_labels
-    self_mask = torch.eye(z.shape[0], c.shape[0], dtype=torch.bool, device=z.device)
+    n = z.shape[0]
+    # Only the denominator needs the N x M similarities; the positives' sum is a per-label sum:
+    #   sum_{p in P(i)} s_ip = (z_i . G[y_i] - [y_i == y'_i] z_i . c_i) / t - |P(i)| m_i,
+    # with G[k] the sum of the contrast rows of label k and m_i the (constant) row maximum. Three
+    # passes over the matrix (max, the masked log-sum-exp and its backward) instead of the
+    # authors' dozen, and no N x M mask.
     sim = z @ c.T / temperature
-    shifted = sim - sim.amax(dim=-1, keepdim=True).detach()
-    others = torch.logsumexp(shifted.masked_fill(self_mask, float("-inf")), dim=-1, keepdim=True)
-    log_prob = shifted - torch.logaddexp(others, others.new_tensor(math.log(SUPCON_EPS)))
-    positives = (labels[:, None] == c_labels[None, :]) & ~self_mask
-    n_pos = positives.sum(dim=-1)
-    per_anchor = -torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=-1) / n_pos.clamp_min(1)
+    with torch.no_grad():
+        row_max = sim.amax(dim=-1)
+    sim.diagonal().fill_(float("-inf"))  # the anchor itself (row i of the contrast) is no candidate
+    others = torch.logsumexp(sim, dim=-1) - row_max
+    log_denominator = torch.logaddexp(others, others.new_tensor(math.log(SUPCON_EPS)))
+    classes, inverse = torch.unique(torch.cat([labels, c_labels]), return_inverse=True)
+    anchor_class, contrast_class = inverse[:n], inverse[n:]
+    class_sums = c.new_zeros(classes.shape[0], c.shape[1]).index_add(0, contrast_class, c)
+    self_is_positive = labels == c_labels[:n]
+    n_pos = torch.bincount(contrast_class, minlength=classes.shape[0])[anchor_class] - self_is_positive.long()
+    self_dot = torch.where(self_is_positive, (z * c[:n]).sum(dim=-1), torch.zeros_like(row_max))
+    positive_dots = ((z * class_sums[anchor_class]).sum(dim=-1) - self_dot) / temperature
     has_pos = n_pos > 0
-    return (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1)
+    n_pos_f = n_pos.clamp_min(1).to(dtype)
+    per_anchor = row_max + log_denominator - positive_dots / n_pos_f
+    return torch.where(has_pos, per_anchor, torch.zeros_like(per_anchor)).sum() / has_pos.sum().clamp_min(1)
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:

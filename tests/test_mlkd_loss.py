@@ -324,3 +324,27 @@ def test_supcon_matches_loop_and_gradcheck():
         terms.append(-sum(zn[i] @ zn[p] / 0.07 - denom for p in pos) / len(pos))
     torch.testing.assert_close(reference.supcon_loss(z.detach(), y), torch.stack(terms).mean())
     assert torch.autograd.gradcheck(lambda x: reference.supcon_loss(x, y, 0.5), (z,))
+
+
+def test_supcon_against_contrast_rows_matches_loop_and_gradcheck():
+    """The sharded form: 4 anchors (labels far apart, one without a positive) against 9 contrast rows that
+    start with them; the positives' per-label sums and the self exclusion must match the loop."""
+    z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([7, 900, 7, 31])  # 31 appears nowhere else: left out
+    cy = torch.cat([y, torch.tensor([900, 7, 5, 900, 12])])
+    contrast = torch.cat([z, extra])
+    zn, cn = F.normalize(z.detach(), dim=1), F.normalize(contrast.detach(), dim=1)
+    terms = []
+    for i in range(4):
+        others = [a for a in range(9) if a != i]
+        pos = [p for p in others if cy[p] == y[i]]
+        if not pos:
+            continue
+        row_max = max(zn[i] @ cn[a] / 0.3 for a in range(9))
+        denom = row_max + torch.log(sum(torch.exp(zn[i] @ cn[a] / 0.3 - row_max) for a in others) + 1e-7)
+        terms.append(-sum(zn[i] @ cn[p] / 0.3 - denom for p in pos) / len(pos))
+    got = reference.supcon_loss(z.detach(), y, 0.3, contrast.detach(), cy)
+    torch.testing.assert_close(got, torch.stack(terms).mean())
+    assert torch.autograd.gradcheck(
+        lambda a, b: reference.supcon_loss(a, y, 0.3, torch.cat([a, b]), cy), (z, extra))
