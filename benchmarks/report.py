@@ -29,6 +29,11 @@ ORDER = {"eager": 0, "compile": 1, "reference": 2, "liger": 3, "triton": 4, "nat
 OPS = {"kd_kl": 0, "correlation": 1, "mlkd": 2, "copy": 3, "matmul": 4}
 
 
+def _other_share(share: float) -> str:
+    """The step's remainder after its parts, each timed alone: below zero it is the timings' noise."""
+    return f"{100 * share:.1f}%" if share >= 0 else f"~0% (parts sum to {100 * (1 - share):.1f}%)"
+
+
 def shape_label(r: dict) -> str:
     op = r.get("op")
     if op == "kd_kl":
@@ -200,7 +205,7 @@ def composition(path: str) -> str:
         out.append(f"| {label} | {_time(m['step_ms'])} | {m['images_per_s']:.1f} | "
                    f"{_time(m['teacher_ms'])} ({100 * sh['teacher_forward']:.1f}%) | "
                    f"{_time(m['student_ms'])} ({100 * sh['student_fwd_bwd']:.1f}%) | "
-                   f"{_time(m['loss_ms'])} ({100 * sh['loss_fwd_bwd']:.2f}%) | {100 * sh['other']:.1f}% |")
+                   f"{_time(m['loss_ms'])} ({100 * sh['loss_fwd_bwd']:.2f}%) | {_other_share(sh['other'])} |")
     out += ["", f"Command: `{r.get('command', 'python benchmarks/train_throughput.py')}`; \"other\" is what the "
             "three parts leave of the step (the optimiser, the input normalisation, the distiller's glue)."]
     return "\n".join(out) + "\n"
