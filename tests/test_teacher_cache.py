@@ -391,6 +391,14 @@ def test_the_benchmark_and_the_topk_accuracy_scripts_run_tiny(tmp_path):
     pair = next(iter(json.loads(out.read_text())["pairs"].values()))
     assert {"ce", "live", "cached", "teacher_forward", "cache_full_fp32", "ratios"} <= set(pair)
     assert pair["cache_full_fp32"]["bytes_per_sample_epoch"] > 0
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- cache:start -->\nSTALE\n<!-- cache:end -->\nb\n")
+    res = subprocess.run([sys.executable, "benchmarks/teacher_cache.py", "--report", str(out), "--readme", str(readme)],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = readme.read_text()
+    assert "STALE" not in text and text.startswith("a\n") and text.endswith("b\n")
+    assert f"| {pair['ce']['ms_per_step']:g}" in text and "bench.json" in text  # the figures come from the file
     out = tmp_path / "acc.json"
     res = subprocess.run([sys.executable, "benchmarks/cache_topk_accuracy.py", "--seeds", "1", "--epochs", "1",
                           "--teacher-epochs", "1", "--methods", "kd", "--formats", "top3:fp16", "--out", str(out)],
