@@ -80,11 +80,15 @@ def supcon_loss(
     sim.diagonal().fill_(float("-inf"))  # the anchor itself (row i of the contrast) is no candidate
     others = torch.logsumexp(sim, dim=-1) - row_max
     log_denominator = torch.logaddexp(others, others.new_tensor(math.log(SUPCON_EPS)))
-    classes, inverse = torch.unique(torch.cat([labels, c_labels]), return_inverse=True)
-    anchor_class, contrast_class = inverse[:n], inverse[n:]
-    class_sums = c.new_zeros(classes.shape[0], c.shape[1]).index_add(0, contrast_class, c)
+    # a label's id: its first position among the sorted labels. Fixed shapes: torch.unique's output
+    # size depends on the data, which costs a device-to-host sync every call on CUDA
+    keys = torch.sort(torch.cat([labels, c_labels])).values
+    anchor_class, contrast_class = torch.searchsorted(keys, labels), torch.searchsorted(keys, c_labels)
+    class_sums = c.new_zeros(keys.shape[0], c.shape[1]).index_add(0, contrast_class, c)
+    class_counts = torch.zeros(keys.shape[0], dtype=torch.long, device=c.device).index_add_(
+        0, contrast_class, torch.ones_like(contrast_class))
     self_is_positive = labels == c_labels[:n]
-    n_pos = torch.bincount(contrast_class, minlength=classes.shape[0])[anchor_class] - self_is_positive.long()
+    n_pos = class_counts[anchor_class] - self_is_positive.long()
     self_dot = torch.where(self_is_positive, (z * c[:n]).sum(dim=-1), torch.zeros_like(row_max))
     positive_dots = ((z * class_sums[anchor_class]).sum(dim=-1) - self_dot) / temperature
     has_pos = n_pos > 0

@@ -348,3 +348,18 @@ def test_supcon_against_contrast_rows_matches_loop_and_gradcheck():
     torch.testing.assert_close(got, torch.stack(terms).mean())
     assert torch.autograd.gradcheck(
         lambda a, b: reference.supcon_loss(a, y, 0.3, torch.cat([a, b]), cy), (z, extra))
+
+
+def test_supcon_compiles_as_one_graph():
+    """SupCon's label ids come from fixed-shape ops (sort, searchsorted, index_add): torch.compile
+    captures it in one graph, with the eager value and gradient."""
+    torch._dynamo.reset()
+    z = torch.randn(12, 6, requires_grad=True)
+    y = torch.tensor([3, 1, 3, 0, 1, 9, 3, 1, 0, 0, 7, 9])
+    compiled = torch.compile(lambda e, lab: reference.supcon_loss(e, lab, 0.1), fullgraph=True, backend="aot_eager")
+    got = compiled(z, y)
+    (got_grad,) = torch.autograd.grad(got, z)
+    ref = reference.supcon_loss(z, y, 0.1)
+    (ref_grad,) = torch.autograd.grad(ref, z)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_grad, ref_grad)
