@@ -123,7 +123,9 @@ class Protocol:
     method_options: tuple[tuple[str, str], ...] = ()  # (method, "key=value") passed as --method-opt
 
     def base_flags(self) -> list[str]:
-        flags = ["--data", self.data, "--batch-size", str(self.batch_size), "--quiet", "--no-curves"]
+        # the table reads the last epoch only: evaluating every epoch would be ~40 % of a run here
+        flags = ["--data", self.data, "--batch-size", str(self.batch_size), "--quiet", "--no-curves",
+                 "--eval-every", str(self.epochs)]
         if self.train_per_class is not None:
             flags += ["--train-per-class", str(self.train_per_class)]
         if self.val_fraction:
@@ -255,7 +257,9 @@ def argv_of(key: RunKey, protocol: Protocol, runs_dir: str) -> list[str]:
     """The ``mlkd-train`` arguments of one run (``mlkd-cache``'s for a cache)."""
     out = os.path.join(runs_dir, key.folder)
     if key.method == "cache":
-        flags = [f for f in protocol.base_flags() if f != "--no-curves"]
+        flags = protocol.base_flags()
+        at = flags.index("--eval-every")
+        flags = [f for f in flags[:at] + flags[at + 2:] if f != "--no-curves"]  # training-only flags
         return flags + SETTINGS[key.setting] + [
             "--seed", str(key.seed), "--out", out, "--teacher-arch", protocol.gaps[key.gap], "--teacher-weights",
             os.path.join(runs_dir, key.teacher().folder, "student.pt"), "--epochs", str(protocol.epochs),

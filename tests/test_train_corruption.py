@@ -108,3 +108,19 @@ def test_a_validation_split_is_held_out_of_the_noisy_training_data(tmp_path):
     assert 0.0 <= summary["val_top1"] <= 100.0
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all("val_top1" in r for r in records)
+
+
+def test_eval_every_evaluates_every_n_epochs_and_after_the_last(tmp_path):
+    """--eval-every 2 over 5 epochs: test and validation top-1 after epochs 2, 4 and 5 only; the summary's
+    top-1 is the last epoch's, the same as a run evaluating every epoch (evaluation changes no weights)."""
+    common = ["--train-per-class", "20", "--val-fraction", "0.2", "--teacher-epochs", "0", "--method", "ce",
+              "--epochs", "5", "--batch-size", "16", "--quiet", "--no-curves"]
+    sparse = main(common + ["--eval-every", "2", "--out", str(tmp_path / "sparse")])
+    every = main(common + ["--out", str(tmp_path / "every")])
+    records = [json.loads(line) for line in open(tmp_path / "sparse" / "metrics.jsonl")]
+    assert [r["epoch"] for r in records if r["top1"] is not None] == [2, 4, 5]
+    assert [r["epoch"] for r in records if "val_top1" in r] == [2, 4, 5]
+    assert sparse["student_top1"] == every["student_top1"] and sparse["val_top1"] == every["val_top1"]
+    assert sparse["best_epoch"] in (2, 4, 5)
+    with pytest.raises(SystemExit):
+        parse_args(["--eval-every", "0"])

@@ -228,7 +228,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         "ratio^(-k/(K-1)) of the largest class's size (1 = off)")
     g.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of each class of the (corrupted) training data as a validation "
-                        "split, evaluated every epoch (val_top1 in metrics.jsonl and summary.json): for choosing "
+                        "split, evaluated with the test set (val_top1 in metrics.jsonl and summary.json): for choosing "
                         "weights without the test set; fixed by --seed (default: 0, none)")
     g.add_argument("--train-per-class", type=int, default=None,
                    help="digits: this many training images per class, every other image in the test set "
@@ -272,6 +272,8 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--workers must be >= 0")
     if not 0.0 <= args.val_fraction < 1.0:
         p.error("--val-fraction must be in [0, 1)")
+    if getattr(args, "eval_every", 1) < 1:  # the training parser's (the cache's shares these checks)
+        p.error(f"--eval-every must be >= 1, got {args.eval_every}")
     if not 0.0 <= args.label_noise < 1.0:
         p.error("--label-noise must be in [0, 1)")
     if not args.imbalance >= 1.0:
@@ -401,6 +403,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="read the settings of a run's config.json (or of a YAML file, .yaml / .yml: pip install pyyaml) "
                         "as if given first: the flags on the command line override them; --out and --resume are "
                         "never read from it. --config A/config.json --out B repeats run A")
+    g.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="evaluate (test set, and the --val-fraction split) every N epochs and after the last one; "
+                        "the other epochs' records have no top-1 (default: %(default)s, every epoch)")
     g.add_argument("--log-every", type=int, default=10, metavar="K",
                    help="steps.jsonl (and TensorBoard) get the loss, the method's terms and the lr every K optimiser "
                         "steps, kept on the device and written at the end of the epoch: no host sync in the step "

@@ -137,6 +137,7 @@ class RunContext:
     # during the epoch (no host sync in the step) and handed to ``log_steps(records)`` at its end
     log_steps: Optional[Callable[[list], None]] = None
     log_every: int = 10
+    eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -269,7 +270,7 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
     """Trains ``phase`` to its last epoch (or until stopped); checkpoints after every epoch and when
     stopped. Returns ``{"finished": bool, "last_top1", "best_top1", "best_epoch", "images_per_s"}``, and
     ``last_val_top1`` with ``val_batches`` (a validation split held out of the training data, evaluated
-    every epoch beside the test set)."""
+    beside the test set: every ``ctx.eval_every`` epochs and after the last)."""
     epoch, step = phase.load(resume) if resume is not None else (0, 0)
     last_top1 = phase.history[-1]["top1"] if phase.history else float("nan")
     last_top5 = phase.history[-1].get("top5", float("nan")) if phase.history else float("nan")
@@ -283,11 +284,14 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
         phase.scheduler.step()
         # every rank evaluates (and rank 0 saves) the same statistics: rank 0's
         broadcast_buffers(phase.model, phase.distiller)
-        top1, top5 = evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None else (float("nan"),) * 2
+        evaluates = (epoch + 1) % ctx.eval_every == 0 or epoch + 1 == phase.epochs
+        top1, top5 = (evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None and evaluates
+                      else (float("nan"),) * 2)
         if top1 > phase.best_top1:
             phase.best_top1, phase.best_epoch = top1, epoch + 1
-        last_top1, last_top5 = top1, top5
-        val_top1 = evaluate(phase.model, val_batches(), ctx)[0] if val_batches is not None else None
+        if evaluates:
+            last_top1, last_top5 = top1, top5
+        val_top1 = evaluate(phase.model, val_batches(), ctx)[0] if val_batches is not None and evaluates else None
         record = {"phase": phase.name, "epoch": epoch + 1, "loss": round(stats["loss"], 5),
                   "top1": round(top1, 3) if not math.isnan(top1) else None,
                   "top5": round(top5, 3) if not math.isnan(top5) else None,

@@ -305,7 +305,8 @@ def train_all(args: argparse.Namespace) -> dict:
         ctx = RunContext(run.device, run.dist, run.amp_dtype, ckpt_path, log, stop,
                          progress=not args.quiet, max_steps=args.max_steps,
                          completed=dict(resume_state.get("completed", {})) if resume_state else {}, config=config,
-                         log_steps=metrics.step_records if metrics is not None else None, log_every=args.log_every)
+                         log_steps=metrics.step_records if metrics is not None else None, log_every=args.log_every,
+                         eval_every=args.eval_every)
         done = ctx.completed
 
         trained: list[str] = []  # the phases this invocation trains
