@@ -129,9 +129,9 @@ def test_report_rebuilds_the_readme_section_from_the_json(quick, tmp_path):
 def test_weight_grids_include_the_principled_rescaling():
     args, extra = study.parse_args([])
     protocol = study.default_protocol(args, extra)
-    assert study.weight_grid("kd", protocol) == [0.25, 1.0, 4.0]
+    assert study.weight_grid("kd", protocol) == [0.0625, 0.25, 1.0, 4.0]
     sp = study.weight_grid("sp", protocol)  # batch 32 against RepDistiller's 64: x 0.5
-    assert sp == [750.0, 1500.0, 3000.0, 12000.0]
+    assert sp == [188.0, 750.0, 1500.0, 3000.0, 12000.0]
     assert study.weight_grid("bss", protocol) == [] and study.weight_grid("fsp", protocol) == []
     assert study.study_options("at") == ["min_size=4"] and study.study_options("kd") == []
 
