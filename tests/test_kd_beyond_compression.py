@@ -164,3 +164,20 @@ def test_folder_data_with_the_loops_flags_passed_through(tmp_path):
     assert config["image_size"] == 16 and config["workers"] == 0 and config["data"] == str(tmp_path / "data")
     assert result["protocol"]["extra"] == ["--image-size", "16", "--workers", "0"]
     assert config["val_fraction"] == 0.2
+
+
+def test_claims_come_from_the_corrected_statistics_only():
+    def cell(mean, survives, p_bh):
+        return {"mean": mean, "survives": survives, "p_bh": p_bh}
+
+    result = {"statistics": {
+        "cells": {"large:kd:clean": cell(1.0, False, 0.2), "large:kd:sym40": cell(3.0, True, 0.01),
+                  "large:at:sym40": cell(-5.0, True, 0.001), "-:dml:lt10": cell(0.5, False, 0.04),
+                  "large:kd:lt10": cell(2.0, False, 0.06)},
+        "teacher_minus_ce": {"large:sym40": {"ci_low": 2.0}, "large:lt10": {"ci_low": -1.0}}}}
+    text = study.claims(result)
+    assert "better than CE — kd (large gap): sym40; worse than CE — at (large gap): sym40" in text
+    assert "4 of the 5 cells have a mean above CE; 1 of them survive" in text and "(2 survive Benjamini" in text
+    assert "no method is significantly better than CE at: lt10" in text
+    assert "not clearly above the CE student" in text and "large gap, lt10" in text and "large gap, sym40" not in text
+    assert "not available offline" in text
