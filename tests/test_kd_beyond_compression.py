@@ -181,3 +181,35 @@ def test_claims_come_from_the_corrected_statistics_only():
     assert "no method is significantly better than CE at: lt10" in text
     assert "not clearly above the CE student" in text and "large gap, lt10" in text and "large gap, sym40" not in text
     assert "not available offline" in text
+
+
+def test_the_whole_default_protocol_after_its_runs_with_every_method(tmp_path, monkeypatch):
+    """Everything the default command does once its runs have trained (weights, seeds, the table's plan,
+    statistics, tables, plots, README), for every method, on made-up results: no training. A bug there
+    would otherwise show only after the pilot's half hour."""
+    import random
+
+    def fake_execute(keys, protocol, runs_dir, jobs, threads, commit, label):
+        rows = []
+        for k in keys:
+            if k.method == "cache":
+                continue
+            rng = random.Random(f"{k}")
+            top1 = 60 + rng.gauss(0, 1) + (4 if k.method == "kd" else 0) + (30 if k.method == "teacher" else 0)
+            summary = {"student_top1": top1, "best_top1": top1, "best_epoch": 30, "val_top1": top1 + rng.gauss(0, 1),
+                       "seconds": 1.0}
+            rows.append(study._row(k, summary, protocol, commit))
+        return rows, len(keys)
+
+    monkeypatch.setattr(study, "execute", fake_execute)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{study.START}\n{study.END}\n")
+    result = study.main(["--out", str(tmp_path / "out"), "--readme", str(readme)])
+    chosen = {v["method"]: v for v in result["weights"].values()}
+    assert chosen["cc"]["reference"] == study.reference_weight("cc", study.default_protocol(*study.parse_args([])))
+    assert all(v["reference"] is not None and v["chosen"] in map(float, v["validation_top1"]) for v in chosen.values())
+    assert len(result["protocol"]["seeds"]) == 5 and result["pilot"]["needed"] >= 5
+    methods = {r["method"] for r in result["rows"] if r["phase"] == "table"}
+    assert methods == set(result["methods"]) | {"teacher"}
+    text = readme.read_text()
+    assert "kd (large gap)" in text and "| cc |" in text and "the power estimate asks for" in text
