@@ -5,6 +5,8 @@ Where things live:
 - every loss as a function (the fused ops and the zoo's losses): :mod:`mlkd_fast.functional`; the
   fused ops' checks and dispatch: :mod:`mlkd_fast.fused`
 - the pure-PyTorch reference of every op (the tests' oracle): :mod:`mlkd_fast.reference`
+- language-model distillation (``linear_kd_loss``, ``LinearKDLoss``: the fused lm_head + divergence,
+  no (tokens x vocab) logits): :mod:`mlkd_fast.linear_kd`, its row math in :mod:`mlkd_fast.divergences`
 - the training-only terms of ``MLKDLoss`` (feature alignment, SupCon): :mod:`mlkd_fast.terms`
 - the fused ops' contract (schemas, constants, fakes, autograd): :mod:`mlkd_fast.ops`
 - Triton kernels, one file per op: :mod:`mlkd_fast.kernels` (``kernels/`` in the source tree), their
@@ -19,6 +21,7 @@ Where things live:
 from . import functional, methods, reference
 from .backends import BackendStatus, available_backends
 from .fused import explain
+from .linear_kd import LinearKDLoss
 from .losses import PAPER_WEIGHTS, CorrelationLoss, KDLoss, MLKDLoss
 
 __version__ = "0.1.0"
@@ -27,6 +30,7 @@ __all__ = [
     "MLKDLoss",
     "KDLoss",
     "CorrelationLoss",
+    "LinearKDLoss",
     "PAPER_WEIGHTS",
     "available_backends",
     "explain",
