@@ -20,6 +20,21 @@ __all__ = ["CRDMemory", "crd_sample_indices", "crd_loss", "crd_inbatch_loss", "C
 _NCE_EPS = 1e-7  # RepDistiller's ContrastLoss epsilon
 
 
+def _check_index_range(index: Tensor, num_data: int, name: str = "index") -> None:
+    """Refuses dataset indices outside ``[0, num_data)`` with a ValueError naming both (an
+    ``index_select`` would fail with a bare IndexError on CPU, a device-side assert on CUDA). One
+    read of the batch's min and max; skipped while ``torch.compile`` traces (no data-dependent branch)."""
+    if index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = torch.aminmax(index)
+    low, high = int(low), int(high)
+    if low < 0 or high >= num_data:
+        bad = high if high >= num_data else low
+        raise ValueError(f"{name} holds the dataset index {bad}, outside the memory bank's num_data = {num_data} "
+                         f"entries (0..{num_data - 1}): pass each sample's index in the training set, and "
+                         f"num_data = the training set's size")
+
+
 
 class CRDMemory(nn.Module):
     """CRD's memory bank: one L2-normalised embedding per training sample for each network.
@@ -61,14 +76,18 @@ class CRDMemory(nn.Module):
             raise ValueError(f"{name} is on {emb.device} but the memory bank is on {self.memory_s.device}")
 
     @torch.no_grad()
-    def update(self, indices: Tensor, emb_s: Tensor, emb_t: Tensor) -> None:
+    def update(self, indices: Tensor, emb_s: Tensor, emb_t: Tensor, *, check_range: bool = True) -> None:
         """``bank[i] = normalize(momentum * bank[i] + (1 - momentum) * emb)`` for both banks at the
-        batch's dataset ``indices`` (``(B,)`` integers). The embeddings are L2-normalised first, as the
-        CRD heads output them (a no-op for normalised ones). Duplicate indices: one of the rows wins."""
+        batch's dataset ``indices`` (``(B,)`` integers in ``[0, num_data)``, else a ValueError naming
+        the index). The embeddings are L2-normalised first, as the CRD heads output them (a no-op for
+        normalised ones). Duplicate indices: one of the rows wins. ``check_range=False`` skips the
+        range check (a host read) for indices already checked, as :func:`crd_loss` does."""
         if not isinstance(indices, Tensor) or indices.ndim != 1:
             got = getattr(indices, "shape", type(indices))
             raise ValueError(f"indices must be a (B,) tensor of dataset indices, got {got}")
         indices = check.labels(indices, indices.shape[0], "indices")
+        if check_range:
+            _check_index_range(indices, self.num_data, "indices")
         for bank, emb, name in ((self.memory_s, emb_s, "emb_s"), (self.memory_t, emb_t, "emb_t")):
             self._check(indices, emb, name)
             emb = F.normalize(emb.detach().to(bank.dtype), p=2.0, dim=1)
@@ -98,6 +117,7 @@ def crd_sample_indices(index: Tensor, num_data: int, k: int = 16384, generator: 
     if not isinstance(index, Tensor) or index.ndim != 1:
         raise ValueError(f"index must be a (B,) tensor of dataset indices, got {getattr(index, 'shape', type(index))}")
     index = check.labels(index, index.shape[0], "index")
+    _check_index_range(index, num_data)
     b, device = index.shape[0], index.device
     if (target is None) != (data_labels is None):
         raise ValueError("target and data_labels must be given together (class-aware negatives) or not at all")
@@ -159,12 +179,15 @@ def crd_loss(emb_s: Tensor, emb_t: Tensor, index: Tensor, memory: CRDMemory, con
     memory._check(index, s, "emb_s")
     memory._check(index, t, "emb_t")
     tau = check.real(tau, "tau", positive=True)
-    if contrast_idx is None:
+    if contrast_idx is None:  # the sampler checks that index is in [0, num_data)
         contrast_idx = crd_sample_indices(index, memory.num_data, k, generator)
     elif (not isinstance(contrast_idx, Tensor) or contrast_idx.ndim != 2 or contrast_idx.shape[0] != s.shape[0]
           or contrast_idx.shape[1] < 2 or contrast_idx.is_floating_point()):
         got = tuple(contrast_idx.shape) if isinstance(contrast_idx, Tensor) else type(contrast_idx).__name__
         raise ValueError(f"contrast_idx must be a (B, 1 + K) integer tensor with B = {s.shape[0]}, K >= 1, got {got}")
+    else:
+        _check_index_range(index, memory.num_data)
+        _check_index_range(contrast_idx, memory.num_data, "contrast_idx")
     contrast_idx = contrast_idx.long()
     dtype = math_dtype(s, t)
     e_s = F.normalize(s.to(dtype), p=2.0, dim=1)
@@ -185,7 +208,7 @@ def crd_loss(emb_s: Tensor, emb_t: Tensor, index: Tensor, memory: CRDMemory, con
     z_s, z_t = memory.z_s.to(dtype).clone(), memory.z_t.to(dtype).clone()
     loss = _nce_loss(out_s / z_s, memory.num_data) + _nce_loss(out_t / z_t, memory.num_data)
     if update:
-        memory.update(index, e_s, e_t)
+        memory.update(index, e_s, e_t, check_range=False)
     return loss.to(check.out_dtype(s, t))
 
 
@@ -266,5 +289,5 @@ class CRD(PooledFeatures):
         m_s, m_t = e_s.detach(), e_t.detach()
         if self.gather is not None:  # every process writes the whole global batch: the banks stay equal
             index, m_s, m_t = self.gather(index), self.gather(m_s), self.gather(m_t)
-        self.memory.update(index, m_s, m_t)
+        self.memory.update(index, m_s, m_t, check_range=False)  # crd_loss checked this process's indices
         return {"crd": self.w_crd * loss}

@@ -10,8 +10,9 @@ import sys
 import traceback
 from typing import Optional, Sequence
 
-from .cli import parse_args
+from .cli import config_note, parse_args_with_sources
 from .errors import UserError, one_line
+from .loop import NonFiniteLossError
 from .run import run_parsed
 
 PROG = "mlkd-train"
@@ -21,7 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs ``mlkd-train`` with ``argv`` (default: the command line) and returns its exit status.
 
     - 0: the run finished, or stopped cleanly (SIGINT / SIGTERM / ``--max-steps``, checkpoint saved;
-      ``--resume`` continues), or ``--help``.
+      ``--resume`` continues), or ``--help`` / ``--version``.
     - 2: a user error, reported as one line on stderr, ``mlkd-train: <message>``, no traceback
       (``--debug``: the traceback too). User errors are exactly: the ``SystemExit`` of the flag
       checks (argparse's and :func:`~.cli.parse_args`'s, already printed as one line) and the
@@ -32,24 +33,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       weights file or checkpoint, weights or a checkpoint of another architecture or class count, a
       ``--resume`` checkpoint written with other settings, an undecodable image with
       ``--on-corrupt fail``, a missing optional package).
+    - 1, one line: a non-finite loss stopped the run (``--on-nonfinite stop``; the last checkpoint kept).
     - 130: interrupted before a checkpoint could be saved (Ctrl-C before training began, or twice).
     - 1, with the traceback: anything else. A plain ``ValueError``, ``FileNotFoundError`` or
       ``RuntimeError`` (from torch, a method, or a bug in the loop) is not taken for the user's.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a bad flag (2), already printed
+        args, sources = parse_args_with_sources(argv)
+    except SystemExit as exc:  # --help / --version (0) or a bad flag (2), already printed
         return _status(exc, debug=False)
     try:
         run_parsed(args)  # a stopped run returns {"interrupted": True}: a clean stop, exit status 0
     except SystemExit as exc:
-        return _status(exc, args.debug)
+        return _status(exc, args.debug, sources)
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: {one_line(exc)}", file=sys.stderr, flush=True)
+        # a value read from --config is named as the file's, not blamed on the command line
+        print(f"{PROG}: {config_note(one_line(exc), sources)}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLossError as exc:  # training failed (not the user's input): one line, exit status 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()
@@ -58,13 +66,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _status(exc: SystemExit, debug: bool) -> int:
-    """The exit status of a ``SystemExit``; a message in it is printed as one line (status 2)."""
+def _status(exc: SystemExit, debug: bool, sources: Optional[dict[str, str]] = None) -> int:
+    """The exit status of a ``SystemExit``; a message in it is printed as one line (status 2), with
+    the flags in it that came from ``--config`` (``sources``) named as the file's."""
     if exc.code is None or isinstance(exc.code, int):
         return exc.code or 0
     if debug:
         traceback.print_exc()
-    message = one_line(Exception(exc.code))
+    message = config_note(one_line(Exception(exc.code)), sources or {})
     prefix = f"{PROG}: "
     print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)
     return 2

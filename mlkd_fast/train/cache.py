@@ -47,9 +47,9 @@ from torch import Tensor
 
 from ..methods.taps import TappedNetwork, model_spec
 from . import data as D
-from .checkpoint import write_json_atomic
+from .checkpoint import CACHE_FILES, RUN_FILES, check_writable, move_aside, present, write_json_atomic
 from .cli import (DEFAULTS, _Parser, add_data_arguments, add_device_arguments, add_teacher_arguments,
-                  check_data_args, default_teacher_arch)
+                  add_version_argument, check_data_args, default_teacher_arch)
 from .data import with_rotations
 from .errors import InputError, UserError, one_line
 from .replay import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_NAME, _differences, _library_version, _read_manifest,
@@ -74,9 +74,11 @@ is refused (random batches: nothing to cache).
 Stored per (epoch, sample): the view's crop / shift and flip, the teacher's logits (all classes, or
 --top-k K: K values with int32 class indices and the log-sum-exp of the other logits, rebuilding the
 full distribution exactly at temperature 1: docs/design.md section 8), with --features the pooled
-features; with --rotations 4 the four rotated views' outputs. A killed run resumes where it stopped
-when run again (complete shards are kept, the manifest is checked). Under torchrun each process
-writes its share of the shards.
+features; with --rotations 4 the four rotated views' outputs. An existing cache at --out is
+refused unless --resume (continue it: complete shards are kept, the manifest is checked) or
+--overwrite (move it aside). SIGINT / SIGTERM stop cleanly after the shards finished so far (exit
+status 0, as mlkd-train's); --resume continues. Under torchrun each process writes its share of
+the shards.
 """
 
 
@@ -87,12 +89,22 @@ def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
     """The checked arguments of ``mlkd-cache``: mlkd-train's data, teacher and device flags (the same
     functions add them: :func:`~.cli.add_data_arguments`, ...) and the cache's own."""
     p = _Parser(prog=PROG, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(p)
     add_data_arguments(p)
     g = p.add_argument_group("teacher")
     add_teacher_arguments(g, weights_help="the teacher's state dict (torchvision, timm or mlkd-train .pt), used as "
                                           "it is; required (its sha256 goes into the manifest)")
     g = p.add_argument_group("cache")
-    g.add_argument("--out", required=True, metavar="DIR", help="the cache folder (created; a run again resumes it)")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="the cache folder (created). An existing cache is refused before anything is written: "
+                        "--resume continues it (keeps its complete shards, writes the rest; a larger --epochs grows "
+                        "it), --overwrite moves it aside")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the cache in --out (its manifest must match this command's settings, naming "
+                        "each field that differs); without a cache there: start one")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a cache (or a run): the old folder is moved aside to "
+                        "<out>.old-<time> (nothing is deleted), once every check has passed")
     g.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
                    help="epochs of views to cache: mlkd-train --epochs E reads epochs 0..E-1 (default: %(default)s, "
                         "mlkd-train's; --cache-wrap there reuses fewer)")
@@ -112,8 +124,9 @@ def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
     g.add_argument("--shard-size", type=int, default=8192,
                    help="samples per shard file (rounded up to a multiple of --batch-size; default: %(default)s)")
     g.add_argument("--max-shards", type=int, default=None, metavar="N",
-                   help="stop after writing N shards (per process); a run again continues")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="stop after writing N shards (per process); --resume continues")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal, else a plain line every 30 s)")
     g.add_argument("--debug", action="store_true", help="on an error in what was given, show the traceback")
     g = p.add_argument_group("speed")
     add_device_arguments(g)
@@ -131,6 +144,9 @@ def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
         p.error("--top-k must be >= 0 (0: all classes)")
     if args.max_shards is not None and args.max_shards < 0:
         p.error("--max-shards must be >= 0")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the cache in --out and --overwrite moves it aside to start afresh: give one "
+                "of them")
     args.teacher_arch = args.teacher_arch or default_teacher_arch(args.data_kind)
     # what the run's data and device setup (run.Run) reads besides the flags above
     for name, value in dict(lr=0.0, scale_lr=False, sync_bn=False, teacher_new_head=False,
@@ -164,6 +180,26 @@ class _Batches:
                 yield epoch, order[j:min(j + self.batch, stop)]
 
 
+def check_cache_out(args: argparse.Namespace) -> None:
+    """The ``--out`` checks of ``mlkd-cache``, before anything is read or written: a folder that can be
+    written; not a training run's (only ``--overwrite`` moves one aside); an existing cache only with
+    ``--resume`` (continue it) or ``--overwrite`` (move it aside), each refusal one line naming the
+    folder, what it holds and the flags that proceed."""
+    out = args.out
+    check_writable(out)
+    if not os.path.isdir(out) or args.overwrite:
+        return
+    cache_files, run_files = present(out, CACHE_FILES), present(out, RUN_FILES)
+    aside = f"{os.path.normpath(out)}.old-<time>"
+    if run_files and not cache_files:
+        raise InputError(f"--out {out!r} holds a training run ({', '.join(run_files)}), not a teacher cache: give "
+                         f"another --out, or --overwrite to move it aside to {aside!r}")
+    if cache_files and not args.resume:
+        raise InputError(f"--out {out!r} holds a teacher cache ({', '.join(cache_files)}): add --resume to continue "
+                         f"it (complete shards are kept), or --overwrite to move it aside to {aside!r} and start "
+                         f"afresh, or give another --out")
+
+
 def _to_host(t: Tensor) -> Tensor:
     return t.to("cpu", non_blocking=True) if t.is_cuda else t
 
@@ -189,9 +225,11 @@ def create(args: argparse.Namespace) -> dict[str, Any]:
 def _create(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
+    from .logs import progress
     from .loop import RunContext, StopFlag, evaluate
     from .run import Run
 
+    check_cache_out(args)  # --out: before anything is read or written
     run = Run(args)
     if run.train_size is None:  # pragma: no cover - synthetic data is refused by the flags
         raise InputError("--data synthetic has no samples to cache")
@@ -223,9 +261,11 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = args.out
     path = os.path.join(out, MANIFEST)
-    existed = os.path.isfile(path)
+    existed = os.path.isfile(path) and args.resume  # --overwrite: moved aside below, once everything is checked
     if run.dist.enabled:
         dist.barrier()  # every rank has looked before the main one writes
+    if args.resume and not existed and run.dist.main:
+        print(f"{PROG}: --resume but no cache in {out}: starting one", file=sys.stderr, flush=True)
     if existed:
         stored = _read_manifest(path)
         before = stored["epochs"]
@@ -234,8 +274,9 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
             m["epochs"], m["shards"]["count"] = longer, longer * m["shards"]["per_epoch"]
         differ = _differences(stored, manifest)
         if differ:
-            raise InputError(f"{out!r} holds a teacher cache of other settings ({'; '.join(differ)}): give another "
-                             f"--out, or the cache's settings to resume it")
+            raise InputError(f"--resume: {out!r} holds a teacher cache of other settings ({'; '.join(differ)}): give "
+                             f"the cache's settings to resume it, or --overwrite (moves it aside) or another --out "
+                             f"to start afresh")
         manifest = stored
         if longer > before and run.dist.main:  # the manifest first, then the new epochs' shards
             write_json_atomic(path, manifest)
@@ -245,6 +286,10 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
             top1, top5 = evaluate(teacher, run.eval_batches(), ctx)
             manifest["teacher"].update(top1=top1, top5=None if math.isnan(top5) else top5)
         if run.dist.main:
+            if args.overwrite and os.path.isdir(out) and (present(out, CACHE_FILES) or present(out, RUN_FILES)):
+                moved = move_aside(out)
+                print(f"{PROG}: --overwrite: moved the previous contents of {out} to {moved}", file=sys.stderr,
+                      flush=True)
             os.makedirs(out, exist_ok=True)
             write_json_atomic(path, manifest)  # first: the shards are of it
     if run.dist.enabled:
@@ -287,15 +332,8 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
     batches = _Batches(todo, manifest, order_of)
     layout_dtypes = {k: dt for k, (_, dt) in shard_layout(manifest, 1).items()}
     total = sum(shard_span(manifest, k)[1] - shard_span(manifest, k)[0] for _, k in todo)
-    bar = None
-    if not args.quiet and todo:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc=f"{PROG} rank {rank}" if world > 1 else PROG, unit="img", leave=False,
-                       dynamic_ncols=True)
-        except ImportError:  # pragma: no cover
-            bar = None
+    # a bar on a terminal; in a log file a plain line every 30 s (no carriage returns)
+    bar = progress(total, 0, f"{PROG} rank {rank}" if world > 1 else PROG, not args.quiet and bool(todo), unit="img")
     writer = ThreadPoolExecutor(1)
     pending_writes: list[Future] = []
     cuda = run.device.type == "cuda"
@@ -332,7 +370,11 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
             failed.append(exc)
             raise
 
+    finished = 0  # shards handed to the writer
+
     def finish(state: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
         del state["todo"]
         if failed:
             raise failed[0]
@@ -357,9 +399,13 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
             finish(state)
         pending = None
 
+    stopped = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), StopFlag() as stop:  # SIGINT / SIGTERM: the shards finished so far are written
             for x, index, params in run.train.views(batches):
+                if stop.requested:  # the shard in progress is dropped (--resume writes it)
+                    stopped = True
+                    break
                 if current is None or handed == batches.per_shard(current["shard"]):
                     e, k = next(shard_iter)
                     current, handed = new_shard(e, k), 0
@@ -400,17 +446,17 @@ def _create(args: argparse.Namespace) -> dict[str, Any]:
             bar.close()
         tapped.close()
     elapsed = time.perf_counter() - start_time
-    written = len(todo)
+    written = finished
     if run.dist.enabled:
         dist.barrier()
     complete = all(os.path.isfile(shard_path(out, e, k)) for e in range(epochs) for k in range(per_epoch))
     rate = done_images * world / max(elapsed, 1e-9)
     if run.dist.main:
-        state = "complete" if complete else "incomplete (run the same command again to continue)"
-        print(f"{PROG}: {out}: {written} shard(s) written, {kept} kept, of {manifest['shards']['count']}; the cache "
-              f"is {state}" + (f"; {done_images * world} views in {elapsed:.1f} s, {rate:.0f} img/s" if written
-                               else ""), flush=True)
-    return {**manifest, "status": {"complete": complete, "written": written, "kept": kept,
+        state = "complete" if complete else "incomplete (the same command with --resume continues it)"
+        print(f"{PROG}: {out}: " + ("stopped; " if stopped else "") + f"{written} shard(s) written, {kept} kept, of "
+              f"{manifest['shards']['count']}; the cache is {state}"
+              + (f"; {done_images * world} views in {elapsed:.1f} s, {rate:.0f} img/s" if written else ""), flush=True)
+    return {**manifest, "status": {"complete": complete, "written": written, "kept": kept, "stopped": stopped,
                                    "total": manifest["shards"]["count"], "images": done_images,
                                    "seconds": round(elapsed, 3), "images_per_s": round(rate, 1)}}
 
@@ -427,8 +473,10 @@ class _null:
 # The command line
 # --------------------------------------------------------------------------------------------
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """``mlkd-cache``'s entry point: exit status 0 (done, or stopped by --max-shards), 2 after an error
-    in what was given (one line on stderr), 1 with a traceback otherwise."""
+    """``mlkd-cache``'s entry point: exit status 0 (done, or stopped cleanly: by --max-shards, SIGINT or
+    SIGTERM, the finished shards written; --resume continues), as ``mlkd-train``'s; 2 after an error in
+    what was given (one line on stderr); 130 when interrupted before the cache was started, or by a
+    second Ctrl-C; 1 with a traceback otherwise."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_cache_args(argv)
@@ -448,7 +496,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the shards written so far are kept: run the same command again to continue",
+        print(f"{PROG}: interrupted; the shards written so far are kept: the same command with --resume continues",
               file=sys.stderr, flush=True)
         return 130
     return 0

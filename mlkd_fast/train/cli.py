@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
+import torch
+
+from .. import __version__
 from .. import methods as M
+from ..backends import BACKENDS, ENV_VAR, resolve_backend
 from .data import CIFAR_KINDS, NOISE_TYPES
 from .models import check_arch
 
@@ -68,8 +74,54 @@ def parse_method_options(items: Sequence[str]) -> dict[str, Any]:
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[key] = value
+            try:  # nan, inf: numbers to float() though not Python literals (checked by check_method_options)
+                options[key] = float(value) if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity") \
+                    else value
+            except ValueError:
+                options[key] = value
     return options
+
+
+def _kind_of(default: Any) -> Optional[str]:
+    """What a method option with this default takes, for :func:`check_method_options` (None: not
+    checked here; the method's own checks, run before anything trains, cover it)."""
+    if isinstance(default, bool):
+        return "True or False"
+    if isinstance(default, (int, float)):
+        return "a number"
+    if isinstance(default, tuple):
+        return "a tuple"
+    if isinstance(default, str):
+        return "a string"
+    return None
+
+
+def check_method_options(method: str, options: dict[str, Any]) -> None:
+    """Refuses ``--method-opt`` values of the wrong kind for ``method``'s options, judged by the
+    kind of each option's default (a number for ``beta=8.0``: ``beta=abc`` is refused naming
+    ``beta``), and non-finite numbers. Raises ValueError naming the option, its default and what it
+    takes; the method's own range checks (``temperature > 0``...) run when it is built."""
+    defaults = M.method_class(method).options()
+    for key, value in options.items():
+        default = defaults.get(key)
+        kind = _kind_of(default)
+        given = f"--method-opt {key}={value!r}"
+        if kind == "True or False":
+            ok = isinstance(value, bool)
+        elif kind == "a number":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise ValueError(f"{given}: option {key!r} of method {method!r} must be a finite number "
+                                 f"(default {default!r})")
+        elif kind == "a tuple":
+            ok = isinstance(value, (tuple, list, int, float)) and not isinstance(value, bool)
+        elif kind == "a string":
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{given}: option {key!r} of method {method!r} takes {kind} (default {default!r}), "
+                             f"got {type(value).__name__}")
 
 
 # --recipe: the published recipes as presets; a flag given on the command line (or in --config) wins
@@ -90,7 +142,7 @@ DEFAULTS: dict[str, Any] = dict(batch_size=64, epochs=40, lr=0.02, lr_steps=None
 # config file never sets (--out and --resume: a replay writes where the command line says)
 CONFIG_DERIVED = ("digits", "synthetic", "data_kind", "data_path", "method_options", "loss", "world_size",
                   "device_used", "lr_used")
-CONFIG_SKIPPED = ("out", "resume", "config", "help")
+CONFIG_SKIPPED = ("out", "resume", "overwrite", "config", "help", "unset", "version")
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -125,16 +177,23 @@ def read_config(path: str) -> dict[str, Any]:
     return values
 
 
-def config_argv(parser: argparse.ArgumentParser, values: dict[str, Any], path: str) -> list[str]:
+def config_argv(parser: argparse.ArgumentParser, values: dict[str, Any], path: str,
+                unset: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
     """The settings of a config file as command-line tokens (``--batch-size=64``, ``--no-nesterov``,
-    one ``--method-opt=k=v`` per item), parsed before the real command line so that its flags win."""
+    one ``--method-opt=k=v`` per item), parsed before the real command line so that its flags win,
+    and the flags those tokens set (``--batch-size`` -> ``path``). ``unset``: the dests that
+    ``--unset`` drops (the flag's default applies, or the command line's value)."""
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     written_by_a_run = "lr_used" in values  # a run's config.json: keys that are no flag are what it derived
     tokens: list[str] = []
+    sources: dict[str, str] = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest in CONFIG_DERIVED or dest in CONFIG_SKIPPED:
+        if dest in CONFIG_DERIVED or dest in CONFIG_SKIPPED or dest in unset:
             continue
+        if (written_by_a_run and dest in SYNTHETIC_DEFAULTS and values.get("data") != "synthetic"
+                and value == SYNTHETIC_DEFAULTS[dest]):
+            continue  # older config.json files hold these defaults for every run; only synthetic data reads them
         action = actions.get(dest)
         if action is None and written_by_a_run:
             continue
@@ -161,7 +220,12 @@ def config_argv(parser: argparse.ArgumentParser, values: dict[str, Any], path: s
             if isinstance(value, (list, tuple)):
                 value = ",".join(str(v) for v in value)
             tokens.append(f"{flag}={value}")
-    return tokens
+    for token in tokens:  # each flag the file sets, under the name an error message uses
+        flag = token.partition("=")[0]
+        sources[flag] = path
+        if flag.startswith("--no-"):
+            sources["--" + flag[len("--no-"):]] = path
+    return tokens, sources
 
 
 def _data_kind(data: str) -> tuple[str, Optional[str]]:
@@ -190,9 +254,41 @@ class _Parser(argparse.ArgumentParser):
     (argparse's own usage block is for ``--help``)."""
 
     context = ""  # set while the tokens of a --config file are parsed: "--config FILE: "
+    # flag -> the --config file that set it (and the command line did not): errors naming them say so
+    config_sources: dict[str, str] = {}
 
     def error(self, message: str):
+        message = config_note(message, self.config_sources)
         self.exit(2, f"{self.prog}: {self.context}{message} ({self.prog} --help lists every flag)\n")
+
+
+_FLAG = re.compile(r"(?<![\w-])--[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def config_note(message: str, sources: dict[str, str]) -> str:
+    """``message`` with a note naming the flags in it whose value came from a ``--config`` file (not
+    from the command line), so that the error is not blamed on what the user typed, and how to
+    override or drop them. ``sources``: flag (``--batch-size``) -> the file."""
+    found = list(dict.fromkeys(_FLAG.findall(message)))
+    if "--method" in found and "--method-opt" not in found:  # an option's error is reported under --method
+        found.append("--method-opt")
+    named = [flag for flag in found if flag in sources]
+    if not named:
+        return message
+    files = sorted({sources[flag] for flag in named})
+    flags = " and ".join(named)
+    return (f"{message} [{flags} {'comes' if len(named) == 1 else 'come'} from --config {', '.join(files)}: give "
+            f"{named[0]} on the command line to override it, or --unset {named[0][2:]} to drop the file's value]")
+
+
+# the flags that only synthetic data reads, with their defaults there (None elsewhere: given, an error)
+SYNTHETIC_DEFAULTS = {"num_classes": 1000, "steps_per_epoch": 100}
+
+
+def add_version_argument(p: argparse.ArgumentParser) -> None:
+    """``--version``: prints ``<prog> <mlkd_fast.__version__>`` and exits 0 (mlkd-train and mlkd-cache)."""
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help=f"print {p.prog}'s version and exit")
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -206,8 +302,12 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         "folder holding cifar-10-batches-py/ or cifar-100-python/, or that folder itself); "
                         "'synthetic'; or an ImageNet-style folder (PATH/train, PATH/val) (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=224, help="crop size for folder/synthetic data (default: %(default)s)")
-    g.add_argument("--num-classes", type=int, default=1000, help="classes of synthetic data (default: %(default)s)")
-    g.add_argument("--steps-per-epoch", type=int, default=100, help="steps of a synthetic epoch (default: %(default)s)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help=f"classes of synthetic data (default: {SYNTHETIC_DEFAULTS['num_classes']}); an error with "
+                        f"other data, whose classes are its own")
+    g.add_argument("--steps-per-epoch", type=int, default=None,
+                   help=f"steps of a synthetic epoch (default: {SYNTHETIC_DEFAULTS['steps_per_epoch']}); an error "
+                        f"with other data, whose epoch is one pass over its training images")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per GPU for folder data (default: %(default)s)")
     g.add_argument("--decode", choices=("workers", "device"), default="workers",
@@ -266,7 +366,7 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.data_kind in CIFAR_KINDS and not args.data_path:
         p.error(f"--data {args.data}: give the folder, --data {args.data_kind}:PATH")
     for name in ("image_size", "num_classes", "steps_per_epoch"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers < 0:
         p.error("--workers must be >= 0")
@@ -280,6 +380,13 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--imbalance must be >= 1 (largest / smallest class)")
     args.digits = args.data == "digits"
     args.synthetic = args.data == "synthetic"
+    for name, default in SYNTHETIC_DEFAULTS.items():  # never silently ignored: refused where nothing reads them
+        if args.synthetic and getattr(args, name) is None:
+            setattr(args, name, default)
+        elif not args.synthetic and getattr(args, name) is not None:
+            p.error(f"--{name.replace('_', '-')} applies to --data synthetic only; with --data {args.data} "
+                    + ("the classes are the data's own" if name == "num_classes"
+                       else "an epoch is one pass over the training images") + f": leave --{name.replace('_', '-')} out")
     if (args.label_noise > 0 or args.imbalance > 1) and args.synthetic:
         p.error("--label-noise and --imbalance apply to digits, mnist5k, CIFAR or folder data, not synthetic")
     if args.val_fraction > 0 and args.synthetic:
@@ -292,6 +399,13 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--train-per-class must be in [1, 400] on mnist5k (400 training images per class)")
     if args.data_kind == "folder" and not os.path.isdir(args.data):
         p.error(f"--data {args.data!r}: no such folder (expected <data>/train and <data>/val)")
+    if args.data_kind == "folder":  # one class: every prediction is right, a meaningless "100 %"
+        train = os.path.join(args.data, "train")
+        if os.path.isdir(train):
+            classes = sum(1 for e in os.scandir(train) if e.is_dir())
+            if classes < 2:
+                p.error(f"--data {args.data!r}: the training folder {train!r} holds {classes} class folder"
+                        f"{'s' * (classes != 1)}; classification needs at least 2 (one sub-folder per class)")
 
 
 def default_teacher_arch(data_kind: str) -> str:
@@ -299,9 +413,47 @@ def default_teacher_arch(data_kind: str) -> str:
     return "cnn-large" if data_kind in ("digits", "mnist5k") else "resnet32x4" if data_kind in CIFAR_KINDS else "resnet34"
 
 
+def _dest_of(p: argparse.ArgumentParser, flag: str) -> Optional[str]:
+    """The dest of a flag as argparse reads it (``--no-nesterov`` and unique abbreviations included)."""
+    action = p._option_string_actions.get(flag)
+    if action is None and p.allow_abbrev:
+        matches = {id(a): a for s, a in p._option_string_actions.items() if s.startswith(flag) and s.startswith("--")}
+        action = next(iter(matches.values())) if len(matches) == 1 else None
+    return action.dest if action is not None else None
+
+
+def _flags_given(p: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The flags (``--batch-size``) in ``argv``, as written."""
+    flags = set()
+    for token in argv:
+        if token == "--":
+            break
+        if token.startswith("--"):
+            flags.add(token.partition("=")[0])
+    return flags
+
+
+def _unset_dest(p: argparse.ArgumentParser, name: str) -> str:
+    """The dest of ``--unset NAME`` (``teacher-weights``, ``--teacher-weights`` or ``teacher_weights``);
+    an unknown name is a flag error."""
+    flag = "--" + name.strip().lstrip("-").replace("_", "-")
+    dest = p._option_string_actions[flag].dest if flag in p._option_string_actions else None
+    if dest is None or dest in CONFIG_SKIPPED:
+        p.error(f"--unset {name}: not a flag that a --config file sets (mlkd-train --help lists every flag)")
+    return dest
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The checked arguments of ``mlkd-train`` (``argv``: default the command line)."""
+    return parse_args_with_sources(argv)[0]
+
+
+def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, dict[str, str]]:
+    """:func:`parse_args` and the flags whose values came from ``--config FILE`` rather than the
+    command line (``--batch-size`` -> FILE), which the command's error messages name
+    (:func:`config_note`)."""
     p = _Parser(prog="mlkd-train", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(p)
     add_data_arguments(p)
     g = p.add_argument_group("models")
     archs = ("cnn-tiny, cnn-small, cnn-large (1-channel digits CNNs), the CIFAR KD architectures of "
@@ -350,7 +502,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--sync-bn", action="store_true",
                    help="under DDP, BatchNorm in the trained networks and the loss heads normalises with the "
                         "global batch's statistics (SyncBatchNorm); a no-op in a single process")
-    g.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, native (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help=f"loss backend of the methods that take one: auto (or the environment variable {ENV_VAR} "
+                        f"when set), torch, triton, native; checked on the training device before anything trains "
+                        f"(default: %(default)s)")
     g.add_argument("--teacher-epochs", type=int, default=None,
                    help="epochs of the teacher phase, which trains the teacher with CE on the training data when "
                         "no --teacher-weights are given (or fine-tunes them with --teacher-new-head); 0 trains "
@@ -389,11 +544,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "e mod E (its order and views too); without it, more epochs than cached is an error")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
+    g.add_argument("--out", default=None,
+                   help="output folder (default: runs/<data>). A folder holding a run (or a teacher cache) is "
+                        "refused before anything is written: --resume continues it, --overwrite moves it aside")
     g.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.pt (mid-epoch exactly; with a larger --epochs a finished "
-                        "run trains on; a finished run resumed unchanged says so and trains nothing). The "
-                        "networks, method, data and seed must be the checkpoint's")
+                        "run trains on; a finished run resumed unchanged says so and trains nothing). Anything "
+                        "that would change the run is refused, naming the setting and both values: the networks, "
+                        "method and its options, the data (a hash of its images or file list), the teacher's "
+                        "weights (their sha256), image size, lr, schedule, weight decay, Nesterov, batch size, "
+                        "precision, seed, ... Changeable: --epochs (and --teacher-epochs while the teacher trains), "
+                        "--compare-baseline, --max-steps, --device, --workers, --compile, --channels-last, "
+                        "--backend, --on-nonfinite, the logging flags (--eval-every, --log-every, --tensorboard, "
+                        "--curves, --quiet), the paths of --data, --teacher-weights and --teacher-cache (same "
+                        "contents), and the number of processes at an epoch boundary")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run (or a teacher cache): the old folder is moved "
+                        "aside to <out>.old-<time> (nothing is deleted), once every check has passed")
+    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                   help="a non-finite (NaN / inf) loss: stop the run (exit status 1, one line naming the step and "
+                        "the term; the last checkpoint, of finite weights, is kept), or skip that step's update "
+                        "and count it (skipped_steps in metrics.jsonl; checks every step: a host sync per step "
+                        "on CUDA) (default: %(default)s)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop (saving a checkpoint, as on SIGTERM) after this many optimiser steps")
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
@@ -401,8 +573,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="also train the same student with cross-entropy only and report baseline_top1")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="read the settings of a run's config.json (or of a YAML file, .yaml / .yml: pip install pyyaml) "
-                        "as if given first: the flags on the command line override them; --out and --resume are "
-                        "never read from it. --config A/config.json --out B repeats run A")
+                        "as if given first: the flags on the command line override them (give a flag again to "
+                        "change the file's value; --unset drops it); --out and --resume are never read from it. "
+                        "--config A/config.json --out B repeats run A; an error in a value from the file names the "
+                        "file")
+    g.add_argument("--unset", action="append", default=[], metavar="FLAG",
+                   help="with --config: ignore the file's value of FLAG (e.g. --unset teacher-weights, --unset "
+                        "compare-baseline, --unset method-opt: all of the file's --method-opt), so that its default "
+                        "applies (or the command line's value); repeatable")
     g.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="evaluate (test set, and the --val-fraction split) every N epochs and after the last one; "
                         "the other epochs' records have no top-1 (default: %(default)s, every epoch)")
@@ -424,15 +602,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
-    config_file = pre.parse_known_args(argv)[0].config
+    pre.add_argument("--unset", action="append", default=[])
+    known = pre.parse_known_args(argv)[0]
+    config_file = known.config
+    unset = [_unset_dest(p, name) for name in known.unset]
+    if unset and config_file is None:
+        p.error("--unset drops a value read from --config FILE: give --config, or leave --unset out")
+    p.config_sources = {}
     if config_file is not None:  # its settings first: the command line's flags come after and win
         try:
-            tokens = config_argv(p, read_config(config_file), config_file)
+            tokens, sources = config_argv(p, read_config(config_file), config_file, unset)
         except ValueError as exc:
             p.error(str(exc))
         p.context = f"--config {config_file}: "
         p.parse_args(tokens)  # its own errors, named as the file's
         p.context = ""
+        given = _flags_given(p, argv)  # the command line's own flags are the user's, whatever the file says
+        p.config_sources = {flag: path for flag, path in sources.items()
+                            if flag not in given and _dest_of(p, flag) not in {_dest_of(p, g) for g in given}}
         argv = tokens + argv
     args = p.parse_args(argv)
     check_data_args(p, args)
@@ -451,11 +638,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     if args.teacher_epochs is not None and args.teacher_epochs < 0:
         p.error("--teacher-epochs must be >= 0")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.lr is not None and not args.lr > 0:
-        p.error("--lr must be > 0")
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    if args.batch_size < 2:  # the last partial batch is dropped (Shard.steps), so every step has >= 2 samples
+        p.error(f"--batch-size must be >= 2, got {args.batch_size}: BatchNorm and the batch-relational terms "
+                f"(correlation, crd, rkd, ...) need at least 2 samples per step")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not math.isfinite(args.imbalance):
+        p.error(f"--imbalance must be finite, got {args.imbalance}")
     if args.log_every < 1:
         p.error("--log-every must be >= 1")
     if args.max_steps is not None and args.max_steps < 0:
@@ -465,6 +658,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.lr_steps = sorted(int(v) for v in args.lr_steps.split(","))
         except ValueError:
             p.error(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}")
+    if args.lr_steps and args.lr_steps[0] < 1:
+        p.error(f"--lr-steps are the epochs (>= 1) after which the lr drops 10x, got {args.lr_steps[0]}")
     try:
         args.method_options = parse_method_options(args.method_opt)
     except ValueError as exc:
@@ -474,6 +669,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if unknown and args.method_options:
         p.error(f"--method-opt: method {args.method!r} has no option {', '.join(map(repr, unknown))}; its options "
                 f"are: {', '.join(method.options())}")
+    try:
+        check_method_options(args.method, args.method_options)
+    except ValueError as exc:
+        p.error(str(exc))
+    backend_env = os.environ.get(ENV_VAR, "").strip().lower()
+    if args.backend == "auto" and backend_env not in ("", "auto", *BACKENDS):
+        p.error(f"the environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not a backend: set it to one of "
+                f"auto, {', '.join(BACKENDS)}, or unset it")
+    # on the device the run trains on (run._device: cuda when asked or, with auto, when present)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        resolve_backend(args.backend, device)
+    except ValueError as exc:
+        p.error(f"--backend {args.backend}: {exc}")
     with_views = [m for m in METHODS if M.method_class(m).takes_views]
     if args.rotations > 1 and not method.takes_views:
         p.error(f"--rotations {args.rotations} applies to methods that take rotated views ({', '.join(with_views)}), "
@@ -482,8 +691,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, f"global_{hook}") and hook not in method.gather_hooks:
             p.error(f"--global-{hook} applies to methods with a {hook} term spanning the batch "
                     f"({', '.join(m for m in METHODS if hook in M.method_class(m).gather_hooks)}), not {args.method}")
-    if args.temperature is not None and not args.temperature > 0:
-        p.error("--temperature must be > 0")
+    if args.temperature is not None and not (args.temperature > 0 and math.isfinite(args.temperature)):
+        p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
     cached = args.teacher_cache is not None
     if args.cache_wrap and not cached:
         p.error("--cache-wrap reuses the epochs of a teacher cache: give --teacher-cache DIR")
@@ -535,6 +744,4 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.join("runs", os.path.basename(os.path.normpath(args.data)) if args.data_kind == "folder"
                                 else args.data_kind)
-    return args
-
-
+    return args, p.config_sources

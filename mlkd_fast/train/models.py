@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickletools
+import zipfile
 from typing import Optional
 
 from torch import Tensor, nn
@@ -182,7 +184,15 @@ def load_weights(model: nn.Module, path: str, arch: str, new_head: bool = False)
     classes, to be fine-tuned on these."""
     if not os.path.isfile(path):
         raise MissingInputError(f"weights file {path!r} does not exist")
-    state = read_torch_file(path, weights_only=True)
+    try:
+        state = read_torch_file(path, weights_only=True)
+    except InputError:
+        if not is_training_state(path):
+            raise
+        run = os.path.dirname(path) or "."
+        raise InputError(f"{path!r} is a training checkpoint of mlkd-train (optimizer, schedule and RNG state, "
+                         f"for --resume), not a weights file: pass {os.path.join(run, 'student.pt')} (or the "
+                         f"teacher's weights file, e.g. {os.path.join(run, 'teacher.pt')})") from None
     for key in ("model", "state_dict"):  # mlkd-train's and RepDistiller's {"model": ...}, timm's {"state_dict": ...}
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -214,6 +224,27 @@ def load_weights(model: nn.Module, path: str, arch: str, new_head: bool = False)
     if new_head and (set(missing) - cls_keys or unexpected):
         raise InputError(f"weights {path!r} do not fit --arch {arch} (a checkpoint of another architecture?): "
                          f"missing {sorted(set(missing) - cls_keys)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+# the keys of a training state (checkpoint.save_checkpoint's checkpoint.pt and <phase>_state.pt) besides "model"
+_TRAINING_STATE_KEYS = frozenset(("phase", "epoch", "step", "optimizer", "scheduler", "rng"))
+
+
+def is_training_state(path: str) -> bool:
+    """Whether ``path`` is a training state written by mlkd-train (``checkpoint.pt``,
+    ``student_state.pt``) rather than a weights file: its pickle holds every key of one among its
+    strings. Read with :mod:`pickletools`, nothing is unpickled (a weights-only load refuses such
+    files: their RNG state is not plain tensors)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            if name is None:
+                return False
+            data = archive.read(name)
+        strings = {arg for op, arg, _ in pickletools.genops(data) if "UNICODE" in op.name and isinstance(arg, str)}
+    except Exception:  # not a zip, a torn pickle: not recognisable, the caller's error stands
+        return False
+    return _TRAINING_STATE_KEYS <= strings
 
 
 def _into_wrapper(state: dict, head_path: str) -> dict:
