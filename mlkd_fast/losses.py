@@ -97,7 +97,7 @@ class MLKDLoss(nn.Module):
 
     Args:
         student_dim, teacher_dim: feature widths Ds, Dt; needed only by the heads (alignment,
-            SupCon, ``corr_head``).
+            SupCon, ``corr_head``). When given, every call checks the features' widths against them.
         temperature: KD temperature T. tau: correlation temperature.
         w_ce, w_kd, w_corr, w_align, w_supcon: term weights; a term of weight 0 is skipped and its
             inputs may be None.
@@ -171,6 +171,9 @@ class MLKDLoss(nn.Module):
         self.scale_by_tau_sq = scale_by_tau_sq
         self.backend = backend
 
+        for name, dim in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("supcon_dim", supcon_dim)):
+            if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+                raise ValueError(f"{name} must be a positive int (a feature width), got {dim!r}")
         needs_dims = [n for n, on in (("w_align", w_align > 0), ("w_supcon", w_supcon > 0), ("corr_head", corr_head)) if on]
         if needs_dims and (student_dim is None or teacher_dim is None):
             raise ValueError(f"student_dim and teacher_dim are required for {', '.join(needs_dims)} (their heads)")
@@ -219,6 +222,7 @@ class MLKDLoss(nn.Module):
         for name, needed in required.items():
             if needed and given[name] is None:
                 raise ValueError(f"{name} is required by the nonzero weights {self._weights_str()}")
+        self._check_shapes(given)
 
         parts: dict[str, Tensor] = {}
         weighted: dict[str, Tensor] = {}
@@ -249,6 +253,27 @@ class MLKDLoss(nn.Module):
         self.last.update({k: v.detach() / w[k] for k, v in weighted.items()})
         self.last["total"] = total.detach()
         return total
+
+    def _check_shapes(self, given: dict[str, Optional[Tensor]]) -> None:
+        """The declared feature widths, and one batch for all inputs: every logits and features tensor
+        has the same rows (``views`` x the images), ``target`` one label per image. The terms would
+        otherwise run on mismatched batches without a word (a correlation takes any width)."""
+        for name, dim_name, dim in (("student_feats", "student_dim", self.student_dim),
+                                    ("teacher_feats", "teacher_dim", self.teacher_dim)):
+            x = given[name]
+            if dim is not None and isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] != dim:
+                raise ValueError(f"{name} has {x.shape[1]} features per row but {dim_name}={dim}")
+        rows = {n: x.shape[0] for n, x in given.items() if n != "target" and isinstance(x, Tensor) and x.ndim >= 1}
+        if rows:
+            first, count = next(iter(rows.items()))
+            for name, n in rows.items():
+                if n != count:
+                    raise ValueError(f"{name} has {n} rows but {first} has {count}: the logits and features "
+                                     f"must come from one batch")
+            target = given["target"]
+            if isinstance(target, Tensor) and target.ndim >= 1 and target.shape[0] * self.views != count:
+                per = "row" if self.views == 1 else f"image, and {first} holds views={self.views} rows per image"
+                raise ValueError(f"target has {target.shape[0]} labels but {first} has {count} rows: one label per {per}")
 
     def _correlation(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
         f_s = self.corr_head(student_feats) if self.corr_head is not None else student_feats

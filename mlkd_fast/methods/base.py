@@ -8,7 +8,8 @@ A distiller is an ``nn.Module`` that takes what the student and the teacher prod
 
 What a training loop must know about a method is declared on its class, never guessed from its
 name: whether it needs a teacher (:attr:`Distiller.needs_teacher`), which outputs and per-batch
-inputs it reads (:attr:`Distiller.needs`), how its weights move with the epoch
+inputs it reads (:attr:`Distiller.needs`), whether it compares the two networks' logits class by class
+(:attr:`Distiller.compares_logits`), how its weights move with the epoch
 (:attr:`Distiller.schedule`, fed by :meth:`Distiller.set_epoch`), which all-gathers it takes under
 data parallelism (:attr:`Distiller.gather_hooks`), which facts of the training data its constructor
 takes (:attr:`Distiller.data_options`), whether it takes rotated views (:attr:`Distiller.takes_views`)
@@ -118,6 +119,13 @@ class Distiller(nn.Module):
     @property
     def needs(self) -> Needs:
         return Needs()
+
+    @property
+    def compares_logits(self) -> bool:
+        """Whether the loss compares the student's and the teacher's logits class by class (a KL between
+        their softmaxes, ...), so that both networks must have the same classes (:class:`Distillation`
+        checks it when built). By default the methods that distil outputs (``family == "outputs"``)."""
+        return self.family == "outputs"
 
     @property
     def uses_all_parameters(self) -> bool:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .base import Distiller, ModelSpec, Outputs
 from .registry import build, method_class, resolve
-from .taps import TappedNetwork, model_spec, split_outputs
+from .taps import TappedNetwork, model_spec, split_outputs, unwrap
 
 
 class Distillation(nn.Module):
@@ -76,12 +76,16 @@ class Distillation(nn.Module):
         if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
                                             or steps_per_epoch < 1):
             raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
-        self.student = student
-        self.method = method
-        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
+        if teacher is not None:
+            _refuse_shared_student(student, teacher)
         s_spec = model_spec(student, input_shape, student_stages)
         t_spec = model_spec(teacher, input_shape, teacher_stages) if teacher is not None else teacher_spec
         self.distiller: Distiller = build(method, s_spec, t_spec, **options)
+        if t_spec is not None:
+            _refuse_class_mismatch(self.distiller, name, s_spec, t_spec, from_network=teacher is not None)
+        self.student = student
+        self.method = method
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
         needs = self.distiller.needs
         if needs.peers:
             if peers is None and peer_factory is not None:
@@ -180,6 +184,39 @@ class Distillation(nn.Module):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _refuse_shared_student(student: nn.Module, teacher: nn.Module) -> None:
+    """The teacher is frozen (``requires_grad_(False)``): one module as both networks, or a teacher
+    holding the student's parameters, would freeze the student too and train nothing."""
+    s, t = unwrap(student), unwrap(teacher)
+    if s is t:
+        raise ValueError(f"student and teacher are the same module ({type(s).__name__}): the frozen teacher would "
+                         f"freeze the student too; for self-distillation pass a copy, e.g. "
+                         f"teacher=copy.deepcopy(student)")
+    teacher_params = {id(p) for p in t.parameters()}
+    shared = [n for n, p in s.named_parameters() if id(p) in teacher_params]
+    if shared:
+        raise ValueError(f"the teacher ({type(t).__name__}) holds {len(shared)} of the student's parameters "
+                         f"(e.g. {shared[0]!r}): the frozen teacher would freeze them in the student too; "
+                         f"pass a separate teacher, e.g. a copy.deepcopy of the network")
+
+
+def _refuse_class_mismatch(distiller: Distiller, name: str, student: ModelSpec, teacher: ModelSpec,
+                           from_network: bool) -> None:
+    """A method that compares the two networks' logits class by class needs the same classes on both."""
+    if not distiller.compares_logits or student.num_classes == teacher.num_classes:
+        return
+
+    def where(spec: ModelSpec, network: bool = True) -> str:
+        if not network:
+            return "teacher_spec.num_classes"
+        return f"its classifier {spec.feature_module!r}" if spec.feature_module else "its logits"
+
+    raise ValueError(f"method {name!r} compares the student's and the teacher's logits class by class, but the "
+                     f"student has {student.num_classes} classes ({where(student)}) and the teacher "
+                     f"{teacher.num_classes} ({where(teacher, from_network)}): give both networks the same classes, "
+                     f"or pick a method that distils features or relations")
 
 
 def logits_keeping_norm_statistics(model: nn.Module, z: Tensor,

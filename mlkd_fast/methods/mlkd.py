@@ -65,6 +65,10 @@ class MLKD(Distiller):
     def needs(self) -> Needs:
         return Needs(feats=True)
 
+    @property
+    def compares_logits(self) -> bool:
+        return self.loss.weights["kd"] > 0  # its KD term; the presets' weight 0 leaves it out
+
     def _set_gather(self, hook: str, gather: Optional[Callable[[Tensor], Tensor]]) -> None:
         setattr(self.loss, f"{hook}_gather", gather)
 
