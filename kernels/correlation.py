@@ -25,7 +25,9 @@ dtype with fp32 accumulation (cuBLAS tensor cores for fp16/bf16), each tile then
 Triton kernel that updates the rows' online statistics (forward) or forms the backward's two matmul
 operands; extra memory a few tiles of TILED_ELEMENTS entries, never an M x N matrix.
 Dtypes: fp32, fp16 and bf16 features run the fused kernels (or the tiled path) with fp32 math, the
-student and the teacher each in its own dtype. fp64 anywhere makes every operand fp64 and takes the
+student and the teacher each in its own dtype (the backward takes fp16 student rows scaled to a common
+norm by powers of two, _unit_scaled, so that norms spread over many decades cannot underflow its
+operands). fp64 anywhere makes every operand fp64 and takes the
 tiled path with fp64 math throughout (torch's fp64 matmuls, the tile kernels in fp64): tl.dot has no
 fp64 tensor-core tiles in the fused kernels' configurations, and fp64 inputs must keep fp64 math.
 """
@@ -579,6 +581,27 @@ def _pass_inv_norms(x: Tensor, inv_norm: Tensor) -> Tensor:
     return inv_norm.masked_fill(x.abs().amax(dim=1) == 0, 0.0) if x.shape[1] else inv_norm
 
 
+UNIT_NORM_EXPONENT = 7  # _unit_scaled: the fp16 operands' rows get norms in (2^7, 2^8]
+
+
+def _unit_scaled(x: Tensor, inv_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """fp16 student features as the backward passes take them: every row times the power of two
+    2^(e + 7) that gives it a norm in (2^7, 2^8] (e from r = m 2^e, m in [0.5, 1)), and its inverse norm
+    divided by the same power, m 2^-7. The passes' similarities x^ r^a r^b are unchanged (exact powers
+    of two), but their matmul operands (Q - P)_ij r^b_j (row pass) and g_i r^a_i (Q - P)_ij / tau (column
+    pass) no longer carry the rows' norms: with the raw features, scaled only by one power of two for
+    the largest inverse norm (operand_scale), the operand of a row whose norm is 1e6 times the smallest
+    one is ~1e-6 of the others and underflows fp16, and its contribution to every gradient row is lost.
+    Exact: an fp16 row scaled by a power of two to a norm above 128 only loses entries below 2^-24
+    (< 2^-31 of its norm) to subnormal rounding. bf16 (fp32's exponent range) and wider dtypes pass unchanged."""
+    if x.dtype != torch.float16:
+        return x, inv_norm
+    mantissa, exponent = torch.frexp(inv_norm.float())
+    power = torch.exp2((exponent + UNIT_NORM_EXPONENT).float())
+    scaled = (x * power[:, None]).to(x.dtype)
+    return scaled, (mantissa * 2.0 ** -UNIT_NORM_EXPONENT).to(inv_norm.dtype)
+
+
 def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diagonal: bool, tiled: Optional[bool] = None):
     orig_a, orig_b = a_s, b_s
     square, a_s, a_t, b_s, b_t = _operands(a_s, a_t, b_s, b_t)
@@ -587,13 +610,13 @@ def _launch_bwd(g, a_s, a_t, b_s, b_t, lse_s, lse_t, tau: float, exclude_diagona
     rb_s, rb_t = (ra_s, ra_t) if square else (_inv_norms(b_s), _inv_norms(b_t))
     g = g.to(_math(a_s)[0]).contiguous()
     cfg = _fused_config(a_s, a_t, tiled)
-    pa_s = _pass_inv_norms(a_s, ra_s)
-    pb_s = pa_s if square else _pass_inv_norms(b_s, rb_s)
+    op_a, pa_s = _unit_scaled(a_s, _pass_inv_norms(a_s, ra_s))
+    op_b, pb_s = (op_a, pa_s) if square else _unit_scaled(b_s, _pass_inv_norms(b_s, rb_s))
     if cfg is None:
-        d_a_hat, d_b_hat = _tiled_bwd(g, (a_s, a_t, b_s, b_t, pa_s, ra_t, pb_s, rb_t), lse_s, lse_t, tau,
+        d_a_hat, d_b_hat = _tiled_bwd(g, (op_a, a_t, op_b, b_t, pa_s, ra_t, pb_s, rb_t), lse_s, lse_t, tau,
                                       exclude_diagonal)
     else:
-        d_a_hat, d_b_hat = _fused_bwd(cfg, g, a_s, a_t, b_s, b_t, pa_s, ra_t, pb_s, rb_t, lse_s, lse_t, tau,
+        d_a_hat, d_b_hat = _fused_bwd(cfg, g, op_a, a_t, op_b, b_t, pa_s, ra_t, pb_s, rb_t, lse_s, lse_t, tau,
                                       exclude_diagonal)
     if square:
         d_a = _norm_backward(a_s, ra_s, d_a_hat + d_b_hat).to(orig_a.dtype)
