@@ -3,6 +3,7 @@ named presets (``paper``: MLKD with its authors' recipe)."""
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Optional, TypeVar
 
 from .base import Distiller, ModelSpec
@@ -80,4 +81,22 @@ def build(name: str, student_spec: ModelSpec, teacher_spec: Optional[ModelSpec],
     if unknown and not takes_any:
         raise ValueError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options are: {', '.join(known)}")
+    check_option_values(name, options)
     return cls(student_spec, teacher_spec if cls.needs_teacher else None, **options)
+
+
+def _is_temperature(option: str) -> bool:
+    """The zoo's names of softmax temperatures: ``temperature``, ``tau`` and ``<x>_temperature`` / ``<x>_tau``."""
+    return option in ("temperature", "tau") or option.endswith(("_temperature", "_tau"))
+
+
+def check_option_values(name: str, options: dict[str, Any]) -> None:
+    """What every method's options must be, checked when it is built (not at its first step): a
+    number is finite, a temperature (:func:`_is_temperature`) is also > 0. A ValueError names the
+    method, the option and the value."""
+    for option, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or (_is_temperature(option) and value <= 0):
+            need = "a finite number > 0" if _is_temperature(option) else "a finite number"
+            raise ValueError(f"option {option!r} of method {name!r} must be {need}, got {value!r}")
