@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu_pass.sh 1 OUT   environment; install (the carried prebuilt library when it matches
 #                                  the sources, else a forced build); every CUDA correctness test;
+#                                  linear_kd's Triton row kernel compiled (its own stage, lm-triton);
 #                                  the headline timings (KL bf16 fwd+bwd at the three GPU shapes,
 #                                  correlation bf16 D = 128 at M = N = 16384 and 65536, the copy
 #                                  bandwidth and bf16 matmul peak measured in the same run)
@@ -73,7 +74,13 @@ EOF
     tests|compile-tests)
       if [ "$NAME" = tests ]; then select="cuda and not compile_fullgraph"; else select="cuda and compile_fullgraph"; fi
       $PY -m pytest tests -k "$select" --ignore=tests/test_cuda_emulated.py --ignore=tests/test_triton_build.py \
+        --ignore=tests/test_linear_kd_triton.py \
         -p no:cacheprovider -n "$WORKERS" --timeout 120 -q -rfE --junitxml "$OUT/part${PART}_tests.xml" ;;
+    lm-triton)
+      # linear_kd's Triton row kernel compiled (not interpreted) against the torch row function: the small
+      # cases of the interpreter's tests, then a 128256 vocabulary at the real tile with its memory check
+      # (nothing of rows x V allocated); out of the tests stage so that its compiles have their own limit
+      $PY -m pytest tests/test_linear_kd_triton.py -k cuda -p no:cacheprovider -q -rfE ;;
     bench)
       # part 2 adds the zoo's losses beside their eager twins
       if [ "$PART" = 1 ]; then set_=headline files=(benchmarks/test_bench_losses.py)
@@ -140,6 +147,7 @@ run env 30
 run install 240
 if [ "$PART" = 1 ]; then
   run tests 210
+  run lm-triton 90
   run bench 240
 else
   run train 150

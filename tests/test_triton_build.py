@@ -48,7 +48,7 @@ def test_every_variant_compiles_for_sm90(report):
     assert {"_kd_kl_fused_kernel", "_kd_kl_looped_kernel", "_kd_kl_stats_kernel", "_kd_kl_grad_kernel",
             "_scale_rows_kernel", "_scale_rows_inplace_kernel", "_corr_fwd_kernel", "_corr_fwd_merge_kernel",
             "_corr_bwd_rows_kernel", "_corr_bwd_cols_kernel", "_tile_stats_kernel",
-            "_tile_grad_operands_kernel"} <= kernels
+            "_tile_grad_operands_kernel", "_linear_kd_rows_kernel"} <= kernels
 
 
 def test_shared_memory_within_the_h100_limit(report):

@@ -68,7 +68,7 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     at the widths and paths in between, on meta tensors (nothing is allocated)."""
     import torch
 
-    from mlkd_fast.kernels import correlation, kd_kl
+    from mlkd_fast.kernels import correlation, kd_kl, linear_kd
 
     def meta(*shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -103,6 +103,22 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
             yield ("correlation bfloat16 3072x1024 Ds=Dt=128 (rectangular)",
                    lambda: (correlation._launch_fwd(a_s, a_t, b_s, b_t, 0.5, False),
                             correlation._launch_bwd(g, a_s, a_t, b_s, b_t, g, g, 0.5, False)))
+
+    # linear_kd's row kernel (fp32 chunk logits): every divergence with labels and softcaps and the
+    # gradient, at a Llama-3 chunk (1024 rows x 128256, vocab='shared' over 128000 ids); the forward KL
+    # plain, the rows without the gradient, and CE alone (no teacher)
+    n, v_s, v = 1024, 128256, 128000
+    z_s, z_t, w, lab = meta(n, v_s), meta(n, v_s), meta(n), meta(n, dtype=torch.int64)
+    for div, coef in (("forward_kl", 0.0), ("reverse_kl", 0.0), ("jsd", 0.5), ("skew_forward_kl", 0.1),
+                      ("skew_reverse_kl", 0.1)):
+        yield (f"linear_kd rows {div} {n}x{v_s}, labels, softcaps, grad",
+               lambda div=div, coef=coef: linear_kd._launch(z_s, z_t, lab, w, w, div, coef, 2.0, 30.0, 50.0, v, True))
+    yield (f"linear_kd rows forward_kl {n}x{v_s}, plain, grad",
+           lambda: linear_kd._launch(z_s, z_t, None, w, w, "forward_kl", 0.0, 1.0, 0.0, 0.0, v_s, True))
+    yield (f"linear_kd rows jsd {n}x{v_s}, no grad",
+           lambda: linear_kd._launch(z_s, z_t, None, w, w, "jsd", 0.5, 1.0, 0.0, 0.0, v_s, False))
+    yield (f"linear_kd rows CE only {n}x{v_s}, grad",
+           lambda: linear_kd._launch(z_s, None, lab, w, w, "forward_kl", 0.0, 1.0, 0.0, 0.0, v_s, True))
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
