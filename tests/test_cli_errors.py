@@ -101,11 +101,11 @@ def test_an_unknown_backend_is_a_flag_error(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs on the GPU here")
 def test_triton_on_a_cpu_only_machine_is_refused_saying_why(tmp_path, capsys, monkeypatch):
-    import mlkd_fast._triton as triton_backend
+    from mlkd_fast import backends
 
-    monkeypatch.setattr(triton_backend, "INTERPRET", False)  # conftest turns the interpreter on for the tests
-    _one_line(["--backend", "triton", "--out", tmp_path / "r"], capsys, "--backend triton",
-              "not available on cpu", "Triton needs a CUDA GPU")
+    if backends._triton is not None:  # conftest turns the interpreter on for the tests
+        monkeypatch.setattr(backends._triton, "INTERPRET", False)
+    _one_line(["--backend", "triton", "--out", tmp_path / "r"], capsys, "--backend triton", "not available on cpu")
     assert not (tmp_path / "r").exists()
 
 
