@@ -331,10 +331,15 @@ def _head(weight: object, bias: object, hidden: Tensor, side: str) -> tuple[Tens
 
 def _unshard(x: Tensor) -> Tensor:
     """A DTensor (FSDP2's sharded lm_head weight, read outside the head module's forward) as the full
-    tensor, differentiably: its gradient is reduce-scattered back to the shards by DTensor's autograd."""
+    tensor, differentiably: its gradient is reduce-scattered back to the shards by DTensor's autograd,
+    averaged over the mesh (FSDP2's and DDP's convention). The gradient must be declared Partial: with
+    full_tensor()'s default (Replicate) each rank would keep its own tokens' slice unreduced
+    (docs/lm.md §3)."""
     full_tensor = getattr(x, "full_tensor", None)
     if full_tensor is not None and type(x).__name__ == "DTensor":
-        return full_tensor()
+        from torch.distributed.tensor import Partial  # noqa: PLC0415 - only reached with torch.distributed
+
+        return full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
     return x
 
 
