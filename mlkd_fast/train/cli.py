@@ -426,7 +426,7 @@ def _dest_of(p: argparse.ArgumentParser, flag: str) -> Optional[str]:
     return action.dest if action is not None else None
 
 
-def _flags_given(p: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+def _flags_given(argv: Sequence[str]) -> set[str]:
     """The flags (``--batch-size``) in ``argv``, as written."""
     flags = set()
     for token in argv:
@@ -623,7 +623,7 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
         p.context = f"--config {config_file}: "
         p.parse_args(tokens)  # its own errors, named as the file's
         p.context = ""
-        given = _flags_given(p, argv)  # the command line's own flags are the user's, whatever the file says
+        given = _flags_given(argv)  # the command line's own flags are the user's, whatever the file says
         p.config_sources = {flag: path for flag, path in sources.items()
                             if flag not in given and _dest_of(p, flag) not in {_dest_of(p, g) for g in given}}
         argv = tokens + argv
