@@ -112,14 +112,15 @@ def _tail_log(log_mass_k: Tensor) -> Tensor:
 
 
 def token_rows(z_s: Tensor, *, z_t: Optional[Tensor], topk_indices: Optional[Tensor],
-               topk_logprobs: Optional[Tensor], labels: Optional[Tensor], kd_weight: Tensor, ce_weight: Tensor,
+               topk_logprobs: Optional[Tensor], topk_rest: Optional[Tensor] = None, labels: Optional[Tensor], kd_weight: Tensor, ce_weight: Tensor,
                divergence: str, coef: float, temperature: float, student_softcap: float, teacher_softcap: float,
                vocab: int, topk_tail: bool, want_grad: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """One chunk's per-token divergence and CE, and d(total)/d(z_s) when ``want_grad``.
 
     ``z_s``: ``(rows, V_s)`` student logits in the math dtype, before softcap and temperature; the
     teacher as ``z_t`` (``(rows, V_t)`` logits, same convention) or top-k (``(rows, k)`` ids and the
-    log-probabilities stored for them). ``vocab``: the ids the divergence covers (the first ``vocab``);
+    log-probabilities stored for them, and optionally ``topk_rest``, the stored log-mass outside them,
+    which the tail bucket then uses instead of log(1 - sum)). ``vocab``: the ids the divergence covers (the first ``vocab``);
     CE covers the student's whole vocabulary. total = sum(kd_weight * kd) + sum(ce_weight * ce); rows
     whose two weights are 0 get a zero gradient whatever their logits. Returns (kd, ce, grad)."""
     zc = softcap(z_s, student_softcap)
@@ -133,8 +134,8 @@ def token_rows(z_s: Tensor, *, z_t: Optional[Tensor], topk_indices: Optional[Ten
         kd, qg = bucket_terms(log_p, log_q, divergence, coef, want_grad)
         grad_u = None if qg is None else qg - log_q.exp() * qg.sum(-1, keepdim=True)
     else:
-        kd, grad_u = _sparse_rows(log_q, topk_indices, topk_logprobs, divergence, coef, temperature, topk_tail,
-                                  want_grad)
+        kd, grad_u = _sparse_rows(log_q, topk_indices, topk_logprobs, topk_rest, divergence, coef, temperature,
+                                  topk_tail, want_grad)
     counted = (kd_weight != 0) | (ce_weight != 0)
     if labels is not None:
         valid = labels >= 0
@@ -148,24 +149,25 @@ def token_rows(z_s: Tensor, *, z_t: Optional[Tensor], topk_indices: Optional[Ten
     grad = torch.zeros_like(zc)
     grad[:, :vocab] = grad_u * (kd_weight / temperature)[:, None]
     if labels is not None:
-        soft = torch.softmax(zc, dim=-1) * ce_weight[:, None]
+        soft = torch.softmax(zc, dim=-1) * torch.where(valid, ce_weight, torch.zeros_like(ce_weight))[:, None]
         soft.scatter_add_(1, safe[:, None], torch.where(valid, -ce_weight, torch.zeros_like(ce_weight))[:, None])
         grad += soft
     if student_softcap != 0.0:
-        grad *= 1.0 - (zc / student_softcap) ** 2
+        # d softcap / dz = 1 - tanh^2; 0 at a -inf logit (kept -inf, it carries no gradient)
+        grad *= torch.where(zc == -math.inf, torch.zeros_like(zc), 1.0 - (zc / student_softcap) ** 2)
     grad = torch.where(counted[:, None], grad, torch.zeros_like(grad))
     return kd, ce, grad
 
 
-def _sparse_rows(log_q: Tensor, idx: Tensor, lp: Tensor, divergence: str, coef: float, temperature: float,
+def _sparse_rows(log_q: Tensor, idx: Tensor, lp: Tensor, rest: Optional[Tensor], divergence: str, coef: float, temperature: float,
                  tail: bool, want_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """The divergence against a top-k teacher, over k (+ tail) buckets, and dL/du over the vocabulary."""
     log_q_k = log_q.gather(1, idx)
     if tail:
         # the student's rest from its own entries outside the k ids (precise where they hold little)
-        rest = log_q.scatter(1, idx, -math.inf)
-        log_q_b = torch.cat([log_q_k, torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
-        log_p_b = torch.cat([lp, _tail_log(lp)], dim=-1)
+        outside = log_q.scatter(1, idx, -math.inf)
+        log_q_b = torch.cat([log_q_k, torch.logsumexp(outside, dim=-1, keepdim=True)], dim=-1)
+        log_p_b = torch.cat([lp, _tail_log(lp) if rest is None else rest[:, None]], dim=-1)
         if temperature != 1.0:  # re-tempered over the stored buckets only: an approximation (docs/lm.md)
             log_p_b = torch.log_softmax(log_p_b / temperature, dim=-1)
     else:

@@ -139,7 +139,7 @@ class _Head:
 def linear_kd_pass(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                    teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
                    teacher_logits: Optional[Tensor], topk_indices: Optional[Tensor], topk_logprobs: Optional[Tensor],
-                   labels: Optional[Tensor], kd_row_weight: Tensor, ce_row_weight: Tensor, divergence: str,
+                   topk_rest: Optional[Tensor], labels: Optional[Tensor], kd_row_weight: Tensor, ce_row_weight: Tensor, divergence: str,
                    coef: float, temperature: float, student_scale: float, teacher_scale: float,
                    student_softcap: float, teacher_softcap: float, vocab: int, topk_tail: bool, chunk_size: int,
                    rows_backend: str, grad_hidden: bool, grad_weight: bool, grad_bias: bool
@@ -177,6 +177,7 @@ def linear_kd_pass(student_hidden: Tensor, student_weight: Tensor, student_bias:
             z_s, z_t=z_t,
             topk_indices=None if topk_indices is None else topk_indices[start:end],
             topk_logprobs=None if topk_logprobs is None else topk_logprobs[start:end].to(math_dtype),
+            topk_rest=None if topk_rest is None else topk_rest[start:end].to(math_dtype),
             labels=None if labels is None else labels[start:end],
             kd_weight=kd_row_weight[start:end], ce_weight=ce_row_weight[start:end], divergence=divergence, coef=coef,
             temperature=temperature, student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab=vocab,
@@ -213,14 +214,14 @@ def linear_kd_pass(student_hidden: Tensor, student_weight: Tensor, student_bias:
 def _linear_kd_op(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                   teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
                   teacher_logits: Optional[Tensor], topk_indices: Optional[Tensor], topk_logprobs: Optional[Tensor],
-                  labels: Optional[Tensor], kd_row_weight: Tensor, ce_row_weight: Tensor, divergence: str,
+                  topk_rest: Optional[Tensor], labels: Optional[Tensor], kd_row_weight: Tensor, ce_row_weight: Tensor, divergence: str,
                   coef: float, temperature: float, student_scale: float, teacher_scale: float, student_softcap: float,
                   teacher_softcap: float, vocab: int, topk_tail: bool, chunk_size: int, rows_backend: str,
                   grad_hidden: bool, grad_weight: bool, grad_bias: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     kd, ce, dh, dw, db = linear_kd_pass(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-        topk_indices, topk_logprobs, labels, kd_row_weight, ce_row_weight, divergence, coef, temperature,
+        topk_indices, topk_logprobs, topk_rest, labels, kd_row_weight, ce_row_weight, divergence, coef, temperature,
         student_scale, teacher_scale, student_softcap, teacher_softcap, vocab, topk_tail, chunk_size, rows_backend,
         grad_hidden, grad_weight, grad_bias)
     total = (kd_row_weight * kd).sum() + (ce_row_weight * ce).sum()
@@ -229,7 +230,7 @@ def _linear_kd_op(student_hidden: Tensor, student_weight: Tensor, student_bias: 
 
 @_linear_kd_op.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-      topk_indices, topk_logprobs, labels, kd_row_weight, ce_row_weight, divergence, coef, temperature,
+      topk_indices, topk_logprobs, topk_rest, labels, kd_row_weight, ce_row_weight, divergence, coef, temperature,
       student_scale, teacher_scale, student_softcap, teacher_softcap, vocab, topk_tail, chunk_size, rows_backend,
       grad_hidden, grad_weight, grad_bias):
     n = student_hidden.shape[0]
@@ -250,7 +251,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_total, _kd, _ce, _dh, _dw, _db):
-    none = [None] * 26
+    none = [None] * 27
     if grad_total is None:
         return tuple(none)
     from .ops import graph_freed_after_this_backward  # noqa: PLC0415
@@ -438,7 +439,7 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
     if kd_weight == 0.0 and len(given) > 1:
         raise ValueError(f"give the teacher one way at most; got {', '.join(given)}")
     v_s = w_s.shape[0]
-    teacher: tuple = (None,) * 6
+    teacher: tuple = (None,) * 7
     v_t = v_s
     if teacher_hidden is not None or teacher_weight is not None:
         if teacher_hidden is None or teacher_weight is None:
@@ -449,7 +450,7 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
                              f"{tuple(ht.shape)}")
         w_t, b_t = _head(teacher_weight, teacher_bias, ht, "teacher")
         v_t = w_t.shape[0]
-        teacher = (_flat(ht), w_t.detach(), None if b_t is None else b_t.detach(), None, None, None)
+        teacher = (_flat(ht), w_t.detach(), None if b_t is None else b_t.detach(), None, None, None, None)
     elif teacher_bias is not None:
         raise ValueError("teacher_bias is given without teacher_weight")
     elif teacher_logits is not None:
@@ -458,11 +459,12 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
             raise ValueError(f"teacher_logits must have the tokens of student_hidden {lead} and then V, got shape "
                              f"{tuple(zt.shape)}")
         v_t = zt.shape[-1]
-        teacher = (None, None, None, _flat(zt), None, None)
+        teacher = (None, None, None, _flat(zt), None, None, None)
     elif teacher_topk is not None:
-        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-            raise TypeError("teacher_topk must be a pair (indices, logprobs)")
-        idx, lp = teacher_topk
+        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) not in (2, 3):
+            raise TypeError("teacher_topk must be (indices, logprobs) or (indices, logprobs, rest_logmass)")
+        idx, lp = teacher_topk[0], teacher_topk[1]
+        rest = teacher_topk[2] if len(teacher_topk) == 3 else None
         if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.dtype == torch.bool:
             raise TypeError(f"teacher_topk indices must be an integer tensor, got "
                             f"{getattr(idx, 'dtype', type(idx).__name__)}")
@@ -470,13 +472,19 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
         if tuple(idx.shape[:-1]) != lead or idx.shape != lp.shape:
             raise ValueError(f"teacher_topk indices and logprobs must both have shape {lead} + (k,); got "
                              f"{tuple(idx.shape)} and {tuple(lp.shape)}")
+        if rest is not None:
+            rest = check.float_tensor(rest, "teacher_topk rest_logmass").detach()
+            if tuple(rest.shape) != lead:
+                raise ValueError(f"teacher_topk rest_logmass must have shape {lead} (one per token), got "
+                                 f"{tuple(rest.shape)}")
+            rest = rest.reshape(-1)
         k = idx.shape[-1]
         if k == 0:
             raise ValueError("teacher_topk has k = 0 entries per token")
         if k > v_s:
             raise ValueError(f"teacher_topk has k = {k} entries per token, more than the vocabulary ({v_s})")
         v_t = v_s
-        teacher = (None, None, None, None, _flat(idx).long(), _flat(lp))
+        teacher = (None, None, None, None, _flat(idx).long(), _flat(lp), rest)
     if v_s != v_t and vocab == "error" and kd_weight != 0.0:
         raise ValueError(f"the student's vocabulary has {v_s} ids and the teacher's {v_t}: pass vocab='shared' to "
                          "distil over the first min(V_s, V_t) ids (padding ids never get probability), or give heads "
@@ -493,7 +501,8 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
         lab = labels.reshape(-1).long()
     tensors = {"student_hidden": hs, "student_weight": w_s, "student_bias": b_s, "teacher_hidden": teacher[0],
                "teacher_weight": teacher[1], "teacher_bias": teacher[2], "teacher_logits": teacher[3],
-               "teacher_topk": teacher[4], "teacher_topk logprobs": teacher[5], "labels": lab}
+               "teacher_topk": teacher[4], "teacher_topk logprobs": teacher[5], "teacher_topk rest_logmass": teacher[6],
+               "labels": lab}
     check.same_device(tensors)
     _check_values(teacher[4], kd_vocab, lab, v_s, ignore_index)
     counted = torch.ones(n, dtype=torch.bool, device=hs.device) if lab is None else lab != ignore_index
@@ -510,8 +519,10 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
     coef = beta if divergence == "jsd" else alpha
     resolved = divergences.resolve(divergence, coef)
     math_dtype = _math_dtype(hs, w_s, teacher[0], teacher[1], teacher[3], teacher[5])
+    # with k = V nothing lies outside the k ids: no tail bucket (1 - sum would only be the ids' rounding)
+    tail = topk_tail == "bucket" and not (teacher[4] is not None and teacher[4].shape[1] == kd_vocab)
     scalars = (resolved, float(coef), float(temperature), float(s_scale), float(t_scale), float(s_cap), float(t_cap),
-               int(kd_vocab), topk_tail == "bucket", int(chunk), rows_backend)
+               int(kd_vocab), tail, int(chunk), rows_backend)
     kd_factor = kd_weight * (temperature ** 2 if scale_by_t_squared else 1.0)
     return _Prepared(_flat(hs), w_s, b_s, teacher, lab, counted, scalars, math_dtype, lead, kd_factor)
 
@@ -563,7 +574,9 @@ def linear_kd_loss(
         teacher_hidden, teacher_weight, teacher_bias: the teacher live: ``(..., H_t)`` hidden states of the
             same tokens and its ``(V_t, H_t)`` head. Or ``teacher_logits``: ``(..., V_t)`` dense logits. Or
             ``teacher_topk=(indices, logprobs)``: ``(..., k)`` vocabulary ids and the teacher's
-            log-probabilities for them (T = 1, over its full vocabulary), as a top-k cache stores them.
+            log-probabilities for them (T = 1, over its full vocabulary), as a top-k cache stores them;
+            optionally a third ``(...)`` tensor, the log of the teacher's mass outside the k ids (a cache
+            stores it: exact where 1 - sum(exp(logprobs)) of fp16 values is only rounding).
             Exactly one form (none when ``kd_weight=0``). The teacher is a constant: it gets no gradient.
         labels: ``(...)`` next-token ids aligned with ``student_hidden`` (already shifted: the label of
             position i is the token at i + 1); ``ignore_index`` marks tokens that do not count (neither
