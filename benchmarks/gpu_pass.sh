@@ -10,8 +10,12 @@
 #   benchmarks/gpu_pass.sh 2 OUT   the ResNet-34 -> ResNet-18 training-step figure, cached vs live teacher
 #                                  images/s (benchmarks/teacher_cache.py, in part2.log), compute-sanitizer
 #                                  (memcheck, racecheck) where the runtime allows it, the
-#                                  torch.compile tests, the remaining benchmark shapes, the
-#                                  distiller zoo's losses beside their eager twins
+#                                  torch.compile tests, the LM distillation step (stage lm:
+#                                  benchmarks/test_bench_lm.py, bf16 8192 x 4096 x 128256, live
+#                                  teacher, JSD: fused vs Liger's chunked loss vs the GEMMs alone
+#                                  and a bf16 matmul roofline; its JSON and table in part2.log), the
+#                                  remaining benchmark shapes, the distiller zoo's losses beside
+#                                  their eager twins
 #
 # Prepare on the development machine: `tools/prebuild_native.sh` (the library for the GPU machine's
 # torch, into prebuilt/) and, to compare with Liger-Kernel, its wheel in benchmarks/wheels/. Run with
@@ -98,6 +102,14 @@ EOF
       json=$(mktemp /tmp/teacher_cache.XXXXXX.json)
       $PY benchmarks/teacher_cache.py "${size[@]}" --no-digits --out "$json"; rc=$?
       cat "$json"; rm -f "$json"; exit $rc ;;
+    lm)
+      # SPEC §9's GPU figures; the JSON goes into the log with its table (OUT holds at most 5 files a part)
+      if [ "$GPU" = 1 ]; then sel="cuda or roofline"; else sel="float32-live-jsd-N64 and (fused or gemms)"; fi
+      json=$(mktemp /tmp/bench_lm.XXXXXX.json)
+      MLKD_BENCH_TINY=$TINY $PY -m pytest benchmarks/test_bench_lm.py -k "$sel" -q -p no:cacheprovider \
+        --benchmark-json "$json"; rc=$?
+      $PY -m benchmarks.report_lm "$json" --out "$(dirname "$json")/bench_lm_report" --readme ''
+      cat "$json"; echo; rm -f "$json"; exit $rc ;;
     sanitize)
       if [ "$GPU" != 1 ]; then echo "sanitize: skipped, no GPU"; exit 0; fi
       if ! command -v compute-sanitizer > /dev/null; then echo "sanitize: skipped, compute-sanitizer is missing"; exit 0; fi
@@ -154,6 +166,7 @@ else
   run cache 60
   run sanitize 150
   run compile-tests 90
+  run lm 120
   run bench 200
 fi
 if [ -f "$OUT/part${PART}_bench.json" ]; then

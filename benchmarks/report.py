@@ -62,6 +62,8 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict]]:
         runs.append({"file": os.path.basename(path), "datetime": doc.get("datetime", "")[:19], **info})
         for b in doc["benchmarks"]:
             e = b.get("extra_info", {})
+            if str(e.get("op", "")).startswith("linear_kd"):
+                continue  # benchmarks/test_bench_lm.py's cases: benchmarks/report_lm.py reports them
             ms = e.get("device_median_ms") or b["stats"]["median"] * 1e3
             rows.append({"group": b["group"], "file": os.path.basename(path), "ms": ms, **e,
                          "timer": "cuda-events" if e.get("device_median_ms") else "wall"})
