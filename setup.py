@@ -19,7 +19,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["mlkd_fast", "mlkd_fast.train", "mlkd_fast.methods", "mlkd_fast.kernels"]
-PACKAGE_DIR = {"mlkd_fast.kernels": "kernels"}
+PACKAGE_DIR: dict[str, str] = {}
 
 
 def _flag(name: str) -> bool:

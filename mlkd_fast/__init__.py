@@ -9,7 +9,7 @@ Where things live:
   no (tokens x vocab) logits): :mod:`mlkd_fast.linear_kd`, its row math in :mod:`mlkd_fast.divergences`
 - the training-only terms of ``MLKDLoss`` (feature alignment, SupCon): :mod:`mlkd_fast.terms`
 - the fused ops' contract (schemas, constants, fakes, autograd): :mod:`mlkd_fast.ops`
-- Triton kernels, one file per op: :mod:`mlkd_fast.kernels` (``kernels/`` in the source tree), their
+- Triton kernels, one file per op: :mod:`mlkd_fast.kernels`, their
   ops defined by :mod:`mlkd_fast._triton`
 - the compiled C++/CUDA ops (``csrc/``): :mod:`mlkd_fast._native`
 - the backend registry and the choice of a backend: :mod:`mlkd_fast.backends`

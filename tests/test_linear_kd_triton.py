@@ -1,4 +1,4 @@
-"""The Triton row kernel of linear_kd (kernels/linear_kd.py, issue #36) against the torch row function
+"""The Triton row kernel of linear_kd (mlkd_fast/kernels/linear_kd.py, issue #36) against the torch row function
 :func:`mlkd_fast.divergences.token_rows` (itself checked against an unchunked fp64 formula and by
 gradcheck in tests/test_linear_kd.py): every divergence, softcaps, CE, temperature, vocab < V_s, -inf
 teacher logits, rows with zero weights, V not a multiple of the tile, one row; the gradient written
@@ -139,7 +139,7 @@ def test_reverse_kl_against_a_zero_teacher_probability(device, kernel):
 
 
 def test_fallbacks_are_the_torch_function(device, kernel):
-    """fp64 logits and a sparse top-k teacher run the torch function (kernels/linear_kd.py docstring)."""
+    """fp64 logits and a sparse top-k teacher run the torch function (mlkd_fast/kernels/linear_kd.py docstring)."""
     z_s = torch.randn(3, 50, device=device, dtype=torch.float64)
     z_t = torch.randn(3, 50, device=device, dtype=torch.float64)
     w = torch.ones(3, device=device, dtype=torch.float64)

@@ -49,6 +49,6 @@ def test_norm_eps_is_defined_once():
         from mlkd_fast.kernels import correlation
         assert correlation.NORM_EPS is ops.NORM_EPS
     assert reference.NORM_EPS is ops.NORM_EPS
-    sources = [p for p in (ROOT / "mlkd_fast").glob("*.py")] + list((ROOT / "kernels").glob("*.py"))
+    sources = [p for p in (ROOT / "mlkd_fast").glob("*.py")] + list((ROOT / "mlkd_fast" / "kernels").glob("*.py"))
     defining = [p.name for p in sources if "NORM_EPS = " in p.read_text()]
     assert defining == ["ops.py"]
