@@ -9,6 +9,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/exp2.h>
 #include <ATen/ops/floor.h>
+#include <ATen/ops/frexp.h>
 #include <ATen/ops/log2.h>
 #include <ATen/ops/log_softmax.h>
 #include <ATen/ops/ones.h>
@@ -227,6 +228,16 @@ static at::Tensor pass_inv_norms(const at::Tensor& x, const at::Tensor& inv_norm
   return inv_norm.masked_fill(x.abs().amax(1) == 0, 0.0);
 }
 
+// fp16 student features as the backward passes take them (kernels/correlation.py's _unit_scaled): every row
+// times the power of two 2^(e + 7) giving it a norm in (2^7, 2^8] (r = m 2^e, m in [0.5, 1)), its inverse norm
+// divided by it (m 2^-7). Exact; the operands (Q - P) f then no longer carry the norms, which at a norm spread
+// of 1e6 or more made the large-norm rows' operands underflow fp16 under one operand scale.
+static std::pair<at::Tensor, at::Tensor> unit_scaled(const at::Tensor& x, const at::Tensor& inv_norm) {
+  const auto [mantissa, exponent] = at::frexp(inv_norm);
+  const auto power = at::exp2((exponent + 7).to(at::kFloat));
+  return {(x.to(at::kFloat) * power.unsqueeze(1)).to(x.scalar_type()).contiguous(), mantissa * (1.0 / 128.0)};
+}
+
 std::tuple<at::Tensor, at::Tensor> correlation_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& a_s,
                                                       const at::Tensor& a_t, const c10::optional<at::Tensor>& b_s,
                                                       const c10::optional<at::Tensor>& b_t, const at::Tensor& lse_s,
@@ -238,6 +249,15 @@ std::tuple<at::Tensor, at::Tensor> correlation_bwd_cuda(const at::Tensor& grad_r
   FusedCorr passes = f;  // the passes' inverse norms (pass_inv_norms); f keeps the true ones
   passes.ra_s = pass_inv_norms(f.a_s, f.ra_s);
   passes.rb_s = b_s.has_value() ? pass_inv_norms(f.b_s, f.rb_s) : passes.ra_s;
+  if (f.a_s.scalar_type() == at::kHalf) {
+    std::tie(passes.a_s, passes.ra_s) = unit_scaled(f.a_s, passes.ra_s);
+    if (b_s.has_value()) {
+      std::tie(passes.b_s, passes.rb_s) = unit_scaled(f.b_s, passes.rb_s);
+    } else {
+      passes.b_s = passes.a_s;
+      passes.rb_s = passes.ra_s;
+    }
+  }
   const int64_t m = f.a_s.size(0), n = f.b_s.size(0), ds = f.a_s.size(1);
   const auto g = grad_rows.to(at::kFloat).contiguous();
   const auto ls = lse_s.to(at::kFloat).contiguous();
