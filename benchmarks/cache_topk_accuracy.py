@@ -59,6 +59,12 @@ def main(argv=None) -> dict:
                 json.dump(results, f, indent=2)
 
     quiet = ["--quiet", "--no-curves"]
+
+    def fresh(name: str) -> str:
+        """A scratch folder of ``work``, emptied: mlkd-train and mlkd-cache refuse one that holds a run or a
+        cache (a --work used again)."""
+        shutil.rmtree(work / name, ignore_errors=True)
+        return str(work / name)
     try:
         teacher = None
         for seed in range(a.seeds):
@@ -66,7 +72,7 @@ def main(argv=None) -> dict:
             if teacher is None or a.data == "digits":  # digits' split depends on the seed: a teacher per seed
                 t_out = work / f"teacher{seed}"
                 t = train(data + s + ["--method", "ce", "--arch", a.teacher_arch, "--teacher-epochs", "0",
-                                      "--epochs", str(a.teacher_epochs), "--out", str(t_out), *quiet])
+                                      "--epochs", str(a.teacher_epochs), "--out", fresh(t_out.name), *quiet])
                 teacher, teacher_top1 = str(t_out / "student.pt"), t["student_top1"]
             caches = {}
             for name, extra in [("all-fp32", [])] + [(f"top{k}-{dt}", ["--top-k", str(k), "--logits-dtype", dt,
@@ -74,15 +80,17 @@ def main(argv=None) -> dict:
                                                       for k, dt in formats]:
                 folder = work / f"cache{seed}-{name}"
                 C.main(data + s + ["--teacher-arch", a.teacher_arch, "--teacher-weights", teacher, "--epochs",
-                                   str(a.epochs), "--features", "--out", str(folder), "--quiet"] + extra)
+                                   str(a.epochs), "--features", "--out", fresh(folder.name), "--quiet"] + extra)
                 caches[name] = folder
             for method in a.methods.split(","):
                 common = data + s + ["--method", method, "--arch", a.arch, "--epochs", str(a.epochs), *quiet]
                 row = {"seed": seed, "method": method, "teacher_top1": teacher_top1}
                 row["live"] = train(common + ["--teacher-arch", a.teacher_arch, "--teacher-weights", teacher,
-                                              "--teacher-epochs", "0", "--out", str(work / "live")])["student_top1"]
+                                              "--teacher-epochs", "0", "--out", fresh(f"live{seed}-{method}")]
+                                    )["student_top1"]
                 for name, folder in caches.items():
-                    row[name] = train(common + ["--teacher-cache", str(folder), "--out", str(work / "c")])["student_top1"]
+                    row[name] = train(common + ["--teacher-cache", str(folder), "--out",
+                                                fresh(f"c{seed}-{method}-{name}")])["student_top1"]
                 results["runs"].append(row)
                 save()
         for method in a.methods.split(","):

@@ -290,10 +290,12 @@ def argv_of(key: RunKey, protocol: Protocol, runs_dir: str) -> list[str]:
         return flags + SETTINGS[key.setting] + [
             "--seed", str(key.seed), "--out", out, "--teacher-arch", protocol.gaps[key.gap], "--teacher-weights",
             os.path.join(runs_dir, key.teacher().folder, "student.pt"), "--epochs", str(protocol.epochs),
-            "--features"]
+            "--features"] + (["--resume"] if os.path.isfile(os.path.join(out, "manifest.json")) else [])
     argv = protocol.base_flags() + SETTINGS[key.setting] + ["--seed", str(key.seed), "--out", out]
-    if os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        argv.append("--resume")  # a run stopped part-way continues where it stopped
+    if any(os.path.isfile(os.path.join(out, f)) for f in ("checkpoint.pt", "config.json")):
+        # a run stopped part-way continues where it stopped (one stopped before its first checkpoint starts
+        # afresh); mlkd-train refuses a folder holding a run without --resume
+        argv.append("--resume")
     if key.method == "teacher":
         return argv + ["--method", BASELINE, "--arch", protocol.gaps[key.gap], "--epochs", str(protocol.teacher_epochs),
                        "--teacher-epochs", "0"]
@@ -470,7 +472,7 @@ def _commit() -> str:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
                              check=True).stdout.strip()
         # what the numbers depend on: the library, the kernels and this script
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mlkd_fast", "kernels",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mlkd_fast",
                                 "csrc", "setup.py", f"benchmarks/{NAME}.py", "benchmarks/study_stats.py"],
                                capture_output=True, text=True, cwd=ROOT).stdout.strip()
         return out + ("-dirty" if dirty else "")

@@ -125,10 +125,15 @@ def measure_pair(name: str, data_args: list[str], student: str, teacher: str, cl
         save()
         return value
 
-    step("ce", lambda: (train(common + ["--method", "ce", "--teacher-epochs", "0", "--out", str(work / "ce")]),
+    def fresh(folder: str) -> str:
+        """A scratch run folder, emptied (mlkd-train refuses a folder holding a run: a --work used again)."""
+        shutil.rmtree(work / folder, ignore_errors=True)
+        return str(work / folder)
+
+    step("ce", lambda: (train(common + ["--method", "ce", "--teacher-epochs", "0", "--out", fresh("ce")]),
                         _student_epochs(work / "ce"))[1])
     step("live", lambda: (train(common + ["--method", method, "--teacher-arch", teacher, "--teacher-weights",
-                                          str(weights), "--teacher-epochs", "0", "--out", str(work / "live")]),
+                                          str(weights), "--teacher-epochs", "0", "--out", fresh("live")]),
                           _student_epochs(work / "live"))[1])
     step("teacher_forward", lambda: teacher_forward_rate(data_args, teacher, str(weights), batch, work / "fwd"))
     cache_args = data_args + ["--teacher-arch", teacher, "--teacher-weights", str(weights), "--epochs", str(epochs),
@@ -145,7 +150,7 @@ def measure_pair(name: str, data_args: list[str], student: str, teacher: str, cl
     step("cache_full_fp32", lambda: create("cache", ["--features"]))
     step("cache_top5_fp16", lambda: create("cache5", ["--top-k", "5", "--logits-dtype", "fp16"]))
     step("cached", lambda: (train(common + ["--method", method, "--teacher-cache", str(work / "cache"),
-                                            "--out", str(work / "cached")]), _student_epochs(work / "cached"))[1])
+                                            "--out", fresh("cached")]), _student_epochs(work / "cached"))[1])
     # CE and cached differ by a few percent, the size of this machine's drift between runs: more rounds of
     # the two alternate, and each keeps its fastest round
     for r in range(1, rounds):

@@ -229,10 +229,11 @@ def test_a_truncated_or_corrupt_shard_is_an_error_naming_the_file(cache, tmp_pat
         open(path, "wb").write(bytes(data))
         with pytest.raises(ValueError, match="e0000-s00000.pt"):
             R.read_shard(path, m, 0, 0)
-        err = _cli_error(["--method", "kd", "--teacher-cache", str(copy), "--out", str(tmp_path / "x"), *TRAIN], capsys)
+        err = _cli_error(["--method", "kd", "--teacher-cache", str(copy), "--out", str(tmp_path / f"x-{damage}"),
+                          *TRAIN], capsys)  # found while training: that run's folder is written, so one each
         assert "e0000-s00000.pt" in err and ("corrupt" in err or "unreadable" in err)
     os.unlink(R.shard_path(str(tmp_path / "flip"), 1, 2))
-    err = _cli_error(["--method", "kd", "--teacher-cache", str(tmp_path / "flip"), "--out", str(tmp_path / "x"),
+    err = _cli_error(["--method", "kd", "--teacher-cache", str(tmp_path / "flip"), "--out", str(tmp_path / "x-gone"),
                       *TRAIN], capsys)
     assert "incomplete" in err and "e0001-s00002.pt" in err
 
@@ -256,20 +257,20 @@ def test_a_killed_creation_resumes_to_the_uninterrupted_cache(cache, teacher, tm
 
     monkeypatch.setattr(C, "_write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
-        C.main(args + ["--out", part])
+        C.main(args + ["--out", part, "--resume"])
     monkeypatch.setattr(C, "_write_shard", real)
     assert all(open(os.path.join(part, f), "rb").read() == b for f, b in written.items())  # earlier shards intact
     assert len([f for f in os.listdir(part) if f.endswith(".pt")]) == 3 and not any(f.startswith(".tmp")
                                                                                     for f in os.listdir(part))
-    resumed = C.main(args + ["--out", part])
+    resumed = C.main(args + ["--out", part, "--resume"])
     assert resumed["status"]["complete"] and resumed["status"]["kept"] == 3 and resumed["status"]["written"] == 3
     for f in os.listdir(cache):
         if f.endswith(".pt"):
             assert open(os.path.join(cache, f), "rb").read() == open(os.path.join(part, f), "rb").read(), f
     # another setting on resume: an error naming it; a larger --epochs grows the cache
     with pytest.raises(ValueError, match="logits.dtype is 'fp32' in the cache but 'fp16'"):
-        C.main(args + ["--out", part, "--logits-dtype", "fp16"])
-    grown = C.main([a if a != "2" else "3" for a in args] + ["--out", part, "--max-shards", "0"])
+        C.main(args + ["--out", part, "--logits-dtype", "fp16", "--resume"])
+    grown = C.main([a if a != "2" else "3" for a in args] + ["--out", part, "--max-shards", "0", "--resume"])
     assert grown["epochs"] == 3 and not grown["status"]["complete"]
 
 

@@ -166,7 +166,7 @@ def test_cifar_recipe_builds_repdistillers_optimiser_and_replays_from_config(tmp
     argv = ["--data", f"cifar10:{tmp_path / 'data'}", "--recipe", "cifar", "--arch", "cnn-tiny", "--teacher-arch",
             "cnn-tiny", "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "16", "--quiet", "--no-curves"]
     main(argv + ["--out", str(out)])
-    state = torch.load(out / "student_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)  # the student's final state
     group = state["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["nesterov"], group["weight_decay"], group["initial_lr"]) == (0.9, False, 5e-4, 0.05)
     assert sorted(state["scheduler"]["milestones"]) == [150, 180, 210]

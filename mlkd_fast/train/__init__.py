@@ -7,9 +7,11 @@
 - :mod:`.models`: networks that return ``(logits, pooled features)``.
 - :mod:`.distributed`, :mod:`.checkpoint`: DDP plumbing and atomic checkpoints.
 - :mod:`.cache` (``mlkd-cache``), :mod:`.replay` (``--teacher-cache``): the teacher cache.
+- :mod:`.export`: :func:`export_student`, a trained network in its library's own layout.
 The objective of a phase is a distiller of :mod:`mlkd_fast.methods`.
 """
 from .cli import parse_args  # noqa: E402
+from .export import export_student  # noqa: E402
 from .run import main  # noqa: E402
 
-__all__ = ["main", "parse_args"]
+__all__ = ["main", "parse_args", "export_student"]

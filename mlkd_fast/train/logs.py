@@ -8,25 +8,75 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Optional
 
+from .checkpoint import dumps_strict
 from .errors import MissingDependencyError
 
 PHASES = ("teacher", "student", "baseline")
 
 
-def tensorboard_writer(log_dir: str):
-    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir``, or a one-line user error naming the
-    package to install when tensorboard is missing."""
+class PlainProgress:
+    """Progress for a stderr that is not a terminal (a log file, a pipe): a plain line every
+    ``interval`` seconds (the first after ``interval``), where tqdm would fill the file with carriage
+    returns. The same calls as tqdm's: ``update``, ``set_postfix``, ``close``."""
+
+    def __init__(self, total: int, initial: int, desc: str, unit: str, interval: float) -> None:
+        self.total, self.n, self.desc, self.unit, self.interval = total, initial, desc, unit, interval
+        self.postfix: dict[str, Any] = {}
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            extra = "".join(f" {k} {v}" for k, v in self.postfix.items())
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}{extra}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool, unit: str = "step", interval: float = 30.0):
+    """A progress display, or None when not ``enabled``: tqdm's bar when stderr is a terminal, else
+    :class:`PlainProgress` (a plain line every ``interval`` seconds; the epoch lines on stdout say the rest)."""
+    if not enabled:
+        return None
+    if not sys.stderr.isatty():
+        return PlainProgress(total, initial, desc, unit, interval)
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the train extra
+        return PlainProgress(total, initial, desc, unit, interval)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, unit=unit)
+
+
+def check_tensorboard() -> None:
+    """A one-line user error naming the package to install when tensorboard is missing (called before
+    anything is written, so that ``--tensorboard`` without it leaves the run folder as it was)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError as exc:  # torch's module imports the tensorboard package
         raise MissingDependencyError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+
+
+def tensorboard_writer(log_dir: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir`` (:func:`check_tensorboard`'s error
+    when tensorboard is missing)."""
+    check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=log_dir)
 
 
 class RunLogs:
-    """The run's log files in ``out``, appended to when a run is resumed."""
+    """The run's log files in ``out``, appended to when a run is resumed. Every record is strict JSON
+    (a non-finite number is written as null: :func:`~.checkpoint.dumps_strict`)."""
 
     def __init__(self, out: str, append: bool, tensorboard: bool, quiet: bool) -> None:
         mode = "a" if append else "w"
@@ -37,7 +87,7 @@ class RunLogs:
 
     def epoch(self, record: dict[str, Any]) -> None:
         """One epoch's record (metrics.jsonl, TensorBoard, and a line on stdout unless quiet)."""
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(dumps_strict(record) + "\n")
         self.metrics.flush()
         if self.tb is not None:
             phase, epoch = record["phase"], record["epoch"]
@@ -55,20 +105,23 @@ class RunLogs:
     def step_records(self, records: list[dict[str, Any]]) -> None:
         """An epoch's per-step records (steps.jsonl, TensorBoard at the phase's global step)."""
         for r in records:
-            self.steps.write(json.dumps(r) + "\n")
+            self.steps.write(dumps_strict(r) + "\n")
             if self.tb is not None:
                 for key, value in r.items():
-                    if key not in ("phase", "epoch", "step", "global_step") and value == value:  # NaN: absent
+                    if (key not in ("phase", "epoch", "step", "global_step") and isinstance(value, (int, float))
+                            and math.isfinite(value)):  # NaN, None: absent
                         self.tb.add_scalar(f"{r['phase']}/{key}", value, r["global_step"])
         self.steps.flush()
         if self.tb is not None:
             self.tb.flush()
 
     def close(self) -> None:
+        """Closes the files (again: nothing)."""
         self.metrics.close()
         self.steps.close()
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:

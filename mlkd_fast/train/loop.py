@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..methods import Distiller
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .logs import progress
 from .data import with_rotations
 from .errors import InputError
 from .distributed import DistInfo, broadcast_buffers, sum_across
@@ -68,10 +70,12 @@ class Phase:
     history: list = field(default_factory=list)
 
     def state(self, epoch: int, step: int, completed: dict[str, Any],
-              config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+              config: Optional[dict[str, Any]] = None, partial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Checkpoint of this phase at (epoch, step); ``completed`` holds the results of finished phases,
-        ``config`` the run's settings that a resume must share (checked by the caller)."""
+        ``config`` the run's settings that a resume must share (checked by the caller), ``partial`` the
+        running sums of the interrupted epoch (mid-epoch: :func:`train_epoch`'s ``sums``)."""
         return {"phase": self.name, "completed": dict(completed), "arch": self.arch, "epoch": epoch, "step": step,
+                "partial": partial if step else None,
                 "config": dict(config or {}), "model": self.model.state_dict(),
                 "distiller": self.distiller.state_dict() if self.distiller is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -138,6 +142,9 @@ class RunContext:
     log_steps: Optional[Callable[[list], None]] = None
     log_every: int = 10
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+    on_nonfinite: str = "stop"  # a non-finite loss: "stop" (NonFiniteLossError) or "skip" the step's update
+    corrupt_warned: int = 0  # the most undecodable images an epoch skipped that a warning line reported
+    prog: str = "mlkd-train"  # the name warnings start with
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -154,25 +161,75 @@ class RunContext:
         return sum_across([float(self.stop.requested)], self.device)[0] > 0
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the train extra
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
-                unit="step")
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss (or non-finite weights after an epoch) stopped the run: nothing after it was
+    saved, the last checkpoint (which holds finite weights) is kept. The command line reports it as
+    one line with exit status 1 (training failed; not an error in what was given)."""
 
 
-def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunContext) -> dict[str, Any]:
-    """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to."""
+def _term_keys(terms: dict[str, Any]) -> list[str]:
+    return [k for k, v in terms.items() if not torch.is_tensor(v) or v.numel() == 1]
+
+
+def nonfinite_detail(keys: list[str], values: list[float]) -> str:
+    """``loss nan; term kd is nan`` from the loss and the terms of one step (``keys[0]`` is the loss):
+    the terms that are not finite, the total only when no term is named."""
+    loss = values[0]
+    bad = [(k, v) for k, v in zip(keys[1:], values[1:]) if v is not None and not math.isfinite(v)]
+    named = [(k, v) for k, v in bad if k != "total"] or bad
+    if not named:
+        return f"loss {loss}"
+    return f"loss {loss}; term{'s' * (len(named) > 1)} " + ", ".join(f"{k} is {v}" for k, v in named)
+
+
+def weights_finite(phase: Phase) -> bool:
+    """True when every floating parameter and buffer of the phase's network and its method's heads is
+    finite (one host sync): a checkpoint is only written of finite weights."""
+    modules = [phase.model] + ([phase.distiller] if phase.distiller is not None else [])
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+
+
+def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunContext,
+                partial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to.
+
+    Returns the epoch's means (``loss`` and ``terms``: each of the method's terms, weighted by batch
+    size like the loss), the lr it trained with, the skipped steps (``--on-nonfinite skip``) and the
+    running ``sums`` (summed over ranks) that a mid-epoch checkpoint keeps: ``partial``, the sums of a
+    checkpoint's interrupted epoch, makes the resumed epoch's means those of the whole epoch.
+
+    A non-finite loss raises :class:`NonFiniteLossError` naming the step and the term, before the
+    step's update where the check costs nothing (one process on CPU, or ``skip``, where every step is
+    checked, a host sync on CUDA); on CUDA and under DDP the flag of the first non-finite step is kept
+    on the device and read at the end of the epoch (no sync in the step), before anything is saved.
+    """
     phase.step_module.train()
     if phase.teacher is not None:
         phase.teacher.eval()
     views = phase.views
-    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    skip = ctx.on_nonfinite == "skip"
+    # checked in the step: free on the CPU; with skip the step must know (and under DDP every rank agree)
+    immediate = skip or (ctx.device.type != "cuda" and not ctx.dist.enabled)
+    # running sums: [loss, *terms] x batch size, on the device; images per key on the host (a term absent
+    # from a step is not counted); rank 0 restores an interrupted epoch's (global) sums
+    keys: list[str] = ["loss"]
+    sums = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+    counts = [0]
+    skipped = 0
+    if partial and ctx.dist.main:
+        keys = ["loss"] + list(partial["terms"])
+        sums = torch.tensor([partial["loss_sum"]] + [v for v, _ in partial["terms"].values()], dtype=torch.float64,
+                            device=ctx.device)
+        counts = [partial["images"]] + [n for _, n in partial["terms"].values()]
+        skipped = partial.get("skipped", 0)
+    first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)  # deferred check: the first bad step
+    bad_values = sums.new_zeros(len(keys))
     images, steps = 0, 0
-    bar = _progress(source.steps_per_epoch(), start_step, f"{phase.name} {epoch + 1}/{phase.epochs}",
-                    ctx.progress and ctx.dist.main)
+    bar = progress(source.steps_per_epoch(), start_step, f"{phase.name} {epoch + 1}/{phase.epochs}",
+                   ctx.progress and ctx.dist.main)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     start = time.perf_counter()
@@ -185,9 +242,8 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
     # device and read back once at the end of the epoch (reading them each step would sync the host every step)
     every = ctx.log_every if ctx.log_steps is not None else 0
     per_epoch = source.steps_per_epoch()
-    lr = phase.optimizer.param_groups[0]["lr"]  # the schedule steps per epoch
+    lr = phase.optimizer.param_groups[0]["lr"]  # the schedule steps per epoch: this epoch trains at this lr
     rows: list = []
-    keys: Optional[list[str]] = None
     # a source replaying a teacher cache yields (x, y, index, the teacher's Outputs) and the teacher does not run
     cached = getattr(source, "yields_teacher_outputs", False)
     if cached:
@@ -211,19 +267,45 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
                 loss = phase.step_module(x, y, index)
             else:
                 loss = phase.step_module(x, y, index, teacher_outputs=teacher_out)
+        terms = distiller.last if distiller is not None else {}
+        step_keys = _term_keys(terms)
+        new = [k for k in step_keys if k not in keys]
+        if new:  # a term first seen here (the usual case: the epoch's first step)
+            keys += new
+            counts += [0] * len(new)
+            sums = torch.cat([sums, sums.new_zeros(len(new))])
+            bad_values = torch.cat([bad_values, bad_values.new_zeros(len(new))])
+        present = [True] + [k in terms for k in keys[1:]]
+        # one stack and one cast a step (the terms are fp32 scalars: .float() is free); a term absent: 0, not counted
+        values = torch.stack([loss.detach().float().reshape(())] + [
+            torch.as_tensor(terms[k], device=loss.device).detach().float().reshape(()) if here
+            else loss.new_zeros((), dtype=torch.float32) for k, here in zip(keys[1:], present[1:])]).double()
+        if immediate:
+            bad = not bool(torch.isfinite(loss.detach()))
+            if ctx.dist.enabled:  # every rank skips (or stops at) the same step
+                bad = sum_across([float(bad)], ctx.device)[0] > 0
+            if bad and not skip:
+                raise NonFiniteLossError(f"non-finite loss at {phase.name} epoch {epoch + 1} step {step} ("
+                                         + nonfinite_detail(keys, values.tolist()) + ")")
+            if bad:  # --on-nonfinite skip: no update from this step, counted
+                skipped += 1
+                if bar is not None:
+                    bar.update(1)
+                continue
+        else:
+            fresh = (first_bad < 0) & ~torch.isfinite(loss.detach())
+            first_bad = torch.where(fresh, step, first_bad)
+            bad_values = torch.where(fresh, values, bad_values)
         phase.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         phase.optimizer.step()
-        total += loss.detach().double() * y.shape[0]
+        b = y.shape[0]
+        sums += values * b
+        for i, here in enumerate(present):
+            counts[i] += b if here else 0
         if every and (epoch * per_epoch + step) % every == 0:
-            terms = distiller.last if distiller is not None else {}
-            if keys is None:
-                keys = [k for k, v in terms.items() if not torch.is_tensor(v) or v.numel() == 1]
-            nan = torch.full((), float("nan"), device=loss.device)
-            rows.append((step, torch.stack([loss.detach().float()] + [
-                torch.as_tensor(terms[k], device=loss.device).detach().float().reshape(()) if k in terms else nan
-                for k in keys])))
-        images += y.shape[0]
+            rows.append((step, values.float(), present))
+        images += b
         steps += 1
         ctx.steps_done += 1
         if bar is not None:
@@ -236,14 +318,47 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    if not immediate:  # the deferred check, before anything of this epoch is logged or saved
+        at = int(first_bad)
+        seen = sum_across([float(at >= 0)], ctx.device)[0] > 0 if ctx.dist.enabled else at >= 0
+        if seen:  # every rank stops (the all-reduced weights are non-finite on all of them)
+            where = (f"step {at} ({nonfinite_detail(keys, bad_values.tolist())})" if at >= 0
+                     else "a step of another process")
+            raise NonFiniteLossError(f"non-finite loss at {phase.name} epoch {epoch + 1} {where}")
     if rows:
-        values = torch.stack([r[1] for r in rows]).cpu().tolist()
-        ctx.log_steps([{"phase": phase.name, "epoch": epoch + 1, "step": s, "global_step": epoch * per_epoch + s + 1,
-                        "loss": v[0], **dict(zip(keys, v[1:])), "lr": lr} for (s, _), v in zip(rows, values)])
-    loss_sum, count = sum_across([float(total), float(images)], ctx.device)
-    return {"loss": loss_sum / max(count, 1), "images": count, "seconds": elapsed, "steps": steps,
+        flat = torch.cat([r[1] for r in rows]).cpu().tolist()
+        records, at = [], 0
+        for s, v, present in rows:
+            vals, at = flat[at:at + len(v)], at + len(v)
+            terms = {k: (val if here else None) for k, val, here in zip(keys[1:], vals[1:], present[1:])}
+            records.append({"phase": phase.name, "epoch": epoch + 1, "step": s,
+                            "global_step": epoch * per_epoch + s + 1, "loss": vals[0], **terms, "lr": lr})
+        ctx.log_steps(records)
+    # over ranks: the sums, the images per key, this invocation's images, the skipped steps
+    totals = sum_across(sums.tolist() + [float(c) for c in counts] + [float(images), float(skipped)], ctx.device)
+    n = len(keys)
+    global_sums, global_counts = totals[:n], [int(c) for c in totals[n:2 * n]]
+    count, skipped_all = totals[2 * n], int(totals[2 * n + 1])
+    means = {k: v / c if c else None for k, v, c in zip(keys, global_sums, global_counts)}
+    return {"loss": means["loss"] if global_counts[0] else float("nan"), "terms": {k: means[k] for k in keys[1:]},
+            "lr": lr, "skipped": skipped_all, "images": count, "seconds": elapsed, "steps": steps,
             "images_per_s": count / max(elapsed, 1e-9), "step_ms": 1e3 * elapsed / max(steps, 1),
-            "interrupted_at": interrupted_at}
+            "interrupted_at": interrupted_at,
+            "sums": {"loss_sum": global_sums[0], "images": global_counts[0], "skipped": skipped_all,
+                     "terms": {k: (v, c) for k, v, c in zip(keys[1:], global_sums[1:], global_counts[1:])}}}
+
+
+def _round(value: Optional[float], digits: int) -> Optional[float]:
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+def _warn_corrupt(count: int, phase: str, epoch: int, ctx: RunContext) -> None:
+    """One warning line on stderr when an epoch skipped undecodable images, and again only when a later
+    epoch skipped more (the same files are met every epoch): they are counted in ``corrupt_images``."""
+    if count > ctx.corrupt_warned and ctx.dist.main:
+        ctx.corrupt_warned = count
+        print(f"{ctx.prog}: warning: {count} undecodable image(s) skipped in {phase} epoch {epoch + 1} (counted "
+              f"in corrupt_images; --on-corrupt fail stops at the first, naming it)", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -272,14 +387,22 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
     ``last_val_top1`` with ``val_batches`` (a validation split held out of the training data, evaluated
     beside the test set: every ``ctx.eval_every`` epochs and after the last)."""
     epoch, step = phase.load(resume) if resume is not None else (0, 0)
+    partial = resume.get("partial") if resume is not None and step else None
     last_top1 = phase.history[-1]["top1"] if phase.history else float("nan")
     last_top5 = phase.history[-1].get("top5", float("nan")) if phase.history else float("nan")
     while epoch < phase.epochs:
-        stats = train_epoch(phase, source, epoch, step, ctx)
+        corrupt_before = getattr(source, "corrupt", 0)
+        stats = train_epoch(phase, source, epoch, step, ctx, partial)
+        partial = None
+        if not weights_finite(phase):  # every loss was finite, but an update overflowed: save nothing of it
+            raise NonFiniteLossError(f"non-finite weights after {phase.name} epoch {epoch + 1} step "
+                                     f"{stats['interrupted_at'] if stats['interrupted_at'] is not None else 'end'} "
+                                     f"(every loss was finite: an update overflowed)")
+        _warn_corrupt(getattr(source, "corrupt", 0) - corrupt_before, phase.name, epoch, ctx)
         if stats["interrupted_at"] is not None:
             if ctx.dist.main:
                 save_checkpoint(ctx.checkpoint_path,
-                                phase.state(epoch, stats["interrupted_at"], ctx.completed, ctx.config))
+                                phase.state(epoch, stats["interrupted_at"], ctx.completed, ctx.config, stats["sums"]))
             return {"finished": False, "epoch": epoch, "step": stats["interrupted_at"]}
         phase.scheduler.step()
         # every rank evaluates (and rank 0 saves) the same statistics: rank 0's
@@ -292,15 +415,18 @@ def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], c
         if evaluates:
             last_top1, last_top5 = top1, top5
         val_top1 = evaluate(phase.model, val_batches(), ctx)[0] if val_batches is not None and evaluates else None
-        record = {"phase": phase.name, "epoch": epoch + 1, "loss": round(stats["loss"], 5),
+        # one meaning per field: the epoch's means (the loss and every term, over the whole epoch, a resumed
+        # one included) and the lr the epoch trained with (the scheduler has already stepped to the next)
+        record = {"phase": phase.name, "epoch": epoch + 1, "loss": _round(stats["loss"], 5),
                   "top1": round(top1, 3) if not math.isnan(top1) else None,
                   "top5": round(top5, 3) if not math.isnan(top5) else None,
                   "images_per_s": round(stats["images_per_s"], 1), "step_ms": round(stats["step_ms"], 2),
-                  "lr": phase.optimizer.param_groups[0]["lr"], "corrupt_images": getattr(source, "corrupt", 0)}
+                  "lr": stats["lr"], "corrupt_images": getattr(source, "corrupt", 0)}
+        if ctx.on_nonfinite == "skip":
+            record["skipped_steps"] = stats["skipped"]
         if val_top1 is not None:
             record["val_top1"] = round(val_top1, 3)
-        if phase.distiller is not None and phase.distiller.last:
-            record.update({k: round(float(v), 5) for k, v in phase.distiller.last.items()})
+        record.update({k: _round(v, 5) for k, v in stats["terms"].items()})
         phase.history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "val_top1": val_top1,
                               "images_per_s": stats["images_per_s"]})
         ctx.log(record)

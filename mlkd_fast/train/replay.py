@@ -167,13 +167,14 @@ def read_shard(path: str, manifest: dict[str, Any], epoch: int, shard: int) -> d
     the file when it is missing, truncated or corrupt."""
     if not os.path.isfile(path):
         raise MissingInputError(f"teacher cache shard {path!r} is missing: the cache is incomplete (run its mlkd-cache "
-                                f"command again to finish it)")
+                                f"command again with --resume to finish it)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise InputError(f"teacher cache shard {path!r} is unreadable (truncated or corrupt: {type(exc).__name__}: "
-                         f"{reason}); delete it and run the mlkd-cache command again to rewrite it") from exc
+                         f"{reason}); delete it and run the mlkd-cache command again with --resume to rewrite "
+                         f"it") from exc
     start, stop = shard_span(manifest, shard)
     problem = None
     if not isinstance(state, dict):
@@ -196,7 +197,7 @@ def read_shard(path: str, manifest: dict[str, Any], epoch: int, shard: int) -> d
                 problem = "its checksum does not match its contents"
     if problem:
         raise InputError(f"teacher cache shard {path!r} is corrupt: {problem}; delete it and run the mlkd-cache "
-                         f"command again to rewrite it")
+                         f"command again with --resume to rewrite it")
     return state
 
 
@@ -247,8 +248,8 @@ class TeacherCache:
                    if not os.path.isfile(shard_path(folder, e, k))]
         if missing:
             raise InputError(f"--teacher-cache {folder!r} is incomplete: {len(missing)} of {m['count']} shards missing "
-                             f"(the first: {os.path.basename(missing[0])}); run its mlkd-cache command again to "
-                             f"finish it")
+                             f"(the first: {os.path.basename(missing[0])}); run its mlkd-cache command again with "
+                             f"--resume to finish it")
         return cache
 
     @property
