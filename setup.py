@@ -18,7 +18,7 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["mlkd_fast", "mlkd_fast.train", "mlkd_fast.methods", "mlkd_fast.kernels"]
+PACKAGES = ["mlkd_fast", "mlkd_fast.train", "mlkd_fast.methods", "mlkd_fast.kernels", "mlkd_fast.lm"]
 PACKAGE_DIR: dict[str, str] = {}
 
 
