@@ -478,6 +478,10 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     what was given (one line on stderr); 130 when interrupted before the cache was started, or by a
     second Ctrl-C; 1 with a traceback otherwise."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "lm":  # mlkd-cache lm: the language-model top-k cache (mlkd_fast.lm.cache)
+        from ..lm.cache import cli as lm_cli
+
+        return lm_cli(argv[1:])
     try:
         args = parse_cache_args(argv)
     except SystemExit as exc:
