@@ -62,12 +62,39 @@ def default_chunk_size(tokens: int, vocab: int, device: Union[str, torch.device]
 RowFunction = Callable[..., tuple[Tensor, Tensor, Optional[Tensor]]]
 
 
+# The torch rows are a chain of elementwise passes over the chunk (~10 of them); on CPU, from this many
+# entries a chunk on, they run as one inductor-compiled function instead (4-10x faster at 256 x 32000,
+# measured on the development CPU; one compile of a few seconds per configuration; rows-times-V below it
+# stay eager so that small calls never wait for a compiler). MLKD_FAST_LM_COMPILE=0 turns it off.
+COMPILE_MIN_ENTRIES = 1 << 22
+_COMPILED: dict[str, object] = {}
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("MLKD_FAST_LM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _torch_rows(z_s: Tensor, **kwargs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """divergences.token_rows, inductor-compiled for large CPU chunks (see COMPILE_MIN_ENTRIES)."""
+    if z_s.device.type != "cpu" or z_s.numel() < COMPILE_MIN_ENTRIES or not _compile_enabled() \
+            or "failed" in _COMPILED:
+        return divergences.token_rows(z_s, **kwargs)
+    compiled = _COMPILED.get("rows")
+    if compiled is None:
+        compiled = _COMPILED["rows"] = torch.compile(divergences.token_rows, dynamic=False)
+    try:
+        return compiled(z_s, **kwargs)
+    except Exception as exc:  # no C++ compiler, an inductor limitation: the eager rows are the same math
+        _COMPILED["failed"] = f"{type(exc).__name__}: {exc}"
+        return divergences.token_rows(z_s, **kwargs)
+
+
 def _row_function(name: str) -> RowFunction:
     if name == "triton":
         from .kernels import linear_kd as triton_rows  # noqa: PLC0415 - Triton is optional
 
         return triton_rows.token_rows
-    return divergences.token_rows
+    return _torch_rows
 
 
 def _backend_for(backend: str, device: torch.device) -> str:

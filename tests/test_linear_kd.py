@@ -459,3 +459,25 @@ def test_topk_with_a_stored_rest_logmass_uses_it_for_the_tail():
     assert (other - implied).abs() > 1e-4  # the stored value is what the tail bucket reads
     with pytest.raises(ValueError, match="rest_logmass must have shape"):
         linear_kd_loss(hs, ws, teacher_topk=(top.indices, top.values, rest[:-1]))
+
+
+def test_compiled_cpu_rows_equal_the_eager_rows(monkeypatch):
+    """Large CPU chunks run the row math inductor-compiled (linear_kd.COMPILE_MIN_ENTRIES): the same values
+    and gradients as the eager rows, to fp32 round-off."""
+    from mlkd_fast import linear_kd
+
+    hs, ws, bs, ht, wt, labels = _inputs(n=40, v=300, seed=23, dtype=torch.float32)
+    opts = dict(student_bias=bs, teacher_hidden=ht, teacher_weight=wt, labels=labels, divergence="jsd",
+                ce_weight=0.5, student_softcap=20.0, temperature=2.0, chunk_size=20)
+    monkeypatch.setenv("MLKD_FAST_LM_COMPILE", "0")
+    eager = linear_kd_loss(hs, ws, **opts)
+    eager_grads = torch.autograd.grad(eager, (hs, ws, bs))
+    monkeypatch.setenv("MLKD_FAST_LM_COMPILE", "1")
+    monkeypatch.setattr(linear_kd, "COMPILE_MIN_ENTRIES", 0)
+    compiled = linear_kd_loss(hs, ws, **opts)
+    compiled_grads = torch.autograd.grad(compiled, (hs, ws, bs))
+    assert "failed" not in linear_kd._COMPILED, linear_kd._COMPILED.get("failed")
+    assert "rows" in linear_kd._COMPILED
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
