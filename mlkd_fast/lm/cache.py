@@ -150,6 +150,8 @@ def _config_json(teacher: Any) -> Optional[dict]:
             d = json.loads(json.dumps(cfg.to_dict(), default=str))
         elif isinstance(cfg, dict):
             d = json.loads(json.dumps(cfg, default=str))
+        elif hasattr(cfg, "__dict__"):
+            d = json.loads(json.dumps(vars(cfg), default=str))
         else:
             return None
     except Exception:  # pragma: no cover - an exotic config
@@ -316,14 +318,10 @@ def _teacher_rows(teacher: Any, x: Tensor, k: int, dtype: torch.dtype) -> tuple[
 
 
 def _probe_vocab(teacher: Any, sequences: Tensor) -> int:
-    cfg = getattr(teacher, "config", None)
+    """The teacher's vocabulary: the width of its logits for one token (id 0, in every vocabulary)."""
     with torch.inference_mode():
-        x = sequences[:1, :1].to(_device_of(teacher))
-        v = int(_logits(teacher, x).shape[-1])
-    cv = getattr(cfg, "vocab_size", None)
-    if isinstance(cv, int) and cv != v:  # pragma: no cover - an odd model
-        pass
-    return v
+        x = torch.zeros((1, 1), dtype=torch.int64, device=_device_of(teacher))
+        return int(_logits(teacher, x).shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -956,22 +954,40 @@ def _transformers():
     return transformers
 
 
-def _load_local(args: argparse.Namespace):
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _quiet(tf) -> None:
+    """No download or weight-loading progress bars and no advice on stderr: the command's errors stay one line."""
+    try:
+        tf.utils.logging.disable_progress_bar()
+        tf.utils.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - another transformers layout
+        pass
+
+
+def _load_tokenizer(args: argparse.Namespace):
     tf = _transformers()
-    for flag, path in (("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{flag} {path!r}: no such folder (a local Hugging Face folder)")
+    _quiet(tf)
+    if not os.path.isdir(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer!r}: no such folder (a local Hugging Face folder)")
     try:
-        tok = tf.AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        return tf.AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     except Exception as exc:
-        raise LMCacheError(f"--tokenizer {args.tokenizer!r}: no tokenizer loads from it "
-                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+        raise LMCacheError(f"--tokenizer {args.tokenizer!r}: no tokenizer loads from it ({_first_line(exc)})") from exc
+
+
+def _load_model(args: argparse.Namespace):
+    tf = _transformers()
+    _quiet(tf)
+    if not os.path.isdir(args.teacher):
+        raise FileNotFoundError(f"--teacher {args.teacher!r}: no such folder (a local Hugging Face folder)")
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(args.teacher, local_files_only=True)
+        return tf.AutoModelForCausalLM.from_pretrained(args.teacher, local_files_only=True)
     except Exception as exc:
-        raise LMCacheError(f"--teacher {args.teacher!r}: no causal LM loads from it "
-                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
-    return model, tok
+        raise LMCacheError(f"--teacher {args.teacher!r}: no causal LM loads from it ({_first_line(exc)})") from exc
 
 
 def corpus_files(path: str) -> list[str]:
@@ -1032,7 +1048,27 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     files = corpus_files(args.data)
     if not files:
         raise LMCacheError(f"--data {args.data!r}: the corpus is empty (no .py or .txt file in it)")
-    model, tok = _load_local(args)
+    for flag, path in (("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{flag} {path!r}: no such folder (a local Hugging Face folder)")
+    tok = _load_tokenizer(args)
+    seqs = tokenize_corpus(tok, files, args.seq_len)
+    tok_hash = tokenizer_file_hash(args.tokenizer)
+    if os.path.isfile(os.path.join(out, MANIFEST)):  # a cache there: what can be compared before loading the teacher
+        stored = _read_manifest(out)
+        mine = {"tokenizer.sha256": tok_hash, "data.sha256": token_stream_hash(seqs), "seq_len": args.seq_len,
+                "num_sequences": int(seqs.shape[0]), "k": args.k, "logprob_dtype": args.dtype,
+                "teacher_batch": args.batch_size}
+        if args.shard_size is not None:
+            mine["shards.size"] = args.shard_size
+        differ = [f"{f} is {_get(stored, f)!r} in the cache but {v!r} here" for f, v in mine.items()
+                  if _get(stored, f) != v]
+        if differ:
+            raise LMCacheError(f"--out {out!r} holds an LM cache of something else ({'; '.join(differ)}): give the "
+                               f"cache's settings to resume it, or another --out")
+        if args.shard_size is None:
+            args.shard_size = stored["shards"]["size"]
+    model = _load_model(args)
     ctx = _max_positions(model)
     if ctx is not None and args.seq_len > ctx:
         raise LMCacheError(f"--seq-len {args.seq_len} is longer than the teacher's context (max_position_embeddings = "
@@ -1045,7 +1081,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if tlen > vocab:
         raise LMCacheError(f"the tokenizer has {tlen} ids but the teacher's vocabulary {vocab}: they are not of one "
                            f"vocabulary (give the teacher's own tokenizer)")
-    seqs = tokenize_corpus(tok, files, args.seq_len)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1057,7 +1092,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     extra = {"command": {"teacher": os.path.abspath(args.teacher), "tokenizer": os.path.abspath(args.tokenizer),
                          "data": os.path.abspath(args.data), "files": len(files)}}
     m = write_lm_cache(model, seqs, out, k=args.k, logprob_dtype=args.dtype, batch_size=args.batch_size,
-                       tokenizer_hash=tokenizer_file_hash(args.tokenizer), resume=True, progress=not args.quiet,
+                       tokenizer_hash=tok_hash, resume=True, progress=not args.quiet,
                        shard_size=args.shard_size, max_shards=args.max_shards, extra=extra)
     st, sz = m["status"], m.get("sizes", {})
     print(f"{PROG}: {out}: {st['written']} shard(s) written, {st['kept']} kept, of {st['total']}; "
