@@ -144,15 +144,22 @@ def test_kd_equals_materialised_kl_and_no_logits(folders):
 
 
 def test_loss_gemms_stay_fp32_under_autocast(folders):
+    """Under bf16 autocast the models' forwards run in bf16, the loss's GEMMs in fp32: the loss equals
+    linear_kd_loss outside autocast on the hidden states the autocast forwards produce."""
+    from mlkd_fast.functional import linear_kd_loss
+    from mlkd_fast.lm import head_inputs
+
     student, teacher = load_causal_lm(folders[0]), load_causal_lm(folders[1])
     batch, crit = batch_of(), LinearKDLoss(ce_weight=1.0)
-    plain = lm_distill_loss(student, batch, crit, teacher=teacher)
-    # the models' hidden states in bf16 under autocast differ; the loss from given hidden states must not:
-    # run the model in fp32 and only the loss under autocast
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
-        with torch.autocast("cpu", enabled=False):
-            hidden_in = lm_distill_loss(student, batch, crit, teacher=teacher)
-    assert torch.allclose(plain, hidden_in, atol=1e-6)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = lm_distill_loss(student, batch, crit, teacher=teacher)
+        h_s = head_inputs(student, inputs)
+        with torch.no_grad():
+            h_t = head_inputs(teacher, inputs)
+    outside = linear_kd_loss(h_s, student.lm_head.weight, teacher_hidden=h_t, teacher_weight=teacher.lm_head.weight,
+                             labels=shift_labels(batch["labels"]), ce_weight=1.0)
+    assert torch.allclose(under, outside, atol=1e-6, rtol=0), (under, outside)
 
 
 def test_cached_teacher_topk(folders):
