@@ -246,11 +246,14 @@ def _linear_kd_op(student_hidden: Tensor, student_weight: Tensor, student_bias: 
                   teacher_softcap: float, vocab: int, topk_tail: bool, chunk_size: int, rows_backend: str,
                   grad_hidden: bool, grad_weight: bool, grad_bias: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kd, ce, dh, dw, db = linear_kd_pass(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-        topk_indices, topk_logprobs, topk_rest, labels, kd_row_weight, ce_row_weight, divergence, coef, temperature,
-        student_scale, teacher_scale, student_softcap, teacher_softcap, vocab, topk_tail, chunk_size, rows_backend,
-        grad_hidden, grad_weight, grad_bias)
+    # the GEMMs' precision is this op's contract (fp32 results), not autocast's: under autocast (CPU or
+    # CUDA) the matmuls inside would run in bf16/fp16 and round the logits before the softmax
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        kd, ce, dh, dw, db = linear_kd_pass(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+            topk_indices, topk_logprobs, topk_rest, labels, kd_row_weight, ce_row_weight, divergence, coef, temperature,
+            student_scale, teacher_scale, student_softcap, teacher_softcap, vocab, topk_tail, chunk_size, rows_backend,
+            grad_hidden, grad_weight, grad_bias)
     total = (kd_row_weight * kd).sum() + (ce_row_weight * ce).sum()
     return total, kd, ce, dh, dw, db
 

@@ -481,3 +481,12 @@ def test_compiled_cpu_rows_equal_the_eager_rows(monkeypatch):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_does_not_round_the_logits():
+    """Under CPU bf16 autocast the op's GEMMs still give fp32 logits (the op turns autocast off inside)."""
+    hs, ws, bs, ht, wt, labels = _inputs(n=64, h=32, v=96, seed=24, dtype=torch.float32)
+    plain = linear_kd_loss(hs, ws, teacher_hidden=ht, teacher_weight=wt, labels=labels, ce_weight=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = linear_kd_loss(hs, ws, teacher_hidden=ht, teacher_weight=wt, labels=labels, ce_weight=1.0)
+    torch.testing.assert_close(under, plain, rtol=1e-6, atol=1e-6)
