@@ -204,7 +204,8 @@ def test_resume_with_a_larger_epochs_continues_on_the_cosine_of_the_new_length(t
     main(["--out", str(tmp_path / "full"), *common, "--epochs", "4"])
     part = tmp_path / "part"
     main(["--out", str(part), *common, "--epochs", "2"])
-    assert [r["lr"] for r in _records(part)][1] == pytest.approx(0.0, abs=1e-12)  # the 2-epoch cosine's end
+    # each record holds the lr its epoch trained with: the 2-epoch cosine's 0.02 then 0.01 (then 0 at its end)
+    assert [r["lr"] for r in _records(part)][:2] == pytest.approx([0.02, 0.01], abs=1e-12)
     summary = main(["--out", str(part), *common, "--epochs", "4", "--resume"])
     got = [(r["phase"], r["epoch"], r["lr"]) for r in _records(part)]
     assert [g[:2] for g in got] == ([("student", 1), ("student", 2), ("baseline", 1), ("baseline", 2)]
@@ -212,7 +213,9 @@ def test_resume_with_a_larger_epochs_continues_on_the_cosine_of_the_new_length(t
     fresh = {(r["phase"], r["epoch"]): r["lr"] for r in _records(tmp_path / "full")}
     for phase, epoch, lr in got[4:]:
         assert lr == pytest.approx(fresh[(phase, epoch)], rel=1e-9, abs=1e-12), (phase, epoch)
-    assert fresh[("student", 3)] == pytest.approx(0.02 * (1 + math.cos(math.pi * 3 / 4)) / 2)
+    # epoch 3 of the 4-epoch cosine, trained on from the 2-epoch run's end (lr ~0 there): back up to 0.01
+    assert fresh[("student", 3)] == pytest.approx(0.02 * (1 + math.cos(math.pi * 2 / 4)) / 2)
+    assert fresh[("student", 4)] == pytest.approx(0.02 * (1 + math.cos(math.pi * 3 / 4)) / 2)
     assert summary["last_epoch"] == 4 and "baseline_top1" in summary
     # fewer epochs than already trained: refused, nothing trained
     with pytest.raises(InputError, match="the student has trained 4 epoch.s. already, more than --epochs 3"):
