@@ -147,6 +147,18 @@ def test_bss_gets_its_inputs_and_networks_from_distillation():
     assert torch.isfinite(loss) and "bss" in distill.last
 
 
+def test_bss_with_one_sample_to_attack_gives_a_zero_term_not_a_batchnorm_crash(monkeypatch):
+    """One attacked sample cannot pass a BatchNorm student in training mode: the term is 0, as with none."""
+    import mlkd_fast.methods.bss as bss_module
+
+    torch.manual_seed(0)
+    distill = M.Distillation(_resnet(), _resnet(), "bss", input_shape=SHAPE, w_kd=1.0, w_bss=1.0, max_samples=8)
+    monkeypatch.setattr(bss_module, "bss_select", lambda *args, **kwargs: torch.tensor([3]))
+    distill.train()
+    loss = distill(*_batch())
+    assert torch.isfinite(loss) and distill.last["bss"].item() == 0.0
+
+
 def test_a_warm_up_never_runs_silently():
     distill = M.Distillation(_resnet(), _resnet(), "dkd", input_shape=SHAPE)
     x, y = _batch()

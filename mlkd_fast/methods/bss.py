@@ -215,7 +215,9 @@ class BSS(Distiller):
                                                           backend=self.backend)}
         w_bss = self._weight(self.w_bss)
         chosen = bss_select(student.logits.detach(), t_logits, target, self.max_samples) if w_bss > 0 else None
-        if chosen is None or chosen.numel() == 0:
+        # one attacked sample cannot go through a student with BatchNorm in training mode (batch statistics
+        # of one sample): like none, it gives a zero term (found as a flaky crash of the README's zoo block)
+        if chosen is None or chosen.numel() < 2:
             terms["bss"] = student.logits.sum() * 0.0
             return terms
         attack_class = bss_attack_classes(t_logits[chosen])
