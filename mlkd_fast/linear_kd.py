@@ -139,6 +139,11 @@ def _math_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# torch.mm(a, b, out_dtype=torch.float32) with bf16/fp16 operands (cuBLAS accumulates in fp32 and writes fp32):
+# an ATen overload of recent torch releases, CUDA only; without it the operands are cast to fp32 once.
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
 class _Head:
     """One side's lm_head as the GEMMs see it: logits of a chunk in the math dtype, never rounded to
     a low-precision input dtype; on CUDA from bf16/fp16 operands with fp32 output, elsewhere from
@@ -146,7 +151,7 @@ class _Head:
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], scale: float, math: torch.dtype) -> None:
         self.native_out = weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16) \
-            and math == torch.float32
+            and math == torch.float32 and _MM_OUT_DTYPE
         self.weight = weight if self.native_out else weight.to(math)
         self.bias = None if bias is None else bias.to(math)
         self.scale, self.math = scale, math
