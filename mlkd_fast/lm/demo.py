@@ -34,13 +34,19 @@ re-run skips it):
 6. Throughput and peak memory per training step (student fwd+bwd+AdamW with a live teacher,
    forward KL + CE, 0.5 / 0.5): the fused loop against the same loop with Hugging Face's default
    materialised logits (``model(input_ids, labels=...)`` and an eager KL of the materialised teacher
-   and student logits), each in its own child process, at the demo's shapes and at a larger
+   and student logits), each in its own child process (``--quick``: one per loop, the shapes in turn),
+   at the demo's shapes and at a larger
    vocabulary and sequence where the logits dominate. Peak memory: the child's resident-set
    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` after the models and batch are
-   built) minus its resident set at that moment: what the steps added. Both loops' first-step
-   losses are recorded: they are the same loss.
+   built, and again after the first step) minus its resident set before the first step: what the
+   steady steps add (the first step, allocator warm-up and any one-off compile, reported apart). The
+   median time of the steps after the first. Both loops' first-step losses are recorded: they are the
+   same loss. One measurement each, on a shared machine: no interval.
 7. The cache: bytes per token on disk, and the KL between the teacher's full distribution and its
    top-k reconstruction for k in ``topk_ks`` on the validation split.
+
+Threads: ``--threads`` (default 1). On the shared 2-core machine of the pilot two torch threads spun
+against the other jobs and ran 5-20x slower per step than one.
 
 Where it writes: the work (tokenizer, teacher, cache, one JSON per run) under ``--work`` (default
 ``runs/lm_stdlib/`` or ``runs/lm_stdlib_quick/``); the results ``lm_stdlib.json`` and ``lm_stdlib.md``
@@ -64,7 +70,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -114,6 +120,7 @@ class Protocol:
     bench_steps: int = 4
     bench_large: tuple = (32000, 512, 4)  # (vocab, seq_len, batch) where the logits dominate
     eval_batch: int = 8
+    bench_isolated: bool = True  # one child process per (shape, loop); False: one per loop, shapes in turn
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -125,7 +132,7 @@ QUICK = Protocol(min_file_bytes=2_000, max_file_bytes=20_000, train_bytes=120_00
                  teacher_heads=2, teacher_steps=40, student_layers=1, student_hidden=32, student_heads=2,
                  student_steps=16, ce_lrs=(3e-3, 1e-2), kd_grid=((0.5, 1.0), (1.0, 1.0)), topk=16,
                  topk_ks=(1, 8, 32, 64, 128), seeds=(0, 1), bench_steps=2, bench_large=(4096, 128, 2),
-                 eval_batch=32)
+                 eval_batch=32, bench_isolated=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,55 +507,63 @@ def bench_child(spec: dict) -> dict:
         opt.step()
         return float(loss)
 
+    def reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    # the first step (allocator warm-up, any one-off compile) and the steady steps, each peak over the
+    # resident set the process had before the first step
     rss0 = _status_kb("VmRSS")
-    reset = True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        reset = False
-    times, first_loss = [], None
+    reset = reset_hwm()
+    times, first_loss, first_hwm = [], None, None
     for i, x in enumerate(batches):
         t0 = time.perf_counter()
         value = step(x)
         times.append(time.perf_counter() - t0)
         if i == 0:
-            first_loss = value
+            first_loss, first_hwm = value, _status_kb("VmHWM")
+            reset = reset_hwm() and reset
     hwm = _status_kb("VmHWM")
     timed = times[1:] or times
     tokens = batch * seq_len
     return {"loop": spec["loop"], "shape": spec["shape"], "vocab": vocab, "seq_len": seq_len, "batch": batch,
             "tokens_per_step": tokens, "steps_timed": len(timed), "sec_per_step": statistics.median(timed),
-            "tokens_per_s": tokens / statistics.median(timed), "first_step_loss": first_loss,
-            "peak_rss_mb": hwm / 1024, "rss_before_mb": rss0 / 1024, "peak_extra_mb": (hwm - rss0) / 1024,
+            "first_step_sec": times[0], "tokens_per_s": tokens / statistics.median(timed),
+            "first_step_loss": first_loss, "peak_rss_mb": max(hwm, first_hwm) / 1024, "rss_before_mb": rss0 / 1024,
+            "peak_extra_mb": (hwm - rss0) / 1024, "first_step_peak_extra_mb": (first_hwm - rss0) / 1024,
             "hwm_reset": reset, "logits_mb_one_tensor": tokens * vocab * 4 / 2 ** 20,
             "threads": torch.get_num_threads()}
 
 
 def run_bench(p: Protocol, work: str) -> list[dict]:
     shapes = [("demo", p.vocab, p.seq_len, p.batch), ("large", *p.bench_large)]
-    rows = []
-    for shape, vocab, seq_len, batch in shapes:
-        for loop in ("fused", "hf_materialised"):
-            path = os.path.join(work, "bench", f"{shape}_{loop}.json")
-            row = _read_json(path)
-            if row is None:
-                spec = {"shape": shape, "loop": loop, "vocab": vocab, "seq_len": seq_len, "batch": batch,
-                        "steps": p.bench_steps + 1, "student_layers": p.student_layers,
-                        "student_hidden": p.student_hidden, "student_heads": p.student_heads,
-                        "teacher_layers": p.teacher_layers, "teacher_hidden": p.teacher_hidden,
-                        "teacher_heads": p.teacher_heads}
-                _log(f"throughput {shape} {loop} (V={vocab}, L={seq_len}, B={batch})")
-                run = subprocess.run([sys.executable, "-m", "mlkd_fast.lm.demo", "--threads",
-                                      str(torch.get_num_threads()), "--_bench", json.dumps(spec)],
-                                     capture_output=True, text=True, cwd=ROOT, timeout=3600)
-                if run.returncode != 0:
-                    raise RuntimeError(f"throughput child failed:\n{run.stdout}\n{run.stderr}")
-                row = json.loads(run.stdout.strip().splitlines()[-1])
-                row["load_avg_1m"] = os.getloadavg()[0]
-                _atomic_json(path, row)
-            rows.append(row)
-    return rows
+    specs = [{"shape": shape, "loop": loop, "vocab": vocab, "seq_len": seq_len, "batch": batch,
+              "steps": p.bench_steps + 1, "student_layers": p.student_layers, "student_hidden": p.student_hidden,
+              "student_heads": p.student_heads, "teacher_layers": p.teacher_layers,
+              "teacher_hidden": p.teacher_hidden, "teacher_heads": p.teacher_heads}
+             for loop in ("fused", "hf_materialised") for shape, vocab, seq_len, batch in shapes]
+    path = lambda sp: os.path.join(work, "bench", f"{sp['shape']}_{sp['loop']}.json")  # noqa: E731
+    groups = [[sp] for sp in specs] if p.bench_isolated else [[sp for sp in specs if sp["loop"] == loop]
+                                                               for loop in ("fused", "hf_materialised")]
+    for group in groups:
+        todo = [sp for sp in group if _read_json(path(sp)) is None]
+        if not todo:
+            continue
+        _log("throughput " + ", ".join(f"{sp['shape']} {sp['loop']} (V={sp['vocab']}, L={sp['seq_len']}, "
+                                       f"B={sp['batch']})" for sp in todo))
+        run = subprocess.run([sys.executable, "-m", "mlkd_fast.lm.demo", "--threads", str(torch.get_num_threads()),
+                              "--_bench", json.dumps(todo)], capture_output=True, text=True, cwd=ROOT, timeout=3600)
+        if run.returncode != 0:
+            raise RuntimeError(f"throughput child failed:\n{run.stdout}\n{run.stderr}")
+        for sp, row in zip(todo, json.loads(run.stdout.strip().splitlines()[-1])):
+            row["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            row["own_process"] = len(todo) == 1
+            _atomic_json(path(sp), row)
+    return [_read_json(path(sp)) for sp in sorted(specs, key=lambda sp: (sp["shape"] != "demo", sp["loop"]))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,7 +670,8 @@ class Study:
                           topk=self.topk_table() if arm == "kd_topk" else None,
                           log_every=max(1, p.student_steps // 4), label=name)
         row = {"arm": arm, "lr": lr, "alpha": alpha, "temperature": temperature, "seed": seed, "stage": stage,
-               **fit, "val": evaluate(model, self.seqs["val"], p.eval_batch),
+               **fit, "load_avg_1m": round(os.getloadavg()[0], 2),
+               "val": evaluate(model, self.seqs["val"], p.eval_batch),
                "test": evaluate(model, self.seqs["test"], p.eval_batch)}
         _atomic_json(path, row)
         _log(f"  {name}: val ppl {row['val']['ppl']:.3f}, test ppl {row['test']['ppl']:.3f}, "
@@ -798,13 +814,14 @@ def markdown(result: dict) -> str:
               "| KL (nats) | " + " | ".join(f"{v:.4f}" for _, v in kl) + " |"]
     if result.get("throughput"):
         lines += ["", "Per training step (student fwd + bwd + AdamW, live teacher, forward KL + CE), fused "
-                  "`linear_kd_loss` vs Hugging Face's materialised logits, each in its own process "
+                  "`linear_kd_loss` vs Hugging Face's materialised logits, in child processes "
                   f"({env['cpus']} CPUs, {env['threads']} threads, shared machine):", "",
-                  "| shape (V, L, batch) | loop | tokens/s | peak extra memory (MB) | one fp32 logits tensor (MB) |",
-                  "|---|---|---|---|---|"]
+                  "| shape (V, L, batch) | loop | tokens/s | peak extra memory per step (MB) | first step (MB) | "
+                  "one fp32 logits tensor (MB) |", "|---|---|---|---|---|---|"]
         for r in result["throughput"]:
             lines.append(f"| {r['shape']} ({r['vocab']}, {r['seq_len']}, {r['batch']}) | {r['loop']} | "
-                         f"{r['tokens_per_s']:,.0f} | {r['peak_extra_mb']:.0f} | {r['logits_mb_one_tensor']:.0f} |")
+                         f"{r['tokens_per_s']:,.0f} | {r['peak_extra_mb']:.0f} | {r['first_step_peak_extra_mb']:.0f} | "
+                         f"{r['logits_mb_one_tensor']:.0f} |")
     lines += ["", "What the statistics support:", ""] + [f"- {c}" for c in claims(result)]
     return "\n".join(lines) + "\n"
 
@@ -919,7 +936,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     if args._bench:
-        print(json.dumps(bench_child(json.loads(args._bench))), flush=True)
+        specs = json.loads(args._bench)
+        rows = [bench_child(spec) for spec in specs] if isinstance(specs, list) else bench_child(specs)
+        print(json.dumps(rows), flush=True)
         return None
     json_path = os.path.join(args.out, f"{NAME}.json")
     if args.report:
