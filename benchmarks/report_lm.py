@@ -217,7 +217,7 @@ def targets(rows: list[dict]) -> list[str]:
 
 def full_table(rows: list[dict]) -> str:
     out = ["| device | dtype | teacher | divergence | N x H x V | provider | median | rounds | TFLOP/s | vs eager "
-           "| vs compile | vs liger | vs gemms | peak extra | first call (compiled) |", "|" + "---|" * 15]
+           "| vs compile | vs liger | vs gemms | peak extra | warm-up (compilation) |", "|" + "---|" * 15]
     order = {p: i for i, p in enumerate(PROVIDERS)}
     for g in groups(rows):
         for r in sorted(g.values(), key=lambda r: order.get(r["provider"], 9)):
@@ -225,7 +225,7 @@ def full_table(rows: list[dict]) -> str:
                        f"{r['provider']} | {_time(r['ms'])} | {r.get('rounds')} | {r['tflops'] / 1e3:.3f} | "
                        f"{_x(r['vs_eager'])} | {_x(r['vs_compile'])} | {_x(r['vs_liger'])} | {_x(r['vs_gemms'])} | "
                        f"{_mib(r.get('peak_extra_mib'))} | "
-                       f"{_first(r.get('first_call_s'))} |")
+                       f"{_first(r.get('warm_up_s'))} |")
     for r in rows:
         if r["op"] == "linear_kd_matmul":
             out.append(f"\nRoofline in the same run, {r['device']}: bf16 matmul {r['n']}^3 {r['tflops'] / 1e3:.1f} "
