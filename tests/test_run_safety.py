@@ -279,6 +279,26 @@ def test_a_nonfinite_loss_stops_naming_the_step_and_term_and_keeps_the_last_good
     assert not (out / "summary.json").exists()
 
 
+def test_the_deferred_check_of_cuda_and_ddp_finds_the_same_step_before_anything_is_saved(
+        tmp_path, monkeypatch, capsys):
+    """On CUDA and under DDP the step does not sync: the first non-finite step is kept on the device and
+    read at the end of the epoch. The poisoned update has run by then (the weights are NaN): nothing of
+    that epoch is logged or saved, and the message names the same step and term."""
+    from mlkd_fast.train import loop
+
+    monkeypatch.setattr(loop, "checks_each_step", lambda ctx: False)
+    out = tmp_path / "run"
+    _poison(monkeypatch, "kd", STEPS + 4)
+    capsys.readouterr()
+    assert train_cli(KD[:-2] + ["--epochs", "3", "--out", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("mlkd-train: non-finite loss at student epoch 2 step 3 (loss nan; term kd is nan)")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (ckpt["phase"], ckpt["epoch"], ckpt["step"]) == ("student", 1, 0)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert [(r["phase"], r["epoch"]) for r in strict_lines(out / "metrics.jsonl")] == [("teacher", 1), ("student", 1)]
+
+
 def test_a_huge_lr_stops_with_status_1_and_strict_logs(tmp_path, capsys):
     out = tmp_path / "run"
     capsys.readouterr()
@@ -305,9 +325,10 @@ def test_on_nonfinite_skip_skips_the_step_and_counts_it(tmp_path, monkeypatch):
 
 
 # ---- 6. metrics.jsonl: one meaning per field -----------------------------------------------------------
-def test_metrics_hold_the_lr_each_epoch_trained_with_and_epoch_means_of_every_term(tmp_path):
+def test_metrics_hold_the_lr_each_epoch_trained_with_and_epoch_means_of_every_term(tmp_path, finished):
     out = tmp_path / "run"
-    assert train_cli(KD[:-2] + ["--epochs", "2", "--out", str(out), "--log-every", "1"]) == 0
+    assert train_cli(TINY + ["--method", "kd", "--teacher-weights", str(finished / "teacher.pt"), "--epochs", "2",
+                             "--out", str(out), "--log-every", "1"]) == 0
     metrics = [r for r in strict_lines(out / "metrics.jsonl") if r["phase"] == "student"]
     steps = [r for r in strict_lines(out / "steps.jsonl") if r["phase"] == "student"]
     for record in metrics:
@@ -318,12 +339,13 @@ def test_metrics_hold_the_lr_each_epoch_trained_with_and_epoch_means_of_every_te
     assert metrics[0]["lr"] == 0.02 and metrics[1]["lr"] == pytest.approx(0.01)  # cosine over 2 epochs
 
 
-def test_a_mid_epoch_resume_logs_the_means_of_the_whole_epoch(tmp_path):
-    argv = KD[:-2] + ["--epochs", "2"]
+def test_a_mid_epoch_resume_logs_the_means_of_the_whole_epoch(tmp_path, finished):
+    argv = TINY + ["--method", "kd", "--teacher-weights", str(finished / "teacher.pt"), "--epochs", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert train_cli(argv + ["--out", str(full)]) == 0
-    # teacher: 5 steps, student epoch 1: 5 steps, then 2 steps of student epoch 2
-    assert train_cli(argv + ["--out", str(part), "--max-steps", str(2 * STEPS + 2)]) == 0
+    # student epoch 1: 5 steps, then 2 steps of epoch 2
+    assert train_cli(argv + ["--out", str(part), "--max-steps", str(STEPS + 2)]) == 0
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 2
     assert train_cli(argv + ["--out", str(part), "--resume"]) == 0
     a = [r for r in strict_lines(full / "metrics.jsonl") if r["phase"] == "student"]
     b = [r for r in strict_lines(part / "metrics.jsonl") if r["phase"] == "student"]

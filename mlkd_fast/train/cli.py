@@ -561,9 +561,9 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
                         "weights (their sha256), image size, lr, schedule, weight decay, Nesterov, batch size, "
                         "precision, seed, ... Changeable: --epochs (and --teacher-epochs while the teacher trains), "
                         "--compare-baseline, --max-steps, --device, --workers, --compile, --channels-last, "
-                        "--backend, --on-nonfinite, the logging flags (--eval-every, --log-every, --tensorboard, "
-                        "--curves, --quiet), the paths of --data, --teacher-weights and --teacher-cache (same "
-                        "contents), and the number of processes at an epoch boundary")
+                        "--backend, --on-nonfinite, --on-corrupt, the logging flags (--eval-every, --log-every, "
+                        "--tensorboard, --curves, --quiet), the paths of --data, --teacher-weights and "
+                        "--teacher-cache (same contents), and the number of processes at an epoch boundary")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that holds a run (or a teacher cache): the old folder is moved "
                         "aside to <out>.old-<time> (nothing is deleted), once every check has passed")

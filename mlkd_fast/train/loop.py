@@ -192,6 +192,14 @@ def weights_finite(phase: Phase) -> bool:
     return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
+def checks_each_step(ctx: RunContext) -> bool:
+    """Whether the loss is checked for non-finite values in the step, before its update: on the CPU in
+    one process (free: no device to wait for) and with ``--on-nonfinite skip`` (the step must know;
+    under DDP every rank agrees, one tiny all-reduce a step). Otherwise (CUDA, DDP) the first non-finite
+    step is kept on the device and read at the end of the epoch: no host sync in the step."""
+    return ctx.on_nonfinite == "skip" or (ctx.device.type != "cuda" and not ctx.dist.enabled)
+
+
 def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunContext,
                 partial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to.
@@ -211,8 +219,7 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
         phase.teacher.eval()
     views = phase.views
     skip = ctx.on_nonfinite == "skip"
-    # checked in the step: free on the CPU; with skip the step must know (and under DDP every rank agree)
-    immediate = skip or (ctx.device.type != "cuda" and not ctx.dist.enabled)
+    immediate = checks_each_step(ctx)
     # running sums: [loss, *terms] x batch size, on the device; images per key on the host (a term absent
     # from a step is not counted); rank 0 restores an interrupted epoch's (global) sums
     keys: list[str] = ["loss"]

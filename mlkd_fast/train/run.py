@@ -521,8 +521,7 @@ def _train_phases(args: argparse.Namespace, run: Run, config: dict[str, Any], re
 RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
                    "global_correlation", "global_supcon", "seed", "label_noise", "noise_type", "imbalance",
                    "train_per_class", "val_fraction", "lr_steps", "teacher_new_head", "nesterov", "lr", "scale_lr",
-                   "weight_decay", "batch_size", "sync_bn", "cache_wrap", "image_size", "steps_per_epoch", "decode",
-                   "on_corrupt")
+                   "weight_decay", "batch_size", "sync_bn", "cache_wrap", "image_size", "steps_per_epoch", "decode")
 # ... and what the run made of its inputs (resume_config): the data's and the teacher's identity, precision
 DERIVED_SETTINGS = ("data_sha256", "teacher_sha256", "precision")
 # Not among them: --epochs and --teacher-epochs. A resume with another count trains the phase to it on
@@ -550,6 +549,8 @@ def resume_config(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     config = {k: getattr(args, k, None) for k in RESUME_SETTINGS + MID_EPOCH_SETTINGS}
     if args.data_kind not in ("folder", "synthetic"):
         config["image_size"] = None  # digits, mnist5k and CIFAR have their own size: the flag changes nothing
+    if args.data_kind != "folder":
+        config["decode"] = None  # only folder images are decoded
     if run.cache is not None:
         teacher = run.cache.manifest["teacher"]["weights_sha256"]
     elif args.teacher_weights:
