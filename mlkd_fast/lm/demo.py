@@ -45,6 +45,14 @@ re-run skips it):
 7. The cache: bytes per token on disk, and the KL between the teacher's full distribution and its
    top-k reconstruction for k in ``topk_ks`` on the validation split.
 
+Sizes (:data:`FULL`, chosen from a pilot's per-step times): files of 2-60 kB, 1.2 MB of train files
+and 150 kB each of validation and test files; vocab 2048; sequences of 128 tokens, batch 8; teacher
+4 layers x 256 for 600 steps; students 2 layers x 128 for 300 steps (307k tokens); grids of 3 points;
+seeds 0, 1, 2; k = 32. On the shared 2-core machine (load average 5-9 from other jobs, one torch
+thread) the pilot and the first full run took 0.7-1.1 s a teacher step, 0.07-0.15 s a CE student
+step, 0.22-0.42 s a live-teacher step and 0.10-0.13 s a cached-teacher step: the first full run
+took 31 minutes (the teacher 7). ``--quick`` (:data:`QUICK`) is about a minute.
+
 Threads: ``--threads`` (default 1). On the shared 2-core machine of the pilot two torch threads spun
 against the other jobs and ran 5-20x slower per step than one.
 
@@ -123,7 +131,9 @@ class Protocol:
     bench_isolated: bool = True  # one child process per (shape, loop); False: one per loop, shapes in turn
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """What the runs depend on (how the throughput children are grouped is not part of it)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "bench_isolated"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 FULL = Protocol()
@@ -750,7 +760,14 @@ def statistics_of(rows: list[dict], seeds: Sequence[int]) -> dict:
     for arm in KD_ARMS:
         d = [by[(arm, s)]["test"]["ppl"] - by[("ce", s)]["test"]["ppl"] for s in seeds
              if (arm, s) in by and ("ce", s) in by]
-        diffs[arm] = {"differences": d, **S.paired_summary(d)}
+        diffs[arm] = {"differences": d, **S.paired_summary(d), "better_seeds": sum(x < 0 for x in d)}
+        sd, n = diffs[arm]["sd"], len(d)
+        if sd and n >= 2:
+            # at the Holm level of the most stringent step (alpha / number of arms), 80 % power
+            alpha = 0.05 / len(KD_ARMS)
+            diffs[arm]["detectable_at_n"] = S.detectable_difference(sd, n, alpha=alpha)
+            diffs[arm]["seeds_for_observed"] = S.seeds_for(sd, abs(diffs[arm]["mean"]), alpha=alpha, least=n) \
+                if diffs[arm]["mean"] else None
     adjusted = S.holm([diffs[a]["p"] for a in KD_ARMS])
     for arm, p_holm in zip(KD_ARMS, adjusted):
         diffs[arm]["p_holm"] = p_holm
@@ -776,6 +793,10 @@ def _setting(sel: dict, arm: str) -> str:
     return f"lr {sel['lr']:g}, alpha {sel['alpha']:g}, T {sel['temperature']:g}"
 
 
+def _grid_label(r: dict) -> str:
+    return f"lr {r['lr']:g}" if r["arm"] == "ce" else f"alpha {r['alpha']:g}, T {r['temperature']:g}"
+
+
 def markdown(result: dict) -> str:
     p, st, corpus, env = result["protocol"], result["statistics"], result["corpus"], result["environment"]
     teacher = result["teacher"]
@@ -792,19 +813,32 @@ def markdown(result: dict) -> str:
         f"({p['student_steps'] * p['batch'] * p['seq_len']:,} tokens), {len(p['seeds'])} seeds (paired: same "
         f"initialisation and batch order per seed).",
         "",
-        "| student | chosen on validation | test perplexity (95 % CI) | vs CE (95 % CI) | p | p (Holm) |",
-        "|---|---|---|---|---|---|",
+        "| student | chosen on validation | validation ppl (choice run) | test perplexity (95 % CI) | "
+        "vs CE (95 % CI) | p | p (Holm) | s / step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm in ARMS:
-        a = st["arms"][arm]
+        a, sel = st["arms"][arm], result["selected"][arm]
         ci = f"{a['mean']:.3f} ({_f(a['ci_low'], 3)}, {_f(a['ci_high'], 3)})"
+        speed = statistics.fmean(r["sec_per_step"] for r in result["runs"] if r["arm"] == arm)
+        first = f"| {ARM_TEXT[arm]} | {_setting(sel, arm)} | {sel['val_ppl']:.3f} | {ci} | "
         if arm == "ce":
-            lines.append(f"| {ARM_TEXT[arm]} | {_setting(result['selected'][arm], arm)} | {ci} | | | |")
+            lines.append(first + f" | | | {speed:.2f} |")
         else:
             d = st["vs_ce"][arm]
-            lines.append(f"| {ARM_TEXT[arm]} | {_setting(result['selected'][arm], arm)} | {ci} | "
-                         f"{d['mean']:+.3f} ({_f(d['ci_low'], 3)}, {_f(d['ci_high'], 3)}) | {_p(d['p'])} | "
-                         f"{_p(d['p_holm'])} |")
+            lines.append(first + f"{d['mean']:+.3f} ({_f(d['ci_low'], 3)}, {_f(d['ci_high'], 3)}) | {_p(d['p'])} | "
+                         f"{_p(d['p_holm'])} | {speed:.2f} |")
+    lines += ["", "The validation perplexity of every choice run (first seed):", "",
+              "| student | " + " | ".join(_grid_label(r) for r in result["grid"] if r["arm"] == "ce") + " |",
+              "|---|" + "---|" * sum(r["arm"] == "ce" for r in result["grid"])]
+    lines.append("| CE only | " + " | ".join(f"{r['val']['ppl']:.3f}" for r in result["grid"] if r["arm"] == "ce")
+                 + " |")
+    kd_rows = [r for r in result["grid"] if r["arm"] != "ce"]
+    labels = list(dict.fromkeys(_grid_label(r) for r in kd_rows))
+    lines += ["", "| student | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for arm in KD_ARMS:
+        vals = {_grid_label(r): r["val"]["ppl"] for r in kd_rows if r["arm"] == arm}
+        lines.append(f"| {ARM_TEXT[arm]} | " + " | ".join(_f(vals.get(lab), 3) for lab in labels) + " |")
     cache, recon = result["cache"], result["topk_reconstruction"]
     kl = sorted(((int(k), v) for k, v in recon["kl"].items()))
     lines += ["", f"Top-k cache (k = {cache['k']}): {cache['bytes_per_token']:.1f} bytes per token "
@@ -815,7 +849,7 @@ def markdown(result: dict) -> str:
     if result.get("throughput"):
         lines += ["", "Per training step (student fwd + bwd + AdamW, live teacher, forward KL + CE), fused "
                   "`linear_kd_loss` vs Hugging Face's materialised logits, in child processes "
-                  f"({env['cpus']} CPUs, {env['threads']} threads, shared machine):", "",
+                  f"({env['cpus']} CPUs, torch threads: {env['threads']}, a shared machine):", "",
                   "| shape (V, L, batch) | loop | tokens/s | peak extra memory per step (MB) | first step (MB) | "
                   "one fp32 logits tensor (MB) |", "|---|---|---|---|---|---|"]
         for r in result["throughput"]:
@@ -838,8 +872,20 @@ def claims(result: dict) -> list[str]:
             out.append(f"{ARM_TEXT[arm]}: test perplexity {verb} than CE only, {ci}, Holm-corrected p "
                        f"{_p(d['p_holm'])} over {n} paired seeds.")
         else:
-            out.append(f"{ARM_TEXT[arm]}: no difference from CE only survives the Holm correction ({ci}, "
-                       f"p {_p(d['p'])}, Holm {_p(d['p_holm'])}, {n} seeds); these seeds do not resolve it.")
+            text = (f"{ARM_TEXT[arm]}: no difference from CE only survives the Holm correction ({ci}, "
+                    f"p {_p(d['p'])}, Holm {_p(d['p_holm'])}; lower in {d.get('better_seeds', 'n/a')} of {n} "
+                    f"paired seeds); these seeds do not resolve it")
+            if d.get("detectable_at_n") is not None:
+                text += (f": with the paired SD seen here ({d['sd']:.2f}), {n} seeds detect {d['detectable_at_n']:.1f} "
+                         f"perplexity at alpha 0.05 / {len(KD_ARMS)} with 80 % power")
+                need = d.get("seeds_for_observed")
+                if need:
+                    text += ("; a difference of the observed size would need " +
+                             (f"about {need} seeds" if need < 30 else "more than 30 seeds"))
+            out.append(text + ".")
+    if n <= 4:
+        out.append(f"With {n} seeds no exact (sign-flip) paired test can reach p < 0.05 (its smallest two-sided p "
+                   f"is {2 / 2 ** n:.3f}); the t-tests above carry the normality assumption.")
     tp = {(r["shape"], r["loop"]): r for r in result.get("throughput", [])}
     for shape in ("demo", "large"):
         f, e = tp.get((shape, "fused")), tp.get((shape, "hf_materialised"))
