@@ -40,6 +40,11 @@ TORCH_LIBRARY_IMPL(mlkd_fast_dense, CPU, m) {
   m.impl("correlation_bwd", &correlation_dense_bwd_cpu);
 }
 
+// The fused lm_head + divergence loss's row function, CPU only (mlkd_fast/ops.py LM_SCHEMAS declares it).
+TORCH_LIBRARY_IMPL(mlkd_fast_lm_native, CPU, m) {
+  m.impl("token_rows", &lm_token_rows_cpu);
+}
+
 #ifdef MLKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(mlkd_fast, CUDA, m) {
   m.impl("kd_kl", &kd_kl_cuda);

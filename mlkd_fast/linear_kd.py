@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import _checks as check
 from . import divergences
+from . import ops as _ops
 from .divergences import DIVERGENCES
 
 __all__ = ["linear_kd_loss", "LinearKDLoss", "DIVERGENCES", "VOCAB_POLICIES", "TOPK_TAILS", "LM_REDUCTIONS",
@@ -89,17 +90,46 @@ def _torch_rows(z_s: Tensor, **kwargs) -> tuple[Tensor, Tensor, Optional[Tensor]
         return divergences.token_rows(z_s, **kwargs)
 
 
+def _native_rows(z_s: Tensor, **kwargs) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The compiled library's C++ rows (op ``mlkd_fast_lm_native::token_rows``, csrc/cpu/linear_kd_rows.cpp:
+    rows in parallel, each swept three times in cache by AVX-512 / AVX2 / scalar code), the gradient
+    written over ``z_s`` (the caller's fresh chunk), for fp32 logits with a dense teacher or none; the
+    sparse top-k teacher and fp64 run the torch rows."""
+    z_t = kwargs["z_t"]
+    if kwargs["topk_indices"] is not None or z_s.dtype != torch.float32 or z_s.device.type != "cpu" \
+            or z_s.stride(1) != 1 or (z_t is not None and z_t.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        return _torch_rows(z_s, **kwargs)
+    if z_t is not None and z_t.stride(1) != 1:
+        z_t = z_t.contiguous()
+    kd, ce = getattr(torch.ops, _ops.LM_NAMESPACE).token_rows(
+        z_s, z_t, kwargs["labels"], kwargs["kd_weight"], kwargs["ce_weight"], kwargs["divergence"],
+        float(kwargs["coef"]), float(kwargs["temperature"]), float(kwargs["student_softcap"]),
+        float(kwargs["teacher_softcap"]), int(kwargs["vocab"]), bool(kwargs["want_grad"]))
+    return kd, ce, (z_s if kwargs["want_grad"] else None)
+
+
+@torch.compiler.assume_constant_result  # a constant of the process: torch.compile reads it without tracing
+def _native_rows_available() -> bool:
+    """Whether the compiled library is loaded and has the CPU row kernel (an older build has not)."""
+    from . import _native  # noqa: PLC0415 - loads the library softly
+
+    return _native.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"{_ops.LM_NAMESPACE}::token_rows", "CPU")
+
+
 def _row_function(name: str) -> RowFunction:
     if name == "triton":
         from .kernels import linear_kd as triton_rows  # noqa: PLC0415 - Triton is optional
 
         return triton_rows.token_rows
+    if name == "native":
+        return _native_rows
     return _torch_rows
 
 
 def _backend_for(backend: str, device: torch.device) -> str:
     """The row backend of one call: ``"torch"`` everywhere, ``"triton"`` on CUDA (or under the
-    interpreter) when it is available. ``native`` has no linear_kd kernel yet (docs/lm.md §4)."""
+    interpreter) when it is available, ``"native"`` (the C++ rows) on CPU when the compiled library has
+    them (docs/lm.md §4)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend not in LM_BACKENDS:
@@ -111,10 +141,19 @@ def _backend_for(backend: str, device: torch.device) -> str:
         if env == "triton" or (env == "auto" and device.type == "cuda"):
             if backend_status("triton", device) and _triton_rows_available():
                 return "triton"
+        if env in ("auto", "native") and device.type == "cpu" and _native_rows_available():
+            return "native"
         return "torch"
     if backend == "native":
-        raise ValueError("backend 'native' has no linear_kd kernel yet (its C++ row sweeps are owed, docs/lm.md "
-                         "§4); use backend='auto' or 'torch' (BLAS matmuls, PyTorch row math)")
+        if device.type != "cpu":
+            raise ValueError(f"backend 'native' has no linear_kd kernel for {device.type} tensors (its C++ rows run "
+                             "on CPU tensors); use backend='auto', 'triton' or 'torch'")
+        status = backend_status("native", device)
+        if not status:
+            raise ValueError(f"backend 'native' is not available on {device}: {status.reason}")
+        if not _native_rows_available():
+            raise ValueError("backend 'native' is not available for linear_kd: the compiled library was built "
+                             "without its row kernel (rebuild it: pip install -e .)")
     if backend == "triton":
         status = backend_status("triton", device)
         if not status:

@@ -60,6 +60,19 @@ DENSE_SCHEMAS: dict[str, str] = {
                        "Tensor? student_cols) -> (Tensor, Tensor)",
 }
 
+# The compiled library's row function of the fused lm_head + divergence loss (mlkd_fast/linear_kd.py, the
+# ``native`` backend; csrc/cpu/linear_kd_rows.cpp), CPU only, in a namespace of its own: one chunk's fp32
+# student logits ``z_s`` (rows, V_s), overwritten by d(total)/d(z_s) when ``want_grad``, and the teacher's
+# (rows, >= vocab; fp32, bf16 or fp16) in; the fp32 kd and ce rows out (the contract of
+# :func:`mlkd_fast.divergences.token_rows`, dense teacher). Called inside the linear_kd op's forward, so it
+# has no autograd of its own. Declared with the native namespace (:func:`define_schemas`).
+LM_NAMESPACE = "mlkd_fast_lm_native"
+LM_SCHEMAS: dict[str, str] = {
+    "token_rows": "token_rows(Tensor(a!) z_s, Tensor? z_t, Tensor? labels, Tensor kd_weight, Tensor ce_weight, "
+                  "str divergence, float coef, float temperature, float student_softcap, float teacher_softcap, "
+                  "int vocab, bool want_grad) -> (Tensor, Tensor)",
+}
+
 
 def math_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """The dtype of the loss rows, statistics and row weights: fp64 when any input is fp64 (so that
@@ -103,6 +116,11 @@ def _fake_dense_correlation_fwd(a_s, a_t, b_s, b_t, tau, exclude_diagonal, stude
 
 def _fake_dense_correlation_bwd(g, grad_operand, a_s, b_s):
     return a_s.new_empty(a_s.shape), (b_s.new_empty(b_s.shape) if b_s is not None else a_s.new_empty(0))
+
+
+def _fake_lm_token_rows(z_s, z_t, labels, kd_weight, ce_weight, divergence, coef, temperature, student_softcap,
+                        teacher_softcap, vocab, want_grad):
+    return z_s.new_empty(z_s.shape[0]), z_s.new_empty(z_s.shape[0])
 
 
 DENSE_FAKES: dict[str, Callable] = {
@@ -236,6 +254,7 @@ def register_fakes_and_autograd(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::correlation_fwd", corr_backward, setup_context=corr_setup_context)
     if namespace == NATIVE_NAMESPACE:
         _register_dense_fakes_and_autograd()
+        torch.library.register_fake(f"{LM_NAMESPACE}::token_rows", _fake_lm_token_rows)
 
 
 def _register_dense_fakes_and_autograd() -> None:
@@ -288,6 +307,8 @@ def define_schemas(namespace: str) -> None:
     if namespace == NATIVE_NAMESPACE:  # the compiled library's own materialised correlation
         for name, schema in DENSE_SCHEMAS.items():
             torch.library.define(f"{DENSE_NAMESPACE}::{name}", schema[len(name):])
+        for name, schema in LM_SCHEMAS.items():  # and the LM loss's row function
+            torch.library.define(f"{LM_NAMESPACE}::{name}", schema[len(name):])
     _DECLARED.add(namespace)
 
 

@@ -42,6 +42,16 @@ std::tuple<at::Tensor, at::Tensor> correlation_dense_bwd_cpu(const at::Tensor& g
                                                              const at::Tensor& a_s,
                                                              const c10::optional<at::Tensor>& b_s);
 
+// linear_kd_rows.cpp: the fused lm_head + divergence loss's row function (op mlkd_fast_lm_native::token_rows,
+// schema in mlkd_fast/ops.py LM_SCHEMAS): fp32 student logits (their gradient written over them in place
+// when want_grad), an optional fp32/bf16/fp16 teacher; returns the fp32 kd and ce rows.
+std::tuple<at::Tensor, at::Tensor> lm_token_rows_cpu(const at::Tensor& z_s, const c10::optional<at::Tensor>& z_t,
+                                                     const c10::optional<at::Tensor>& labels,
+                                                     const at::Tensor& kd_weight, const at::Tensor& ce_weight,
+                                                     c10::string_view divergence, double coef, double temperature,
+                                                     double student_softcap, double teacher_softcap, int64_t vocab,
+                                                     bool want_grad);
+
 // ---- shared with the CUDA glue ----
 
 // The math dtype of kd_kl: fp64 when either input is fp64, else fp32.
