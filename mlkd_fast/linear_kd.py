@@ -43,8 +43,10 @@ LM_REDUCTIONS = ("mean", "sum", "none")
 LM_BACKENDS = ("auto", "torch", "triton", "native")
 
 # The default chunk is the largest power of two whose fp32 student logits fit this many bytes
-# (MLKD_FAST_LM_CHUNK_BYTES overrides): the row function holds a few such buffers at once.
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+# (MLKD_FAST_LM_CHUNK_BYTES overrides): the row function holds a few such buffers at once. On CPU 256 MiB
+# (512 tokens at V = 128,256): with 128-token chunks the GEMMs alone at (1024, 1024, 128256) took 20.3 s against
+# 15.9 s with 1024-token ones (benchmarks/test_bench_lm.py's profile on the development CPU).
+CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
 MIN_CHUNK = 8
 
 
@@ -82,7 +84,9 @@ def _torch_rows(z_s: Tensor, **kwargs) -> tuple[Tensor, Tensor, Optional[Tensor]
         return divergences.token_rows(z_s, **kwargs)
     compiled = _COMPILED.get("rows")
     if compiled is None:
-        compiled = _COMPILED["rows"] = torch.compile(divergences.token_rows, dynamic=False)
+        # dynamic=None: the first chunk shape compiles static, a second one (a last, partial chunk; another
+        # token count) recompiles once with the token dimension dynamic instead of once per count
+        compiled = _COMPILED["rows"] = torch.compile(divergences.token_rows, dynamic=None)
     try:
         return compiled(z_s, **kwargs)
     except Exception as exc:  # no C++ compiler, an inductor limitation: the eager rows are the same math
