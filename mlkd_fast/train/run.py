@@ -18,7 +18,7 @@ from . import data as D
 from .checkpoint import (CACHE_FILES, RUN_FILES, check_writable, load_checkpoint, move_aside, present,
                          save_checkpoint, write_json_atomic)
 from .cli import parse_args
-from .distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, shutdown_distributed
+from .distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, shutdown_distributed, sum_across
 from .errors import InputError, MissingInputError
 from .logs import RunLogs, check_tensorboard, plot_curves
 from .loop import NonFiniteLossError, Phase, RunContext, StopFlag, run_phase
@@ -276,7 +276,8 @@ def check_out(args: argparse.Namespace) -> None:
     """The ``--out`` checks, before anything is read or written: a folder (not a file) that can be
     written; one holding a run (or a teacher cache) only with ``--resume`` (continue it) or
     ``--overwrite`` (move it aside once every other check has passed), each refusal one line naming
-    the folder, what it holds and the flags that proceed."""
+    the folder, what it holds and the flags that proceed. Under torchrun every process looks; the main one
+    writes only once all have (:func:`train_all`'s all-reduce before the first write)."""
     out = args.out
     if args.resume and args.overwrite:
         raise InputError("--resume continues the run in --out and --overwrite moves it aside to start afresh: "
@@ -284,8 +285,6 @@ def check_out(args: argparse.Namespace) -> None:
     check_writable(out)
     if not os.path.isdir(out) or args.overwrite:
         return
-    if os.environ.get("RANK", "0") != "0":
-        return  # under torchrun the main process decides: the others may look after it wrote (torchrun stops them)
     run_files, cache_files = present(out, RUN_FILES), present(out, CACHE_FILES)
     aside = f"{os.path.normpath(out)}.old-<time>"
     if cache_files:
@@ -377,6 +376,8 @@ def train_all(args: argparse.Namespace) -> dict:
         teacher_phase.load(resume_state)
 
     # ---- the folder: from here on it is written ----
+    if run.dist.enabled:  # every process has made every check (--out included) before the main one writes
+        sum_across([0.0], run.device)
     prepare_out(args, main_rank)
     if main_rank:
         # every flag's value (--config FILE replays it) and what the run made of them
