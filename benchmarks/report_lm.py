@@ -222,13 +222,13 @@ def full_table(rows: list[dict]) -> str:
     for g in groups(rows):
         for r in sorted(g.values(), key=lambda r: order.get(r["provider"], 9)):
             out.append(f"| {r['device']} | {r['dtype']} | {r['teacher']} | {r['divergence']} | {_shape(r)} | "
-                       f"{r['provider']} | {_time(r['ms'])} | {r.get('rounds')} | {r['tflops'] / 1e3:.3f} | "
+                       f"{r['provider']} | {_time(r['ms'])} | {r.get('rounds')} | {r['tflops']:.3f} | "
                        f"{_x(r['vs_eager'])} | {_x(r['vs_compile'])} | {_x(r['vs_liger'])} | {_x(r['vs_gemms'])} | "
                        f"{_mib(r.get('peak_extra_mib'))} | "
                        f"{_first(r.get('warm_up_s'))} |")
     for r in rows:
         if r["op"] == "linear_kd_matmul":
-            out.append(f"\nRoofline in the same run, {r['device']}: bf16 matmul {r['n']}^3 {r['tflops'] / 1e3:.1f} "
+            out.append(f"\nRoofline in the same run, {r['device']}: bf16 matmul {r['n']}^3 {r['tflops']:.1f} "
                        f"TFLOP/s ({_time(r['ms'])}).")
     out += ["", "vs X: X's median over this provider's (> 1: this one is faster). TFLOP/s: the useful matmul "
                 "flops (2 N V H each; 4 with a live teacher, 3 with dense logits) over the median."]
