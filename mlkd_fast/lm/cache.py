@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._hashing import file_sha256
+
 __all__ = ["write_lm_cache", "LMCache", "LMCacheDataset", "collate", "topk_reconstruction_kl", "tokenizer_file_hash",
            "teacher_fingerprint", "token_stream_hash", "pack_ids", "unpack_ids", "bits_for_vocab", "bytes_per_token",
            "LMCacheError", "cli", "main"]
@@ -350,12 +352,6 @@ def _write_json(path: str, obj: dict) -> None:
     _atomic_write(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_path(folder: str, shard: int) -> str:
@@ -622,13 +618,13 @@ def write_lm_cache(teacher: Any, sequences: Tensor, out: str, *, k: int,
         p = shard_path(out, s)
         entry = files[s]
         if os.path.isfile(p):
-            if entry is not None and os.path.getsize(p) == entry["bytes"] and _file_sha256(p) == entry["sha256"]:
+            if entry is not None and os.path.getsize(p) == entry["bytes"] and file_sha256(p) == entry["sha256"]:
                 kept += 1
                 continue
             if _shard_self_check(p, manifest, s) is None:  # written, but the manifest was not updated (a kill)
                 start, stop = _shard_span(manifest, s)
                 files[s] = {"file": os.path.basename(p), "start": start, "stop": stop, "bytes": os.path.getsize(p),
-                            "sha256": _file_sha256(p)}
+                            "sha256": file_sha256(p)}
                 kept += 1
                 dirty = True
                 continue
@@ -782,7 +778,7 @@ class LMCacheDataset(torch.utils.data.Dataset):
             if os.path.getsize(p) != entry["bytes"]:
                 raise LMCacheError(f"LM cache shard {p!r} is truncated or corrupt: {os.path.getsize(p)} bytes, the "
                                    f"manifest says {entry['bytes']}; delete it and rerun the mlkd-cache lm command")
-            if self.verify and _file_sha256(p) != entry["sha256"]:
+            if self.verify and file_sha256(p) != entry["sha256"]:
                 raise LMCacheError(f"LM cache shard {p!r} is corrupt: its sha256 is not the manifest's; delete it and "
                                    f"rerun the mlkd-cache lm command")
             data = np.memmap(p, dtype=np.uint8, mode="r")

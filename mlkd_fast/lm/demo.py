@@ -84,6 +84,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._hashing import file_sha256
 from ..linear_kd import linear_kd_loss
 
 NAME = "lm_stdlib"
@@ -178,12 +179,6 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _sha_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _stats_module():
@@ -609,7 +604,7 @@ class Study:
             _log(f"tokenizer: BPE vocab {p.vocab} on {self.corpus['files']['train']} train files")
             train_tokenizer(corpus["texts"]["train"], p.vocab, tok_path)
         _atomic_json(record_path, self.corpus)
-        self.tokenizer_hash = _sha_file(tok_path)
+        self.tokenizer_hash = file_sha256(tok_path)
         tok = load_tokenizer(tok_path)
         self.vocab = tok.get_vocab_size()
         self.eos = tok.token_to_id(EOS)
@@ -643,7 +638,7 @@ class Study:
             record = {**fit, "val": evaluate(model, self.seqs["val"], p.eval_batch),
                       "test": evaluate(model, self.seqs["test"], p.eval_batch),
                       "params": sum(t.numel() for t in model.parameters()),
-                      "weights_sha256": _sha_file(os.path.join(folder, weights[0])) if weights else None,
+                      "weights_sha256": file_sha256(os.path.join(folder, weights[0])) if weights else None,
                       "config": {k: model.config.to_dict()[k] for k in ("vocab_size", "hidden_size",
                                  "intermediate_size", "num_hidden_layers", "num_attention_heads")}}
             _atomic_json(record_path, record)

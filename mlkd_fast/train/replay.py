@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._hashing import file_sha256  # noqa: F401 - also read as replay.file_sha256 by the cache writer
 from ..methods import Outputs
 from ..methods.base import ModelSpec
 from . import data as D
@@ -37,12 +38,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------------------------
 # What a cache is of: the manifest
 # --------------------------------------------------------------------------------------------
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tensor_bytes(t: Tensor):
