@@ -61,7 +61,9 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0,
     return x[~test_mask], y[~test_mask], x[test_mask], y[test_mask]
 
 
-NOISE_TYPES = ("symmetric", "asymmetric")
+NOISE_TYPES = ("symmetric", "asymmetric", "mnist-pairs")
+# the standard MNIST class-pair confusions (Patrini et al. 2017): 2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1
+MNIST_PAIRS = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
 
 
 def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int,
@@ -72,7 +74,10 @@ def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int
       uniformly drawn *different* class;
     - ``asymmetric``: in each class, exactly ``round(fraction * n_c)`` labels are replaced by one fixed
       other class, ``(c + 1) mod K`` (a systematic confusion, the harder kind: the wrong class is
-      learnable)."""
+      learnable);
+    - ``mnist-pairs``: the standard MNIST class-pair noise (``MNIST_PAIRS``: 2 -> 7, 3 -> 8, 5 <-> 6,
+      7 -> 1): in each of those source classes exactly ``round(fraction * n_c)`` labels become its pair,
+      the other classes stay clean (10 classes only)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"label noise must be in [0, 1), got {fraction}")
     if kind not in NOISE_TYPES:
@@ -83,6 +88,15 @@ def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int
     if kind == "symmetric":
         flipped[torch.randperm(n, generator=gen)[: int(round(fraction * n))]] = True
         shift = torch.randint(1, num_classes, (n,), generator=gen)  # never 0: the class always changes
+    elif kind == "mnist-pairs":
+        if num_classes != 10:
+            raise ValueError(f"noise type 'mnist-pairs' needs 10 classes (MNIST's digits), got {num_classes}")
+        target = labels.clone()
+        for c, to in MNIST_PAIRS.items():
+            idx = (labels == c).nonzero().squeeze(1)
+            flipped[idx[torch.randperm(len(idx), generator=gen)[: int(round(fraction * len(idx)))]]] = True
+            target[labels == c] = to
+        return torch.where(flipped, target, labels), flipped
     else:
         for c in labels.unique().tolist():
             idx = (labels == c).nonzero().squeeze(1)
