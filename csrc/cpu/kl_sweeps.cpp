@@ -17,18 +17,15 @@
 #endif
 
 #include "../common.h"
+#include "simd_math.h"
 
 namespace mlkd_fast {
 
 constexpr int64_t kSumBlock = 1024;
 
-// e^x, branch-free: x = k ln2 + r, |r| <= ln2 / 2, e^r by the degree-6 Cephes polynomial (~1 ulp),
-// 2^k through the exponent bits. Below -87 it returns exactly 0 (a -inf logit gives p = 0);
-// inputs are <= 0 here (x - row max); NaN stays NaN.
-constexpr float kExpLow = -87.0f, kExpHigh = 88.0f, kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kRoundMagic = 12582912.0f;
-constexpr float kExpP0 = 1.9875691500e-4f, kExpP1 = 1.3981999507e-3f, kExpP2 = 8.3334519073e-3f,
-                kExpP3 = 4.1665795894e-2f, kExpP4 = 1.6666665459e-1f, kExpP5 = 5.0000001201e-1f;
+// e^x's constants and vector versions: simd_math.h; the scalar exp here rounds k with a magic number.
+using namespace simd;
+constexpr float kRoundMagic = 12582912.0f;
 
 static inline float exp_scalar(float x) {
   const float xc = std::min(std::max(x, kExpLow), kExpHigh);
@@ -119,39 +116,6 @@ static void axpby(const float* x, float a, const float* y, float b, float* out, 
 namespace avx2_sweeps {
 #define MLKD_AVX2 __attribute__((target("avx2,fma")))
 
-MLKD_AVX2 static inline __m256 exp8(__m256 x) {
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLow)), _mm256_set1_ps(kExpHigh));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), xc));
-  __m256 p = _mm256_set1_ps(kExpP0);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  const __m256 e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-  // max/min above turned NaN into a bound: put NaN back (unordered compare), then zero below kExpLow.
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256 low = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_LT_OQ);
-  return _mm256_andnot_ps(low, _mm256_blendv_ps(e, x, nan));
-}
-
-MLKD_AVX2 static inline float hsum(__m256 x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-MLKD_AVX2 static inline float hmax(__m256 x) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // a tail of n < 8 entries copied into an 8-wide buffer padded with `pad`
 MLKD_AVX2 static inline void pad8(float* dst, const float* src, int64_t n, float pad) {
   for (int64_t j = 0; j < 8; ++j) dst[j] = j < n ? src[j] : pad;
@@ -171,7 +135,7 @@ MLKD_AVX2 static RowMax max2(const float* x, const float* y, int64_t c) {
     mx = _mm256_max_ps(_mm256_load_ps(tx), mx);
     my = _mm256_max_ps(_mm256_load_ps(ty), my);
   }
-  return {hmax(mx), hmax(my)};
+  return {simd::hmax_avx2(mx), simd::hmax_avx2(my)};
 }
 
 MLKD_AVX2 static inline __m256d add_pd8(__m256d acc, __m256 v) {
@@ -188,7 +152,7 @@ MLKD_AVX2 static inline double hsum_pd(__m256d x) {
 MLKD_AVX2 static inline void exp_sums_step(const float* x, const float* y, __m256 sc, __m256 nmx, __m256 nmy,
                                            float* e_x, float* e_y, __m256d& zx, __m256d& zy, __m256& aa) {
   const __m256 xx = _mm256_loadu_ps(x), yy = _mm256_loadu_ps(y);
-  const __m256 ex = exp8(_mm256_fmadd_ps(xx, sc, nmx)), ey = exp8(_mm256_fmadd_ps(yy, sc, nmy));
+  const __m256 ex = simd::exp_avx2(_mm256_fmadd_ps(xx, sc, nmx)), ey = simd::exp_avx2(_mm256_fmadd_ps(yy, sc, nmy));
   _mm256_storeu_ps(e_x, ex);
   _mm256_storeu_ps(e_y, ey);
   zx = add_pd8(zx, ex);
@@ -217,7 +181,7 @@ MLKD_AVX2 static KlSums exp_sums(const float* x, const float* y, float scale, fl
         e_y[j] = tey[j - c8];
       }
     }
-    sums.a += hsum(aa);
+    sums.a += simd::hsum_avx2(aa);
   }
   sums.z_x = hsum_pd(zx);
   sums.z_y = hsum_pd(zy);
@@ -252,16 +216,16 @@ MLKD_AVX2 static void diff_exp(const float* x, const float* y, float scale, floa
                wx = _mm256_set1_ps(w_x), wy = _mm256_set1_ps(w_y);
   int64_t j = 0;
   for (; j + 8 <= c; j += 8) {
-    const __m256 ex = exp8(_mm256_fmadd_ps(_mm256_loadu_ps(x + j), sc, nmx));
-    const __m256 ey = exp8(_mm256_fmadd_ps(_mm256_loadu_ps(y + j), sc, nmy));
+    const __m256 ex = simd::exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(x + j), sc, nmx));
+    const __m256 ey = simd::exp_avx2(_mm256_fmadd_ps(_mm256_loadu_ps(y + j), sc, nmy));
     _mm256_storeu_ps(out + j, _mm256_fmsub_ps(ex, wx, _mm256_mul_ps(ey, wy)));
   }
   if (j < c) {
     alignas(32) float tx[8], ty[8], to[8];
     pad8(tx, x + j, c - j, kNegInf);
     pad8(ty, y + j, c - j, kNegInf);
-    const __m256 ex = exp8(_mm256_fmadd_ps(_mm256_load_ps(tx), sc, nmx));
-    const __m256 ey = exp8(_mm256_fmadd_ps(_mm256_load_ps(ty), sc, nmy));
+    const __m256 ex = simd::exp_avx2(_mm256_fmadd_ps(_mm256_load_ps(tx), sc, nmx));
+    const __m256 ey = simd::exp_avx2(_mm256_fmadd_ps(_mm256_load_ps(ty), sc, nmy));
     _mm256_store_ps(to, _mm256_fmsub_ps(ex, wx, _mm256_mul_ps(ey, wy)));
     for (int64_t i = j; i < c; ++i) out[i] = to[i - j];
   }
@@ -279,7 +243,7 @@ MLKD_AVX2 static double dot(const float* x, const float* y, int64_t c) {
     }
     float tail = 0.0f;
     for (; j < b1; ++j) tail += x[j] * y[j];
-    acc += static_cast<double>(hsum(_mm256_add_ps(s0, s1))) + tail;
+    acc += static_cast<double>(simd::hsum_avx2(_mm256_add_ps(s0, s1))) + tail;
   }
   return acc;
 }
@@ -299,41 +263,6 @@ MLKD_AVX2 static void axpby(const float* x, float a, const float* y, float b, fl
 // ---- AVX-512: 16 lanes, every load and store masked in the row's last step ----
 namespace avx512_sweeps {
 #define MLKD_AVX512 __attribute__((target("avx512f,avx2,fma")))
-
-MLKD_AVX512 static inline __m512 exp16(__m512 x) {
-  // No clamping: below kExpLow the result is zeroed by the mask (also for x = -inf, where r is NaN),
-  // scalef saturates to inf above ~88.7 as e^x does in fp32, and NaN stays NaN throughout.
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), x));
-  __m512 p = _mm512_set1_ps(kExpP0);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512 e = _mm512_scalef_ps(y, k);  // y 2^k
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLow), _CMP_NLT_UQ), e);  // 0 below kExpLow
-}
-
-// horizontal sums and max (GCC's _mm512_reduce_* warn about their undefined start values)
-MLKD_AVX512 static inline __m256 high_half(__m512 x) {
-  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
-}
-
-MLKD_AVX512 static inline float hsum16(__m512 x) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), high_half(x));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-MLKD_AVX512 static inline float hmax16(__m512 x) {
-  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x), high_half(x));
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
 
 MLKD_AVX512 static inline double hsum8d(__m512d x) {
   const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd(x, 1));
@@ -360,7 +289,7 @@ MLKD_AVX512 static RowMax max2(const float* x, const float* y, int64_t c) {
     mx0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, m, x + j), mx0);
     my0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, m, y + j), my0);
   }
-  return {hmax16(_mm512_max_ps(mx0, mx1)), hmax16(_mm512_max_ps(my0, my1))};
+  return {simd::hmax_avx512(_mm512_max_ps(mx0, mx1)), simd::hmax_avx512(_mm512_max_ps(my0, my1))};
 }
 
 // Z^x and Z^y, which the gradient divides by, are summed in fp32 lanes over 64 columns and then in
@@ -368,7 +297,7 @@ MLKD_AVX512 static RowMax max2(const float* x, const float* y, int64_t c) {
 // 1024 columns lost entries of an fp16 gradient there); A, which only the loss value reads, in fp32
 // lanes per 1024 columns.
 MLKD_AVX512 static inline __m512d add_pd16(__m512d acc, __m512 v) {
-  return _mm512_add_pd(_mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(v))), _mm512_cvtps_pd(high_half(v)));
+  return _mm512_add_pd(_mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(v))), _mm512_cvtps_pd(simd::high_half_avx512(v)));
 }
 
 MLKD_AVX512 static KlSums exp_sums(const float* x, const float* y, float scale, float m_x, float m_y, float* e_x,
@@ -385,7 +314,7 @@ MLKD_AVX512 static KlSums exp_sums(const float* x, const float* y, float scale, 
       for (int64_t j = j0; j < std::min(b1, j0 + 64); j += 16) {
         const __mmask16 m = tail_mask(b1 - j);
         const __m512 xx = _mm512_mask_loadu_ps(ninf, m, x + j), yy = _mm512_mask_loadu_ps(ninf, m, y + j);
-        const __m512 ex = exp16(_mm512_fmadd_ps(xx, sc, nmx)), ey = exp16(_mm512_fmadd_ps(yy, sc, nmy));
+        const __m512 ex = simd::exp_avx512(_mm512_fmadd_ps(xx, sc, nmx)), ey = simd::exp_avx512(_mm512_fmadd_ps(yy, sc, nmy));
         _mm512_mask_storeu_ps(e_x + j, m, ex);
         _mm512_mask_storeu_ps(e_y + j, m, ey);
         zx4 = _mm512_add_ps(zx4, ex);  // padding lanes hold -inf: e = 0 there
@@ -396,7 +325,7 @@ MLKD_AVX512 static KlSums exp_sums(const float* x, const float* y, float scale, 
       zx = add_pd16(zx, zx4);
       zy = add_pd16(zy, zy4);
     }
-    sums.a += hsum16(aa);
+    sums.a += simd::hsum_avx512(aa);
   }
   sums.z_x = hsum8d(zx);
   sums.z_y = hsum8d(zy);
@@ -459,8 +388,8 @@ MLKD_AVX512 static void diff_exp(const float* x, const float* y, float scale, fl
                wx = _mm512_set1_ps(w_x), wy = _mm512_set1_ps(w_y), ninf = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < c; j += 16) {
     const __mmask16 m = tail_mask(c - j);
-    const __m512 ex = exp16(_mm512_fmadd_ps(_mm512_mask_loadu_ps(ninf, m, x + j), sc, nmx));
-    const __m512 ey = exp16(_mm512_fmadd_ps(_mm512_mask_loadu_ps(ninf, m, y + j), sc, nmy));
+    const __m512 ex = simd::exp_avx512(_mm512_fmadd_ps(_mm512_mask_loadu_ps(ninf, m, x + j), sc, nmx));
+    const __m512 ey = simd::exp_avx512(_mm512_fmadd_ps(_mm512_mask_loadu_ps(ninf, m, y + j), sc, nmy));
     _mm512_mask_storeu_ps(out + j, m, _mm512_fmsub_ps(ex, wx, _mm512_mul_ps(ey, wy)));
   }
 }
@@ -479,7 +408,7 @@ MLKD_AVX512 static double dot(const float* x, const float* y, int64_t c) {
       const __mmask16 m = tail_mask(b1 - j);
       s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + j), _mm512_maskz_loadu_ps(m, y + j), s0);
     }
-    acc += hsum16(_mm512_add_ps(s0, s1));
+    acc += simd::hsum_avx512(_mm512_add_ps(s0, s1));
   }
   return acc;
 }

@@ -1,6 +1,6 @@
 // The row math of the fused lm_head + divergence loss (lm_sweeps.h): one body (lm_sweeps_body.inc)
-// compiled for three vector types, scalar, AVX2+FMA and AVX-512, each with a vectorised exp (the
-// Cephes polynomial of kl_sweeps.cpp) and log (Cephes logf). Torch-free.
+// compiled for three vector types, scalar, AVX2+FMA and AVX-512, each with a vectorised exp (simd_math.h,
+// shared with kl_sweeps.cpp) and log (Cephes logf). Torch-free.
 #include "lm_sweeps.h"
 
 // GCC 12's AVX-512 headers start unmasked intrinsics from _mm512_undefined_*() (see kl_sweeps.cpp).
@@ -18,15 +18,12 @@
 #endif
 
 #include "kl_sweeps.h"
+#include "simd_math.h"
 
 namespace mlkd_fast {
 
 namespace {
-// e^x: x = k ln2 + r, e^r by the degree-6 Cephes polynomial; 0 below -87 (and at -inf), NaN kept
-constexpr float kExpLow = -87.0f, kExpHigh = 88.0f, kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP0 = 1.9875691500e-4f, kExpP1 = 1.3981999507e-3f, kExpP2 = 8.3334519073e-3f,
-                kExpP3 = 4.1665795894e-2f, kExpP4 = 1.6666665459e-1f, kExpP5 = 5.0000001201e-1f;
+using namespace simd;  // e^x's constants (simd_math.h)
 // log x = e ln2 + log m, m in [sqrt(1/2), sqrt(2)), log(1 + r) by Cephes logf's polynomial
 constexpr float kSqrtHalf = 0.707106781186547524f;
 constexpr float kLogP0 = 7.0376836292e-2f, kLogP1 = -1.1514610310e-1f, kLogP2 = 1.1676998740e-1f,
@@ -133,35 +130,9 @@ struct V {
   static inline M eq(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static inline M neq(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_UQ); }
   static inline T sel(M m, T a, T b) { return _mm256_blendv_ps(b, a, m); }
-  static inline float hsum(T x) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  static inline float hmax(T x) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  static inline T exp(T x) {
-    const T xc = _mm256_min_ps(_mm256_max_ps(x, set1(kExpLow)), set1(kExpHigh));
-    const T k = _mm256_round_ps(_mm256_mul_ps(xc, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const T r = _mm256_fnmadd_ps(k, set1(kLn2Lo), _mm256_fnmadd_ps(k, set1(kLn2Hi), xc));
-    T p = set1(kExpP0);
-    p = fma(p, r, set1(kExpP1));
-    p = fma(p, r, set1(kExpP2));
-    p = fma(p, r, set1(kExpP3));
-    p = fma(p, r, set1(kExpP4));
-    p = fma(p, r, set1(kExpP5));
-    const T y = _mm256_add_ps(fma(_mm256_mul_ps(p, r), r, r), set1(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    const T e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-    const T nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    const T low = _mm256_cmp_ps(x, set1(kExpLow), _CMP_LT_OQ);
-    return _mm256_andnot_ps(low, _mm256_blendv_ps(e, x, nan));
-  }
+  static inline float hsum(T x) { return simd::hsum_avx2(x); }
+  static inline float hmax(T x) { return simd::hmax_avx2(x); }
+  static inline T exp(T x) { return simd::exp_avx2(x); }
   static inline T log(T x) {
     const __m256i bits = _mm256_castps_si256(x);
     __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
@@ -229,33 +200,9 @@ struct V {
   static inline M eq(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static inline M neq(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ); }
   static inline T sel(M m, T a, T b) { return _mm512_mask_blend_ps(m, b, a); }
-  static inline float hsum(T x) {
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-  }
-  static inline float hmax(T x) {
-    const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-  }
-  static inline T exp(T x) {
-    // kl_sweeps.cpp's exp16: 0 below kExpLow (and at -inf), saturating above, NaN kept
-    const T k = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const T r = _mm512_fnmadd_ps(k, set1(kLn2Lo), _mm512_fnmadd_ps(k, set1(kLn2Hi), x));
-    T p = set1(kExpP0);
-    p = fma(p, r, set1(kExpP1));
-    p = fma(p, r, set1(kExpP2));
-    p = fma(p, r, set1(kExpP3));
-    p = fma(p, r, set1(kExpP4));
-    p = fma(p, r, set1(kExpP5));
-    const T y = _mm512_add_ps(fma(_mm512_mul_ps(p, r), r, r), set1(1.0f));
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(kExpLow), _CMP_NLT_UQ), _mm512_scalef_ps(y, k));
-  }
+  static inline float hsum(T x) { return simd::hsum_avx512(x); }
+  static inline float hmax(T x) { return simd::hmax_avx512(x); }
+  static inline T exp(T x) { return simd::exp_avx512(x); }
   static inline T log(T x) {
     // x = 2^e m, m in [1, 2) (getexp / getmant), moved to [sqrt(1/2), sqrt(2))
     T e = _mm512_getexp_ps(x);
