@@ -18,6 +18,7 @@ loss weight that the reference implementations apply outside the loss: the docst
 They are also :mod:`mlkd_fast.functional`'s.
 """
 from . import at, bss, cc, ce, crd, dist, dkd, dml, fitnet, fsp, kd, mlkd, nst, pkt, rkd, sp  # noqa: F401 (register)
+from . import cb, gce, ls  # noqa: F401 (register: the teacher-free controls of the KD study)
 from .at import AT, at_loss, attention_map
 from .base import Distiller, ModelSpec, Needs, Outputs
 from .bss import BSS, bss_attack, bss_attack_classes, bss_loss, bss_select
