@@ -1,7 +1,7 @@
 """Turns pytest-benchmark JSON from ``benchmarks/test_bench_losses.py`` into markdown tables and plots.
 
     python -m benchmarks.report benchmarks/results/cpu.json [more.json ...] \\
-        [--out benchmarks/results/cpu.md] [--plots benchmarks/results/plots] [--readme README.md] \
+        [--out benchmarks/results/cpu.md] [--plots benchmarks/results/plots] [--page docs/benchmarks.md] \
         [--train benchmarks/results/train_throughput_cpu.json]
 
 Two tables. The summary: one row per group (op, pass, dtype, shape, device) with eager's and
@@ -10,7 +10,7 @@ over eager and over compile, fraction of the copy bandwidth / matmul peak measur
 peak extra memory against eager's), and a line counting the groups where auto is at least as fast as
 eager. The full table: every provider's median time (CUDA-event median on GPU), GB/s (KL: bytes read
 once + gradient written once) or TFLOP/s (correlation: useful flops), fraction of peak, speed-ups and
-peak extra memory. ``--out`` writes both; ``--readme`` replaces the text between
+peak extra memory. ``--out`` writes both; ``--page`` replaces the text between
 ``<!-- bench:start -->`` and ``<!-- bench:end -->`` with the summary (and a link to ``--out``).
 ``--train`` adds the composition of a distillation step from ``benchmarks/train_throughput.py``'s
 JSON (teacher forward, student forward + backward, loss, the rest) beside the summary.
@@ -298,7 +298,8 @@ def main(argv=None) -> str:
     p.add_argument("json", nargs="+", help="pytest-benchmark JSON files")
     p.add_argument("--out", help="write the summary and the full table here (markdown)")
     p.add_argument("--plots", help="folder for the PNG plots")
-    p.add_argument("--readme", help="README whose bench section gets the summary")
+    p.add_argument("--page", "--readme", dest="readme", metavar="PAGE",
+                   help="markdown page whose bench section gets the summary (docs/benchmarks.md)")
     p.add_argument("--train", help="benchmarks/train_throughput.py JSON: the step's composition beside the summary")
     a = p.parse_args(argv)
     rows, runs = load(a.json)

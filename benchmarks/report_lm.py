@@ -2,13 +2,13 @@
 divergence loss against eager, torch.compile, Liger-Kernel's chunked loss and the GEMMs alone, and
 SPEC §9's targets checked from the numbers (PASS / MISS, or "not measured").
 
-    python -m benchmarks.report_lm benchmarks/results/lm_cpu.json [more.json ...] [--out DIR] [--readme PATH]
+    python -m benchmarks.report_lm benchmarks/results/lm_cpu.json [more.json ...] [--out DIR] [--page PATH]
 
 Where it writes: nothing committed changes unless its path is given. ``--out`` defaults to
 ``runs/bench_lm/`` (git-ignored); ``<out>/<first json's name>.md`` gets the summary, the targets and
-every provider's row. The README's section between ``<!-- bench-lm:start -->`` and
+every provider's row. docs/benchmarks.md's section between ``<!-- bench-lm:start -->`` and
 ``<!-- bench-lm:end -->`` is rewritten only with ``--out benchmarks/results`` (the committed results)
-or ``--readme PATH`` (``--readme ''``: none). The table is printed in every case.
+or ``--page PATH`` (``--page ''``: none). The table is printed in every case.
 
 Figures: the median wall time of the fwd+bwd (CUDA: the CUDA-event median), the other providers'
 medians over the fused path's (> 1: fused is faster; ``gemms / fused``: the fraction of the matmul floor
@@ -254,13 +254,14 @@ def main(argv=None) -> str:
     p.add_argument("json", nargs="+", help="pytest-benchmark JSON files of benchmarks/test_bench_lm.py")
     p.add_argument("--out", default=None, help=f"folder for the markdown (default {os.path.relpath(DEFAULT_OUT, ROOT)}, "
                                                "git-ignored; the committed results only with --out benchmarks/results)")
-    p.add_argument("--readme", default=None, help="README whose bench-lm section is rewritten (default: the "
-                                                  "repository's README with --out benchmarks/results, else none; '' none)")
+    p.add_argument("--page", "--readme", dest="readme", metavar="PAGE", default=None,
+                   help="markdown page whose bench-lm section is rewritten (default: docs/benchmarks.md with "
+                        "--out benchmarks/results, else none; '' none)")
     a = p.parse_args(argv)
     out_dir = a.out if a.out is not None else DEFAULT_OUT
     readme = a.readme
     if readme is None:
-        readme = os.path.join(ROOT, "README.md") if os.path.abspath(out_dir) == COMMITTED else ""
+        readme = os.path.join(ROOT, "docs", "benchmarks.md") if os.path.abspath(out_dir) == COMMITTED else ""
     rows, runs = load(a.json)
     if not any(r["op"] == "linear_kd" for r in rows):
         raise SystemExit(f"no linear_kd benchmarks in {', '.join(a.json)}")

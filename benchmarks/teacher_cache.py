@@ -1,4 +1,4 @@
-"""The teacher cache's price and payoff (docs/design.md §8, README "The teacher cache").
+"""The teacher cache's price and payoff (docs/design.md §8, docs/cache.md).
 
 In one run, for each pair: the student's epoch time (ms per step, images/s; training only, evaluation
 excluded) with CE only, distilled from the live teacher, and distilled from a teacher cache; the
@@ -10,7 +10,7 @@ hundred images made by tests/helpers.make_image_folder) or on CIFAR-format pickl
 (--data cifar100, the GPU stage), and cnn-large -> cnn-small on digits. Teachers are random (timing
 only). Targets: cached distillation <= 1.05x the CE-only epoch; creation >= 0.9x the teacher's forward.
 
-    python benchmarks/teacher_cache.py --out benchmarks/results/teacher_cache_cpu.json --readme README.md  # quiet machine
+    python benchmarks/teacher_cache.py --out benchmarks/results/teacher_cache_cpu.json --page docs/cache.md  # quiet machine
     python benchmarks/teacher_cache.py --tiny --out /tmp/teacher_cache_tiny.json          # seconds: a check
     python benchmarks/teacher_cache.py --data cifar100 --per-class 40 --epochs 2 --time-limit 50 --out ...  # GPU
 
@@ -268,13 +268,14 @@ def main(argv=None) -> dict:
                    help="a seconds-long check of the script (cnn-small -> cnn-tiny, 16 px, 2 classes)")
     p.add_argument("--time-limit", type=float, default=None, help="stop measuring after this many seconds")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
-    p.add_argument("--readme", default=None, help="also rewrite this README's teacher-cache figures from the results")
+    p.add_argument("--page", "--readme", dest="readme", metavar="PAGE", default=None,
+                   help="also rewrite this page's teacher-cache figures from the results (docs/cache.md)")
     p.add_argument("--report", default=None, metavar="JSON",
-                   help="measure nothing: rebuild the --readme section from this results file")
+                   help="measure nothing: rebuild the --page section from this results file")
     a = p.parse_args(argv)
     if a.report:
         if not a.readme:
-            p.error("--report needs --readme")
+            p.error("--report needs --page")
         with open(a.report) as f:
             results = json.load(f)
         update_readme(a.readme, summary_markdown(results, os.path.relpath(a.report, os.path.dirname(a.readme) or ".")))
