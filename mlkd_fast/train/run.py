@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from .logs import RunLogs, check_tensorboard, plot_curves
 from .loop import NonFiniteLossError, Phase, RunContext, StopFlag, run_phase
 from .models import build_model, load_weights
 from .preflight import check_student_method
+from .training_data import data_kind, load_training_data
 
 
 def _device(args) -> torch.device:
@@ -45,17 +46,16 @@ class Run:
             self.device = torch.device("cuda", self.dist.local_rank if self.dist.enabled else torch.cuda.current_device())
         on_cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and on_cuda) else None
+        kind = data_kind(args.data)
         self.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda
-                                                              and args.data_kind not in ("digits", "mnist5k"))
+                                                              and kind.channels_last_pays)
         self.shard = D.Shard(args.batch_size, self.dist.rank, self.dist.world)
         self.lr = args.lr * (self.dist.world if args.scale_lr else 1)
-        self.info: dict[str, Any] = {}
-        self.val_batches = None  # --val-fraction's held-out split of the training data
-        self.held = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
         if args.sync_bn and not self.dist.enabled:
             print("mlkd-train: --sync-bn does nothing in a single process (BatchNorm already sees the whole "
                   "batch)", file=sys.stderr)
-        self._load_data()
+        self.data = load_training_data(args, self.shard, self.device, self.channels_last)
+        self.info: dict[str, Any] = dict(self.data.info)  # what the summary reports of the run's inputs
         self.cache = None  # --teacher-cache: the teacher's outputs come from it, no teacher network is built
         if args.teacher_cache is not None:
             from .replay import TeacherCache
@@ -68,97 +68,30 @@ class Run:
                                  teacher_top5=self.cache.manifest["teacher"].get("top5"))
 
     # ---- data -----------------------------------------------------------------------------
-    def _load_data(self) -> None:
-        a = self.args
-        if a.digits:
-            x, y, x_test, y_test = D.load_digits_split(seed=a.seed, train_per_class=a.train_per_class)
-            self.num_classes = 10
-            keep, y = self._corrupt_labels(y)
-            x_held, x = x[self.held[0]], x[keep]
-            self.info.update(train_samples=len(y), test_samples=len(y_test))
-            # held on the device as x / 16 floats, used as they are; shifts by up to DIGITS_PAD pixels drawn per
-            # (seed, epoch, sample index), as on mnist5k and CIFAR (a teacher cache replays them)
-            self.train = D.MemorySource(x, y, self.shard, a.seed, self.device, pad=D.DIGITS_PAD, flip=False)
-            self.train_size: Optional[int] = len(y)
-            self.eval_batches = self.train.eval_batches(x_test, y_test)
-            if len(self.held[0]):
-                self.val_batches = self.train.eval_batches(x_held, self.held[1])
-        elif a.data_kind == "mnist5k" or a.data_kind in D.CIFAR_KINDS:
-            # held in memory as uint8 on the device; crops / flips drawn per (seed, epoch, sample index)
-            if a.data_kind == "mnist5k":
-                x, y, x_test, y_test = D.load_mnist5k(a.train_per_class)
-                self.num_classes, (mean, std), pad, flip = 10, ((0.0,), (1.0,)), D.MNIST5K_PAD, False
-            else:
-                x, y, x_test, y_test = D.load_cifar(a.data_kind, a.data_path)
-                self.num_classes = 10 if a.data_kind == "cifar10" else 100
-                (mean, std), pad, flip = D.CIFAR_MEAN_STD[a.data_kind], D.CIFAR_PAD, True
-            keep, y = self._corrupt_labels(y)
-            x_held, x = x[self.held[0]], x[keep]
-            self.info.update(train_samples=len(y), test_samples=len(y_test))
-            if self.shard.steps(len(y)) < 1:
-                raise SystemExit(f"mlkd-train: {len(y)} training images are fewer than one global batch "
-                                 f"({self.shard.batch_size * self.shard.world})")
-            self.train = D.MemorySource(x, y, self.shard, a.seed, self.device, mean, std, pad, flip,
-                                        channels_last=self.channels_last)
-            self.train_size = len(y)
-            self.eval_batches = self.train.eval_batches(x_test, y_test)
-            if len(self.held[0]):
-                self.val_batches = self.train.eval_batches(x_held, self.held[1])
-        elif a.synthetic:
-            self.num_classes = a.num_classes
-            self.train_size = None
-            self.train = D.SyntheticSource(self.shard, self.device, a.image_size, a.num_classes, a.steps_per_epoch,
-                                           channels_last=self.channels_last)
-            self.eval_batches = None
-        else:
-            classes, train_samples = D.scan_image_folder(os.path.join(a.data, "train"))
-            _, val_samples = D.scan_image_folder(os.path.join(a.data, "val"), classes)
-            self.num_classes = len(classes)
-            keep, labels = self._corrupt_labels(torch.tensor([label for _, label in train_samples]))
-            held_samples = [(train_samples[i][0], int(label)) for i, label in zip(self.held[0].tolist(),
-                                                                                  self.held[1].tolist())]
-            train_samples = [(train_samples[i][0], int(label)) for i, label in zip(keep.tolist(), labels.tolist())]
-            self.info.update(train_samples=len(train_samples), val_samples=len(val_samples), classes=len(classes))
-            if self.shard.steps(len(train_samples)) < 1:
-                raise SystemExit(f"mlkd-train: {len(train_samples)} training images are fewer than one global "
-                                 f"batch ({self.shard.batch_size * self.shard.world})")
-            common = dict(shard=self.shard, seed=a.seed, device=self.device, image_size=a.image_size,
-                          workers=a.workers, channels_last=self.channels_last, on_corrupt=a.on_corrupt,
-                          decode=a.decode)
-            self.train_size = len(train_samples)
-            self.train = D.FolderSource(train_samples, train=True, **common)
-            self.val = D.FolderSource(val_samples, train=False, **common)
-            self.eval_batches = lambda: self.val.epoch(0)
-            if held_samples:
-                self.held_out = D.FolderSource(held_samples, train=False, **common)
-                self.val_batches = lambda: self.held_out.epoch(0)
+    # what other modules read of the run's data (the cache writer and replay, benchmarks): the data object's
+    @property
+    def train(self) -> Any:
+        return self.data.train
 
-    def _corrupt_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training set of ``--imbalance``, ``--label-noise`` and ``--val-fraction``: ``(kept indices,
-        their labels)``, fixed by ``--seed`` (the test set stays clean and balanced). The validation
-        split (``self.held``: indices and labels) is taken out of the corrupted training data, a
-        fraction of each (observed) class, so it is noisy where the training data is, as a
-        practitioner's held-out data would be."""
-        a = self.args
-        keep = D.imbalance_indices(labels, a.imbalance, a.seed) if a.imbalance > 1 else torch.arange(len(labels))
-        labels = labels[keep]
-        if a.label_noise > 0:
-            labels, flipped = D.add_label_noise(labels, a.label_noise, self.num_classes, a.seed, a.noise_type)
-            self.info["noisy_labels"] = int(flipped.sum())
-        held = D.validation_positions(labels, a.val_fraction, a.seed)
-        mask = torch.ones(len(labels), dtype=torch.bool)
-        mask[held] = False
-        self.held = (keep[held], labels[held])
-        if len(held):
-            self.info["val_samples_held_out"] = len(held)
-        return keep[mask], labels[mask]
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def train_size(self) -> Optional[int]:
+        return self.data.train_size
+
+    @property
+    def eval_batches(self) -> Optional[Callable[[], Any]]:
+        return self.data.eval_batches
+
+    @property
+    def val_batches(self) -> Optional[Callable[[], Any]]:
+        return self.data.val_batches
 
     # ---- models and phases ----------------------------------------------------------------
     def input_shape(self) -> tuple[int, int, int]:
-        kind = self.args.data_kind
-        if kind in ("digits", "mnist5k"):
-            return (1, 8, 8) if kind == "digits" else (1, 28, 28)
-        return (3, 32, 32) if kind in D.CIFAR_KINDS else (3, self.args.image_size, self.args.image_size)
+        return self.data.input_shape
 
     def _network(self, arch: str) -> nn.Module:
         model = build_model(arch, self.num_classes, in_channels=self.input_shape()[0]).to(self.device)
@@ -344,7 +277,7 @@ def train_all(args: argparse.Namespace) -> dict:
     if run.cache is None and (uses_teacher or args.teacher_epochs > 0):  # with a cache: no teacher at all
         if args.teacher_weights and not args.teacher_new_head:
             teacher = run.load_teacher(args.teacher_weights)
-        elif not args.synthetic:
+        elif run.data.kind.has_samples:
             teacher_phase = run.make_phase("teacher", args.teacher_arch, args.teacher_epochs, baseline)
             if "teacher" in done:  # never retrained: the student learnt from it
                 load_weights(teacher_phase.model, os.path.join(out, "teacher.pt"), args.teacher_arch)
@@ -548,9 +481,10 @@ def resume_config(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from .replay import data_identity, file_sha256
 
     config = {k: getattr(args, k, None) for k in RESUME_SETTINGS + MID_EPOCH_SETTINGS}
-    if args.data_kind not in ("folder", "synthetic"):
+    kind = run.data.kind
+    if not kind.takes_image_size:
         config["image_size"] = None  # digits, mnist5k and CIFAR have their own size: the flag changes nothing
-    if args.data_kind != "folder":
+    if not kind.decodes_files:
         config["decode"] = None  # only folder images are decoded
     if run.cache is not None:
         teacher = run.cache.manifest["teacher"]["weights_sha256"]
@@ -561,7 +495,7 @@ def resume_config(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     else:
         teacher = None
     config.update(num_classes=run.num_classes, world_size=run.dist.world,
-                  data_sha256=None if args.synthetic else data_identity(run)["sha256"], teacher_sha256=teacher,
+                  data_sha256=data_identity(run)["sha256"] if kind.has_samples else None, teacher_sha256=teacher,
                   precision="bf16" if run.amp_dtype is not None else "fp32")
     return config
 
