@@ -62,35 +62,36 @@ def teacher_forward_rate(data_args: list[str], teacher: str, weights: str, batch
     the data pipeline (what cache creation does, without storing), and the forward alone on the same
     batches held in memory."""
     from mlkd_fast.methods.taps import TappedNetwork
-    from mlkd_fast.train.run import Run
+    from mlkd_fast.train.cache.writer import writer_setup
 
     args = C.parse_cache_args(data_args + ["--teacher-arch", teacher, "--teacher-weights", weights,
                                            "--batch-size", str(batch), "--out", str(out)])
-    run = Run(args)
-    net = run.load_teacher(weights)
+    setup = writer_setup(args)  # the cache writer's own data, device and teacher
+    net = setup.load_teacher(weights)
     tapped = TappedNetwork(net)
-    n = run.train_size
+    n = setup.data.num_samples
     order = D.epoch_order(n, args.seed, 0)
     batches = [(0, order[j:j + batch]) for j in range(0, n, batch)]
-    amp = (torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None
-           else torch.autocast(run.device.type, enabled=False))
+    device = setup.device
+    amp = (torch.autocast(device.type, dtype=setup.amp_dtype) if setup.amp_dtype is not None
+           else torch.autocast(device.type, enabled=False))
     with torch.no_grad(), amp:
-        for x, _, _ in run.train.views(batches[:1]):  # warm-up
+        for x, _, _ in setup.data.source.views(batches[:1]):  # warm-up
             tapped(x)
-        _sync(run.device)
+        _sync(device)
         t0 = time.perf_counter()
         kept, images = [], 0
-        for x, index, _ in run.train.views(batches):
+        for x, index, _ in setup.data.source.views(batches):
             if x is not None:
                 tapped(x).logits.float().cpu()
                 kept.append(x)
                 images += len(index)
-        _sync(run.device)
+        _sync(device)
         pipeline = images / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         for x in kept:
             tapped(x).logits.float().cpu()
-        _sync(run.device)
+        _sync(device)
         forward = images / (time.perf_counter() - t0)
     return {"pipeline_images_per_s": round(pipeline, 1), "forward_images_per_s": round(forward, 1), "images": images}
 

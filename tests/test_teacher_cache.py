@@ -15,6 +15,7 @@ from mlkd_fast.train import cache as C
 from mlkd_fast.train import data as D
 from mlkd_fast.train import main as train
 from mlkd_fast.train import replay as R
+from mlkd_fast.train.cache import writer as W
 from mlkd_fast.train.models import build_model
 
 from helpers import make_image_folder
@@ -175,7 +176,7 @@ def test_views_that_differ_from_the_stored_ones_are_refused_naming_the_shard(cac
         state = R.read_shard(path, m, 0, k)
         state["aug"][:, 0] = (state["aug"][:, 0] + 1) % 3
         os.unlink(path)
-        R._write_shard(path, state)
+        R.write_shard(path, state)
     err = _cli_error(["--method", "kd", "--teacher-cache", str(copy), "--out", str(tmp_path / "x"), *TRAIN], capsys)
     assert "e0000-s0000" in err and "was cached with the view" in err and "another augmentation" in err
 
@@ -247,7 +248,7 @@ def test_a_killed_creation_resumes_to_the_uninterrupted_cache(cache, teacher, tm
         "e0000-s00000.pt", "e0000-s00001.pt", "manifest.json"]
     written = {f: open(os.path.join(part, f), "rb").read() for f in os.listdir(part)}
     calls = []
-    real = C._write_shard
+    real = W.write_shard
 
     def dying(path, state):  # the 2nd shard of this invocation: the process dies while writing it
         calls.append(path)
@@ -255,10 +256,10 @@ def test_a_killed_creation_resumes_to_the_uninterrupted_cache(cache, teacher, tm
             raise KeyboardInterrupt
         real(path, state)
 
-    monkeypatch.setattr(C, "_write_shard", dying)
+    monkeypatch.setattr(W, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         C.main(args + ["--out", part, "--resume"])
-    monkeypatch.setattr(C, "_write_shard", real)
+    monkeypatch.setattr(W, "write_shard", real)
     assert all(open(os.path.join(part, f), "rb").read() == b for f, b in written.items())  # earlier shards intact
     assert len([f for f in os.listdir(part) if f.endswith(".pt")]) == 3 and not any(f.startswith(".tmp")
                                                                                     for f in os.listdir(part))

@@ -1,0 +1,192 @@
+"""Reading a teacher cache in training (``mlkd-train --teacher-cache DIR``).
+
+:class:`TeacherCache` opens a folder and checks it against a run's data and settings (an error naming
+each field that differs) and against a method's traits; :class:`CachedSource` replays it: the training
+source's own batches with the stored teacher outputs, their views checked against the stored ones.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ...methods import Outputs
+from ...methods.base import ModelSpec
+from .. import data as D
+from ..errors import InputError, MissingInputError
+from . import checks
+from .format import MANIFEST, SLOTS, fields, read_manifest, shard_path
+from .inputs import CacheData
+
+
+def spec_from_json(d: dict[str, Any]) -> ModelSpec:
+    """The teacher's :class:`ModelSpec` as the manifest stores it (:func:`.writer.spec_json`)."""
+    return ModelSpec(num_classes=int(d["num_classes"]), feature_dim=int(d["feature_dim"]),
+                     stages={k: tuple(v) for k, v in d.get("stages", {}).items()},
+                     input_shape=tuple(d.get("input_shape", ())), feature_module=d.get("feature_module"),
+                     stage_note=d.get("stage_note", ""))
+
+
+class TeacherCache:
+    """A cache folder opened for training: its manifest, the checks against a run, its shards."""
+
+    def __init__(self, folder: str, manifest: dict[str, Any]) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.teacher_spec = spec_from_json(manifest["teacher"]["spec"])
+        self.epochs = int(manifest["epochs"])
+        self.views = int(manifest["rotations"])
+        self.has_features = manifest["features"] is not None
+
+    @classmethod
+    def open(cls, folder: str) -> "TeacherCache":
+        """The cache in ``folder``: its manifest read and every shard present (errors say how to finish it)."""
+        if not os.path.isdir(folder):
+            raise MissingInputError(f"--teacher-cache {folder!r}: no such folder (make one with mlkd-cache)")
+        path = os.path.join(folder, MANIFEST)
+        if not os.path.isfile(path):
+            raise MissingInputError(f"--teacher-cache {folder!r}: no {MANIFEST} in it (not a teacher cache; make one "
+                                    f"with mlkd-cache)")
+        cache = cls(folder, read_manifest(path))
+        m = cache.manifest["shards"]
+        missing = [shard_path(folder, e, k) for e in range(cache.epochs) for k in range(m["per_epoch"])
+                   if not os.path.isfile(shard_path(folder, e, k))]
+        if missing:
+            raise InputError(f"--teacher-cache {folder!r} is incomplete: {len(missing)} of {m['count']} shards missing "
+                             f"(the first: {os.path.basename(missing[0])}); run its mlkd-cache command again with "
+                             f"--resume to finish it")
+        return cache
+
+    @property
+    def teacher_arch(self) -> str:
+        return self.manifest["teacher"]["arch"]
+
+    def check_against(self, data: CacheData, seed: int, rotations: int, epochs: int, wrap: bool,
+                      teacher_arch: Optional[str] = None, teacher_sha256: Optional[str] = None) -> None:
+        """Refuses a cache of another data, augmentation, seed, teacher (where given) or view count than
+        a run's, naming each field and both values; and a run of more epochs than cached (unless
+        ``wrap``: --cache-wrap)."""
+        wanted: dict[str, Any] = {"data": data.identity(), "augmentation": data.augmentation(), "seed": seed}
+        keys = [f"data.{k}" for k in wanted["data"] if k not in ("root", "hashed", "sha256")] + ["data.sha256"]
+        keys += [f"augmentation.{k}" for k in sorted(set(wanted["augmentation"]) | set(self.manifest["augmentation"]))]
+        keys.append("seed")
+        if teacher_arch is not None:
+            wanted["teacher"] = {"arch": teacher_arch}
+            keys.append("teacher.arch")
+        if teacher_sha256 is not None:
+            wanted.setdefault("teacher", {})["weights_sha256"] = teacher_sha256
+            keys.append("teacher.weights_sha256")
+        differ = checks.differences(self.manifest, wanted, keys)
+        if rotations > self.views:
+            differ.append(f"rotations is {self.views} in the cache but {rotations} in this run (a cache of more "
+                          f"views serves fewer, not the reverse)")
+        if differ:
+            raise InputError(f"--teacher-cache {self.folder!r} is not of this run: {'; '.join(differ)} (its "
+                             f"{MANIFEST}). Make a cache with this run's settings, or train with the cache's")
+        if epochs > self.epochs and not wrap:
+            raise InputError(f"--teacher-cache {self.folder!r} holds {self.epochs} epoch(s) of views, fewer than --epochs "
+                             f"{epochs}: make it with mlkd-cache --epochs {epochs}, or add --cache-wrap to replay "
+                             f"epoch e mod {self.epochs}")
+
+    def check_method(self, distiller, method: str) -> None:
+        """Refuses, from its traits, a method the cache cannot serve (:func:`.checks.check_method`)."""
+        checks.check_method(self.folder, self.has_features, distiller, method)
+
+    def shard(self, epoch: int, k: int) -> dict[str, Any]:
+        """Shard k of a cached epoch, read and checked (:func:`.checks.read_shard`)."""
+        return checks.read_shard(shard_path(self.folder, epoch, k), self.manifest, epoch, k)
+
+
+class CachedSource:
+    """A training source replaying a teacher cache: the batches of ``base`` (the same views, checked
+    against the stored ones batch by batch) with the stored teacher outputs, ``(x, y, index, Outputs)``
+    (``yields_teacher_outputs``: the loop passes them to the Distillation). With ``wrap``, epoch e
+    replays the cache's epoch e mod E."""
+
+    yields_teacher_outputs = True
+
+    def __init__(self, base, cache: TeacherCache, device: torch.device, views: int, wrap: bool = False) -> None:
+        self.base, self.cache, self.device, self.views, self.wrap = base, cache, device, views, wrap
+        m = cache.manifest
+        self.n, self.size, self.per_epoch = m["data"]["num_samples"], m["shards"]["size"], m["shards"]["per_epoch"]
+        self.fed = tuple(f for f in fields(m) if f.slot is not None)  # the fields training reads
+        self.slots = tuple(dict.fromkeys(f.slot for f in self.fed))
+        self._loaded: dict[tuple[int, int], Any] = {}
+        self._pool = ThreadPoolExecutor(1)  # reads the next shard while this one trains
+
+    @property
+    def corrupt(self) -> int:
+        return self.base.corrupt
+
+    def steps_per_epoch(self) -> int:
+        return self.base.steps_per_epoch()
+
+    def _shard(self, epoch: int, k: int) -> dict[str, Any]:
+        """Shard k of a cached epoch, read (and checked) in the background while the one before it
+        trains; the next one, across the epoch's end too, is queued at once."""
+        key = (epoch, k)
+        if key not in self._loaded:
+            self._loaded[key] = self._pool.submit(self.cache.shard, epoch, k)
+        state = self._loaded[key].result()
+        if k + 1 < self.per_epoch:
+            nxt: Optional[tuple[int, int]] = (epoch, k + 1)
+        else:
+            following = (epoch + 1) % self.cache.epochs if self.wrap else epoch + 1
+            nxt = (following, 0) if following < self.cache.epochs else None
+        if nxt is not None and nxt not in self._loaded:
+            self._loaded[nxt] = self._pool.submit(self.cache.shard, *nxt)
+        for old in [s for s in self._loaded if s not in (key, nxt)]:
+            del self._loaded[old]
+        return state
+
+    def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Any, ...]]:
+        cached = epoch % self.cache.epochs if self.wrap else epoch
+        if cached >= self.cache.epochs:
+            raise InputError(f"--teacher-cache {self.cache.folder!r} holds {self.cache.epochs} epoch(s), not epoch "
+                             f"{epoch + 1} (--cache-wrap replays epoch e mod {self.cache.epochs})")
+        order = D.epoch_order(self.n, self.cache.manifest["seed"], cached)
+        position = torch.empty(self.n, dtype=torch.long)
+        position[order] = torch.arange(self.n)
+        for x, y, index, (index_cpu, params) in self.base.epoch(cached, start_step, with_index=True, with_params=True):
+            yield x, y, index, self._outputs(cached, index_cpu, params, position)
+
+    def _rows(self, epoch: int, k: int, rows: Tensor, index: Tensor, params: Tensor) -> dict[str, Tensor]:
+        """The stored outputs of ``rows`` of shard k, after checking that they are of the samples and views
+        this run draws there (an error naming the shard otherwise)."""
+        state = self._shard(epoch, k)
+        path = shard_path(self.cache.folder, epoch, k)
+        if not torch.equal(state["index"][rows], index.to(torch.int32)):
+            raise InputError(f"teacher cache shard {path!r} holds other samples at these positions of epoch "
+                             f"{epoch + 1} than this run draws (another order): the cache is not of this run")
+        valid = state["valid"][rows]
+        if not bool(valid.all()):
+            raise InputError(f"teacher cache shard {path!r} holds no outputs for sample {int(index[~valid][0])} "
+                             f"(undecodable when the cache was made, decodable now): make the cache again")
+        error = checks.view_mismatch(path, epoch, index, state["aug"][rows], params,
+                                     self.cache.manifest["augmentation"]["params"])
+        if error is not None:
+            raise error
+        return {f.name: state[f.name][rows, :self.views] for f in self.fed}
+
+    def _outputs(self, epoch: int, index: Tensor, params: Tensor, position: Tensor) -> Outputs:
+        pos = position[index]
+        shard_of = pos // self.size
+        first, last = int(shard_of[0]), int(shard_of[-1])
+        if first == last and bool((shard_of == first).all()):  # the usual case: one shard
+            got = self._rows(epoch, first, pos - first * self.size, index, params)
+        else:  # a batch across shards (positions of a batch are in order: the parts concatenate in it)
+            parts: dict[str, list[Tensor]] = {}
+            chosen = []
+            for k in shard_of.unique().tolist():
+                sel = (shard_of == k).nonzero().squeeze(1)
+                for name, t in self._rows(epoch, k, pos[sel] - k * self.size, index[sel], params[sel]).items():
+                    parts.setdefault(name, []).append(t)
+                chosen.append(sel)
+            sel = torch.cat(chosen)
+            back = torch.empty_like(sel)
+            back[sel] = torch.arange(len(sel))
+            got = {name: torch.cat(ts)[back] for name, ts in parts.items()}  # the batch's rows in its order
+        dev = {name: t.to(self.device, non_blocking=True) for name, t in got.items()}
+        return Outputs(**{slot: SLOTS[slot](dev, self.cache.manifest) for slot in self.slots})
