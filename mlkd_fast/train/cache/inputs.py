@@ -3,7 +3,7 @@ for the writer, the device and teacher (:class:`WriterSetup`).
 
 These are plain values: the writer receives them from :mod:`._trainer_glue` (its one way into the
 trainer) and the reader builds :class:`CacheData` from the run that opens a cache; neither imports the
-trainer.
+trainer: both read the trainer's :class:`~.training_data.TrainingData` by its attributes.
 """
 from __future__ import annotations
 
@@ -39,18 +39,20 @@ class CacheData:
     eval_batches: Optional[Callable[[], Any]] = None
 
     @classmethod
+    def of(cls, training: Any, settings: Any) -> "CacheData":
+        """The cache's view of the trainer's training data (a :class:`~.training_data.TrainingData`:
+        ``kind.name``, ``root``, ``train``, ``train_size``, ``num_classes``, ``input_shape``,
+        ``eval_batches``) and of the settings that corrupted it (the parsed flags, read by name)."""
+        return cls(training.kind.name, training.root, training.train, training.train_size, training.num_classes,
+                   tuple(training.input_shape),
+                   {k: getattr(settings, k, 0.0 if k == "val_fraction" else None) for k in CORRUPTION_SETTINGS},
+                   training.eval_batches)
+
+    @classmethod
     def of_run(cls, run: Any) -> "CacheData":
-        """The training data of a trainer's run object (``mlkd-train``'s :class:`~.run.Run`, read by its
-        attributes: ``args``, ``train``, ``train_size``, ``num_classes``, ``input_shape()``,
-        ``eval_batches``; nothing is imported from the trainer)."""
-        a = run.args
-        # the root as the manifest records it: none for embedded data, a folder named by --data itself as
-        # an absolute path, the path after a "kind:" prefix as given (informational: never compared)
-        path = a.data_path
-        root = None if path is None else os.path.abspath(path) if path == a.data else path
-        return cls(a.data_kind, root, run.train, run.train_size, run.num_classes, tuple(run.input_shape()),
-                   {k: getattr(a, k, 0.0 if k == "val_fraction" else None) for k in CORRUPTION_SETTINGS},
-                   getattr(run, "eval_batches", None))
+        """The training data of ``mlkd-train``'s run object (its ``data`` and ``args``; nothing of the
+        trainer is imported)."""
+        return cls.of(run.data, run.args)
 
     def augmentation(self) -> dict[str, Any]:
         """What draws the training views (the source's own description)."""
