@@ -3,6 +3,7 @@
 shows the CPU correlation's two paths side by side, and puts the step's composition beside it."""
 import json
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,3 +63,72 @@ def test_summary_full_table_and_composition(tmp_path):
     full = out.read_text()
     assert "| correlation | fwd+bwd | float32 | M=768 N=256 D=512 | cpu | native-tiled |  | tiled |" in full
     assert "| kd_kl | fwd+bwd | float32 | 4096x1000 | cpu | native | yes | fused |" in full
+
+
+
+def _section(text: str, start: str, end: str) -> str:
+    assert text.count(start) == 1 and text.count(end) == 1, (start, end)
+    return text[text.index(start):text.index(end) + len(end)]
+
+
+def _regenerated(page: str, update) -> str:
+    """The page as ``update(copy)`` rewrites it, the copy beside the page (so that the generator's relative
+    links are the page's)."""
+    path = os.path.join(ROOT, page)
+    copy = os.path.join(os.path.dirname(path), ".regenerated-" + os.path.basename(path))
+    with open(path) as f, open(copy, "w") as g:
+        g.write(f.read())
+    try:
+        update(copy)
+        with open(copy) as f:
+            return f.read()
+    finally:
+        os.remove(copy)
+
+
+def _teacher_cache_report(page: str) -> None:
+    """benchmarks/teacher_cache.py's report-only mode (measures nothing), as a user runs it."""
+    run = subprocess.run([sys.executable, "benchmarks/teacher_cache.py", "--report",
+                          "benchmarks/results/teacher_cache_cpu.json", "--page", page],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_docs_sections_are_what_the_generators_write_from_the_committed_results(tmp_path):
+    """docs/benchmarks.md's bench and bench-lm sections and docs/cache.md's cache section are byte for byte
+    what report.py, report_lm.py and teacher_cache.py write there from the committed JSON (their report-only
+    paths: nothing is measured). A results file changed without its page, or the reverse, fails here."""
+    from benchmarks import report_lm
+
+    results = os.path.join(ROOT, "benchmarks", "results")
+    rows, runs = report.load([os.path.join(results, "cpu.json")])
+    short = report.summary(rows, runs) + "\n" + report.composition(os.path.join(results, "train_throughput_cpu.json"))
+    plots = [os.path.join(results, "plots", os.path.basename(p)) for p in report.plots(rows, str(tmp_path))]
+    lm_rows, lm_runs = report_lm.load([os.path.join(results, "lm_cpu.json"), os.path.join(results, "lm_cpu_bf16.json")])
+    cases = [
+        ("docs/benchmarks.md", report.START, report.END,
+         lambda page: report.update_readme(page, short, plots, os.path.join(results, "cpu.md"))),
+        ("docs/benchmarks.md", report_lm.START, report_lm.END,
+         lambda page: report_lm.update_readme(page, report_lm.summary(lm_rows, lm_runs),
+                                              os.path.join(results, "lm_cpu.md"))),
+        ("docs/cache.md", "<!-- cache:start -->", "<!-- cache:end -->", _teacher_cache_report),
+    ]
+    for page, start, end, update in cases:
+        with open(os.path.join(ROOT, page)) as f:
+            committed = _section(f.read(), start, end)
+        assert _section(_regenerated(page, update), start, end) == committed, (page, start)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert not any(start in readme for _, start, _, _ in cases)  # the README holds none of them
+
+
+def test_the_generators_take_page(capsys):
+    """Each generator names its target --page (--readme, its old name, still works: the tests above use it)."""
+    from benchmarks import report_lm
+
+    for main in (report.main, report_lm.main):
+        try:
+            main(["--help"])
+        except SystemExit:
+            pass
+        assert "--page PAGE, --readme PAGE" in capsys.readouterr().out
