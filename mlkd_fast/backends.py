@@ -1,10 +1,14 @@
 """The backend registry: which backends can run here, and which one an op uses (docs/design.md §3).
 
-Every backend is one :class:`Backend` entry of :data:`REGISTRY` with the same per-row functions:
+Every backend is one :class:`Backend` entry of :data:`REGISTRY`: a status function saying whether it
+runs on a device, and why not, and per-row functions for the ops of :data:`OPS` (the same signature
+on every backend):
 - ``kd_kl_rows(student, teacher, temperature, row_weight)`` -> ``w_i T^2 l_i`` (docs/design.md §1.1);
 - ``correlation_rows(student_rows, teacher_rows, student_cols, teacher_cols, tau, exclude_diagonal)``
-  -> ``l_i`` (docs/design.md §1.2);
-and a status function saying whether it runs on a device, and why not.
+  -> ``l_i`` (docs/design.md §1.2).
+A backend may implement a subset of the ops (None for the others): ``auto`` then takes each op from
+the first available backend that implements it, and a backend asked for by name refuses an op it
+lacks with an error naming the op and the backends that have it.
 
 - ``torch``: the pure-PyTorch reference (:mod:`mlkd_fast.reference`); always available.
 - ``triton``: the fused kernels of :mod:`mlkd_fast.kernels`; needs Triton and a CUDA device, or CPU
@@ -30,7 +34,7 @@ why (``mlkd_fast.explain``). ``MLKD_FAST_CORR_PATH=dense|tiled`` (read at import
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
 import torch
@@ -64,14 +68,37 @@ KdKlRows = Callable[[Tensor, Tensor, float, Optional[Tensor]], Tensor]
 CorrelationRows = Callable[[Tensor, Tensor, Optional[Tensor], Optional[Tensor], float, bool], Tensor]
 
 
+#: op name -> the :class:`Backend` field holding its per-row function
+OPS: dict[str, str] = {"kd_kl": "kd_kl_rows", "correlation": "correlation_rows"}
+
+
 @dataclass(frozen=True)
 class Backend:
-    """One backend: where it runs and its per-row functions (the signatures in the module docstring)."""
+    """One backend: where it runs and its per-row functions (the signatures in the module docstring),
+    None for an op it does not implement (at least one it must)."""
 
     name: str
     status: Callable[[torch.device], BackendStatus]
-    kd_kl_rows: KdKlRows
-    correlation_rows: CorrelationRows
+    kd_kl_rows: Optional[KdKlRows] = None
+    correlation_rows: Optional[CorrelationRows] = None
+
+    def __post_init__(self) -> None:
+        if not self.ops:
+            raise ValueError(f"backend {self.name!r} implements none of the ops {', '.join(OPS)}")
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops this backend implements."""
+        return tuple(op for op, fn in OPS.items() if getattr(self, fn) is not None)
+
+    def implements(self, op: str) -> bool:
+        return getattr(self, _op_field(op)) is not None
+
+
+def _op_field(op: str) -> str:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(map(repr, OPS))}; got {op!r}")
+    return OPS[op]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,27 +237,62 @@ def available_backends(device: Union[str, torch.device, None] = None) -> dict[st
     return {name: backend_status(name, device) for name in BACKENDS}
 
 
-def resolve(backend: str, device: torch.device) -> Backend:
+def _lacks(name: str, op: str, source: str = "") -> ValueError:
+    having = [n for n, entry in REGISTRY.items() if entry.implements(op)]
+    return ValueError(f"backend {name!r}{source} does not implement the {op} op (it has: "
+                      f"{', '.join(REGISTRY[name].ops)}); backends that do: {', '.join(having)}")
+
+
+def _missing_op(name: str, op: str, source: str) -> Callable[..., Tensor]:
+    """A per-row function standing for an op a backend asked for by name lacks: raises naming the op."""
+
+    def missing(*args, **kwargs) -> Tensor:
+        raise _lacks(name, op, source)
+
+    return missing
+
+
+def _auto(device: torch.device, op: Optional[str]) -> Backend:
+    """``auto``: the first available backend of :data:`AUTO_ORDER` (implementing ``op`` when given). With
+    no op, one lacking some op gets it from the next available backend that has it."""
+    order = [REGISTRY[name] for name in AUTO_ORDER.get(device.type, _AUTO_FALLBACK) if name in REGISTRY]
+    up = [entry for entry in order if entry.status(device)] + [REGISTRY["torch"]]
+    if op is not None:
+        return next(entry for entry in up if entry.implements(op))
+    first = up[0]
+    if len(first.ops) == len(OPS):
+        return first
+    return replace(first, **{fn: getattr(next(e for e in up if e.implements(o)), fn)
+                             for o, fn in OPS.items() if not first.implements(o)})
+
+
+def resolve(backend: str, device: torch.device, op: Optional[str] = None) -> Backend:
     """The backend an op runs with on ``device``, resolved once per call: ``"auto"`` (replaced by
     ``MLKD_FAST_BACKEND`` when set, read here once) takes the first available entry of
-    :data:`AUTO_ORDER`; a name asked for that cannot run raises a ValueError saying why."""
+    :data:`AUTO_ORDER` that implements ``op`` (every op, with ``op`` None: each from the first that has
+    it); a name asked for that cannot run, or lacks ``op``, raises a ValueError saying why (with ``op``
+    None, the lacking op's function raises it when called)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if op is not None:
+        _op_field(op)
     source = ""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         source = f" (from the environment variable {ENV_VAR})"
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, _AUTO_FALLBACK):
-            if REGISTRY[name].status(device):
-                return REGISTRY[name]
-        return REGISTRY["torch"]
+        return _auto(device, op)
     entry = REGISTRY.get(backend)
     if entry is None:
         raise _unknown(backend, source)
     status = entry.status(device)
     if not status:
         raise ValueError(f"backend {backend!r}{source} is not available on {device}: {status.reason}")
+    if op is not None and not entry.implements(op):
+        raise _lacks(backend, op, source)
+    if op is None and len(entry.ops) < len(OPS):
+        entry = replace(entry, **{fn: _missing_op(backend, o, source) for o, fn in OPS.items()
+                                  if not entry.implements(o)})
     return entry
 
 
@@ -267,17 +329,21 @@ _CORR_PATHS = {
 }
 
 
-def _backend_reason(backend: str, device: torch.device) -> tuple[Backend, str]:
-    """:func:`resolve`'s answer, and why."""
-    entry = resolve(backend, device)
+def _backend_reason(backend: str, device: torch.device, op: str) -> tuple[Backend, str]:
+    """:func:`resolve`'s answer for ``op``, and why."""
+    entry = resolve(backend, device, op)
     if backend != "auto":
         return entry, "asked for"
     env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if env != "auto":
         return entry, f"from the environment variable {ENV_VAR}={env}"
     order = AUTO_ORDER.get(device.type, _AUTO_FALLBACK)
-    skipped = [f"{name}: {REGISTRY[name].status(device).reason}" for name in order[:order.index(entry.name)]] \
-        if entry.name in order else []
+
+    def why_not(name: str) -> str:
+        status = REGISTRY[name].status(device)
+        return status.reason if not status else f"does not implement the {op} op"
+
+    skipped = [f"{name}: {why_not(name)}" for name in order[:order.index(entry.name)]] if entry.name in order else []
     why = f"auto on {device.type}: the first available of {', '.join(order)}"
     return entry, why + (f" ({'; '.join(skipped)})" if skipped else "")
 
@@ -288,7 +354,9 @@ def choose(op: str, device: Union[str, torch.device], rows: int, cols: Optional[
     ``rows`` rows (and, for the correlation, ``cols`` columns: ``rows`` in square mode), and why.
     Decided by the device, the shapes and the environment only, like the call itself."""
     device = torch.device(device)
-    entry, why = _backend_reason(backend, device)
+    if op not in OPS:
+        raise ValueError(f"op must be 'kd_kl' or 'correlation', got {op!r}")
+    entry, why = _backend_reason(backend, device, op)
     if op == "kd_kl":
         path, detail = _KL_PATHS.get(entry.name, ("custom", "a registered backend"))
     elif op == "correlation":
@@ -297,6 +365,4 @@ def choose(op: str, device: Union[str, torch.device], rows: int, cols: Optional[
             path, detail = correlation_path(device, rows, cols)
         else:
             path, detail = _CORR_PATHS.get(entry.name, ("custom", "a registered backend"))
-    else:
-        raise ValueError(f"op must be 'kd_kl' or 'correlation', got {op!r}")
     return Choice(op, entry.name, path, f"{why}; {detail}")

@@ -123,8 +123,65 @@ def test_every_backend_has_the_same_per_row_signatures():
                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
 
     for entry in REGISTRY.values():
-        assert positional(entry.kd_kl_rows) == 4, entry.name
-        assert positional(entry.correlation_rows) == 6, entry.name
+        if entry.kd_kl_rows is not None:
+            assert positional(entry.kd_kl_rows) == 4, entry.name
+        if entry.correlation_rows is not None:
+            assert positional(entry.correlation_rows) == 6, entry.name
+
+
+@pytest.fixture
+def partial(monkeypatch):
+    """A backend with the KD op only, first in CPU's auto order; its calls are recorded."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    calls = []
+
+    def kd_kl_rows(s, t, temperature, row_weight):
+        calls.append("kd_kl_rows")
+        return reference.kd_kl_rows(s, t, temperature, row_weight)
+
+    entry = backends.Backend("partial", lambda device: BackendStatus(True, "partial: up"), kd_kl_rows=kd_kl_rows)
+    monkeypatch.setitem(REGISTRY, "partial", entry)
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("partial", *backends.AUTO_ORDER["cpu"]))
+    return entry, calls
+
+
+def test_a_backend_may_implement_a_subset_of_the_ops(partial):
+    partial, calls = partial
+    cpu = torch.device("cpu")
+    assert partial.ops == ("kd_kl",) and partial.implements("kd_kl") and not partial.implements("correlation")
+    # auto: each op from the first available backend that implements it
+    assert backends.resolve("auto", cpu, op="kd_kl") is partial
+    following = next(n for n in backends.AUTO_ORDER["cpu"][1:] if REGISTRY[n].status(cpu))
+    assert backends.resolve("auto", cpu, op="correlation") is REGISTRY[following]
+    merged = backends.resolve("auto", cpu)  # callers that do not name the op: the gaps filled in order
+    assert merged.name == "partial" and merged.correlation_rows is REGISTRY[following].correlation_rows
+    s, t = torch.randn(4, 6), torch.randn(4, 6)
+    torch.testing.assert_close(MF.kd_kl_div(s, t), MF.kd_kl_div(s, t, backend="torch"))
+    f, g = torch.randn(6, 3), torch.randn(6, 2)
+    torch.testing.assert_close(MF.correlation_kl(f, g), MF.correlation_kl(f, g, backend="torch"))
+    assert calls == ["kd_kl_rows"]
+    choice = backends.choose("correlation", "cpu", 6)
+    assert choice.backend == following and "partial: does not implement the correlation op" in choice.reason
+
+
+def test_a_backend_asked_for_an_op_it_lacks_names_the_op(partial, monkeypatch):
+    partial, calls = partial
+    cpu = torch.device("cpu")
+    message = r"backend 'partial' does not implement the correlation op \(it has: kd_kl\); backends that do: torch"
+    with pytest.raises(ValueError, match=message):
+        backends.resolve("partial", cpu, op="correlation")
+    with pytest.raises(ValueError, match=message):  # through the functional API (resolved without the op)
+        MF.correlation_kl(torch.randn(6, 3), torch.randn(6, 2), backend="partial")
+    monkeypatch.setenv(ENV_VAR, "partial")
+    with pytest.raises(ValueError, match=rf"backend 'partial' \(from the environment variable {ENV_VAR}\) does not "
+                                         r"implement the correlation op"):
+        MF.correlation_kl(torch.randn(6, 3), torch.randn(6, 2))
+    MF.kd_kl_div(torch.randn(3, 4), torch.randn(3, 4))  # the op it has runs
+    assert calls == ["kd_kl_rows"]
+    with pytest.raises(ValueError, match="op must be one of"):
+        backends.resolve("torch", cpu, op="softmax")
+    with pytest.raises(ValueError, match="implements none of the ops"):
+        backends.Backend("empty", lambda device: BackendStatus(True, ""))
 
 
 class _Spy:

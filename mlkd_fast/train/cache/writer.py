@@ -33,6 +33,7 @@ from ..._hashing import file_sha256
 from ..checkpoint import CACHE_FILES, RUN_FILES, check_writable, move_aside, present, write_json_atomic
 from ..data import with_rotations
 from ..errors import InputError, UserError, one_line
+from ..method_lists import cache_feature_methods
 from . import _trainer_glue as glue
 from ._trainer_glue import writer_setup  # public here: the data, device and teacher of the arguments
 from .checks import differences, read_shard
@@ -102,7 +103,7 @@ def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
     g.add_argument("--logits-dtype", choices=tuple(DTYPES), default="fp32",
                    help="dtype of the stored logits (default: %(default)s: exact)")
     g.add_argument("--features", action=argparse.BooleanOptionalAction, default=False,
-                   help="also store the pooled features (for crd, pkt, rkd, cc, mlkd, paper) (default: off)")
+                   help=f"also store the pooled features (for {', '.join(cache_feature_methods())}) (default: off)")
     g.add_argument("--features-dtype", choices=("fp32", "fp16"), default="fp32",
                    help="dtype of the stored features (default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=8192,
