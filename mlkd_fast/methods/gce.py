@@ -40,7 +40,7 @@ class GCE(Distiller):
     functions = (gce_loss,)
     main_weight = "q"
     control_for: ClassVar[str] = "noise"
-    search_values: ClassVar[tuple[float, ...]] = (0.3, 0.5, 0.7, 0.9)
+    search_values: ClassVar[tuple[float, ...]] = (0.3, 0.5, 0.7)
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, w_ce: float = 1.0,
                  q: float = 0.7) -> None:

@@ -45,7 +45,7 @@ class LabelSmoothing(Distiller):
     #: the KD study's control trait: which corruption it is a control for ("any", "noise", "imbalance")
     control_for: ClassVar[str] = "any"
     #: the values of the main weight a study searches (its own range: eps < 1)
-    search_values: ClassVar[tuple[float, ...]] = (0.05, 0.1, 0.2, 0.4)
+    search_values: ClassVar[tuple[float, ...]] = (0.05, 0.15, 0.4)
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, w_ce: float = 1.0,
                  smoothing: float = 0.1) -> None:
