@@ -91,20 +91,18 @@ def test_quick_end_to_end(tmp_path):
     again = json.loads((out / "lm_stdlib.json").read_text())
     assert again["runs"] == result["runs"] and again["statistics"] == result["statistics"]
 
-    # the report: a pure function of the JSON, written only into the marked sections it is given
-    readme, docs = tmp_path / "README.md", tmp_path / "lm.md"
-    shutil.copy(ROOT / "README.md", readme)
+    # the report: a pure function of the JSON, written only into the marked section it is given
+    docs = tmp_path / "lm.md"
     shutil.copy(ROOT / "docs" / "lm.md", docs)
     outputs = []
     for _ in range(2):
-        demo.main(["--report", "--out", str(out), "--readme", str(readme), "--docs", str(docs)])
-        outputs.append([(out / "lm_stdlib.md").read_text(), readme.read_text(), docs.read_text()])
+        demo.main(["--report", "--out", str(out), "--docs", str(docs)])
+        outputs.append([(out / "lm_stdlib.md").read_text(), docs.read_text()])
     assert outputs[0] == outputs[1]
     assert outputs[0][0] == demo.markdown(result)
-    for before, after in ((ROOT / "README.md", readme), (ROOT / "docs" / "lm.md", docs)):
-        b, a = before.read_text(), after.read_text()
-        assert b.split(demo.START)[0] == a.split(demo.START)[0] and b.split(demo.END)[1] == a.split(demo.END)[1]
-        assert demo.markdown(result).strip() in a
+    b, a = (ROOT / "docs" / "lm.md").read_text(), docs.read_text()
+    assert b.split(demo.START)[0] == a.split(demo.START)[0] and b.split(demo.END)[1] == a.split(demo.END)[1]
+    assert demo.markdown(result).strip() in a
 
     assert _tree_hashes(ROOT / "benchmarks" / "results") == committed["results"]
     assert hashlib.sha256((ROOT / "README.md").read_bytes()).hexdigest() == committed["readme"]
@@ -119,7 +117,7 @@ def test_quick_never_writes_committed_results():
     with pytest.raises(SystemExit):
         demo.parse_args(["--work", str(ROOT / "benchmarks" / "results" / "x")])
     args = demo.parse_args(["--quick"])
-    assert args.readme == "" and args.docs == "" and args.work.startswith(str(ROOT / "runs"))
+    assert args.docs == "" and args.work.startswith(str(ROOT / "runs"))
 
 
 def test_split_by_file_is_deterministic():

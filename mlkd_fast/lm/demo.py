@@ -59,8 +59,8 @@ against the other jobs and ran 5-20x slower per step than one.
 Where it writes: the work (tokenizer, teacher, cache, one JSON per run) under ``--work`` (default
 ``runs/lm_stdlib/`` or ``runs/lm_stdlib_quick/``); the results ``lm_stdlib.json`` and ``lm_stdlib.md``
 into ``--out`` (default: the work folder). Committed results change only with an explicit
-``--out benchmarks/results`` (refused with ``--quick``); that also rewrites the README's and
-docs/lm.md's marked sections, which ``--readme`` / ``--docs`` can name or disable (``''``).
+``--out benchmarks/results`` (refused with ``--quick``); that also rewrites docs/lm.md's marked
+section, which ``--docs`` can name or disable (``''``).
 ``--report`` only regenerates the markdown and sections from the JSON.
 """
 from __future__ import annotations
@@ -908,9 +908,9 @@ INTRO = ("Distilling a small code model on text every machine has: the Python st
          "validation files, perplexity reported on held-out test files.")
 
 
-def section(result: Optional[dict], where: str) -> str:
-    """The README's (``where="readme"``) or docs/lm.md's (``"docs"``) generated section."""
-    head = ["## 6. A study on real text: the standard library's source", ""] if where == "docs" else []
+def section(result: Optional[dict]) -> str:
+    """docs/lm.md's generated section."""
+    head = ["## 6. A study on real text: the standard library's source", ""]
     body = markdown(result) if result is not None else (
         f"Not run yet: `benchmarks/results/{NAME}.json` does not exist; the last command above writes it.\n")
     return "\n".join(head + [INTRO, "", COMMAND, "", body.rstrip()]) + "\n"
@@ -927,13 +927,11 @@ def _replace_section(path: str, body: str) -> None:
     _atomic_text(path, head + block + rest.split(END, 1)[1])
 
 
-def write_outputs(result: dict, out: str, readme: Optional[str], docs: Optional[str]) -> str:
+def write_outputs(result: dict, out: str, docs: Optional[str]) -> str:
     md = markdown(result)
     _atomic_text(os.path.join(out, f"{NAME}.md"), md)
-    if readme:
-        _replace_section(readme, section(result, "readme"))
     if docs:
-        _replace_section(docs, section(result, "docs"))
+        _replace_section(docs, section(result))
     return md
 
 
@@ -949,8 +947,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--work", default=None, help="tokenizer, teacher, cache and per-run JSON (default "
                     "runs/lm_stdlib or runs/lm_stdlib_quick); a re-run skips what is finished")
     ap.add_argument("--report", action="store_true", help="only regenerate the markdown and sections from the JSON")
-    ap.add_argument("--readme", default=None, help="README whose lm-demo section is rewritten (default: the "
-                    "repository's with --out benchmarks/results, else none; '' for none)")
     ap.add_argument("--docs", default=None, help="docs file whose lm-demo section is rewritten (default: "
                     "docs/lm.md with --out benchmarks/results, else none; '' for none)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core "
@@ -966,8 +962,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         ap.error("--quick writes only under runs/ (or a folder you name), never benchmarks/results")
     if os.path.abspath(args.work).startswith(os.path.abspath(COMMITTED)):
         ap.error("--work may not be under benchmarks/results (models and caches stay out of the repository)")
-    if args.readme is None:
-        args.readme = os.path.join(ROOT, "README.md") if committed else ""
     if args.docs is None:
         args.docs = os.path.join(ROOT, "docs", "lm.md") if committed else ""
     return args
@@ -986,9 +980,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         result = _read_json(json_path)
         if result is None:
             raise SystemExit(f"error: {json_path} does not exist; run the study first")
-        write_outputs(result, args.out, args.readme, args.docs)
-        _log(f"wrote {os.path.join(args.out, NAME + '.md')}" + (f", {args.readme}" if args.readme else "")
-             + (f", {args.docs}" if args.docs else ""))
+        write_outputs(result, args.out, args.docs)
+        _log(f"wrote {os.path.join(args.out, NAME + '.md')}" + (f", {args.docs}" if args.docs else ""))
         return result
     _need_lm_extra()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -999,7 +992,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     result["wall_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     _atomic_json(json_path, result)
-    write_outputs(result, args.out, args.readme, args.docs)
+    write_outputs(result, args.out, args.docs)
     _log(f"wrote {json_path}")
     print(markdown(result))
     return result
