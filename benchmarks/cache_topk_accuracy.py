@@ -1,6 +1,6 @@
 """What a lossy teacher cache costs in accuracy: the student's top-1 distilled from the live teacher,
 from an exact cache (all C logits and the features in fp32: the same run bit for bit) and from top-k
-caches in fp16 / bf16, over seeds (docs/design.md §8, README "The teacher cache").
+caches in fp16 / bf16, over seeds (docs/design.md §8, docs/cache.md).
 
 Per seed a teacher is trained by mlkd-train (CE, --teacher-arch, --teacher-epochs on digits: its split
 depends on --seed, so each seed has its own teacher; mnist5k has a fixed split and one teacher), then

@@ -43,7 +43,7 @@ OOM killer; a case whose measured peak does not fit what is available now is not
 
 Run: ``python -m pytest benchmarks/test_bench_lm.py -p no:cacheprovider --benchmark-json
 benchmarks/results/lm_cpu.json``, then ``python -m benchmarks.report_lm benchmarks/results/lm_cpu.json
---out benchmarks/results`` (the table into benchmarks/results/lm_cpu.md and the README). Cost on the
+--out benchmarks/results`` (the table into benchmarks/results/lm_cpu.md and docs/benchmarks.md). Cost on the
 2-core machine: a call is 3 or 4 matmuls of 2 N V H flops, 4.3 TFLOP with a live teacher at
 4096 x 1024 x 128256 (8.6 at 8192), ~25 s at the ~180 GFLOP/s fp32 it reaches quiet and longer for the
 non-GEMM work; 36 cases at 4096 and 20 at 8192, each timed ROUNDS times plus one memory call (plus a
