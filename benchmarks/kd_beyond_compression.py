@@ -22,10 +22,11 @@ Protocol, in the order it runs:
    a. Ladders: CE (student architecture) at every lr of ``LR_GRID`` x every length of ``EPOCH_LADDER``,
       the teacher at every lr x ``TEACHER_LADDER`` (clean; on the other groups at the teacher's
       plateau length only).
-   b. Epochs (the plateau rule, ``plateau_epochs``): for each rung the best lr's mean validation top-1
-      on the clean data; the length is the shortest rung from which the next rung gains less than
-      ``PLATEAU_DELTA`` (1.0) points; a ladder that is still rising at its top is reported as "not
-      plateaued". Students' length: from CE's ladder; the teacher's: from its own.
+   b. Epochs (the plateau rule, ``plateau_epochs``): for each rung the best lr's mean validation top-1;
+      the length is the shortest rung from which the next rung (twice as long) gains less than
+      ``PLATEAU_DELTA`` (1.0) points; a ladder still rising at its top is reported as "not plateaued".
+      Students' length: per group, from CE's ladder on the group's setting (the noisy validation split
+      under noise); the teacher's: from its ladder on clean data, for every group.
    c. CE's lr and epochs: per group, the best mean validation top-1 over its ``LR_GRID`` x
       ``EPOCH_LADDER`` configurations (9). The teacher's lr: per group, the best at its length.
    d. Every method and control: its lr (``LR_GRID``) x 3 values of its main weight (a zoo method:
@@ -128,7 +129,7 @@ AXES = {"noise": "symmetric label noise (%)", "imbalance": "log10 imbalance rati
 TUNE_ON = {"clean": "clean", "noise": "sym40", "imbalance": "lt10"}  # the calibration's setting per group
 CALIBRATION_SEEDS = (1000, 1001)
 LR_GRID = (0.05, 0.2, 0.8)
-EPOCH_LADDER = (8, 16, 32)      # the student's (CE's) lengths
+EPOCH_LADDER = (6, 12, 24)      # the student's (CE's) lengths
 TEACHER_LADDER = (5, 10, 20)
 WEIGHT_FACTORS = (0.25, 1.0, 4.0)
 PLATEAU_DELTA = 1.0             # points of validation top-1 a doubling of the epochs must gain to go on
@@ -363,7 +364,15 @@ def pilot(protocol: Protocol, runs_dir: str, out: str) -> dict:
     later invocations with this --out reads it) and returns it."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _pilot(protocol, runs_dir, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pilot(protocol: Protocol, runs_dir: str, out: str) -> dict:
     seed, lr = protocol.calibration_seeds[0], sorted(protocol.lr_grid)[len(protocol.lr_grid) // 2]
     e, te = sorted(protocol.epoch_ladder)[len(protocol.epoch_ladder) // 2], sorted(protocol.teacher_ladder)[
         len(protocol.teacher_ladder) // 2]
@@ -449,9 +458,9 @@ def grid_plan(protocol: Protocol, choice: dict) -> list[Key]:
     """Calibration step d: the group's teachers (each lr at the teacher length) and every method,
     control and self-distillation at every lr x weight, at the students' length."""
     keys = []
-    e, te = choice["student_epochs"], choice["teacher_epochs"]
+    te = choice["teacher_epochs"]
     for g in protocol.groups:
-        s = protocol.tune_setting(g)
+        s, e = protocol.tune_setting(g), choice["student_epochs"][g]
         ce_lr, ce_e = choice["baseline"][g]
         for seed in protocol.calibration_seeds:
             teacher = teacher_key(protocol, "calibration", s, seed, choice["teacher_lr"][g], te)
@@ -476,9 +485,10 @@ def _with_caches(keys: list[Key]) -> list[Key]:
 
 def table_plan(protocol: Protocol, choice: dict) -> list[Key]:
     keys = []
-    e, te = choice["student_epochs"], choice["teacher_epochs"]
+    te = choice["teacher_epochs"]
     for s in protocol.settings:
         g = SETTINGS[s].group
+        e = choice["student_epochs"][g]
         ce_lr, ce_e = choice["baseline"][g]
         for seed in protocol.seeds:
             teacher = teacher_key(protocol, "table", s, seed, choice["teacher_lr"][g], te)
@@ -494,7 +504,8 @@ def table_plan(protocol: Protocol, choice: dict) -> list[Key]:
 def planned_choice(protocol: Protocol) -> dict:
     """Stand-in choices (the ladders' middles) for planning and estimating before calibration has run."""
     mid = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    choice = {"student_epochs": mid(protocol.epoch_ladder), "teacher_epochs": mid(protocol.teacher_ladder),
+    choice = {"student_epochs": {g: mid(protocol.epoch_ladder) for g in protocol.groups},
+              "teacher_epochs": mid(protocol.teacher_ladder),
               "baseline": {g: (mid(protocol.lr_grid), mid(protocol.epoch_ladder)) for g in protocol.groups},
               "teacher_lr": {g: mid(protocol.lr_grid) for g in protocol.groups}, "methods": {}}
     for g in protocol.groups:
@@ -593,9 +604,11 @@ def execute(keys: list[Key], protocol: Protocol, runs_dir: str, pool: cf.Executo
         if k.teacher is not None and k.teacher not in done and k.teacher not in todo:
             if (s := _finished(runs_dir, k.teacher)) is not None:
                 done[k.teacher] = s
-    est = sum(estimate(k, protocol) for k in todo)
+    est = sum(estimate(k, protocol, clock.get("cost")) for k in todo)
+    pace = clock["elapsed"] / clock["modelled"] if clock.get("modelled") else None  # actual / model so far
     print(f"{NAME} ({label}): {len(keys)} runs, {len(done)} already finished, {len(todo)} to train on {jobs} "
-          f"process(es) x {threads} thread(s); estimated {est / jobs / 60:.1f} min", flush=True)
+          f"process(es) x {threads} thread(s); estimated {est / jobs / 60:.1f} min"
+          + (f" ({est * pace / 60:.1f} min at this invocation's pace so far)" if pace else ""), flush=True)
     start, trained, spent = time.perf_counter(), 0, 0.0
     pending = list(todo)
     if True:  # the workers (``pool``) live as long as the invocation: one start for every phase
@@ -622,8 +635,10 @@ def execute(keys: list[Key], protocol: Protocol, runs_dir: str, pool: cf.Executo
                         json.dump({"commit": commit}, f)
                     trained += 1
                     clock["trained"] = clock.get("trained", 0) + 1
-                    spent += estimate(k, protocol)
+                    spent += estimate(k, protocol, clock.get("cost"))
                     elapsed = time.perf_counter() - start
+                    clock["elapsed"] = clock.get("elapsed_before", 0.0) + elapsed
+                    clock["modelled"] = clock.get("modelled_before", 0.0) + spent
                     left = (est - spent) * elapsed / spent if spent else 0.0  # the model, scaled by the pace so far
                     top1 = ("cached" if summary.get("cache") else "FAILED (non-finite)" if summary.get("failed")
                             else f"val {summary.get('val_top1') or 0:6.2f} test {summary['student_top1']:6.2f}")
@@ -636,6 +651,7 @@ def execute(keys: list[Key], protocol: Protocol, runs_dir: str, pool: cf.Executo
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise SystemExit(f"{NAME}: stopped; run the same command again to continue (finished runs are kept)")
+    clock["elapsed_before"], clock["modelled_before"] = clock.get("elapsed", 0.0), clock.get("modelled", 0.0)
     return done
 
 
@@ -689,8 +705,8 @@ def choose(rows: list[dict], keys: Sequence[str]) -> tuple:
 def choices_after_ladders(protocol: Protocol, rows: list[dict]) -> dict:
     cal = [r for r in rows if r["phase"] == "calibration"]
     ce_rows = [r for r in cal if r["role"] == "base"]
-    first = protocol.tune_setting(protocol.groups[0])
-    student = plateau_epochs([r for r in ce_rows if r["setting"] == first], protocol.epoch_ladder)
+    student = {g: plateau_epochs([r for r in ce_rows if r["setting"] == protocol.tune_setting(g)], protocol.epoch_ladder)
+               for g in protocol.groups}
     teacher = plateau_epochs([r for r in cal if r["role"] == "teacher"], protocol.teacher_ladder)
     ce = {}
     for g in protocol.groups:
@@ -698,7 +714,8 @@ def choices_after_ladders(protocol: Protocol, rows: list[dict]) -> dict:
         ce[g] = (lr, e)
     te = teacher["epochs"]
     clean_teachers = [r for r in cal if r["role"] == "teacher" and r["epochs"] == te]
-    return {"student_epochs": student["epochs"], "teacher_epochs": te, "student_plateau": student,
+    return {"student_epochs": {g: p["epochs"] for g, p in student.items()}, "teacher_epochs": te,
+            "student_plateau": student,
             "teacher_plateau": teacher, "baseline": ce,
             "teacher_lr": {protocol.groups[0]: choose(clean_teachers, ("lr",))[0]}}
 
@@ -725,7 +742,7 @@ def choices_after_grids(protocol: Protocol, choice: dict, rows: list[dict]) -> d
         for m in tuned_methods(protocol, g) + [SELF_DISTILLATION + ":sd"]:
             name, role = (m.split(":")[0], "sd") if m.endswith(":sd") else (m, "method")
             mine = [r for r in cal if r["setting"] == s and r["role"] == role and r["method"] == name
-                    and r["epochs"] == choice["student_epochs"]]
+                    and r["epochs"] == choice["student_epochs"][g]]
             if role == "method" and _zoo.method_class(name).needs_teacher:
                 mine = [r for r in mine if f"{os.sep}lr{choice['teacher_lr'][g]:g}_" in (r["teacher"] or "")]
             methods[f"{g}:{m}"] = choose(mine, ("lr", "weight"))
@@ -751,7 +768,7 @@ def calibration_sd(protocol: Protocol, choice: dict, rows: list[dict]) -> Option
             mlr, w = choice["methods"][f"{g}:{m}"]
             d = [r["top1"] - ce[r["seed"]] for r in cal if r["setting"] == s and r["role"] == "method"
                  and r["method"] == m and r["lr"] == mlr and r["weight"] == w
-                 and r["epochs"] == choice["student_epochs"] and r["seed"] in ce
+                 and r["epochs"] == choice["student_epochs"][g] and r["seed"] in ce
                  and f"{os.sep}lr{choice['teacher_lr'][g]:g}_" in (r["teacher"] or "")]
             if len(d) > 1:
                 variances.append(statistics.variance(d))
@@ -899,6 +916,10 @@ def power_line(protocol: Protocol, sd: Optional[float]) -> str:
             f"{ALPHA / m:.5f}; the exact test's smallest p-value is 2 / 2^{n} = {S.min_sign_flip_p(n):.5f} "
             f"({'reachable' if S.min_sign_flip_p(n) < ALPHA / m else 'NOT reachable'}: at least {need} seeds "
             f"needed).")
+    if n > 1:
+        text += (f" In units of the SD of a paired difference, {n} seeds detect a mean difference of "
+                 f"{S.detectable_difference_exact(1.0, n, ALPHA / m):.2f} SD at alpha / m with 80 % power (paired t, "
+                 f"exact non-central t; {S.detectable_difference_exact(1.0, n, ALPHA):.2f} SD at 0.05 uncorrected).")
     if sd is not None and n > 1:
         text += (f" With the calibration's pooled SD of a paired difference, {sd:.2f} points, {n} seeds detect a "
                  f"mean difference of {S.detectable_difference_exact(sd, n, ALPHA / m):.2f} points at alpha / m "
@@ -925,9 +946,10 @@ def protocol_text(protocol: Protocol, plan: Optional[dict] = None) -> str:
              f"{', '.join(map(str, protocol.epoch_ladder))} (9 configurations); every method and control: lr x 3 "
              f"values of its main weight (reference x {', '.join(f'{f:g}' for f in protocol.weight_factors)}; a "
              f"control: its own range) at the students' length; the choice: the best mean validation top-1.",
-             f"- Epochs (plateau rule): per rung the best lr's mean validation top-1 on clean data; the shortest "
-             f"rung from which the next gains < {PLATEAU_DELTA} points (students: CE's ladder "
-             f"{', '.join(map(str, protocol.epoch_ladder))}; teacher: {', '.join(map(str, protocol.teacher_ladder))}).",
+             f"- Epochs (plateau rule): per rung the best lr's mean validation top-1; the shortest rung from which "
+             f"the next (twice as long) gains < {PLATEAU_DELTA} points (students: per group, CE's ladder "
+             f"{', '.join(map(str, protocol.epoch_ladder))} on the group's setting; teacher: its ladder "
+             f"{', '.join(map(str, protocol.teacher_ladder))} on clean data).",
              "- Controls: CE as tuned; CE early-stopped on the noisy validation split; self-distillation (KD from "
              "the same seed's tuned CE student); " + ", ".join(
                  f"`{m}` ({getattr(_zoo.method_class(m), 'control_for')})" for m in teacher_free_controls())
@@ -945,6 +967,22 @@ def protocol_text(protocol: Protocol, plan: Optional[dict] = None) -> str:
     if plan:
         lines += ["", f"Planned: {plan['runs']} runs (calibration {plan['calibration']}, table {plan['table']}), "
                       f"estimated {plan['minutes']:.0f} min on {plan['jobs']} process(es) from the pilot's cost model."]
+    return "\n".join(lines) + "\n"
+
+
+def pilot_text(pilot_result: dict) -> str:
+    """The sizing pilot's runs and the cost model fitted to them, as markdown."""
+    load = pilot_result.get("load_average_1min")
+    lines = ["", "## Sizing pilot", "",
+             f"One run of each kind, one after the other, one thread, on a {pilot_result.get('cores')}-core machine "
+             f"shared with other work (1-minute load average {load:.1f} at its end: every time here is inflated by "
+             f"that load and varies up to 2x between runs of a kind)." if load is not None else "", "",
+             "| run | images x epochs | wall (s) | test top-1 |", "|---|---|---|---|"]
+    for r in pilot_result["runs"]:
+        lines.append(f"| {r['label']} ({r['run'].split(os.sep)[1]}) | {r['img_epochs']} | {r['wall']:.1f} | "
+                     f"{'' if r['top1'] is None else r['top1']} |")
+    lines += ["", "Cost model (seconds per training image and epoch; the median run of a kind + 20 %): "
+              + ", ".join(f"{k} {v:.3g}" for k, v in pilot_result["cost"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -983,10 +1021,10 @@ def claims(result: dict) -> str:
             f"{say([k for k in worse if k.startswith('trend')])}. Every other hypothesis of the family is compatible "
             f"with no difference at this number of seeds (not evidence of no effect).")
     explo = st["exploratory_vs_ce"]
-    eb = sum(1 for c in explo.values() if c["direction"] == "better")
+    eb = [k for k, c in sorted(explo.items()) if c["direction"] == "better"]
     ew = [k for k, c in sorted(explo.items()) if c["direction"] == "worse"]
-    text += (f" Exploratory (against CE, Holm over {len(explo)} cells): {eb} cells better, {len(ew)} worse"
-             + (f" ({', '.join(ew)})" if ew else "") + ".")
+    text += (f" Exploratory (each run against CE, exact tests with Holm over these {len(explo)} cells; not "
+             f"confirmatory): better than CE — {', '.join(eb) or 'none'}; worse than CE — {', '.join(ew) or 'none'}.")
     return text + "\n"
 
 
@@ -1025,9 +1063,10 @@ def markdown(result: dict) -> str:
         if any(cells):
             lines.append(f"| {label} − CE | " + " | ".join(_fmt(c) for c in cells) + " |")
     lines += ["", "### Calibration", "",
-              f"Students' length {choice['student_epochs']} epochs (plateau: {choice['student_plateau']['plateaued']}; "
-              f"best validation top-1 per length {json.dumps(choice['student_plateau']['validation_by_epochs'])}); "
-              f"teacher's {choice['teacher_epochs']} (plateau: {choice['teacher_plateau']['plateaued']}; "
+              "Students' length per group (the plateau rule on CE's ladder): " + "; ".join(
+                  f"{g}: {p['epochs']} epochs ({'plateaued' if p['plateaued'] else 'NOT plateaued'}; best validation "
+                  f"top-1 per length {json.dumps(p['validation_by_epochs'])})" for g, p in choice["student_plateau"].items())
+              + f"; teacher's {choice['teacher_epochs']} (plateau: {choice['teacher_plateau']['plateaued']}; "
               f"{json.dumps(choice['teacher_plateau']['validation_by_epochs'])}). CE per group (lr, epochs): "
               + ", ".join(f"{g}: {v}" for g, v in choice["baseline"].items()) + "; teacher lr: "
               + ", ".join(f"{g}: {v}" for g, v in choice["teacher_lr"].items()) + ".", "",
@@ -1211,7 +1250,8 @@ def plan_summary(protocol: Protocol, jobs: int, cost: Optional[dict] = None) -> 
     table = table_plan(protocol, choice)
     seconds = sum(estimate(k, protocol, cost) for k in cal + table)
     worst = dict(choice, baseline={g: (v[0], max(protocol.epoch_ladder)) for g, v in choice["baseline"].items()},
-                 student_epochs=max(protocol.epoch_ladder), teacher_epochs=max(protocol.teacher_ladder))
+                 student_epochs={g: max(protocol.epoch_ladder) for g in protocol.groups},
+                 teacher_epochs=max(protocol.teacher_ladder))
     longest = sum(estimate(k, protocol, cost) for k in table_plan(protocol, worst))
     return {"runs": len(cal) + len(table), "calibration": len(cal), "table": len(table),
             "minutes": seconds / jobs / 60, "jobs": jobs,
@@ -1243,14 +1283,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           flush=True)
     if args.declare or args.plan:
         if args.declare:
+            sizing = pilot_text(json.load(open(measured))) if cost else ""
             with open(PROTOCOL_FILE, "w") as f:
                 f.write(f"# KD beyond compression: the declared protocol\n\n<!-- generated by python benchmarks/"
-                        f"{NAME}.py --declare; the code's constants -->\n\n" + protocol_text(protocol, plan))
+                        f"{NAME}.py --declare; the code's constants -->\n\n" + protocol_text(protocol, plan) + sizing)
             print(f"{NAME}: wrote {PROTOCOL_FILE}")
         return {"protocol": protocol.as_dict(), "plan": plan}
     from mlkd_fast.train.cli import parse_args as train_args
 
-    commit, clock = _commit(), {"start": time.perf_counter()}
+    commit, clock = _commit(), {"start": time.perf_counter(), "cost": cost}
     for k in ladder_plan(protocol)[:2]:  # the flags checked before anything trains
         train_args(argv_of(k, protocol, runs_dir))
     # 1. calibration: ladders, then grids

@@ -70,7 +70,8 @@ def test_quick_slice_calibrates_then_runs_the_table_with_the_choices(quick):
     assert sorted({(r["setting"], r["epochs"]) for r in cal if r["role"] == "base"}) == [
         (s, e) for s in ("clean", "lt10", "sym40") for e in (1, 2)]
     assert {r["epochs"] for r in cal if r["role"] == "teacher" and r["setting"] == "clean"} == {1, 2}
-    assert choice["student_epochs"] in (1, 2) and choice["teacher_epochs"] in (1, 2)
+    assert set(choice["student_epochs"]) == {"clean", "noise", "imbalance"} and choice["teacher_epochs"] in (1, 2)
+    assert all(e in (1, 2) for e in choice["student_epochs"].values())
     # the table uses the chosen configurations
     for r in table:
         g = study.SETTINGS[r["setting"]].group
@@ -80,7 +81,7 @@ def test_quick_slice_calibrates_then_runs_the_table_with_the_choices(quick):
             assert r["lr"] == choice["teacher_lr"][g] and r["epochs"] == choice["teacher_epochs"]
         else:
             label = f"{g}:{r['method']}" + (":sd" if r["role"] == "sd" else "")
-            assert [r["lr"], r["weight"]] == list(choice["methods"][label]) and r["epochs"] == choice["student_epochs"]
+            assert [r["lr"], r["weight"]] == list(choice["methods"][label]) and r["epochs"] == choice["student_epochs"][g]
         assert r["curve"] and all(len(p) == 3 for p in r["curve"]), r  # learning curves: every epoch
         assert r["val_top1"] is not None and 0 <= r["top1"] <= 100
     labels = {(r["label"], r["setting"]) for r in table}
@@ -228,3 +229,17 @@ def test_the_plan_and_its_estimate_are_printed_before_anything_trains(capsys):
     printed = capsys.readouterr().out
     assert "runs planned" in printed and "estimated" in printed and "min" in printed
     assert result["plan"]["runs"] > 1000 and result["plan"]["minutes"] > 0
+
+
+def test_the_sizing_pilot_fits_a_cost_model_that_the_estimate_reads(tmp_path, capsys):
+    out = tmp_path / "pilot"
+    result = study.main(["--quick", "--pilot", "--out", str(out)])
+    assert {"teacher", "student", "distil", "cache", "overhead"} <= set(result["cost"])
+    kinds = {r["kind"] for r in result["runs"]}
+    assert kinds == {"teacher", "student", "distil", "cache"}
+    labels = [r["label"] for r in result["runs"]]
+    assert "self-distillation" in labels and {"cb", "gce", "ls"} <= set(labels)
+    assert json.loads((out / "pilot.json").read_text())["cost"] == result["cost"]
+    capsys.readouterr()
+    study.main(["--quick", "--plan", "--out", str(out)])
+    assert "this --out pilot.json" in capsys.readouterr().out
