@@ -169,3 +169,52 @@ def test_the_trainer_facing_names_stay_importable():
                  "rebuild_logits", "write_shard"):
         assert hasattr(R, name), name
     assert os.path.basename(F.shard_path("x", 3, 12)) == "e0003-s00012.pt"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("order", "holds other samples at these positions of epoch 1 than this run draws"),
+    ("valid", "holds no outputs for sample"),
+    ("view", "was cached with the view"),
+])
+def test_the_replay_verifies_each_shard_once_and_names_it(damage, message, tmp_path):
+    """A shard whose samples are of another order, lack outputs, or were cached with other views (its
+    checksum rewritten to match): refused when the replay reaches it, naming the file, whichever of its
+    rows differs (here the last one drawn, in the epoch's last batch)."""
+    cache = _copy("all_fp32", tmp_path)
+    m = _manifest(cache)
+    path = F.shard_path(cache, 0, 1)
+    state = checks.read_shard(path, m, 0, 1)
+    last = 47 - 32  # position 47: the last drawn (3 batches of 16 of the 50 samples), in shard 1
+    if damage == "order":
+        state["index"][[last, last - 1]] = state["index"][[last - 1, last]]
+    elif damage == "valid":
+        state["valid"][last] = False
+    else:
+        state["aug"][last, 0] = (state["aug"][last, 0] + 1) % 3
+    os.unlink(path)
+    F.write_shard(path, state)
+    x, y, _, _ = D.load_digits_split(seed=0, train_per_class=5)
+    source = D.MemorySource(x, y, D.Shard(16), 0, torch.device("cpu"), pad=D.DIGITS_PAD)
+    replay = CachedSource(source, TeacherCache.open(cache), torch.device("cpu"), views=1)
+    batches = replay.epoch(0)
+    next(batches)  # shard 0: intact
+    with pytest.raises(ValueError, match=message) as err:
+        list(batches)
+    assert "e0000-s00001.pt" in str(err.value)
+
+
+def test_replayed_outputs_are_the_stored_rows_in_the_batch_order(tmp_path):
+    """Batches of consecutive positions read slices, others gather: the same rows either way (a batch of
+    12 crosses the 32-sample shards and a DDP rank's batches are strided)."""
+    cache = _copy("all_fp32", tmp_path)
+    m = _manifest(cache)
+    stored = {k: checks.read_shard(F.shard_path(cache, 1, k), m, 1, k) for k in range(2)}
+    x, y, _, _ = D.load_digits_split(seed=0, train_per_class=5)
+    for shard in (D.Shard(12), D.Shard(8, rank=1, world=2)):
+        source = D.MemorySource(x, y, shard, 0, torch.device("cpu"), pad=D.DIGITS_PAD)
+        replay = CachedSource(source, TeacherCache.open(cache), torch.device("cpu"), views=1)
+        for _, _, index, out in replay.epoch(1):
+            pos = {int(i): p for p, i in enumerate(torch.cat([stored[0]["index"], stored[1]["index"]]).tolist())}
+            rows = [pos[int(i)] for i in index]
+            logits = torch.cat([stored[0]["logits"], stored[1]["logits"]])[rows, 0]
+            assert torch.equal(out.logits, logits)

@@ -7,7 +7,8 @@ source's own batches with the stored teacher outputs, their views checked agains
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -99,11 +100,32 @@ class TeacherCache:
         return checks.read_shard(shard_path(self.folder, epoch, k), self.manifest, epoch, k)
 
 
+@dataclass
+class _Shard:
+    """A shard read and verified in the background: its tensors, the error its first use raises (samples
+    of another order, views of another augmentation), whether every sample in it has outputs, and
+    whether its views were checked as a whole (then a batch's are not)."""
+
+    state: dict[str, Any]
+    start: int
+    path: str
+    error: Optional[InputError]
+    all_valid: bool
+    views_checked: bool
+
+
 class CachedSource:
-    """A training source replaying a teacher cache: the batches of ``base`` (the same views, checked
-    against the stored ones batch by batch) with the stored teacher outputs, ``(x, y, index, Outputs)``
-    (``yields_teacher_outputs``: the loop passes them to the Distillation). With ``wrap``, epoch e
-    replays the cache's epoch e mod E."""
+    """A training source replaying a teacher cache: the batches of ``base`` (the same views) with the
+    stored teacher outputs, ``(x, y, index, Outputs)`` (``yields_teacher_outputs``: the loop passes them
+    to the Distillation). With ``wrap``, epoch e replays the cache's epoch e mod E.
+
+    What is checked, and when: each shard once, as it is read in the background (its samples are the
+    epoch order's at its positions; where the base source's views are a function of (seed, epoch,
+    index) alone, ``base.epoch_params(epoch)`` as in the in-memory sets, its stored views are those
+    drawn; whether every sample has outputs). A batch then costs a position lookup and, for the usual
+    batch of consecutive positions in one shard, slices of the stored tensors (no copy on CPU). Views
+    drawn by the loader workers (folders: they depend on each image's size) and samples that had no
+    outputs when cached are checked batch by batch."""
 
     yields_teacher_outputs = True
 
@@ -113,8 +135,13 @@ class CachedSource:
         self.n, self.size, self.per_epoch = m["data"]["num_samples"], m["shards"]["size"], m["shards"]["per_epoch"]
         self.fed = tuple(f for f in fields(m) if f.slot is not None)  # the fields training reads
         self.slots = tuple(dict.fromkeys(f.slot for f in self.fed))
-        self._loaded: dict[tuple[int, int], Any] = {}
-        self._pool = ThreadPoolExecutor(1)  # reads the next shard while this one trains
+        self.view_params = m["augmentation"]["params"]
+        # the views of an epoch without its images: the in-memory sets' (seed, epoch, index) -> crop and flip
+        self._epoch_params = getattr(base, "epoch_params", None)
+        self._loaded: dict[tuple[int, int], Future] = {}
+        self._current: Optional[tuple[tuple[int, int], _Shard]] = None
+        self._orders: dict[int, Tensor] = {}
+        self._pool = ThreadPoolExecutor(1)  # reads and verifies the next shard while this one trains
 
     @property
     def corrupt(self) -> int:
@@ -123,60 +150,95 @@ class CachedSource:
     def steps_per_epoch(self) -> int:
         return self.base.steps_per_epoch()
 
-    def _shard(self, epoch: int, k: int) -> dict[str, Any]:
-        """Shard k of a cached epoch, read (and checked) in the background while the one before it
-        trains; the next one, across the epoch's end too, is queued at once."""
+    def _order(self, epoch: int) -> Tensor:
+        """The cached epoch's order (the last two kept: the background thread reads ahead one epoch)."""
+        if epoch not in self._orders:
+            if len(self._orders) > 1:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = D.epoch_order(self.n, self.cache.manifest["seed"], epoch)
+        return self._orders[epoch]
+
+    def _load(self, epoch: int, k: int) -> _Shard:
+        """Shard k of a cached epoch, read, checked (:meth:`TeacherCache.shard`) and verified against this
+        run's order and, where the source can say them without the images, its views (background thread)."""
+        state = self.cache.shard(epoch, k)
+        start = state["start"]
+        path = shard_path(self.cache.folder, epoch, k)
+        index = state["index"]
+        error = None
+        if not torch.equal(index, self._order(epoch)[start:start + state["count"]].to(torch.int32)):
+            error = InputError(f"teacher cache shard {path!r} holds other samples at these positions of epoch "
+                               f"{epoch + 1} than this run draws (another order): the cache is not of this run")
+        valid = state["valid"]
+        views_checked = self._epoch_params is not None
+        if error is None and views_checked:
+            sample = index[valid].long()
+            error = checks.view_mismatch(path, epoch, sample, state["aug"][valid], self._epoch_params(epoch)[sample],
+                                         self.view_params)
+        return _Shard(state, start, path, error, bool(valid.all()), views_checked)
+
+    def _shard(self, epoch: int, k: int) -> _Shard:
+        """Shard k of a cached epoch (the one of the batch before, mostly); a newly needed one is
+        awaited, its verification's error raised, and the next one, across the epoch's end too, queued."""
         key = (epoch, k)
+        if self._current is not None and self._current[0] == key:
+            return self._current[1]
         if key not in self._loaded:
-            self._loaded[key] = self._pool.submit(self.cache.shard, epoch, k)
-        state = self._loaded[key].result()
+            self._loaded[key] = self._pool.submit(self._load, epoch, k)
+        shard = self._loaded[key].result()
         if k + 1 < self.per_epoch:
             nxt: Optional[tuple[int, int]] = (epoch, k + 1)
         else:
             following = (epoch + 1) % self.cache.epochs if self.wrap else epoch + 1
             nxt = (following, 0) if following < self.cache.epochs else None
         if nxt is not None and nxt not in self._loaded:
-            self._loaded[nxt] = self._pool.submit(self.cache.shard, *nxt)
+            self._loaded[nxt] = self._pool.submit(self._load, *nxt)
         for old in [s for s in self._loaded if s not in (key, nxt)]:
             del self._loaded[old]
-        return state
+        if shard.error is not None:
+            raise shard.error
+        self._current = (key, shard)
+        return shard
 
     def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Any, ...]]:
         cached = epoch % self.cache.epochs if self.wrap else epoch
         if cached >= self.cache.epochs:
             raise InputError(f"--teacher-cache {self.cache.folder!r} holds {self.cache.epochs} epoch(s), not epoch "
                              f"{epoch + 1} (--cache-wrap replays epoch e mod {self.cache.epochs})")
-        order = D.epoch_order(self.n, self.cache.manifest["seed"], cached)
+        order = self._order(cached)
         position = torch.empty(self.n, dtype=torch.long)
         position[order] = torch.arange(self.n)
         for x, y, index, (index_cpu, params) in self.base.epoch(cached, start_step, with_index=True, with_params=True):
-            yield x, y, index, self._outputs(cached, index_cpu, params, position)
+            yield x, y, index, self._outputs(cached, index_cpu, params, position, order)
 
-    def _rows(self, epoch: int, k: int, rows: Tensor, index: Tensor, params: Tensor) -> dict[str, Tensor]:
-        """The stored outputs of ``rows`` of shard k, after checking that they are of the samples and views
-        this run draws there (an error naming the shard otherwise)."""
-        state = self._shard(epoch, k)
-        path = shard_path(self.cache.folder, epoch, k)
-        if not torch.equal(state["index"][rows], index.to(torch.int32)):
-            raise InputError(f"teacher cache shard {path!r} holds other samples at these positions of epoch "
-                             f"{epoch + 1} than this run draws (another order): the cache is not of this run")
-        valid = state["valid"][rows]
-        if not bool(valid.all()):
-            raise InputError(f"teacher cache shard {path!r} holds no outputs for sample {int(index[~valid][0])} "
-                             f"(undecodable when the cache was made, decodable now): make the cache again")
-        error = checks.view_mismatch(path, epoch, index, state["aug"][rows], params,
-                                     self.cache.manifest["augmentation"]["params"])
-        if error is not None:
-            raise error
+    def _rows(self, epoch: int, k: int, rows: Any, index: Tensor, params: Tensor) -> dict[str, Tensor]:
+        """The stored outputs of ``rows`` (a slice or positions) of shard k, (b, V, ...), after the checks
+        its verification left to the batch (an error naming the shard)."""
+        shard = self._shard(epoch, k)
+        state = shard.state  # its samples are the epoch order's at its positions (verified when it was read)
+        if not shard.all_valid:
+            valid = state["valid"][rows]
+            if not bool(valid.all()):
+                raise InputError(f"teacher cache shard {shard.path!r} holds no outputs for sample "
+                                 f"{int(index[~valid][0])} (undecodable when the cache was made, decodable now): make "
+                                 f"the cache again")
+        if not shard.views_checked:
+            error = checks.view_mismatch(shard.path, epoch, index, state["aug"][rows], params, self.view_params)
+            if error is not None:
+                raise error
         return {f.name: state[f.name][rows, :self.views] for f in self.fed}
 
-    def _outputs(self, epoch: int, index: Tensor, params: Tensor, position: Tensor) -> Outputs:
-        pos = position[index]
-        shard_of = pos // self.size
-        first, last = int(shard_of[0]), int(shard_of[-1])
-        if first == last and bool((shard_of == first).all()):  # the usual case: one shard
-            got = self._rows(epoch, first, pos - first * self.size, index, params)
-        else:  # a batch across shards (positions of a batch are in order: the parts concatenate in it)
+    def _outputs(self, epoch: int, index: Tensor, params: Tensor, position: Tensor, order: Tensor) -> Outputs:
+        b = len(index)
+        first = int(position[index[0]])
+        k = first // self.size
+        if (first + b - 1) // self.size == k and torch.equal(index, order[first:first + b]):
+            # the usual batch: consecutive positions of one shard (every batch of an in-memory set), as slices
+            # (no copy on CPU); the shard's samples are the order's there (verified when it was read)
+            got = self._rows(epoch, k, slice(first - k * self.size, first - k * self.size + b), index, params)
+        else:  # positions left out (undecodable images), or across shards: gathered, in the batch's order
+            pos = position[index]
+            shard_of = pos // self.size
             parts: dict[str, list[Tensor]] = {}
             chosen = []
             for k in shard_of.unique().tolist():
@@ -187,6 +249,7 @@ class CachedSource:
             sel = torch.cat(chosen)
             back = torch.empty_like(sel)
             back[sel] = torch.arange(len(sel))
-            got = {name: torch.cat(ts)[back] for name, ts in parts.items()}  # the batch's rows in its order
-        dev = {name: t.to(self.device, non_blocking=True) for name, t in got.items()}
-        return Outputs(**{slot: SLOTS[slot](dev, self.cache.manifest) for slot in self.slots})
+            got = {name: torch.cat(ts)[back] for name, ts in parts.items()}
+        if self.device.type != "cpu":
+            got = {name: t.to(self.device, non_blocking=True) for name, t in got.items()}
+        return Outputs(**{slot: SLOTS[slot](got, self.cache.manifest) for slot in self.slots})
