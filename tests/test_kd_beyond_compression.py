@@ -67,21 +67,25 @@ def test_quick_slice_calibrates_then_runs_the_table_with_the_choices(quick):
     table = [r for r in rows if r["phase"] == "table"]
     choice = result["choice"]
     # ladders: CE at every length on each group's setting, the teacher on clean
-    assert sorted({(r["setting"], r["epochs"]) for r in cal if r["role"] == "base"}) == [
-        (s, e) for s in ("clean", "lt10", "sym40") for e in (1, 2)]
-    assert {r["epochs"] for r in cal if r["role"] == "teacher" and r["setting"] == "clean"} == {1, 2}
-    assert set(choice["student_epochs"]) == {"clean", "noise", "imbalance"} and choice["teacher_epochs"] in (1, 2)
-    assert all(e in (1, 2) for e in choice["student_epochs"].values())
+    assert sorted({(r["setting"], r["steps"]) for r in cal if r["role"] == "base"}) == [
+        (s, e) for s in ("clean", "lt10", "sym40") for e in (10, 20)]
+    assert {r["steps"] for r in cal if r["role"] == "teacher" and r["setting"] == "clean"} == {10, 20}
+    assert set(choice["student_steps"]) == {"clean", "noise", "imbalance"} and choice["teacher_steps"] in (10, 20)
+    assert all(e in (10, 20) for e in choice["student_steps"].values())
+    # a length is SGD steps: the long-tailed set (fewer images) trains more epochs for the same steps
+    clean, lt = ([r for r in cal if r["role"] == "base" and r["steps"] == 20 and r["setting"] == s][0]
+                 for s in ("clean", "lt10"))
+    assert lt["epochs"] > clean["epochs"] == 2
     # the table uses the chosen configurations
     for r in table:
         g = study.SETTINGS[r["setting"]].group
         if r["role"] == "base":
-            assert [r["lr"], r["epochs"]] == list(choice["baseline"][g])
+            assert [r["lr"], r["steps"]] == list(choice["baseline"][g])
         elif r["role"] == "teacher":
-            assert r["lr"] == choice["teacher_lr"][g] and r["epochs"] == choice["teacher_epochs"]
+            assert r["lr"] == choice["teacher_lr"][g] and r["steps"] == choice["teacher_steps"]
         else:
             label = f"{g}:{r['method']}" + (":sd" if r["role"] == "sd" else "")
-            assert [r["lr"], r["weight"]] == list(choice["methods"][label]) and r["epochs"] == choice["student_epochs"][g]
+            assert [r["lr"], r["weight"]] == list(choice["methods"][label]) and r["steps"] == choice["student_steps"][g]
         assert r["curve"] and all(len(p) == 3 for p in r["curve"]), r  # learning curves: every epoch
         assert r["val_top1"] is not None and 0 <= r["top1"] <= 100
     labels = {(r["label"], r["setting"]) for r in table}
@@ -142,7 +146,7 @@ def test_the_declared_family_and_controls_come_from_the_traits():
     # every configuration grid has CE's size: 3 lr x 3 lengths for CE, 3 lr x 3 weights for the others
     for m in study.confirmatory_family() + study.teacher_free_controls():
         assert len(study.weight_values(m, study.WEIGHT_FACTORS)) == 3, m
-    assert len(study.LR_GRID) * len(study.EPOCH_LADDER) == 9
+    assert len(study.LR_GRID) * len(study.STEP_LADDER) == 9
 
 
 def test_heaviest_tail_keeps_four_training_images():
@@ -167,17 +171,17 @@ def test_class_counts_are_what_mlkd_train_draws(ratio):
     assert torch.bincount(kept[mask], minlength=10).tolist() == study.class_counts(200, ratio, 0.2)
 
 
-def _r(epochs, lr, val, **kw):
-    return {"epochs": epochs, "lr": lr, "val_top1": val, "failed": None, **kw}
+def _r(steps, lr, val, **kw):
+    return {"steps": steps, "lr": lr, "val_top1": val, "failed": None, **kw}
 
 
 def test_plateau_rule_and_choice_on_validation():
     rows = [_r(10, 0.1, 90.0), _r(10, 0.2, 92.0), _r(20, 0.1, 93.0), _r(20, 0.2, 93.4), _r(40, 0.2, 93.6)]
-    p = study.plateau_epochs(rows, (10, 20, 40))
-    assert p["epochs"] == 20 and p["plateaued"]  # 92 -> 93.4 gains 1.4; 93.4 -> 93.6 gains 0.2 < 1.0
+    p = study.plateau_steps(rows, (10, 20, 40))
+    assert p["steps"] == 20 and p["plateaued"]  # 92 -> 93.4 gains 1.4; 93.4 -> 93.6 gains 0.2 < 1.0
     rising = [_r(10, 0.1, 80.0), _r(20, 0.1, 85.0), _r(40, 0.1, 90.0)]
-    assert study.plateau_epochs(rising, (10, 20, 40)) == {"epochs": 40, "plateaued": False,
-                                                          "validation_by_epochs": {10: 80.0, 20: 85.0, 40: 90.0}}
+    assert study.plateau_steps(rising, (10, 20, 40)) == {"steps": 40, "plateaued": False,
+                                                         "validation_by_steps": {10: 80.0, 20: 85.0, 40: 90.0}}
     # the mean over seeds; a failed (non-finite) run scores below any; ties go to the smaller values
     rows = [_r(20, 0.2, 90.0), _r(20, 0.2, 94.0), _r(20, 0.8, 92.0), _r(20, 0.8, 92.0), _r(20, 0.05, 99.0),
             {**_r(20, 0.05, None), "failed": "non-finite"}]
@@ -196,7 +200,7 @@ def _rows(values):
 def test_best_control_family_and_claims_on_hand_made_rows():
     protocol = study.Protocol(data="mnist5k", student="cnn-tiny", teacher="cnn-large", pool=200, batch_size=64,
                               val_fraction=0.2, settings=("clean", "sym40"), seeds=tuple(range(11)),
-                              calibration_seeds=(1000,), lr_grid=(0.2,), epoch_ladder=(1,), teacher_ladder=(1,),
+                              calibration_seeds=(1000,), lr_grid=(0.2,), step_ladder=(1,), teacher_ladder=(1,),
                               weight_factors=(1.0,), family=("kd", "dkd"))
     values = {}
     for seed in range(11):
