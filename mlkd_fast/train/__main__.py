@@ -7,11 +7,10 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from typing import Optional, Sequence
 
 from .cli import config_note, parse_args_with_sources
-from .errors import UserError, one_line
+from .errors import exit_status, system_exit_status
 from .loop import NonFiniteLossError
 from .run import run_parsed
 
@@ -40,43 +39,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args, sources = parse_args_with_sources(argv)
+        config, sources = parse_args_with_sources(argv)
     except SystemExit as exc:  # --help / --version (0) or a bad flag (2), already printed
-        return _status(exc, debug=False)
-    try:
-        run_parsed(args)  # a stopped run returns {"interrupted": True}: a clean stop, exit status 0
-    except SystemExit as exc:
-        return _status(exc, args.debug, sources)
-    except UserError as exc:
-        if args.debug:
-            traceback.print_exc()
-        # a value read from --config is named as the file's, not blamed on the command line
-        print(f"{PROG}: {config_note(one_line(exc), sources)}", file=sys.stderr, flush=True)
-        return 2
-    except NonFiniteLossError as exc:  # training failed (not the user's input): one line, exit status 1
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: interrupted (no checkpoint saved since the last one)", file=sys.stderr, flush=True)
-        return 130
-    return 0
-
-
-def _status(exc: SystemExit, debug: bool, sources: Optional[dict[str, str]] = None) -> int:
-    """The exit status of a ``SystemExit``; a message in it is printed as one line (status 2), with
-    the flags in it that came from ``--config`` (``sources``) named as the file's."""
-    if exc.code is None or isinstance(exc.code, int):
-        return exc.code or 0
-    if debug:
-        traceback.print_exc()
-    message = config_note(one_line(Exception(exc.code)), sources or {})
-    prefix = f"{PROG}: "
-    print(message if message.startswith(prefix) else prefix + message, file=sys.stderr, flush=True)
-    return 2
+        return system_exit_status(exc, PROG)
+    # a stopped run returns {"interrupted": True}: a clean stop, exit status 0; run_parsed is looked up
+    # when called (a test replaces it)
+    return exit_status(lambda: run_parsed(config), PROG, debug=config.debug,
+                       # a value read from --config is named as the file's, not blamed on the command line
+                       note=lambda message: config_note(message, sources), failures=(NonFiniteLossError,),
+                       interrupted="interrupted (no checkpoint saved since the last one)")
 
 
 if __name__ == "__main__":

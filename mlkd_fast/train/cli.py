@@ -16,7 +16,8 @@ from .. import methods as M
 from ..backends import BACKENDS, ENV_VAR, resolve_backend
 from .data import NOISE_TYPES
 from .models import check_arch
-from .training_data import DATA_KINDS, data_kind, kind_named, kinds_reading, parse_data, recipe_kinds
+from .config import DERIVED, TrainConfig
+from .training_data import DATA_KINDS, DataKind, data_kind, kind_named, kinds_reading, parse_data, recipe_kinds
 
 USAGE = """Distil a student from a teacher.
 
@@ -233,19 +234,18 @@ def config_argv(parser: argparse.ArgumentParser, values: dict[str, Any], path: s
     return tokens, sources
 
 
-def _recipe_lr(args: argparse.Namespace) -> float:
+def recipe_lr(recipe: str, arch: str, batch_size: int) -> float:
     """The lr a recipe gives: cifar 0.05 (0.01 for the students RepDistiller trains at 0.01), imagenet 0.1 per
     256 images of the per-process batch (--scale-lr multiplies it by the processes)."""
-    recipe = RECIPES[args.recipe]
-    if args.recipe == "cifar":
-        key = args.arch.split(":")[-1].lower().replace("_", "").replace("-", "")
-        return 0.01 if key in RECIPE_SMALL_LR else recipe["lr"]
-    return recipe["lr"] * args.batch_size / 256
+    if recipe == "cifar":
+        key = arch.split(":")[-1].lower().replace("_", "").replace("-", "")
+        return 0.01 if key in RECIPE_SMALL_LR else RECIPES[recipe]["lr"]
+    return RECIPES[recipe]["lr"] * batch_size / 256
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad flag as one line on stderr, ``mlkd-train: <what is wrong>``, and exits with status 2
-    (argparse's own usage block is for ``--help``)."""
+class FlagParser(argparse.ArgumentParser):
+    """Reports a bad flag as one line on stderr, ``<prog>: <what is wrong>``, and exits with status 2
+    (argparse's own usage block is for ``--help``); ``mlkd-train`` and ``mlkd-cache`` both parse with it."""
 
     context = ""  # set while the tokens of a --config file are parsed: "--config FILE: "
     # flag -> the --config file that set it (and the command line did not): errors naming them say so
@@ -254,6 +254,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         message = config_note(message, self.config_sources)
         self.exit(2, f"{self.prog}: {self.context}{message} ({self.prog} --help lists every flag)\n")
+
+
+_Parser = FlagParser  # the name the teacher-cache writer imports (until it reads FlagParser)
 
 
 _FLAG = re.compile(r"(?<![\w-])--[A-Za-z0-9][A-Za-z0-9-]*")
@@ -355,12 +358,13 @@ def add_device_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
 
 
-def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The checks of the data flags (:func:`add_data_arguments`) and what they derive: ``data_kind``,
-    ``data_path``, ``digits``, ``synthetic``. Errors through ``p.error`` (one line, exit status 2)."""
+def data_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The checks of the data flags (:func:`add_data_arguments`) and what they derive, as fields of
+    the config: ``data_kind``, ``data_path``, ``digits``, ``synthetic`` and the values of the flags
+    only some kinds read (synthetic's ``num_classes``, ``steps_per_epoch``: their defaults there).
+    Errors through ``p.error`` (one line, exit status 2)."""
     kind, path = parse_data(args.data)
-    args.data_kind, args.data_path = kind.name, path
-    if kind.spelling == "word:PATH" and not args.data_path:
+    if kind.spelling == "word:PATH" and not path:
         p.error(f"--data {args.data}: give the folder, --data {kind.name}:PATH")
     for name in ("image_size", "num_classes", "steps_per_epoch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -375,17 +379,36 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--label-noise must be in [0, 1)")
     if not args.imbalance >= 1.0:
         p.error("--imbalance must be >= 1 (largest / smallest class)")
-    args.digits = kind.name == "digits"  # recorded in config.json for older scripts; nothing here reads them
-    args.synthetic = kind.name == "synthetic"
+    derived: dict[str, Any] = dict(data_kind=kind.name, data_path=path,
+                                   # recorded in config.json for older scripts; nothing here reads them
+                                   digits=kind.name == "digits", synthetic=kind.name == "synthetic")
+    derived.update(_kind_flags(p, args, kind))
+    _check_samples_flags(p, args, kind)
+    wrong = kind.check(path) if kind.check is not None else None
+    if wrong:
+        p.error(wrong)
+    return derived
+
+
+def _kind_flags(p: argparse.ArgumentParser, args: argparse.Namespace, kind: DataKind) -> dict[str, Any]:
+    """The flags only some kinds of data read (synthetic's ``--num-classes``): their default where the
+    kind reads them; given to another kind, an error, so that a flag is never silently ignored."""
     own = dict(kind.own_flags)
-    for name in KIND_FLAG_DEFAULTS:  # never silently ignored: refused where nothing reads them
+    values: dict[str, Any] = {}
+    for name in KIND_FLAG_DEFAULTS:
         flag = "--" + name.replace("_", "-")
         if name in own and getattr(args, name) is None:
-            setattr(args, name, own[name])
+            values[name] = own[name]
         elif name not in own and getattr(args, name) is not None:
             p.error(f"{flag} applies to --data {' or '.join(kinds_reading(name))} only; with --data {args.data} "
                     + ("the classes are the data's own" if name == "num_classes"
                        else "an epoch is one pass over the training images") + f": leave {flag} out")
+    return values
+
+
+def _check_samples_flags(p: argparse.ArgumentParser, args: argparse.Namespace, kind: DataKind) -> None:
+    """The flags that change which training samples there are (corruption, the held-out split, a
+    subset per class): refused where the kind has no samples or no such subset."""
     if (args.label_noise > 0 or args.imbalance > 1) and not kind.has_samples:
         p.error("--label-noise and --imbalance apply to digits, mnist5k, CIFAR or folder data, not synthetic")
     if args.val_fraction > 0 and not kind.has_samples:
@@ -397,9 +420,13 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         largest, why = kind.train_per_class
         if not 1 <= args.train_per_class <= largest:
             p.error(f"--train-per-class must be in [1, {largest}] {why}")
-    wrong = kind.check(args.data_path) if kind.check is not None else None
-    if wrong:
-        p.error(wrong)
+
+
+def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """:func:`data_settings` set on ``args`` itself: ``mlkd-cache``'s way, whose writer still reads
+    its namespace (``mlkd-train`` builds a :class:`~.config.TrainConfig` instead)."""
+    for name, value in data_settings(p, args).items():
+        setattr(args, name, value)
 
 
 def default_teacher_arch(data_kind: str) -> str:
@@ -438,19 +465,34 @@ def _unset_dest(p: argparse.ArgumentParser, name: str) -> str:
     return dest
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The checked arguments of ``mlkd-train`` (``argv``: default the command line)."""
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The checked settings of ``mlkd-train`` (``argv``: default the command line)."""
     return parse_args_with_sources(argv)[0]
 
 
-def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, dict[str, str]]:
+def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig, dict[str, str]]:
     """:func:`parse_args` and the flags whose values came from ``--config FILE`` rather than the
     command line (``--batch-size`` -> FILE), which the command's error messages name
     (:func:`config_note`)."""
-    p = _Parser(prog="mlkd-train", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = build_parser()
+    argv = with_config_file(p, list(sys.argv[1:] if argv is None else argv))
+    return resolve(p, p.parse_args(argv)), p.config_sources
+
+
+def build_parser() -> FlagParser:
+    """Every flag of ``mlkd-train``, with its help and argparse's own checks (choices, types)."""
+    p = FlagParser(prog="mlkd-train", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version_argument(p)
     add_data_arguments(p)
-    g = p.add_argument_group("models")
+    add_model_arguments(p.add_argument_group("models"))
+    add_objective_arguments(p.add_argument_group("objective and optimisation"))
+    add_speed_arguments(p.add_argument_group("speed"))
+    add_run_arguments(p.add_argument_group("run"))
+    return p
+
+
+def add_model_arguments(g: argparse._ArgumentGroup) -> None:
+    """The student's and the teacher's networks (and where the teacher's weights come from)."""
     archs = ("cnn-tiny, cnn-small, cnn-large (1-channel digits CNNs), the CIFAR KD architectures of "
              "RepDistiller / mdistiller (resnet8x4, resnet32x4, wrn_40_2, ...), any torchvision classification "
              "model (resnet18, mobilenet_v3_large, convnext_tiny, vit_b_16, ...) or timm:<name> (pip install timm); "
@@ -464,7 +506,10 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
                         "fine-tune the whole teacher on the training data for --teacher-epochs epochs (weights "
                         "trained on other classes, e.g. ImageNet's 1000)")
 
-    g = p.add_argument_group("objective and optimisation")
+
+
+def add_objective_arguments(g: argparse._ArgumentGroup) -> None:
+    """The method, its options and the optimisation (recipe, epochs, batch, lr, schedule, decay)."""
     g.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                    help="a published recipe as defaults for --batch-size, --epochs, --lr, --lr-steps, --weight-decay "
                         "and --nesterov (flags given explicitly, or in --config, override it). cifar: RepDistiller's "
@@ -527,7 +572,10 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
     g.add_argument("--weight-decay", type=float, default=None,
                    help="default: --recipe's; else 5e-4 on digits, mnist5k and CIFAR, 1e-4 on folder / synthetic data")
 
-    g = p.add_argument_group("speed")
+
+
+def add_speed_arguments(g: argparse._ArgumentGroup) -> None:
+    """Device, precision, layout, compilation and the teacher cache: what changes the speed, not the result."""
     add_device_arguments(g)
     g.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="distil from a teacher cache written by mlkd-cache instead of a teacher network: the data "
@@ -540,7 +588,10 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
                    help="with --teacher-cache of fewer epochs than --epochs: epoch e replays the cache's epoch "
                         "e mod E (its order and views too); without it, more epochs than cached is an error")
 
-    g = p.add_argument_group("run")
+
+
+def add_run_arguments(g: argparse._ArgumentGroup) -> None:
+    """The output folder, resume and overwrite, stopping, the seed, --config, evaluation and logging."""
     g.add_argument("--out", default=None,
                    help="output folder (default: runs/<data>). A folder holding a run (or a teacher cache) is "
                         "refused before anything is written: --resume continues it, --overwrite moves it aside")
@@ -596,7 +647,13 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
     g.add_argument("--debug", action="store_true",
                    help="on an error in what was given (a missing file, a bad checkpoint...), show the full "
                         "traceback instead of the one-line message")
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+
+
+def with_config_file(p: FlagParser, argv: list[str]) -> list[str]:
+    """``argv`` behind the tokens of its ``--config FILE`` (so that the command line's flags win), the
+    file's own errors reported as the file's; records in ``p.config_sources`` the flags whose value
+    is the file's alone, for the error messages (:func:`config_note`)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--unset", action="append", default=[])
@@ -606,81 +663,132 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
     if unset and config_file is None:
         p.error("--unset drops a value read from --config FILE: give --config, or leave --unset out")
     p.config_sources = {}
-    if config_file is not None:  # its settings first: the command line's flags come after and win
-        try:
-            tokens, sources = config_argv(p, read_config(config_file), config_file, unset)
-        except ValueError as exc:
-            p.error(str(exc))
-        p.context = f"--config {config_file}: "
-        p.parse_args(tokens)  # its own errors, named as the file's
-        p.context = ""
-        given = _flags_given(argv)  # the command line's own flags are the user's, whatever the file says
-        p.config_sources = {flag: path for flag, path in sources.items()
-                            if flag not in given and _dest_of(p, flag) not in {_dest_of(p, g) for g in given}}
-        argv = tokens + argv
-    args = p.parse_args(argv)
-    check_data_args(p, args)
+    if config_file is None:
+        return argv
+    try:
+        tokens, sources = config_argv(p, read_config(config_file), config_file, unset)
+    except ValueError as exc:
+        p.error(str(exc))
+    p.context = f"--config {config_file}: "
+    p.parse_args(tokens)  # its own errors, named as the file's
+    p.context = ""
+    given = _flags_given(argv)  # the command line's own flags are the user's, whatever the file says
+    p.config_sources = {flag: path for flag, path in sources.items()
+                        if flag not in given and _dest_of(p, flag) not in {_dest_of(p, g) for g in given}}
+    return tokens + argv
+
+
+# ---- from the parsed flags to the config: one policy each, in the order their errors are reported ----
+def resolve(p: FlagParser, args: argparse.Namespace) -> TrainConfig:
+    """The :class:`~.config.TrainConfig` of the parsed flags ``args`` (left as argparse made them):
+    every check, and every default that depends on other flags (the data kind's, the recipe's, the
+    method's). Errors through ``p.error``, the first one found."""
+    data = data_settings(p, args)
     kind = data_kind(args.data)
+    check_recipe_fits(p, args, kind)
+    schedule = optimisation_settings(p, args, kind)
+    method = M.method_class(args.method)  # its traits decide what the flags below may ask of it
+    options = method_settings(p, args, method)
+    check_backend(p, args)
+    check_method_flags(p, args, method)
+    teacher_epochs = teacher_epochs_setting(p, args, kind, method)
+    arch = args.arch or kind.student_arch
+    cached = args.teacher_cache is not None
+    values = dict(vars(args), **data, **schedule, method_options=options, loss=args.method,
+                  teacher_epochs=teacher_epochs, arch=arch,
+                  # with a cache: the manifest's teacher (a --teacher-arch given is checked against it)
+                  teacher_arch=args.teacher_arch if cached else args.teacher_arch or kind.teacher_arch,
+                  lr=args.lr if args.lr is not None else
+                  recipe_lr(args.recipe, arch, schedule["batch_size"]) if args.recipe else DEFAULTS["lr"],
+                  out=args.out or default_out(args.data, kind))
+    return TrainConfig(**{name: values[name] for name in [*vars(args), *DERIVED]})
+
+
+def check_recipe_fits(p: FlagParser, args: argparse.Namespace, kind: DataKind) -> None:
+    """A recipe is its data's: its augmentation and normalisation are those of the data it was
+    published for, so it is refused on other data rather than half applied."""
     if args.recipe is not None and kind.recipe != args.recipe:
         p.error(f"--recipe {args.recipe} is the recipe of {' or '.join(RECIPE_DATA[args.recipe])} data (its augmentation "
                 f"and normalisation are theirs), not of --data {args.data}; set --batch-size, --epochs, --lr, "
                 f"--lr-steps, --weight-decay yourself")
-    preset = RECIPES.get(args.recipe, {})
-    for name, default in DEFAULTS.items():
-        if getattr(args, name) is None and name != "lr":
-            setattr(args, name, preset.get(name, default))
-    if args.weight_decay is None:
-        args.weight_decay = preset.get("weight_decay", kind.weight_decay)
-    if isinstance(args.lr_steps, str) and args.lr_steps.strip().lower() == "cosine":
-        args.lr_steps = None
 
+
+def optimisation_settings(p: FlagParser, args: argparse.Namespace, kind: DataKind) -> dict[str, Any]:
+    """Batch size, epochs, lr schedule, Nesterov and weight decay: the flag, else the recipe's, else
+    the default (weight decay: the data kind's), each checked. The lr is resolved last, by
+    :func:`resolve`: a recipe's depends on the student and the batch. Also the run-length and logging
+    numbers (``--teacher-epochs``, ``--log-every``, ``--max-steps``), checked here in the order their
+    errors have always been reported."""
+    preset = RECIPES.get(args.recipe, {})
+    values = {name: getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)
+              for name, default in DEFAULTS.items() if name != "lr"}
+    weight_decay = args.weight_decay if args.weight_decay is not None else preset.get("weight_decay",
+                                                                                      kind.weight_decay)
+    lr_steps = values["lr_steps"]
+    if isinstance(lr_steps, str) and lr_steps.strip().lower() == "cosine":
+        lr_steps = None
     if args.teacher_epochs is not None and args.teacher_epochs < 0:
         p.error("--teacher-epochs must be >= 0")
-    if args.epochs < 1:
+    if values["epochs"] < 1:
         p.error("--epochs must be >= 1")
-    if args.batch_size < 2:  # the last partial batch is dropped (Shard.steps), so every step has >= 2 samples
-        p.error(f"--batch-size must be >= 2, got {args.batch_size}: BatchNorm and the batch-relational terms "
+    if values["batch_size"] < 2:  # the last partial batch is dropped (Shard.steps), so every step has >= 2 samples
+        p.error(f"--batch-size must be >= 2, got {values['batch_size']}: BatchNorm and the batch-relational terms "
                 f"(correlation, crd, rkd, ...) need at least 2 samples per step")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
-    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
-        p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        p.error(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
     if not math.isfinite(args.imbalance):
         p.error(f"--imbalance must be finite, got {args.imbalance}")
     if args.log_every < 1:
         p.error("--log-every must be >= 1")
     if args.max_steps is not None and args.max_steps < 0:
         p.error("--max-steps must be >= 0")
-    if isinstance(args.lr_steps, str):
+    if isinstance(lr_steps, str):
         try:
-            args.lr_steps = sorted(int(v) for v in args.lr_steps.split(","))
+            lr_steps = sorted(int(v) for v in lr_steps.split(","))
         except ValueError:
-            p.error(f"--lr-steps must be comma-separated epochs, got {args.lr_steps!r}")
-    if args.lr_steps and args.lr_steps[0] < 1:
-        p.error(f"--lr-steps are the epochs (>= 1) after which the lr drops 10x, got {args.lr_steps[0]}")
+            p.error(f"--lr-steps must be comma-separated epochs, got {lr_steps!r}")
+    if lr_steps and lr_steps[0] < 1:
+        p.error(f"--lr-steps are the epochs (>= 1) after which the lr drops 10x, got {lr_steps[0]}")
+    return dict(values, lr_steps=lr_steps, weight_decay=weight_decay)
+
+
+def method_settings(p: FlagParser, args: argparse.Namespace, method: type) -> dict[str, Any]:
+    """``--method-opt`` as the student's method options, each an option of ``method`` of the kind
+    its default has (the method's own range checks run when it is built, before anything trains)."""
     try:
-        args.method_options = parse_method_options(args.method_opt)
+        options = parse_method_options(args.method_opt)
     except ValueError as exc:
         p.error(str(exc))
-    method = M.method_class(args.method)  # its traits decide what the flags below may ask of it
-    unknown = sorted(set(args.method_options) - set(method.options()))
-    if unknown and args.method_options:
+    unknown = sorted(set(options) - set(method.options()))
+    if unknown and options:
         p.error(f"--method-opt: method {args.method!r} has no option {', '.join(map(repr, unknown))}; its options "
                 f"are: {', '.join(method.options())}")
     try:
-        check_method_options(args.method, args.method_options)
+        check_method_options(args.method, options)
     except ValueError as exc:
         p.error(str(exc))
+    return options
+
+
+def check_backend(p: FlagParser, args: argparse.Namespace) -> None:
+    """The loss backend, checked on the device the run trains on (run.py: cuda when asked or, with
+    auto, when present), so that a missing extension or GPU is a flag error, not a crash mid-run."""
     backend_env = os.environ.get(ENV_VAR, "").strip().lower()
     if args.backend == "auto" and backend_env not in ("", "auto", *BACKENDS):
         p.error(f"the environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not a backend: set it to one of "
                 f"auto, {', '.join(BACKENDS)}, or unset it")
-    # on the device the run trains on (run._device: cuda when asked or, with auto, when present)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
         resolve_backend(args.backend, device)
     except ValueError as exc:
         p.error(f"--backend {args.backend}: {exc}")
+
+
+def check_method_flags(p: FlagParser, args: argparse.Namespace, method: type) -> None:
+    """The flags that only some methods read (rotated views, global gathers, a temperature), judged
+    by the method's traits: given to a method that ignores them, an error naming those that read them."""
     with_views = [m for m in METHODS if M.method_class(m).takes_views]
     if args.rotations > 1 and not method.takes_views:
         p.error(f"--rotations {args.rotations} applies to methods that take rotated views ({', '.join(with_views)}), "
@@ -691,6 +799,14 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
                     f"({', '.join(m for m in METHODS if hook in M.method_class(m).gather_hooks)}), not {args.method}")
     if args.temperature is not None and not (args.temperature > 0 and math.isfinite(args.temperature)):
         p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
+
+
+def teacher_epochs_setting(p: FlagParser, args: argparse.Namespace, kind: DataKind, method: type) -> int:
+    """Where the student's teacher comes from, as ``--teacher-epochs``: a teacher cache (no teacher
+    trains: 0), given weights (0, or N with ``--teacher-new-head`` to fine-tune them), or trained here
+    (embedded data: 30 by default; elsewhere only when asked, as it takes hours). Every combination
+    that would ignore a flag or leave a distilling method without a teacher is refused."""
+    teacher_epochs = args.teacher_epochs
     cached = args.teacher_cache is not None
     if args.cache_wrap and not cached:
         p.error("--cache-wrap reuses the epochs of a teacher cache: give --teacher-cache DIR")
@@ -700,44 +816,40 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> tuple[argpa
                     f"nothing to give it: leave --teacher-cache out")
         if not kind.has_samples:
             p.error("--teacher-cache: synthetic data has no samples to cache (random batches, a random teacher)")
-        if args.teacher_epochs:
-            p.error(f"--teacher-epochs {args.teacher_epochs} with --teacher-cache: the cache holds the teacher's "
+        if teacher_epochs:
+            p.error(f"--teacher-epochs {teacher_epochs} with --teacher-cache: the cache holds the teacher's "
                     f"outputs, no teacher is trained; leave --teacher-epochs out")
         if args.teacher_new_head:
             p.error("--teacher-new-head with --teacher-cache: the cache holds the outputs of the teacher it was "
                     "made with; no teacher is built")
-        args.teacher_epochs = 0
-    if args.teacher_epochs == 0 and method.needs_teacher and args.teacher_weights is None and not cached:
+        teacher_epochs = 0
+    if teacher_epochs == 0 and method.needs_teacher and args.teacher_weights is None and not cached:
         p.error(f"--teacher-epochs 0 trains no teacher, but --method {args.method} distils from one: "
                 f"give --teacher-weights")
-    args.loss = args.method  # the name the summary and older scripts read
     if (not (kind.embedded or not kind.has_samples or cached) and method.needs_teacher
-            and args.teacher_weights is None and not args.teacher_epochs):
+            and args.teacher_weights is None and not teacher_epochs):
         p.error(f"--teacher-weights is required to distil on a {kind.noun} "
                 "dataset, unless --teacher-epochs N (N >= 1) trains a teacher on it first")
-    given_teacher_epochs = args.teacher_epochs
-    if args.teacher_epochs is None:  # digits, mnist5k: a teacher is trained unless given; elsewhere only when asked
-        args.teacher_epochs = kind.default_teacher_epochs
-    if not kind.has_samples and args.teacher_epochs > 0:
+    given = teacher_epochs
+    if teacher_epochs is None:
+        teacher_epochs = kind.default_teacher_epochs
+    if not kind.has_samples and teacher_epochs > 0:
         p.error("--teacher-epochs applies to digits and folder data; synthetic data has a random teacher")
     if args.teacher_new_head:
         if args.teacher_weights is None:
             p.error("--teacher-new-head replaces the classifier of --teacher-weights: give them")
         if not kind.has_samples:
             p.error("--teacher-new-head applies to digits and folder data (a teacher fine-tuned on them)")
-        if args.teacher_epochs < 1:
+        if teacher_epochs < 1:
             p.error("--teacher-new-head fine-tunes the teacher with its new classifier for --teacher-epochs epochs: "
                     "give --teacher-epochs N (N >= 1)")
-    elif args.teacher_weights is not None and given_teacher_epochs:
-        p.error(f"--teacher-epochs {given_teacher_epochs} with --teacher-weights: the given teacher is used as it "
+    elif args.teacher_weights is not None and given:
+        p.error(f"--teacher-epochs {given} with --teacher-weights: the given teacher is used as it "
                 f"is and trains no epoch; add --teacher-new-head to fine-tune it with a new classifier, or leave "
                 f"--teacher-epochs out")
-    args.arch = args.arch or kind.student_arch
-    if not cached:  # with a cache: the manifest's (a --teacher-arch given is checked against it)
-        args.teacher_arch = args.teacher_arch or kind.teacher_arch
-    if args.lr is None:
-        args.lr = _recipe_lr(args) if args.recipe else DEFAULTS["lr"]
-    if args.out is None:
-        args.out = os.path.join("runs", os.path.basename(os.path.normpath(args.data)) if kind.named_by_path
-                                else kind.name)
-    return args, p.config_sources
+    return teacher_epochs
+
+
+def default_out(data: str, kind: DataKind) -> str:
+    """``--out`` left out: ``runs/<the folder's name>`` for folder data, else ``runs/<kind>``."""
+    return os.path.join("runs", os.path.basename(os.path.normpath(data)) if kind.named_by_path else kind.name)

@@ -25,6 +25,7 @@ from .logs import progress
 from .data import with_rotations
 from .errors import InputError
 from .distributed import DistInfo, broadcast_buffers, sum_across
+from .teacher_source import StepBatches
 
 class StopFlag:
     """Set by SIGTERM / SIGINT; the loop saves a checkpoint at the next step boundary and returns."""
@@ -65,6 +66,7 @@ class Phase:
     distiller: Optional[Distiller] = None
     teacher: Optional[nn.Module] = None
     views: int = 1
+    teacher_source: Optional[str] = None  # where its teacher outputs come from (.teacher_source), decided once
     best_top1: float = -1.0
     best_epoch: int = 0
     history: list = field(default_factory=list)
@@ -200,9 +202,12 @@ def checks_each_step(ctx: RunContext) -> bool:
     return ctx.on_nonfinite == "skip" or (ctx.device.type != "cuda" and not ctx.dist.enabled)
 
 
-def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunContext,
+def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, ctx: RunContext,
                 partial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to.
+
+    ``source`` yields batches ``(x, y, extras)``; the step is called as ``step(x, y, **extras)``
+    (the sample indices, the teacher's outputs where a cache gives them: :mod:`.teacher_source`).
 
     Returns the epoch's means (``loss`` and ``terms``: each of the method's terms, weighted by batch
     size like the loss), the lr it trained with, the skipped steps (``--on-nonfinite skip``) and the
@@ -244,36 +249,20 @@ def train_epoch(phase: Phase, source, epoch: int, start_step: int, ctx: RunConte
     distiller = phase.distiller
     if distiller is not None:
         distiller.set_epoch(epoch, phase.epochs)
-    wants_index = distiller is not None and "index" in distiller.needs.context
     # per-step records: every log_every-th optimiser step of the phase (counted over its epochs), stacked on the
     # device and read back once at the end of the epoch (reading them each step would sync the host every step)
     every = ctx.log_every if ctx.log_steps is not None else 0
     per_epoch = source.steps_per_epoch()
     lr = phase.optimizer.param_groups[0]["lr"]  # the schedule steps per epoch: this epoch trains at this lr
     rows: list = []
-    # a source replaying a teacher cache yields (x, y, index, the teacher's Outputs) and the teacher does not run
-    cached = getattr(source, "yields_teacher_outputs", False)
-    if cached:
-        batches = source.epoch(epoch, start_step)
-    else:
-        batches = source.epoch(epoch, start_step, with_index=True) if wants_index else source.epoch(epoch, start_step)
-    for step, batch in enumerate(batches, start=start_step):
-        teacher_out = None
-        if cached:
-            x, y, index, teacher_out = batch
-            index = index if wants_index else None
-        else:
-            x, y, index = batch if wants_index else (*batch, None)
+    for step, (x, y, extras) in enumerate(source.epoch(epoch, start_step), start=start_step):
         if ctx.should_stop(step):
             interrupted_at = step
             break
         if views > 1:
             x = with_rotations(x, views)
         with ctx.autocast():
-            if teacher_out is None:
-                loss = phase.step_module(x, y, index)
-            else:
-                loss = phase.step_module(x, y, index, teacher_outputs=teacher_out)
+            loss = phase.step_module(x, y, **extras)
         terms = distiller.last if distiller is not None else {}
         step_keys = _term_keys(terms)
         new = [k for k in step_keys if k not in keys]
@@ -386,7 +375,7 @@ def evaluate(model: nn.Module, batches, ctx: RunContext) -> tuple[float, float]:
     return 100.0 * c1 / max(n, 1), (100.0 * c5 / max(n, 1) if classes > 5 else float("nan"))
 
 
-def run_phase(phase: Phase, source, eval_batches: Optional[Callable[[], Any]], ctx: RunContext,
+def run_phase(phase: Phase, source: StepBatches, eval_batches: Optional[Callable[[], Any]], ctx: RunContext,
               resume: Optional[dict[str, Any]] = None,
               val_batches: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
     """Trains ``phase`` to its last epoch (or until stopped); checkpoints after every epoch and when

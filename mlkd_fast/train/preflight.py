@@ -8,7 +8,6 @@ student phase will, on throwaway networks, before anything is written or trained
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any, Optional, Protocol
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from .. import methods as M
 from .errors import InputError
 from .models import build_model
+from .teacher_source import CACHE
 
 __all__ = ["check_student_method"]
 
@@ -24,17 +24,19 @@ __all__ = ["check_student_method"]
 class Run(Protocol):
     """What the check reads of :class:`.run.Run` (not imported: run imports this module)."""
 
-    args: argparse.Namespace
+    config: Any                        # the run's TrainConfig
     device: torch.device
     cache: Any
     num_classes: int
 
     def input_shape(self) -> tuple[int, int, int]: ...
 
-    def _network(self, arch: str) -> nn.Module: ...
+    def network(self, arch: str) -> nn.Module: ...
+
+    def teacher_source(self, phase: str, method: type) -> Optional[str]: ...
 
     def build_distillation(self, phase: str, method: str, model: nn.Module, teacher: Optional[nn.Module],
-                           views: int) -> M.Distillation: ...
+                           views: int, compile: Optional[bool] = None) -> M.Distillation: ...
 
 
 def check_student_method(run: Run) -> None:
@@ -45,30 +47,26 @@ def check_student_method(run: Run) -> None:
     (:class:`~.errors.InputError`, one line naming the method and the options given). The global RNG
     is restored afterwards, so that the run draws what it would have drawn without the check, and
     ``--compile`` is left out (nothing here runs a step)."""
-    args = run.args
-    cls = M.method_class(args.method)
-    cached = run.cache is not None and cls.needs_teacher
+    config = run.config
+    cls = config.method_class
+    cached = run.teacher_source("student", cls) == CACHE
     if run.device.type == "cuda":
         devices = [run.device.index if run.device.index is not None else torch.cuda.current_device()]
     else:
         devices = []
-    compile_flag = args.compile
     with torch.random.fork_rng(devices=devices):
-        args.compile = False
+        teacher: Optional[nn.Module] = None
+        if cls.needs_teacher and not cached:
+            teacher = build_model(config.teacher_arch, run.num_classes, in_channels=run.input_shape()[0])
+            teacher = teacher.to(run.device).eval().requires_grad_(False)
+        views = config.rotations if teacher is not None or cached else 1
         try:
-            teacher: Optional[nn.Module] = None
-            if cls.needs_teacher and not cached:
-                teacher = build_model(args.teacher_arch, run.num_classes, in_channels=run.input_shape()[0])
-                teacher = teacher.to(run.device).eval().requires_grad_(False)
-            views = args.rotations if teacher is not None or cached else 1
-            try:
-                distill = run.build_distillation("student", args.method, run._network(args.arch), teacher, views)
-            except TypeError as exc:  # an option of the wrong type that the method's own checks meet first
-                raise InputError(f"--method {args.method}: {exc}") from exc
-            except InputError as exc:
-                if not args.method_opt:
-                    raise
-                raise InputError(f"{exc} (with --method-opt {' '.join(args.method_opt)})") from exc
-            distill.close()
-        finally:
-            args.compile = compile_flag
+            distill = run.build_distillation("student", config.method, run.network(config.arch), teacher, views,
+                                             compile=False)
+        except TypeError as exc:  # an option of the wrong type that the method's own checks meet first
+            raise InputError(f"--method {config.method}: {exc}") from exc
+        except InputError as exc:
+            if not config.method_opt:
+                raise
+            raise InputError(f"{exc} (with --method-opt {' '.join(config.method_opt)})") from exc
+        distill.close()

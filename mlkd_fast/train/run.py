@@ -2,12 +2,12 @@
 checkpoints and resume checks. :func:`train_all` runs them in order; :mod:`.loop` trains each."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -18,57 +18,56 @@ from . import data as D
 from .checkpoint import (CACHE_FILES, RUN_FILES, check_writable, load_checkpoint, move_aside, present,
                          save_checkpoint, write_json_atomic)
 from .cli import parse_args
-from .distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, shutdown_distributed, sum_across
+from .config import TrainConfig
+from .distributed import convert_sync_batchnorm, gather_with_grad, shutdown_distributed, sum_across
 from .errors import InputError, MissingInputError
 from .logs import RunLogs, check_tensorboard, plot_curves
 from .loop import NonFiniteLossError, Phase, RunContext, StopFlag, run_phase
 from .models import build_model, load_weights
+from .placement import frozen, place
 from .preflight import check_student_method
+from .teacher_source import CACHE, StepBatches, phase_batches, teacher_source
 from .training_data import data_kind, load_training_data
 
-
-def _device(args) -> torch.device:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("mlkd-train: --device cuda but no CUDA GPU is visible")
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+# the seed of each phase's networks: the student and the baseline start from the same weights
+PHASE_SEEDS = {"teacher": 0, "student": 100, "baseline": 100}
 
 
 class Run:
-    """The data, models and phases of one invocation."""
+    """The data, models and phases of one invocation, built from its :class:`~.config.TrainConfig`
+    (which it reads and never changes)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.device = _device(args)
-        self.dist = init_distributed(self.device.type)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank if self.dist.enabled else torch.cuda.current_device())
-        on_cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and on_cuda) else None
-        kind = data_kind(args.data)
-        self.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda
-                                                              and kind.channels_last_pays)
-        self.shard = D.Shard(args.batch_size, self.dist.rank, self.dist.world)
-        self.lr = args.lr * (self.dist.world if args.scale_lr else 1)
-        if args.sync_bn and not self.dist.enabled:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        placement = place(config.device, config.precision, config.channels_last,
+                          data_kind(config.data).channels_last_pays)
+        self.placement = placement
+        self.device, self.dist = placement.device, placement.dist
+        self.amp_dtype, self.channels_last = placement.amp_dtype, placement.channels_last
+        self.shard = D.Shard(config.batch_size, self.dist.rank, self.dist.world)
+        self.lr = config.lr * (self.dist.world if config.scale_lr else 1)
+        if config.sync_bn and not self.dist.enabled:
             print("mlkd-train: --sync-bn does nothing in a single process (BatchNorm already sees the whole "
                   "batch)", file=sys.stderr)
-        self.data = load_training_data(args, self.shard, self.device, self.channels_last)
+        self.data = load_training_data(config, self.shard, self.device, self.channels_last)
         self.info: dict[str, Any] = dict(self.data.info)  # what the summary reports of the run's inputs
         self.cache = None  # --teacher-cache: the teacher's outputs come from it, no teacher network is built
-        if args.teacher_cache is not None:
+        if config.teacher_cache is not None:
             from .replay import TeacherCache
 
-            self.cache = TeacherCache.open(args.teacher_cache)
+            self.cache = TeacherCache.open(config.teacher_cache)
             self.cache.check_run(self)  # the same teacher, data, views, seed (an error naming each field)
-            args.teacher_arch = self.cache.teacher_arch
+            self.config = config.with_teacher_arch(self.cache.teacher_arch)
             if "top1" in self.cache.manifest["teacher"]:
                 self.info.update(teacher_top1=self.cache.manifest["teacher"]["top1"],
                                  teacher_top5=self.cache.manifest["teacher"].get("top5"))
 
-    # ---- data -----------------------------------------------------------------------------
-    # what other modules read of the run's data (the cache writer and replay, benchmarks): the data object's
+    @property
+    def args(self) -> TrainConfig:
+        """The config under its older name (the teacher cache's checks read ``run.args``)."""
+        return self.config
+
+    # ---- data: what other modules read of it (the cache writer and replay, benchmarks) -------
     @property
     def train(self) -> Any:
         return self.data.train
@@ -89,69 +88,89 @@ class Run:
     def val_batches(self) -> Optional[Callable[[], Any]]:
         return self.data.val_batches
 
-    # ---- models and phases ----------------------------------------------------------------
     def input_shape(self) -> tuple[int, int, int]:
         return self.data.input_shape
 
-    def _network(self, arch: str) -> nn.Module:
+    def data_facts(self) -> dict[str, Any]:
+        """What a method's ``data_options`` may ask of the training data (:meth:`.TrainingData.fact`)."""
+        return {name: self.data.fact(name) for name in ("num_samples", "class_counts")}
+
+    # ---- models and phases ----------------------------------------------------------------
+    def network(self, arch: str) -> nn.Module:
+        """A new network of ``arch`` for the data's classes and channels, on the device, in the run's
+        layout (SyncBatchNorm with ``--sync-bn`` under DDP)."""
         model = build_model(arch, self.num_classes, in_channels=self.input_shape()[0]).to(self.device)
-        if self.args.sync_bn and self.dist.enabled:
+        if self.config.sync_bn and self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device.type)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def data_facts(self) -> dict[str, Any]:
-        """What a method's ``data_options`` may ask of the training data."""
-        return {"num_samples": self.train_size}
+    _network = network  # the older name
+
+    def teacher_source(self, phase: str, method: type) -> Optional[str]:
+        """Where the teacher outputs of ``phase`` (training with ``method``) come from: decided here
+        once, read by everything that builds or feeds the phase (:mod:`.teacher_source`)."""
+        return teacher_source(phase, method.needs_teacher, self.cache is not None)
 
     def build_distillation(self, phase: str, method: str, model: nn.Module, teacher: Optional[nn.Module],
-                           views: int) -> M.Distillation:
+                           views: int, compile: Optional[bool] = None) -> M.Distillation:
         """The student, the teacher and the method as one module, with the run's options: the student
         phase's method takes ``--method-opt`` (the teacher and baseline phases never see them), and
         every method takes what its traits ask of the run (``--temperature`` and ``--backend`` where
         it has those options, the rotation views where it takes views, the data facts of its
-        ``data_options``, peers built like the student, its gather hooks under DDP)."""
-        a = self.args
+        ``data_options``, peers built like the student, its gather hooks under DDP). ``compile``:
+        whether the student is compiled (default ``--compile``)."""
+        config = self.config
         cls = M.method_class(method)
-        known = cls.options()
-        options = dict(a.method_options) if phase == "student" else {}
-        if a.temperature is not None and "temperature" in known:
-            options.setdefault("temperature", a.temperature)
-        if "backend" in known:
-            options.setdefault("backend", a.backend)
-        if cls.takes_views:
-            options.setdefault("views", views)
-        facts = self.data_facts()
-        for option, fact in cls.data_options.items():
-            if options.get(option) is None and facts.get(fact) is not None:
-                options[option] = facts[fact]
-        cached = phase == "student" and self.cache is not None and cls.needs_teacher  # outputs from the cache
-        try:  # what the method finds missing in this run (crd's indices on synthetic data, stages) is the user's
-            distill = M.Distillation(torch.compile(model) if a.compile else model,
-                                     teacher if cls.needs_teacher and not cached else None, method,
-                                     input_shape=self.input_shape(), peer_factory=lambda: self._network(a.arch),
-                                     teacher_spec=self.cache.teacher_spec if cached else None, **options)
-        except ValueError as exc:
-            raise InputError(f"--method {a.method if phase == 'student' else method}: {exc}") from exc
+        cached = self.teacher_source(phase, cls) == CACHE
+        distill = self._distillation(phase, method, cls, model, None if cached else teacher,
+                                     self.cache.teacher_spec if cached else None, views,
+                                     config.compile if compile is None else compile)
         if cached:  # what the cache cannot give (stage maps, a live teacher, features it lacks): from the traits
-            self.cache.check_method(distill.distiller, a.method)
+            self.cache.check_method(distill.distiller, config.method)
         distill = distill.to(self.device)
-        if a.sync_bn and self.dist.enabled:
+        if config.sync_bn and self.dist.enabled:
             distill.distiller = convert_sync_batchnorm(distill.distiller, self.device.type)
         if self.dist.enabled:
             for hook, always in cls.gather_hooks.items():
-                if always or getattr(a, f"global_{hook}", False):
+                if always or getattr(config, f"global_{hook}", False):
                     distill.distiller.set_gather(hook, gather_with_grad)
         return distill
 
+    def _distillation(self, phase: str, method: str, cls: type, model: nn.Module, teacher: Optional[nn.Module],
+                      teacher_spec: Any, views: int, compile: bool) -> M.Distillation:
+        """:meth:`build_distillation`'s module with the method's options; what the method finds missing
+        in this run (crd's indices on synthetic data, stages) is the user's error, named by the method."""
+        config = self.config
+        known = cls.options()
+        options = dict(config.method_options) if phase == "student" else {}
+        if config.temperature is not None and "temperature" in known:
+            options.setdefault("temperature", config.temperature)
+        if "backend" in known:
+            options.setdefault("backend", config.backend)
+        if cls.takes_views:
+            options.setdefault("views", views)
+        for option, fact in cls.data_options.items():
+            if options.get(option) is None and self.data.fact(fact) is not None:
+                options[option] = self.data.fact(fact)
+        try:
+            return M.Distillation(torch.compile(model) if compile else model,
+                                  teacher if cls.needs_teacher else None, method,
+                                  input_shape=self.input_shape(), peer_factory=lambda: self.network(config.arch),
+                                  teacher_spec=teacher_spec, **options)
+        except ValueError as exc:
+            raise InputError(f"--method {config.method if phase == 'student' else method}: {exc}") from exc
+
     def make_phase(self, name: str, arch: str, epochs: int, method: str,
                    teacher: Optional[torch.nn.Module] = None) -> Phase:
-        a = self.args
-        torch.manual_seed(a.seed + {"teacher": 0, "student": 100, "baseline": 100}[name])
-        model = self._network(arch)
-        cached = name == "student" and self.cache is not None and M.method_class(method).needs_teacher
-        views = a.rotations if teacher is not None or cached else 1
+        """A phase ready to train: its network (seeded per phase), the method around it, DDP, the SGD
+        optimiser and the lr schedule (steps with ``--lr-steps``, else cosine)."""
+        config = self.config
+        torch.manual_seed(config.seed + PHASE_SEEDS[name])
+        model = self.network(arch)
+        source = self.teacher_source(name, M.method_class(method))
+        views = config.rotations if teacher is not None or source == CACHE else 1
         distill = self.build_distillation(name, method, model, teacher, views)
         step: nn.Module = distill
         if self.dist.enabled:
@@ -160,33 +179,35 @@ class Run:
             step = DDP(distill, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        find_unused_parameters=not distill.distiller.uses_all_parameters)
         params = list(model.parameters()) + list(distill.distiller.parameters())
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=a.weight_decay, nesterov=a.nesterov)
-        if a.lr_steps:
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, a.lr_steps, 0.1)
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=config.weight_decay,
+                              nesterov=config.nesterov)
+        if config.lr_steps:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, config.lr_steps, 0.1)
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        return Phase(name, model, step, opt, sched, epochs, arch, distill.distiller, distill.teacher, views)
+        return Phase(name, model, step, opt, sched, epochs, arch, distill.distiller, distill.teacher, views,
+                     teacher_source=source)
 
-    def source(self, phase: Phase):
-        """The training source of a phase: with --teacher-cache, the student's replays the cache (the same
-        views, checked, with the teacher's stored outputs); every other phase reads the data itself."""
-        if self.cache is not None and phase.name == "student" and phase.distiller.needs_teacher:
+    def source(self, phase: Phase) -> StepBatches:
+        """The batches a phase trains on, ``(x, y, extras)``: with --teacher-cache, the student's replay
+        the cache (the same views, checked, with the teacher's stored outputs); every other phase
+        reads the data itself."""
+        with_index = phase.distiller is not None and "index" in phase.distiller.needs.context
+        if phase.teacher_source == CACHE:
             from .replay import CachedSource
 
-            return CachedSource(self.train, self.cache, self.device, phase.views, wrap=self.args.cache_wrap)
-        return self.train
+            replay = CachedSource(self.train, self.cache, self.device, phase.views, wrap=self.config.cache_wrap)
+            return phase_batches(replay, replayed=True, with_index=with_index)
+        return phase_batches(self.train, replayed=False, with_index=with_index)
 
     def load_teacher(self, path: str) -> torch.nn.Module:
-        teacher = build_model(self.args.teacher_arch, self.num_classes, path, in_channels=self.input_shape()[0])
+        """The teacher of ``--teacher-arch`` with the weights at ``path``, frozen (:meth:`frozen`)."""
+        teacher = build_model(self.config.teacher_arch, self.num_classes, path, in_channels=self.input_shape()[0])
         return self.frozen(teacher)
 
     def frozen(self, teacher: torch.nn.Module) -> torch.nn.Module:
-        teacher = teacher.to(self.device).eval().requires_grad_(False)
-        if self.amp_dtype is not None and self.device.type == "cuda":
-            teacher = teacher.to(self.amp_dtype)
-        if self.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
-        return torch.compile(teacher) if self.args.compile else teacher
+        """A teacher ready to give outputs on the run's device, precision and layout (:func:`.placement.frozen`)."""
+        return frozen(teacher, self.placement, self.config.compile)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -197,33 +218,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return run_parsed(parse_args(argv))
 
 
-def run_parsed(args: argparse.Namespace) -> dict:
+def run_parsed(config: TrainConfig) -> dict:
     """:func:`main` with the arguments already parsed by :func:`~.cli.parse_args`."""
-    summary = train_all(args)  # its DDP modules are gone with it (shutdown_distributed says why)
+    summary = train_all(config)  # its DDP modules are gone with it (shutdown_distributed says why)
     # a stopped run may have stopped its ranks at different steps: no barrier then (it would hang)
     shutdown_distributed(wait_for_all="interrupted" not in summary)
     return summary
 
 
-def check_out(args: argparse.Namespace) -> None:
+def check_out(config: TrainConfig) -> None:
     """The ``--out`` checks, before anything is read or written: a folder (not a file) that can be
     written; one holding a run (or a teacher cache) only with ``--resume`` (continue it) or
     ``--overwrite`` (move it aside once every other check has passed), each refusal one line naming
     the folder, what it holds and the flags that proceed. Under torchrun every process looks; the main one
     writes only once all have (:func:`train_all`'s all-reduce before the first write)."""
-    out = args.out
-    if args.resume and args.overwrite:
+    out = config.out
+    if config.resume and config.overwrite:
         raise InputError("--resume continues the run in --out and --overwrite moves it aside to start afresh: "
                          "give one of them")
     check_writable(out)
-    if not os.path.isdir(out) or args.overwrite:
+    if not os.path.isdir(out) or config.overwrite:
         return
     run_files, cache_files = present(out, RUN_FILES), present(out, CACHE_FILES)
     aside = f"{os.path.normpath(out)}.old-<time>"
     if cache_files:
         raise InputError(f"--out {out!r} holds a teacher cache ({', '.join(cache_files)}), not a run: give another "
                          f"--out, or --overwrite to move it aside to {aside!r} and start afresh")
-    if args.resume:
+    if config.resume:
         if "checkpoint.pt" not in run_files and "summary.json" in run_files:
             raise InputError(f"--resume: {out!r} holds a finished run ({', '.join(run_files)}) but no checkpoint.pt "
                              f"to continue from: --overwrite moves it aside to {aside!r} to start afresh, or give "
@@ -234,97 +255,61 @@ def check_out(args: argparse.Namespace) -> None:
                          f"--overwrite to move it aside to {aside!r} and start afresh, or give another --out")
 
 
-def prepare_out(args: argparse.Namespace, main_rank: bool) -> None:
+def prepare_out(config: TrainConfig, main_rank: bool) -> None:
     """The first write of the run, after every check passed: with ``--overwrite`` the folder's previous
     run (or cache) is moved aside (said on stderr), then the folder is created."""
-    out = args.out
+    out = config.out
     if not main_rank:
         return
-    if args.overwrite and os.path.isdir(out) and (present(out, RUN_FILES) or present(out, CACHE_FILES)):
+    if config.overwrite and os.path.isdir(out) and (present(out, RUN_FILES) or present(out, CACHE_FILES)):
         moved = move_aside(out)
         print(f"mlkd-train: --overwrite: moved the previous contents of {out} to {moved}", file=sys.stderr,
               flush=True)
     os.makedirs(out, exist_ok=True)
 
 
-def train_all(args: argparse.Namespace) -> dict:
-    """Trains every phase of ``args`` (resuming from the checkpoint with ``--resume``); returns the
+@dataclass
+class PhasePlan:
+    """What this invocation trains after the teacher: the phases not finished (or finished with another
+    ``--epochs``: trained on from their final state), those final states, and the first phase, built
+    already (a checkpoint that does not fit it fails before the folder is touched)."""
+
+    todo: list[tuple[str, str]]                    # (phase, method)
+    finals: dict[str, dict] = field(default_factory=dict)
+    built: dict[str, Phase] = field(default_factory=dict)
+
+
+def train_all(config: TrainConfig) -> dict:
+    """Trains every phase of ``config`` (resuming from the checkpoint with ``--resume``); returns the
     summary also written to ``<out>/summary.json``, or ``{"interrupted": True}``.
 
     Every check of what was given (flags, ``--out``, data, teacher weights or cache, the method's
     options, the resume checkpoint and its settings, optional packages) runs before anything is
     written: a failing command leaves an existing folder as it was."""
-    check_out(args)
-    if args.tensorboard:
+    check_out(config)
+    if config.tensorboard:
         check_tensorboard()
-    run = Run(args)
-    out = args.out
-    main_rank = run.dist.main
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-    config = resume_config(args, run)
-    resume_state = load_checkpoint(ckpt_path) if args.resume and os.path.isfile(ckpt_path) else None
+    run = Run(config)
+    config = run.config  # with --teacher-cache: the cache's teacher architecture
+    ckpt_path = os.path.join(config.out, "checkpoint.pt")
+    settings = resume_config(config, run)
+    resume_state = load_checkpoint(ckpt_path) if config.resume and os.path.isfile(ckpt_path) else None
     if resume_state is not None:
-        check_resume(ckpt_path, resume_state, config)
-        check_lengths(resume_state, args)
+        check_resume(ckpt_path, resume_state, settings)
+        check_lengths(resume_state, config)
     done: dict[str, Any] = dict(resume_state.get("completed", {})) if resume_state else {}
-    uses_teacher = M.method_class(args.method).needs_teacher
-    baseline = M.baseline()  # plain training: the teacher phase and --compare-baseline
 
     # ---- everything that can fail on what was given, before the folder is touched ----
-    # teacher: given (--teacher-weights); or trained here on digits or folder data for --teacher-epochs, from
-    # scratch, or from the weights with a new classifier (--teacher-new-head); or random (synthetic)
-    teacher, teacher_phase = None, None
-    if run.cache is None and (uses_teacher or args.teacher_epochs > 0):  # with a cache: no teacher at all
-        if args.teacher_weights and not args.teacher_new_head:
-            teacher = run.load_teacher(args.teacher_weights)
-        elif run.data.kind.has_samples:
-            teacher_phase = run.make_phase("teacher", args.teacher_arch, args.teacher_epochs, baseline)
-            if "teacher" in done:  # never retrained: the student learnt from it
-                load_weights(teacher_phase.model, os.path.join(out, "teacher.pt"), args.teacher_arch)
-                teacher, teacher_phase = run.frozen(teacher_phase.model), None
-                if done["teacher"].get("last_epoch", args.teacher_epochs) != args.teacher_epochs and main_rank:
-                    print(f"mlkd-train: the teacher finished its {done['teacher']['last_epoch']} epochs before: "
-                          f"--teacher-epochs {args.teacher_epochs} does not retrain it", file=sys.stderr)
-            elif args.teacher_new_head and not (resume_state is not None and resume_state["phase"] == "teacher"):
-                load_weights(teacher_phase.model, args.teacher_weights, args.teacher_arch, new_head=True)
-        else:  # synthetic: a random teacher is enough to measure throughput
-            teacher = run.frozen(build_model(args.teacher_arch, run.num_classes, in_channels=run.input_shape()[0]))
-    phases = [("student", args.method)] + ([("baseline", baseline)] if args.compare_baseline else [])
-    # the phases to train: not finished, or finished with another --epochs (trained on from their final state)
-    todo = [(name, loss) for name, loss in phases
-            if name not in done or done[name].get("last_epoch", args.epochs) != args.epochs]
-    finals = {name: final_state(out, name) for name, _ in todo
-              if name in done and not (resume_state is not None and resume_state["phase"] == name)}
-    built: dict[str, Phase] = {}
-    if todo and teacher_phase is None:  # the first phase to train is built now (the same order of draws as later)
-        name, loss = todo[0]
-        built[name] = run.make_phase(name, args.arch, args.epochs, loss,
-                                     teacher if name == "student" and uses_teacher else None)
-        state = resume_state if resume_state is not None and resume_state["phase"] == name else finals.get(name)
-        if state is not None:
-            built[name].load(state)  # a checkpoint that does not fit fails here (loaded again when it trains)
-    elif any(name == "student" for name, _ in todo):  # the teacher trains first: its student's method is built now
-        check_student_method(run)
-    if resume_state is not None and teacher_phase is not None and resume_state["phase"] == "teacher":
-        teacher_phase.load(resume_state)
+    teacher, teacher_phase = build_teacher(run, done, resume_state)
+    plan = plan_phases(run, done, resume_state, teacher, teacher_phase)
+    if teacher_phase is not None and resume_state is not None and resume_state["phase"] == "teacher":
+        teacher_phase.load(resume_state)  # the teacher stopped mid-way continues
 
     # ---- the folder: from here on it is written ----
-    if run.dist.enabled:  # every process has made every check (--out included) before the main one writes
-        sum_across([0.0], run.device)
-    prepare_out(args, main_rank)
-    if main_rank:
-        # every flag's value (--config FILE replays it) and what the run made of them
-        write_json_atomic(os.path.join(out, "config.json"), {
-            **vars(args), "world_size": run.dist.world, "device_used": str(run.device), "lr_used": run.lr,
-            "precision_used": config["precision"], "data_sha256": config["data_sha256"],
-            "teacher_sha256": config["teacher_sha256"]})
-    if args.resume and resume_state is None and main_rank:
-        print(f"mlkd-train: --resume but no {ckpt_path}: starting afresh", file=sys.stderr)
-    # metrics.jsonl, steps.jsonl, TensorBoard
-    metrics = RunLogs(out, bool(resume_state), args.tensorboard, args.quiet) if main_rank else None
+    write_run_folder(run, settings, resume_state)
+    metrics = RunLogs(config.out, bool(resume_state), config.tensorboard, config.quiet) if run.dist.main else None
     try:
-        return _train_phases(args, run, config, resume_state, done, metrics, teacher, teacher_phase, todo, finals,
-                             built)
+        return _train_phases(run, settings, resume_state, done, metrics, teacher, teacher_phase, plan)
     except NonFiniteLossError as exc:
         kept = (f"the last checkpoint, {ckpt_path}, is kept (finite weights)" if os.path.isfile(ckpt_path)
                 else "no checkpoint was saved before it")
@@ -335,12 +320,92 @@ def train_all(args: argparse.Namespace) -> dict:
             metrics.close()
 
 
-def _train_phases(args: argparse.Namespace, run: Run, config: dict[str, Any], resume_state: Optional[dict],
-                  done: dict[str, Any], metrics: Optional[RunLogs], teacher: Optional[nn.Module],
-                  teacher_phase: Optional[Phase], todo: list[tuple[str, str]], finals: dict[str, dict],
-                  built: dict[str, Phase]) -> dict:
+def build_teacher(run: Run, done: dict[str, Any],
+                  resume_state: Optional[dict]) -> tuple[Optional[nn.Module], Optional[Phase]]:
+    """The student's teacher network, or the phase that trains it first: given (``--teacher-weights``);
+    trained here for ``--teacher-epochs`` from scratch, or from the weights with a new classifier
+    (``--teacher-new-head``), never retrained once finished (the student learnt from it); random on
+    synthetic data (enough to measure throughput); none with a teacher cache or a method without one."""
+    config = run.config
+    if run.cache is not None or not (config.method_class.needs_teacher or config.teacher_epochs > 0):
+        return None, None
+    if config.teacher_weights and not config.teacher_new_head:
+        return run.load_teacher(config.teacher_weights), None
+    if not run.data.kind.has_samples:
+        return run.frozen(build_model(config.teacher_arch, run.num_classes, in_channels=run.input_shape()[0])), None
+    teacher_phase = run.make_phase("teacher", config.teacher_arch, config.teacher_epochs, M.baseline())
+    if "teacher" in done:
+        load_weights(teacher_phase.model, os.path.join(config.out, "teacher.pt"), config.teacher_arch)
+        if done["teacher"].get("last_epoch", config.teacher_epochs) != config.teacher_epochs and run.dist.main:
+            print(f"mlkd-train: the teacher finished its {done['teacher']['last_epoch']} epochs before: "
+                  f"--teacher-epochs {config.teacher_epochs} does not retrain it", file=sys.stderr)
+        return run.frozen(teacher_phase.model), None
+    if config.teacher_new_head and not (resume_state is not None and resume_state["phase"] == "teacher"):
+        load_weights(teacher_phase.model, config.teacher_weights, config.teacher_arch, new_head=True)
+    return None, teacher_phase
+
+
+def plan_phases(run: Run, done: dict[str, Any], resume_state: Optional[dict], teacher: Optional[nn.Module],
+                teacher_phase: Optional[Phase]) -> PhasePlan:
+    """The student (and with ``--compare-baseline`` the baseline) phases still to train, their final
+    states where they train on, and the first of them built now, in the order of draws a run without
+    a teacher phase makes; when a teacher trains first, the student's method is built on stand-ins
+    instead (:func:`~.preflight.check_student_method`), so that a bad option fails before it trains."""
+    config = run.config
+    phases = [("student", config.method)] + ([("baseline", M.baseline())] if config.compare_baseline else [])
+    plan = PhasePlan([(name, method) for name, method in phases
+                      if name not in done or done[name].get("last_epoch", config.epochs) != config.epochs])
+    plan.finals = {name: final_state(config.out, name) for name, _ in plan.todo
+                   if name in done and not (resume_state is not None and resume_state["phase"] == name)}
+    if plan.todo and teacher_phase is None:
+        name, method = plan.todo[0]
+        plan.built[name] = run.make_phase(name, config.arch, config.epochs, method, student_teacher(run, name, teacher))
+        state = resume_state if resume_state is not None and resume_state["phase"] == name else plan.finals.get(name)
+        if state is not None:
+            plan.built[name].load(state)  # a checkpoint that does not fit fails here (loaded again when it trains)
+    elif any(name == "student" for name, _ in plan.todo):
+        check_student_method(run)
+    return plan
+
+
+def student_teacher(run: Run, phase: str, teacher: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The teacher network a phase distils from: the student's, when its method needs one; no other phase has one."""
+    return teacher if phase == "student" and run.config.method_class.needs_teacher else None
+
+
+def write_run_folder(run: Run, settings: dict[str, Any], resume_state: Optional[dict]) -> None:
+    """The first writes, once every process has made every check: the folder (the previous run moved
+    aside with ``--overwrite``) and ``config.json``: every flag's value (``--config FILE`` replays it)
+    and what the run made of them."""
+    config = run.config
+    if run.dist.enabled:  # every process has made every check (--out included) before the main one writes
+        sum_across([0.0], run.device)
+    prepare_out(config, run.dist.main)
+    if run.dist.main:
+        write_json_atomic(os.path.join(config.out, "config.json"), {
+            **config.recorded(), "world_size": run.dist.world, "device_used": str(run.device), "lr_used": run.lr,
+            "precision_used": settings["precision"], "data_sha256": settings["data_sha256"],
+            "teacher_sha256": settings["teacher_sha256"]})
+    ckpt_path = os.path.join(config.out, "checkpoint.pt")
+    if config.resume and resume_state is None and run.dist.main:
+        print(f"mlkd-train: --resume but no {ckpt_path}: starting afresh", file=sys.stderr)
+
+
+def _held_final_state(resume_state: Optional[dict], done: dict[str, Any]) -> Optional[str]:
+    """The finished, extendable phase whose final state checkpoint.pt holds (its only copy): kept as
+    ``<phase>_state.pt`` before another phase's checkpoints replace it."""
+    if resume_state is not None and resume_state["phase"] in EXTENDABLE and resume_state["phase"] in done \
+            and resume_state["step"] == 0 and resume_state["epoch"] == done[resume_state["phase"]].get("last_epoch"):
+        return resume_state["phase"]
+    return None
+
+
+def _train_phases(run: Run, settings: dict[str, Any], resume_state: Optional[dict], done: dict[str, Any],
+                  metrics: Optional[RunLogs], teacher: Optional[nn.Module], teacher_phase: Optional[Phase],
+                  plan: PhasePlan) -> dict:
     """:func:`train_all` once the folder is prepared: the phases, the curves and the summary."""
-    out = args.out
+    config = run.config
+    out = config.out
     main_rank = run.dist.main
     ckpt_path = os.path.join(out, "checkpoint.pt")
 
@@ -349,21 +414,16 @@ def _train_phases(args: argparse.Namespace, run: Run, config: dict[str, Any], re
             metrics.epoch(record)
 
     start = time.perf_counter()
-    summary: dict[str, Any] = {"method": args.method, "loss": args.method, "world_size": run.dist.world, **run.info}
+    summary: dict[str, Any] = {"method": config.method, "loss": config.method, "world_size": run.dist.world,
+                               **run.info}
     if run.cache is not None:
-        summary["teacher_cache"] = os.path.abspath(args.teacher_cache)
-    uses_teacher = M.method_class(args.method).needs_teacher
-    # the finished, extendable phase whose final state checkpoint.pt holds (its only copy): kept as
-    # <phase>_state.pt before another phase's checkpoints replace it
-    held = None
-    if resume_state is not None and resume_state["phase"] in EXTENDABLE and resume_state["phase"] in done \
-            and resume_state["step"] == 0 and resume_state["epoch"] == done[resume_state["phase"]].get("last_epoch"):
-        held = resume_state["phase"]
+        summary["teacher_cache"] = os.path.abspath(config.teacher_cache)
+    held = _held_final_state(resume_state, done)
     with StopFlag() as stop:
         ctx = RunContext(run.device, run.dist, run.amp_dtype, ckpt_path, log, stop,
-                         progress=not args.quiet, max_steps=args.max_steps, completed=done, config=config,
-                         log_steps=metrics.step_records if metrics is not None else None, log_every=args.log_every,
-                         eval_every=args.eval_every, on_nonfinite=args.on_nonfinite)
+                         progress=not config.quiet, max_steps=config.max_steps, completed=done, config=settings,
+                         log_steps=metrics.step_records if metrics is not None else None,
+                         log_every=config.log_every, eval_every=config.eval_every, on_nonfinite=config.on_nonfinite)
 
         trained: list[str] = []  # the phases this invocation trains
 
@@ -373,7 +433,7 @@ def _train_phases(args: argparse.Namespace, run: Run, config: dict[str, Any], re
             nonlocal held
             state = resume_state if resume_state is not None and resume_state["phase"] == phase.name else None
             if state is None:
-                state = finals.get(phase.name)
+                state = plan.finals.get(phase.name)
             if held is not None and held != phase.name and main_rank:
                 keep_final_state(out, held)  # its checkpoint.pt is about to be replaced
             held = None
@@ -402,50 +462,61 @@ def _train_phases(args: argparse.Namespace, run: Run, config: dict[str, Any], re
             summary["teacher_top1"] = done["teacher"]["last_top1"]
             summary["teacher_top5"] = done["teacher"].get("last_top5")
 
-        for name, loss in todo:
-            phase = built.pop(name, None) or run.make_phase(name, args.arch, args.epochs, loss,
-                                                            teacher if name == "student" and uses_teacher else None)
+        for name, method in plan.todo:
+            phase = plan.built.pop(name, None) or run.make_phase(name, config.arch, config.epochs, method,
+                                                                 student_teacher(run, name, teacher))
             if not train(phase):
                 return {"interrupted": True}
-        if metrics is not None and args.curves and trained:
+        if metrics is not None and config.curves and trained:
             metrics.close()
             try:
                 plot_curves(out)
             except Exception as exc:  # a plot must never cost the run its summary
                 print(f"mlkd-train: curves.png not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
         if resume_state is not None and not trained and main_rank:
-            print(f"mlkd-train: the run in {out} is finished ({args.epochs} epoch{'s' * (args.epochs != 1)}): "
+            print(f"mlkd-train: the run in {out} is finished ({config.epochs} epoch{'s' * (config.epochs != 1)}): "
                   f"nothing to train (--resume with a larger --epochs trains it on)", file=sys.stderr, flush=True)
-
-    s = done["student"]
-    if s.get("last_val_top1") is not None:
-        summary["val_top1"] = s["last_val_top1"]
-    summary.update(student_top1=s["last_top1"], student_top5=s.get("last_top5"), best_top1=s["best_top1"],
-                   best_epoch=s["best_epoch"],
-                   last_epoch=s["last_epoch"], images_per_s=round(s["images_per_s"], 1),
-                   corrupt_images=run.train.corrupt)
-    if "baseline" in done:
-        summary["baseline_top1"] = done["baseline"]["last_top1"]
-        summary["baseline_top5"] = done["baseline"].get("last_top5")
+    summary.update(phase_results(done, run))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN: no eval
-    if main_rank:
-        summary_path = os.path.join(out, "summary.json")
-        if trained or not os.path.isfile(summary_path):
-            write_json_atomic(summary_path, summary)
-        else:  # nothing trained: the finished run's own summary (its training time) stays
-            with open(summary_path) as f:
-                summary = json.load(f)
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}%"  # noqa: E731
-        line = f"student ({args.method}) top-1 {fmt(summary['student_top1'])}"
-        if summary.get("student_top5") is not None:
-            line += f" top-5 {fmt(summary['student_top5'])}"
-        if "teacher_top1" in summary:
-            line = f"teacher top-1 {fmt(summary['teacher_top1'])}  " + line
-        if "baseline_top1" in summary:
-            line += f"  CE-only baseline top-1 {fmt(summary['baseline_top1'])}"
-        print(line + f"  {summary['images_per_s']:.0f} img/s ({summary['seconds']} s) -> "
-              f"{os.path.join(out, 'summary.json')}", flush=True)
+    return write_summary(summary, run, bool(trained)) if main_rank else summary
+
+
+def phase_results(done: dict[str, Any], run: Run) -> dict[str, Any]:
+    """What the summary reports of the finished student (and baseline)."""
+    s = done["student"]
+    results: dict[str, Any] = {}
+    if s.get("last_val_top1") is not None:
+        results["val_top1"] = s["last_val_top1"]
+    results.update(student_top1=s["last_top1"], student_top5=s.get("last_top5"), best_top1=s["best_top1"],
+                   best_epoch=s["best_epoch"], last_epoch=s["last_epoch"], images_per_s=round(s["images_per_s"], 1),
+                   corrupt_images=run.train.corrupt)
+    if "baseline" in done:
+        results["baseline_top1"] = done["baseline"]["last_top1"]
+        results["baseline_top5"] = done["baseline"].get("last_top5")
+    return results
+
+
+def write_summary(summary: dict[str, Any], run: Run, trained: bool) -> dict[str, Any]:
+    """``summary.json`` (a run that trained nothing keeps its own, with its training time) and the
+    one line that reports it; returns the summary as written."""
+    out = run.config.out
+    summary_path = os.path.join(out, "summary.json")
+    if trained or not os.path.isfile(summary_path):
+        write_json_atomic(summary_path, summary)
+    else:
+        with open(summary_path) as f:
+            summary = json.load(f)
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}%"  # noqa: E731
+    line = f"student ({run.config.method}) top-1 {fmt(summary['student_top1'])}"
+    if summary.get("student_top5") is not None:
+        line += f" top-5 {fmt(summary['student_top5'])}"
+    if "teacher_top1" in summary:
+        line = f"teacher top-1 {fmt(summary['teacher_top1'])}  " + line
+    if "baseline_top1" in summary:
+        line += f"  CE-only baseline top-1 {fmt(summary['baseline_top1'])}"
+    print(line + f"  {summary['images_per_s']:.0f} img/s ({summary['seconds']} s) -> "
+          f"{os.path.join(out, 'summary.json')}", flush=True)
     return summary
 
 
@@ -474,30 +545,30 @@ _SETTING_NAMES = {"num_classes": "number of classes (--num-classes, or the class
                   "precision": "precision (--precision, as resolved on the device)"}
 
 
-def resume_config(args: argparse.Namespace, run: Run) -> dict[str, Any]:
+def resume_config(config: TrainConfig, run: Run) -> dict[str, Any]:
     """The settings stored in every checkpoint and compared by :func:`check_resume`: the flags of
     :data:`RESUME_SETTINGS` (image size only where the data has one), and the identity of the data (the
     sha256 of the teacher cache's manifest: :func:`~.replay.data_identity`) and of the teacher's weights."""
     from .replay import data_identity, file_sha256
 
-    config = {k: getattr(args, k, None) for k in RESUME_SETTINGS + MID_EPOCH_SETTINGS}
+    settings = {k: getattr(config, k, None) for k in RESUME_SETTINGS + MID_EPOCH_SETTINGS}
     kind = run.data.kind
     if not kind.takes_image_size:
-        config["image_size"] = None  # digits, mnist5k and CIFAR have their own size: the flag changes nothing
+        settings["image_size"] = None  # digits, mnist5k and CIFAR have their own size: the flag changes nothing
     if not kind.decodes_files:
-        config["decode"] = None  # only folder images are decoded
+        settings["decode"] = None  # only folder images are decoded
     if run.cache is not None:
         teacher = run.cache.manifest["teacher"]["weights_sha256"]
-    elif args.teacher_weights:
-        if not os.path.isfile(args.teacher_weights):
-            raise MissingInputError(f"weights file {args.teacher_weights!r} does not exist")
-        teacher = file_sha256(args.teacher_weights)
+    elif config.teacher_weights:
+        if not os.path.isfile(config.teacher_weights):
+            raise MissingInputError(f"weights file {config.teacher_weights!r} does not exist")
+        teacher = file_sha256(config.teacher_weights)
     else:
         teacher = None
-    config.update(num_classes=run.num_classes, world_size=run.dist.world,
-                  data_sha256=data_identity(run)["sha256"] if kind.has_samples else None, teacher_sha256=teacher,
-                  precision="bf16" if run.amp_dtype is not None else "fp32")
-    return config
+    settings.update(num_classes=run.num_classes, world_size=run.dist.world,
+                    data_sha256=data_identity(run)["sha256"] if kind.has_samples else None, teacher_sha256=teacher,
+                    precision="bf16" if run.amp_dtype is not None else "fp32")
+    return settings
 
 
 def _shown(key: str, value: Any) -> str:
@@ -558,7 +629,7 @@ def final_state(out: str, phase: str) -> dict[str, Any]:
     return state
 
 
-def check_lengths(ckpt: dict[str, Any], args: argparse.Namespace) -> None:
+def check_lengths(ckpt: dict[str, Any], config: TrainConfig) -> None:
     """Refuses a resume whose --epochs (or --teacher-epochs, for a teacher still training) is fewer than
     what the checkpoint's phases have trained already: they cannot be untrained."""
     completed = ckpt.get("completed") or {}
@@ -566,7 +637,7 @@ def check_lengths(ckpt: dict[str, Any], args: argparse.Namespace) -> None:
     phases += [(name, done["last_epoch"], 0) for name, done in completed.items()
                if name in EXTENDABLE and "last_epoch" in done]  # a finished teacher is never retrained
     for name, epoch, step in phases:
-        flag, wanted = ("--teacher-epochs", args.teacher_epochs) if name == "teacher" else ("--epochs", args.epochs)
+        flag, wanted = ("--teacher-epochs", config.teacher_epochs) if name == "teacher" else ("--epochs", config.epochs)
         if epoch > wanted or (epoch == wanted and step > 0):
             trained = f"{epoch} epoch(s)" + (f" and {step} step(s)" if step else "")
             raise InputError(f"--resume: the {name} has trained {trained} already, more than {flag} {wanted}: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 import torch
@@ -106,6 +107,27 @@ class TrainingData:
     eval_batches: Optional[Callable[[], Any]] = None
     val_batches: Optional[Callable[[], Any]] = None  # --val-fraction's held-out split
     info: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def class_counts(self) -> Optional[tuple[int, ...]]:
+        """The training samples of each class, as trained on (after ``--imbalance`` and
+        ``--label-noise``, without the held-out split); None without samples (synthetic)."""
+        if self.train_size is None:
+            return None
+        if hasattr(self.train, "y"):
+            labels = self.train.y.cpu()
+        else:
+            labels = torch.tensor([label for _, label in self.train.samples], dtype=torch.long)
+        return tuple(int(n) for n in torch.bincount(labels, minlength=self.num_classes))
+
+    def fact(self, name: str) -> Any:
+        """A fact a method's ``data_options`` may ask of the training data (None: unknown, or not
+        known of this data): ``num_samples``, ``class_counts`` (computed when first asked)."""
+        if name == "num_samples":
+            return self.train_size
+        if name == "class_counts":
+            return self.class_counts
+        return None
 
     @property
     def root(self) -> Optional[str]:
