@@ -69,6 +69,35 @@ def test_import_graph_is_a_dag():
                                                                                   "mlkd_fast.divergences"}, module
 
 
+# the trainer's command line and run: what the teacher-cache writer must not sit above (#35)
+TRAINER = {"mlkd_fast.train.cli", "mlkd_fast.train.run"}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+@pytest.mark.xfail(strict=True, reason="the cache writer still reaches the trainer through "
+                   "mlkd_fast/train/cache/_trainer_glue.py (cli's flag builders and parser, run.Run) until the "
+                   "cache engineer's decoupling lands (#35 deliverable 1)")
+def test_the_cache_writer_does_not_import_the_trainer():
+    """The teacher-cache writer (``mlkd_fast.train.cache*``) builds its data and teacher from the
+    shared pieces (``training_data``, ``placement``, ``models``), never through the trainer's
+    command line or run: no module of it reaches ``cli.py`` or ``run.py``, directly or not."""
+    graph = _import_graph()
+    cache = [m for m in graph if m == "mlkd_fast.train.cache" or m.startswith("mlkd_fast.train.cache.")]
+    assert cache, "no cache writer modules found"
+    reaching = {m: sorted(_reachable(graph, m) & TRAINER) for m in cache}
+    assert not {m: t for m, t in reaching.items() if t}, reaching
+
+
 _IMPORT_EACH = """
 import os, sys
 import torch  # preloaded once; each module is then imported alone in a forked child
