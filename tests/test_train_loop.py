@@ -259,7 +259,7 @@ def _checkpoint_state(epoch, numel=10):
 
 _KILLED_WRITER = r"""
 import sys, time, torch
-from mlkd_fast.train.checkpoint import _atomic_write
+from mlkd_fast.train.checkpoint import atomic_write
 
 class StallingFile:
     # passes writes on to the temp file until half of the checkpoint is there, then hangs
@@ -282,7 +282,7 @@ class StallingFile:
 
 state = {"phase": "student", "epoch": 2, "step": 0, "model": {"w": torch.full((8_000_000,), 2.0)},
          "optimizer": {}, "scheduler": {}, "rng": {}}
-_atomic_write(sys.argv[1], lambda f: torch.save(state, StallingFile(f, int(sys.argv[2]))))
+atomic_write(sys.argv[1], lambda f: torch.save(state, StallingFile(f, int(sys.argv[2]))))
 """
 
 

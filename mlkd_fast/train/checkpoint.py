@@ -8,7 +8,7 @@ import os
 import random
 import tempfile
 import time
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -32,8 +32,8 @@ def file_mode() -> int:
     return 0o666 & ~_UMASK
 
 
-def _atomic_write(path: str, write) -> None:
-    """Writes through a temp file in the same folder, then renames: a crash never leaves a torn file.
+def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Writes ``path`` with ``write(file)`` through a temp file in the same folder, then renames: a crash never leaves a torn file.
     The file gets ordinary permissions (:func:`file_mode`), not the temp file's private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -56,6 +56,9 @@ def _atomic_write(path: str, write) -> None:
 RUN_FILES = ("summary.json", "checkpoint.pt", "config.json", "metrics.jsonl", "steps.jsonl", "student.pt",
              "teacher.pt")
 CACHE_FILES = ("manifest.json",)
+
+
+_atomic_write = atomic_write  # the older name
 
 
 def present(folder: str, names: tuple[str, ...]) -> list[str]:
@@ -118,11 +121,11 @@ def dumps_strict(obj: Any, **kwargs: Any) -> str:
 
 def write_json_atomic(path: str, obj: dict) -> None:
     """``obj`` as strict, indented JSON at ``path``, written atomically."""
-    _atomic_write(path, lambda f: f.write((dumps_strict(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((dumps_strict(obj, indent=2) + "\n").encode()))
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 _CHECKPOINT_KEYS = ("phase", "epoch", "step", "model", "optimizer", "scheduler", "rng")
