@@ -218,3 +218,15 @@ def test_replayed_outputs_are_the_stored_rows_in_the_batch_order(tmp_path):
             rows = [pos[int(i)] for i in index]
             logits = torch.cat([stored[0]["logits"], stored[1]["logits"]])[rows, 0]
             assert torch.equal(out.logits, logits)
+
+
+def test_the_replay_also_yields_the_step_s_keyword_arguments(tmp_path):
+    """``batches``: the same batches as ``epoch`` in the (x, y, extras) shape a loop calling
+    ``step(x, y, **extras)`` reads."""
+    replay = CachedSource(D.MemorySource(*D.load_digits_split(seed=0, train_per_class=5)[:2], D.Shard(16), 0,
+                                         torch.device("cpu"), pad=D.DIGITS_PAD),
+                          TeacherCache.open(_copy("all_fp32", tmp_path)), torch.device("cpu"), views=1)
+    for (x, y, index, out), (x2, y2, extras) in zip(replay.epoch(1), replay.batches(1, with_index=True)):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and set(extras) == {"index", "teacher_outputs"}
+        assert torch.equal(extras["index"], index) and torch.equal(extras["teacher_outputs"].logits, out.logits)
+    assert set(next(replay.batches(0))[2]) == {"teacher_outputs"}

@@ -211,6 +211,14 @@ class CachedSource:
         for x, y, index, (index_cpu, params) in self.base.epoch(cached, start_step, with_index=True, with_params=True):
             yield x, y, index, self._outputs(cached, index_cpu, params, position, order)
 
+    def batches(self, epoch: int, start_step: int = 0,
+                with_index: bool = False) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]:
+        """The batches of :meth:`epoch` as ``(x, y, extras)`` for a loop that calls the step with
+        ``(x, y, **extras)``: ``extras`` holds ``teacher_outputs`` (the stored :class:`Outputs`) and, with
+        ``with_index``, ``index`` (the samples' indices on the device)."""
+        for x, y, index, outputs in self.epoch(epoch, start_step):
+            yield x, y, ({"index": index, "teacher_outputs": outputs} if with_index else {"teacher_outputs": outputs})
+
     def _rows(self, epoch: int, k: int, rows: Any, index: Tensor, params: Tensor) -> dict[str, Tensor]:
         """The stored outputs of ``rows`` (a slice or positions) of shard k, (b, V, ...), after the checks
         its verification left to the batch (an error naming the shard)."""
