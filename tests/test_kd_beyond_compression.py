@@ -250,3 +250,23 @@ def test_the_sizing_pilot_fits_a_cost_model_that_the_estimate_reads(tmp_path, ca
     capsys.readouterr()
     study.main(["--quick", "--plan", "--out", str(out)])
     assert "this --out pilot.json" in capsys.readouterr().out
+
+
+def test_the_severity_trend_is_in_the_family_with_three_levels():
+    protocol = study.Protocol(data="mnist5k", student="cnn-tiny", teacher="cnn-small", pool=200, batch_size=128,
+                              val_fraction=0.2, settings=("clean", "sym20", "sym40"), seeds=tuple(range(11)),
+                              calibration_seeds=(1000,), lr_grid=(0.2,), step_ladder=(1,), teacher_ladder=(1,),
+                              weight_factors=(1.0,), family=("kd",))
+    assert study.family_hypotheses(protocol) == ["kd:sym20", "kd:sym40", "trend:kd:noise"]
+    values = {}
+    for seed in range(11):
+        for s, severity in (("clean", 0), ("sym20", 20), ("sym40", 40)):
+            values[("ce", "base", s, seed)] = (90.0 - severity / 2 + seed, 80.0, [[1, 80.0, 90.0 - severity / 2 + seed]])
+            # kd's gain over CE: 0.05 points per point of noise, plus a seed effect the slope removes
+            values[("kd", "method", s, seed)] = (90.0 - severity / 2 + seed + 0.05 * severity + 0.3 * seed
+                                                 + 0.001 * seed * severity, 70.0, [])
+    stats = study.statistics_of(protocol, _rows(values))
+    trend = stats["confirmatory"]["trend:kd:noise"]
+    assert trend["mean"] == pytest.approx(0.05 + 0.001 * 5) and trend["direction"] == "better"
+    assert trend["severities"] == [0.0, 20.0, 40.0] and trend["n"] == 11
+    assert "kd's gain over CE with increasing noise" in study.claims({"statistics": stats})
