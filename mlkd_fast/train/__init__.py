@@ -3,7 +3,11 @@
 - :mod:`.cli`: the command line, every flag checked.
 - :mod:`.run`: one invocation: data, networks, phases, checkpoints and resume checks.
 - :mod:`.loop`: training one network: the step, the epoch, evaluation, exact resume.
-- :mod:`.data`: datasets (the embedded scikit-learn digits default).
+- :mod:`.training_data`: the data-kind table and the run's data as one object, built from it.
+- :mod:`.data`: the data by concern (:mod:`.datasets`, :mod:`.corruption`, :mod:`.views`,
+  :mod:`.folder`, :mod:`.sources`), every name importable from :mod:`.data` as before.
+- :mod:`.config`: the typed, frozen settings of a run; :mod:`.placement`: device, precision, layout;
+  :mod:`.teacher_source`: where a phase's teacher outputs come from.
 - :mod:`.models`: networks that return ``(logits, pooled features)``.
 - :mod:`.distributed`, :mod:`.checkpoint`: DDP plumbing and atomic checkpoints.
 - :mod:`.cache` (``mlkd-cache``), :mod:`.replay` (``--teacher-cache``): the teacher cache.
