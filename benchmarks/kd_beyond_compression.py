@@ -135,7 +135,7 @@ CALIBRATION_SEEDS = (1000, 1001)  # the ladders (CE's and the teacher's lengths 
 GRID_SEEDS = 1                     # the methods' and controls' lr x weight grids on the first (the time budget)
 LR_GRID = (0.1, 0.3, 0.9)      # batch 128 (a pilot: CE best near 0.8, worse at 1.6)
 STEP_LADDER = (100, 200, 400)   # the students' (CE's) lengths in SGD steps (clean: 9, 17, 34 epochs)
-TEACHER_LADDER = (60, 120, 240)  # the teacher's (clean: 5, 10, 20 epochs)
+TEACHER_LADDER = (120, 240, 480)  # the teacher's (clean: 10, 20, 40 epochs; a pilot: still +1.0 from 120 to 240)
 WEIGHT_FACTORS = (0.25, 1.0, 4.0)
 PLATEAU_DELTA = 1.0             # points of validation top-1 a doubling of the epochs must gain to go on
 DEFAULT_SEEDS = 12
@@ -151,10 +151,10 @@ DEFAULTS = dict(data="mnist5k", student="cnn-tiny", teacher="cnn-small", pool=20
 QUICK = dict(data="digits", pool=20, settings=["clean", "sym40", "lt10"], seeds=[0], calibration_seeds=[1000],
              lr_grid=[0.2], step_ladder=[10, 20], teacher_ladder=[10, 20], weight_factors=[1.0], batch_size=16,
              family=[SELF_DISTILLATION])  # one logit method of the family in the CI slice
-# the cost model of the time estimate: seconds per training image and epoch, one thread, the slowest of the
-# pilots of 7 Dec 2026 on this 2-core machine under a load average of 3-5 from other work (they varied 2x:
-# benchmarks/kd_beyond_compression_protocol.md); ``--pilot`` measures it again
-COST = {"student": 1.8e-4, "teacher": 4.5e-4, "distil": 2.0e-4, "cache": 5e-5, "overhead": 1.0}
+# the cost model of the time estimate: seconds per training image and epoch, one thread, the mean of two
+# pilots of 7 Dec 2026 on this 2-core machine under a load average of 4-5 from other work (they differed by up
+# to 1.6x: benchmarks/kd_beyond_compression_protocol.md); ``--pilot`` measures it again
+COST = {"student": 1.45e-4, "teacher": 3.3e-4, "distil": 1.75e-4, "cache": 5e-5, "overhead": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -974,7 +974,8 @@ def protocol_text(protocol: Protocol, plan: Optional[dict] = None) -> str:
         lines += ["", f"Planned: {plan['runs']} runs (calibration {plan['calibration']}, table {plan['table']}); "
                       f"estimated {plan['minutes']:.0f} min on {plan['jobs']} process(es) if calibration chooses the "
                       f"ladders' middle lengths, {plan['minutes_if_longest']:.0f} min if it chooses the longest (the "
-                      f"committed cost model: the slowest pilot, under a load average of 3-5 from other work).",
+                      f"committed cost model: the mean of two pilots under a load average of 4-5 from other work, "
+                      f"which differed by up to 1.6x).",
                   "", "The command (resumable: run it again after a stop):", "",
                   f"    python benchmarks/{NAME}.py --out benchmarks/results", ""]
     return "\n".join(lines) + "\n"
