@@ -640,11 +640,17 @@ def execute(keys: list[Key], protocol: Protocol, runs_dir: str, pool: cf.Executo
         try:
             while pending or running:
                 ready = [k for k in pending if k.teacher is None or k.teacher in done]
+                for k in [k for k in ready if k.teacher is not None and done[k.teacher].get("failed")]:
+                    pending.remove(k)  # a run whose teacher failed (a non-finite loss) fails too, untrained
+                    ready.remove(k)
+                    done[k] = {"failed": f"its teacher failed: {done[k.teacher]['failed']}", "student_top1": None}
                 for k in ready:
                     if len(running) >= 2 * jobs:
                         break
                     pending.remove(k)
                     running[pool.submit(_train, argv_of(k, protocol, runs_dir), k.role == "cache")] = k
+                if not running and not pending:
+                    break
                 if not running:
                     raise SystemExit(f"{NAME}: no teacher for {sorted({k.folder for k in pending})[:3]}: its run "
                                      f"did not finish")

@@ -270,3 +270,19 @@ def test_the_severity_trend_is_in_the_family_with_three_levels():
     assert trend["mean"] == pytest.approx(0.05 + 0.001 * 5) and trend["direction"] == "better"
     assert trend["severities"] == [0.0, 20.0, 40.0] and trend["n"] == 11
     assert "kd's gain over CE with increasing noise" in study.claims({"statistics": stats})
+
+
+def test_a_non_finite_run_is_a_finished_failure_and_its_students_fail_untrained(tmp_path, capsys):
+    import concurrent.futures as cf
+
+    args, extra = study.parse_args(["--quick"])
+    protocol = study.build_protocol(args, extra)
+    runs = str(tmp_path / "runs")
+    ce = study.Key("t", "clean", "base", study.BASELINE, 0, 1e9, 20)  # an lr that makes the loss NaN
+    sd = study.method_key(protocol, "t", "clean", study.SELF_DISTILLATION, 0, 0.2, 20, 1.0, None, ce, sd=True)
+    with cf.ThreadPoolExecutor(1) as pool:
+        done = study.execute([ce, sd], protocol, runs, pool, 1, 1, "test", "t", {"start": 0.0})
+    assert "non-finite" in done[ce]["failed"] and "its teacher failed" in done[sd]["failed"]
+    assert study._finished(runs, ce)["failed"]  # kept: a second invocation does not retrain it
+    rows = study._rows([ce, sd], done, runs, protocol)
+    assert [r["top1"] for r in rows] == [None, None] and study._score(rows[0]) == -1.0
