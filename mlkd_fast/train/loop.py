@@ -207,7 +207,8 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
     """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to.
 
     ``source`` yields batches ``(x, y, extras)``; the step is called as ``step(x, y, **extras)``
-    (the sample indices, the teacher's outputs where a cache gives them: :mod:`.teacher_source`).
+    (the sample indices where the method reads them, the teacher's outputs where a cache gives them:
+    :mod:`.teacher_source`).
 
     Returns the epoch's means (``loss`` and ``terms``: each of the method's terms, weighted by batch
     size like the loss), the lr it trained with, the skipped steps (``--on-nonfinite skip``) and the
@@ -255,7 +256,8 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
     per_epoch = source.steps_per_epoch()
     lr = phase.optimizer.param_groups[0]["lr"]  # the schedule steps per epoch: this epoch trains at this lr
     rows: list = []
-    for step, (x, y, extras) in enumerate(source.epoch(epoch, start_step), start=start_step):
+    with_index = distiller is not None and "index" in distiller.needs.context  # a per-sample memory (crd)
+    for step, (x, y, extras) in enumerate(source.batches(epoch, start_step, with_index), start=start_step):
         if ctx.should_stop(step):
             interrupted_at = step
             break
@@ -387,14 +389,14 @@ def run_phase(phase: Phase, source: StepBatches, eval_batches: Optional[Callable
     last_top1 = phase.history[-1]["top1"] if phase.history else float("nan")
     last_top5 = phase.history[-1].get("top5", float("nan")) if phase.history else float("nan")
     while epoch < phase.epochs:
-        corrupt_before = getattr(source, "corrupt", 0)
+        corrupt_before = source.corrupt
         stats = train_epoch(phase, source, epoch, step, ctx, partial)
         partial = None
         if not weights_finite(phase):  # every loss was finite, but an update overflowed: save nothing of it
             raise NonFiniteLossError(f"non-finite weights after {phase.name} epoch {epoch + 1} step "
                                      f"{stats['interrupted_at'] if stats['interrupted_at'] is not None else 'end'} "
                                      f"(every loss was finite: an update overflowed)")
-        _warn_corrupt(getattr(source, "corrupt", 0) - corrupt_before, phase.name, epoch, ctx)
+        _warn_corrupt(source.corrupt - corrupt_before, phase.name, epoch, ctx)
         if stats["interrupted_at"] is not None:
             if ctx.dist.main:
                 save_checkpoint(ctx.checkpoint_path,
@@ -417,7 +419,7 @@ def run_phase(phase: Phase, source: StepBatches, eval_batches: Optional[Callable
                   "top1": round(top1, 3) if not math.isnan(top1) else None,
                   "top5": round(top5, 3) if not math.isnan(top5) else None,
                   "images_per_s": round(stats["images_per_s"], 1), "step_ms": round(stats["step_ms"], 2),
-                  "lr": stats["lr"], "corrupt_images": getattr(source, "corrupt", 0)}
+                  "lr": stats["lr"], "corrupt_images": source.corrupt}
         if ctx.on_nonfinite == "skip":
             record["skipped_steps"] = stats["skipped"]
         if val_top1 is not None:

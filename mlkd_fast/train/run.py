@@ -26,7 +26,7 @@ from .loop import NonFiniteLossError, Phase, RunContext, StopFlag, run_phase
 from .models import build_model, load_weights
 from .placement import frozen, place
 from .preflight import check_student_method
-from .teacher_source import CACHE, StepBatches, phase_batches, teacher_source
+from .teacher_source import CACHE, LiveBatches, StepBatches, teacher_source
 from .training_data import data_kind, load_training_data
 
 # the seed of each phase's networks: the student and the baseline start from the same weights
@@ -192,13 +192,11 @@ class Run:
         """The batches a phase trains on, ``(x, y, extras)``: with --teacher-cache, the student's replay
         the cache (the same views, checked, with the teacher's stored outputs); every other phase
         reads the data itself."""
-        with_index = phase.distiller is not None and "index" in phase.distiller.needs.context
         if phase.teacher_source == CACHE:
             from .replay import CachedSource
 
-            replay = CachedSource(self.train, self.cache, self.device, phase.views, wrap=self.config.cache_wrap)
-            return phase_batches(replay, replayed=True, with_index=with_index)
-        return phase_batches(self.train, replayed=False, with_index=with_index)
+            return CachedSource(self.train, self.cache, self.device, phase.views, wrap=self.config.cache_wrap)
+        return LiveBatches(self.train)
 
     def load_teacher(self, path: str) -> torch.nn.Module:
         """The teacher of ``--teacher-arch`` with the weights at ``path``, frozen (:meth:`frozen`)."""

@@ -1,10 +1,10 @@
 """Where a phase's teacher outputs come from, decided once per phase, and the batches the loop
 trains on for each answer.
 
-The loop (:func:`.loop.train_epoch`) trains on batches ``(x, y, extras)`` and calls the step as
-``step(x, y, **extras)``: ``extras`` holds the sample indices when the method reads them and, when
-a teacher cache replaces the teacher network, the teacher's stored outputs. Which of these a batch
-carries is settled here, when the phase is built; the loop never asks.
+The loop (:func:`.loop.train_epoch`) trains on batches ``(x, y, extras)`` (:class:`StepBatches`) and
+calls the step as ``step(x, y, **extras)``: ``extras`` holds the sample indices when the method reads
+them and, when a teacher cache replaces the teacher network, the teacher's stored outputs. Which
+source feeds a phase is settled when the phase is built (:func:`teacher_source`); the loop never asks.
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from typing import Any, Iterator, Optional, Protocol
 
 from torch import Tensor
 
-__all__ = ["NO_TEACHER", "NETWORK", "CACHE", "teacher_source", "StepBatches", "LiveBatches", "ReplayedBatches",
-           "phase_batches"]
+__all__ = ["NO_TEACHER", "NETWORK", "CACHE", "teacher_source", "StepBatches", "LiveBatches"]
 
 NO_TEACHER = None        # the method distils from nothing (CE, the teacher's own phase, the baseline)
 NETWORK = "network"      # a teacher network runs inside the step
@@ -29,22 +28,27 @@ def teacher_source(phase: str, needs_teacher: bool, cached: bool) -> Optional[st
 
 
 class StepBatches(Protocol):
-    """What the loop trains a phase on: an epoch's batches from a step on, and their count."""
+    """What the loop trains a phase on: an epoch's batches ``(x, y, extras)`` from a step on (with the
+    samples' indices in ``extras`` when the method reads them), their count, the undecodable images
+    skipped so far. A training source is served through :class:`LiveBatches`; a teacher cache's replay
+    (:class:`.cache.reader.CachedSource`) yields this shape itself, ``teacher_outputs`` in its extras."""
 
     @property
     def corrupt(self) -> int: ...
 
     def steps_per_epoch(self) -> int: ...
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]: ...
+    def batches(self, epoch: int, start_step: int = 0,
+                with_index: bool = False) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]: ...
 
 
 class LiveBatches:
-    """The batches of a training source (:mod:`.data`) as ``(x, y, extras)``: ``extras`` holds
-    ``index`` (the samples' positions in the training set) where the method reads it."""
+    """The batches of a training source (:mod:`.sources`, :mod:`.folder`), which yields ``(x, y)`` or,
+    with ``with_index``, ``(x, y, index)``, as ``(x, y, extras)``: no teacher outputs (a teacher
+    network, if any, runs inside the step)."""
 
-    def __init__(self, source: Any, with_index: bool) -> None:
-        self.source, self.with_index = source, with_index
+    def __init__(self, source: Any) -> None:
+        self.source = source
 
     @property
     def corrupt(self) -> int:
@@ -53,28 +57,11 @@ class LiveBatches:
     def steps_per_epoch(self) -> int:
         return self.source.steps_per_epoch()
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]:
-        if not self.with_index:
+    def batches(self, epoch: int, start_step: int = 0,
+                with_index: bool = False) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]:
+        if not with_index:
             for x, y in self.source.epoch(epoch, start_step):
                 yield x, y, {}
             return
         for x, y, index in self.source.epoch(epoch, start_step, with_index=True):
             yield x, y, {"index": index}
-
-
-class ReplayedBatches(LiveBatches):
-    """The batches of a teacher cache's replay (:class:`.replay.CachedSource`), which yields
-    ``(x, y, index, teacher outputs)`` today, as ``(x, y, extras)`` with ``teacher_outputs`` in the
-    extras. An adapter: once the replay yields ``(x, y, {"index": ..., "teacher_outputs": ...})``
-    itself, :class:`LiveBatches` serves it and this class goes."""
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]:
-        for x, y, index, outputs in self.source.epoch(epoch, start_step):
-            extras: dict[str, Any] = {"index": index} if self.with_index else {}
-            extras["teacher_outputs"] = outputs
-            yield x, y, extras
-
-
-def phase_batches(source: Any, replayed: bool, with_index: bool) -> StepBatches:
-    """The batches of a phase: a replay of the teacher cache (``replayed``) or the training source."""
-    return ReplayedBatches(source, with_index) if replayed else LiveBatches(source, with_index)
