@@ -139,6 +139,10 @@ TEACHER_LADDER = (120, 240, 480)  # the teacher's (clean: 10, 20, 40 epochs; a p
 WEIGHT_FACTORS = (0.25, 1.0, 4.0)
 PLATEAU_DELTA = 1.0             # points of validation top-1 a doubling of the epochs must gain to go on
 DEFAULT_SEEDS = 12
+# the class-balanced validation top-1 (mean of the per-class top-1) a run's summary may report: read for the
+# choices under long tail when present (mlkd-train reports only the plain one today: the long-tailed
+# validation split then favours the head classes, which the balanced test set does not)
+BALANCED_VAL = "val_balanced_top1"
 ALPHA = 0.05
 MIN_TAIL = 4                    # training images of the smallest class of the heaviest long tail
 BASELINE = _zoo.baseline()
@@ -613,6 +617,7 @@ def row(key: Key, summary: dict, runs_dir: str, commit: Optional[str], protocol:
             "seed": key.seed, "lr": key.lr, "steps": key.steps, "epochs": epochs_of(protocol, key), "weight": key.weight,
             "teacher": None if key.teacher is None else key.teacher.folder, "commit": commit,
             "top1": summary.get("student_top1"), "val_top1": summary.get("val_top1"),
+            BALANCED_VAL: summary.get(BALANCED_VAL),
             "failed": summary.get("failed"), "seconds": summary.get("seconds"),
             "train_samples": summary.get("train_samples"), "noisy_labels": summary.get("noisy_labels", 0),
             "curve": c}
@@ -699,8 +704,17 @@ def _rows(keys: list[Key], done: dict[Key, dict], runs_dir: str, protocol: Proto
 # ---------------------------------------------------------------------------------------------
 # the calibration's decisions
 # ---------------------------------------------------------------------------------------------
+def validation(r: dict) -> Optional[float]:
+    """The validation top-1 a choice reads: under long tail the class-balanced one when the run reports it
+    (``BALANCED_VAL``: the test set is balanced; mlkd-train does not report it yet), else the plain one."""
+    if SETTINGS[r["setting"]].group == "imbalance" and r.get(BALANCED_VAL) is not None:
+        return r[BALANCED_VAL]
+    return r["val_top1"]
+
+
 def _score(r: dict) -> float:
-    return -1.0 if r["failed"] or r["val_top1"] is None else r["val_top1"]
+    v = validation(r)
+    return -1.0 if r["failed"] or v is None else v
 
 
 def _mean_val(rows: list[dict]) -> float:
@@ -794,7 +808,7 @@ def table_values(rows: list[dict]) -> dict[tuple, dict]:
     for r in rows:
         if r["phase"] != "table" or r["top1"] is None:
             continue
-        out[(r["label"], r["setting"], r["seed"])] = {"test": r["top1"], "val": r["val_top1"]}
+        out[(r["label"], r["setting"], r["seed"])] = {"test": r["top1"], "val": validation(r)}
         if r["role"] == "base" and r["curve"]:
             points = [p for p in r["curve"] if p[1] is not None]
             if points:
@@ -965,7 +979,9 @@ def protocol_text(protocol: Protocol, plan: Optional[dict] = None) -> str:
              "- Controls: CE as tuned; CE early-stopped on the noisy validation split; self-distillation (KD from "
              "the same seed's tuned CE student); " + ", ".join(
                  f"`{m}` ({getattr(_zoo.method_class(m), 'control_for')})" for m in teacher_free_controls())
-             + ". The best control of a setting: the best mean validation top-1 over the table's seeds.",
+             + ". The best control of a setting: the best mean validation top-1 over the table's seeds. Under long "
+             f"tail every choice reads the class-balanced validation top-1 when the runs report it "
+             f"(`{BALANCED_VAL}`), else the plain one (a long-tailed split: it favours the head classes).",
              f"- Confirmatory family (m = {len(family_hypotheses(protocol))}): methods "
              f"{', '.join(f'`{m}`' for m in protocol.family)} x settings {', '.join(corrupted)}, each minus the "
              f"best control (paired by seed); and each method's severity trend of its gain over CE along "

@@ -286,3 +286,10 @@ def test_a_non_finite_run_is_a_finished_failure_and_its_students_fail_untrained(
     assert study._finished(runs, ce)["failed"]  # kept: a second invocation does not retrain it
     rows = study._rows([ce, sd], done, runs, protocol)
     assert [r["top1"] for r in rows] == [None, None] and study._score(rows[0]) == -1.0
+
+
+def test_choices_under_long_tail_read_the_balanced_validation_when_reported():
+    plain = {"setting": "lt10", "val_top1": 90.0, "failed": None}
+    assert study.validation(plain) == 90.0
+    assert study.validation({**plain, study.BALANCED_VAL: 60.0}) == 60.0
+    assert study.validation({**plain, "setting": "sym40", study.BALANCED_VAL: 60.0}) == 90.0
