@@ -707,7 +707,8 @@ def _rows(keys: list[Key], done: dict[Key, dict], runs_dir: str, protocol: Proto
 def validation(r: dict) -> Optional[float]:
     """The validation top-1 a choice reads: under long tail the class-balanced one when the run reports it
     (``BALANCED_VAL``: the test set is balanced; mlkd-train does not report it yet), else the plain one."""
-    if SETTINGS[r["setting"]].group == "imbalance" and r.get(BALANCED_VAL) is not None:
+    setting = SETTINGS.get(r.get("setting", ""))
+    if setting is not None and setting.group == "imbalance" and r.get(BALANCED_VAL) is not None:
         return r[BALANCED_VAL]
     return r["val_top1"]
 
