@@ -27,6 +27,7 @@ from torch import Tensor
 
 # an atomic torch.save (temp file, fsync, rename): checkpoint's public one, whatever its name says
 from ..checkpoint import save_checkpoint as save_atomic
+from ..errors import InputError
 
 FORMAT = "mlkd-teacher-cache"
 FORMAT_VERSION = 1
@@ -87,8 +88,13 @@ class Field:
     ``shape``: per-sample dimensions, symbols of :func:`dims`. ``dtype``: a torch dtype, or a
     manifest entry naming one of :data:`DTYPES` (``"logits.dtype"``: the user's choice). ``slot``: the
     :class:`~mlkd_fast.methods.Outputs` field it feeds in training (None: the record of the view, checked
-    and not fed). ``produce``: the stored value from the teacher's outputs, on the teacher's device
-    (None: the writer records it from the data pipeline)."""
+    and not fed; a fed field is per view, ``("V", ...)``, and its slot's decoder in :data:`SLOTS` reads
+    it). ``produce``: the stored value (b, *shape) from the teacher's outputs, on the teacher's device
+    (None: the writer records it from the data pipeline).
+
+    A new field: one row below with its producer, e.g. ``Field("margin", ("V",), torch.float32,
+    "always", None, lambda t: ...)`` (``tests/test_cache_format.py`` writes and checks one); a new
+    kind of cache adds a switch, a new output for training a slot decoder."""
 
     name: str
     shape: tuple[str, ...]
@@ -98,9 +104,11 @@ class Field:
     produce: Optional[Callable[[TeacherBatch], Tensor]] = None
 
     def present(self, manifest: Manifest) -> bool:
+        """Whether a shard of ``manifest`` holds this field (its switch)."""
         return SWITCHES[self.switch](manifest)
 
     def torch_dtype(self, manifest: Manifest) -> torch.dtype:
+        """The stored dtype under ``manifest``."""
         if isinstance(self.dtype, torch.dtype):
             return self.dtype
         section, _, key = self.dtype.partition(".")
@@ -167,6 +175,7 @@ SLOTS: dict[str, Callable[[Mapping[str, Tensor], Manifest], Tensor]] = {
 # Shards on disk
 # --------------------------------------------------------------------------------------------
 def shard_path(folder: str, epoch: int, shard: int) -> str:
+    """The file of shard ``shard`` of epoch ``epoch`` in a cache folder."""
     return os.path.join(folder, SHARD_NAME.format(epoch=epoch, shard=shard))
 
 
@@ -217,8 +226,6 @@ def load_shard(path: str) -> Any:
 # --------------------------------------------------------------------------------------------
 def read_manifest(path: str) -> dict[str, Any]:
     """A manifest file, refused (an error naming the file) unless of this format and version."""
-    from ..errors import InputError
-
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -233,6 +240,7 @@ def read_manifest(path: str) -> dict[str, Any]:
 
 
 def library_version() -> str:
+    """This library's version (recorded in a manifest, never compared)."""
     from ... import __version__
 
     return __version__

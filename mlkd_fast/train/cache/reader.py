@@ -2,11 +2,14 @@
 
 :class:`TeacherCache` opens a folder and checks it against a run's data and settings (an error naming
 each field that differs) and against a method's traits; :class:`CachedSource` replays it: the training
-source's own batches with the stored teacher outputs, their views checked against the stored ones.
+source's own batches with the stored teacher outputs, each shard verified once against the order and
+views this run draws. Training reads the fields the table (:data:`.format.FIELDS`) feeds to an output
+slot, decoded by that slot's decoder (:data:`.format.SLOTS`).
 """
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -141,6 +144,7 @@ class CachedSource:
         self._loaded: dict[tuple[int, int], Future] = {}
         self._current: Optional[tuple[tuple[int, int], _Shard]] = None
         self._orders: dict[int, Tensor] = {}
+        self._orders_lock = threading.Lock()  # the training thread and the reading one share the orders
         self._pool = ThreadPoolExecutor(1)  # reads and verifies the next shard while this one trains
 
     @property
@@ -152,11 +156,12 @@ class CachedSource:
 
     def _order(self, epoch: int) -> Tensor:
         """The cached epoch's order (the last two kept: the background thread reads ahead one epoch)."""
-        if epoch not in self._orders:
-            if len(self._orders) > 1:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = D.epoch_order(self.n, self.cache.manifest["seed"], epoch)
-        return self._orders[epoch]
+        with self._orders_lock:
+            if epoch not in self._orders:
+                if len(self._orders) > 1:
+                    self._orders.pop(min(self._orders))
+                self._orders[epoch] = D.epoch_order(self.n, self.cache.manifest["seed"], epoch)
+            return self._orders[epoch]
 
     def _load(self, epoch: int, k: int) -> _Shard:
         """Shard k of a cached epoch, read, checked (:meth:`TeacherCache.shard`) and verified against this

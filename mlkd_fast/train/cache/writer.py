@@ -26,10 +26,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..._hashing import file_sha256
 from ...methods.base import ModelSpec
 from ...methods.taps import TappedNetwork, model_spec
 from .. import data as D
-from ..._hashing import file_sha256
 from ..checkpoint import CACHE_FILES, RUN_FILES, check_writable, move_aside, present, write_json_atomic
 from ..data import with_rotations
 from ..errors import InputError, UserError, one_line
@@ -38,7 +38,7 @@ from . import _trainer_glue as glue
 from ._trainer_glue import writer_setup  # public here: the data, device and teacher of the arguments
 from .checks import differences, read_shard
 from .format import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_NAME, Manifest, TeacherBatch, fields,
-                     library_version, new_shard, shard_path, shard_span, write_shard)
+                     library_version, new_shard, read_manifest, shard_path, shard_span, write_shard)
 from .inputs import WriterSetup
 
 PROG = "mlkd-cache"
@@ -216,8 +216,6 @@ def settle_manifest(args: argparse.Namespace, setup: WriterSetup, manifest: dict
     if args.resume and not existed and main_rank:
         print(f"{PROG}: --resume but no cache in {out}: starting one", file=sys.stderr, flush=True)
     if existed:
-        from .format import read_manifest
-
         stored = read_manifest(path)
         before = stored["epochs"]
         longer = max(before, args.epochs)
