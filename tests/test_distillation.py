@@ -40,7 +40,7 @@ class OwnWrapper(nn.Module):
 
 
 def _options(name: str) -> dict:
-    return {"crd": dict(num_data=64), "dml": {}}.get(name, {})
+    return {"crd": dict(num_data=64), "cb": dict(class_counts=(8, 4, 2, 1, 1, 1, 1, 1, 1, 1))}.get(name, {})
 
 
 def _batch(n: int = 8):
@@ -55,8 +55,7 @@ def test_every_method_trains_through_distillation(name, kind):
     make = (lambda: _resnet()) if kind == "torchvision" else (lambda: OwnWrapper(8))
     student = make()
     teacher = _resnet() if kind == "torchvision" else OwnWrapper(16)
-    peers = [make()] if not M.method_class(name).needs_teacher and name != M.baseline() else None
-    distill = M.Distillation(student, teacher, name, input_shape=SHAPE, peers=peers, epochs=4, **_options(name))
+    distill = M.Distillation(student, teacher, name, input_shape=SHAPE, peer_factory=make, epochs=4, **_options(name))
     distill.set_epoch(1)
     x, y = _batch()
     index = torch.arange(8)
@@ -192,7 +191,7 @@ def test_steps_per_epoch_carries_the_epoch_and_resumes():
 
 def test_traits_the_loop_reads():
     assert M.baseline() == "ce"
-    assert [m for m in M.available() if not M.method_class(m).needs_teacher] == ["ce", "dml"]
+    assert [m for m in M.available() if not M.method_class(m).needs_teacher] == ["cb", "ce", "dml", "gce", "ls"]
     assert [m for m in M.available() if M.method_class(m).takes_views] == ["mlkd"]
     assert M.method_class("crd").gather_hooks == {"bank": True}
     assert M.method_class("mlkd").gather_hooks == {"correlation": False, "supcon": False}

@@ -7,7 +7,8 @@ import mlkd_fast.methods as M
 from mlkd_fast import MLKDLoss
 from mlkd_fast.train.models import build_model
 
-METHODS = ["at", "bss", "cc", "ce", "crd", "dist", "dkd", "dml", "fitnet", "fsp", "kd", "mlkd", "nst", "pkt", "rkd", "sp"]
+METHODS = ["at", "bss", "cb", "cc", "ce", "crd", "dist", "dkd", "dml", "fitnet", "fsp", "gce", "kd", "ls", "mlkd", "nst",
+           "pkt", "rkd", "sp"]
 
 
 def test_every_method_is_registered():
@@ -82,7 +83,8 @@ def _step(distiller, student, teacher, x, y):
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "dml"])
 def test_distiller_trains_the_student_and_its_own_parts(nets, name):
     student, teacher, s_spec, t_spec = nets
-    options = {"crd": {"num_data": 64}, "fsp": {"stage": "joint"}}.get(name, {})  # fsp's init stage: its own test
+    options = {"crd": {"num_data": 64}, "fsp": {"stage": "joint"},  # fsp's init stage: its own test
+               "cb": {"class_counts": (9, 5, 3, 2, 1, 1, 1, 1, 1, 1)}}.get(name, {})
     distiller = M.build(name, s_spec, t_spec, **options)
     student.zero_grad(set_to_none=True)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
