@@ -535,7 +535,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     second Ctrl-C; 1 with a traceback otherwise."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "lm":  # mlkd-cache lm: the language-model top-k cache (mlkd_fast.lm.cache)
-        from ..lm.cache import cli as lm_cli
+        from ...lm.cache import cli as lm_cli
 
         return lm_cli(argv[1:])
     try:
