@@ -401,83 +401,99 @@ def _held_final_state(resume_state: Optional[dict], done: dict[str, Any]) -> Opt
 def _train_phases(run: Run, settings: dict[str, Any], resume_state: Optional[dict], done: dict[str, Any],
                   metrics: Optional[RunLogs], teacher: Optional[nn.Module], teacher_phase: Optional[Phase],
                   plan: PhasePlan) -> dict:
-    """:func:`train_all` once the folder is prepared: the phases, the curves and the summary."""
+    """:func:`train_all` once the folder is prepared: the teacher (when it trains here), then the
+    student and the baseline, the curves and the summary; ``{"interrupted": True}`` when stopped."""
     config = run.config
-    out = config.out
-    main_rank = run.dist.main
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-
-    def log(record: dict) -> None:
-        if metrics is not None:
-            metrics.epoch(record)
-
     start = time.perf_counter()
     summary: dict[str, Any] = {"method": config.method, "loss": config.method, "world_size": run.dist.world,
                                **run.info}
     if run.cache is not None:
         summary["teacher_cache"] = os.path.abspath(config.teacher_cache)
-    held = _held_final_state(resume_state, done)
     with StopFlag() as stop:
-        ctx = RunContext(run.device, run.dist, run.amp_dtype, ckpt_path, log, stop,
-                         progress=not config.quiet, max_steps=config.max_steps, completed=done, config=settings,
-                         log_steps=metrics.step_records if metrics is not None else None,
-                         log_every=config.log_every, eval_every=config.eval_every, on_nonfinite=config.on_nonfinite)
-
-        trained: list[str] = []  # the phases this invocation trains
-
-        def train(phase: Phase) -> bool:
-            """Runs a phase (resuming it if the checkpoint is of it; a finished one trains on from its final
-            state to another --epochs); True when it finished."""
-            nonlocal held
-            state = resume_state if resume_state is not None and resume_state["phase"] == phase.name else None
-            if state is None:
-                state = plan.finals.get(phase.name)
-            if held is not None and held != phase.name and main_rank:
-                keep_final_state(out, held)  # its checkpoint.pt is about to be replaced
-            held = None
-            trained.append(phase.name)
-            result = run_phase(phase, run.source(phase), run.eval_batches, ctx, state, run.val_batches)
-            if not result["finished"]:
-                if main_rank:
-                    print(f"mlkd-train: stopped in {phase.name} epoch {result['epoch'] + 1} step {result['step']}; "
-                          f"checkpoint {ckpt_path} (continue with --resume)", flush=True)
-                return False
-            done[phase.name] = {k: v for k, v in result.items() if k != "finished"}
-            if main_rank:
-                save_checkpoint(os.path.join(out, f"{phase.name}.pt"), {"model": phase.model.state_dict(),
-                                                                       "arch": phase.arch})
-                # the final state, for a later --resume with a larger --epochs (one copy, in checkpoint.pt)
-                save_checkpoint(ckpt_path, phase.state(phase.epochs, 0, done, ctx.config))
-            if phase.name in EXTENDABLE:
-                held = phase.name
-            return True
-
+        phases = PhaseTrainer(run, run_context(run, settings, metrics, stop, done), resume_state, plan.finals, done)
         if teacher_phase is not None:
-            if not train(teacher_phase):
+            if not phases.train(teacher_phase):
                 return {"interrupted": True}
             teacher = run.frozen(teacher_phase.model)
         if "teacher" in done:
             summary["teacher_top1"] = done["teacher"]["last_top1"]
             summary["teacher_top5"] = done["teacher"].get("last_top5")
-
         for name, method in plan.todo:
             phase = plan.built.pop(name, None) or run.make_phase(name, config.arch, config.epochs, method,
                                                                  student_teacher(run, name, teacher))
-            if not train(phase):
+            if not phases.train(phase):
                 return {"interrupted": True}
-        if metrics is not None and config.curves and trained:
+        if metrics is not None and config.curves and phases.trained:
             metrics.close()
             try:
-                plot_curves(out)
+                plot_curves(config.out)
             except Exception as exc:  # a plot must never cost the run its summary
                 print(f"mlkd-train: curves.png not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if resume_state is not None and not trained and main_rank:
-            print(f"mlkd-train: the run in {out} is finished ({config.epochs} epoch{'s' * (config.epochs != 1)}): "
-                  f"nothing to train (--resume with a larger --epochs trains it on)", file=sys.stderr, flush=True)
+        if resume_state is not None and not phases.trained and run.dist.main:
+            print(f"mlkd-train: the run in {config.out} is finished ({config.epochs} epoch"
+                  f"{'s' * (config.epochs != 1)}): nothing to train (--resume with a larger --epochs trains it on)",
+                  file=sys.stderr, flush=True)
     summary.update(phase_results(done, run))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN: no eval
-    return write_summary(summary, run, bool(trained)) if main_rank else summary
+    return write_summary(summary, run, bool(phases.trained)) if run.dist.main else summary
+
+
+def run_context(run: Run, settings: dict[str, Any], metrics: Optional[RunLogs], stop: StopFlag,
+                done: dict[str, Any]) -> RunContext:
+    """What the loop needs of the run besides a phase: device, processes, precision, the checkpoint
+    path and the settings it records, the logs, the stop flag, the logging and stopping flags."""
+    config = run.config
+
+    def log(record: dict) -> None:
+        if metrics is not None:
+            metrics.epoch(record)
+
+    return RunContext(run.device, run.dist, run.amp_dtype, os.path.join(config.out, "checkpoint.pt"), log, stop,
+                      progress=not config.quiet, max_steps=config.max_steps, completed=done, config=settings,
+                      log_steps=metrics.step_records if metrics is not None else None,
+                      log_every=config.log_every, eval_every=config.eval_every, on_nonfinite=config.on_nonfinite)
+
+
+class PhaseTrainer:
+    """Trains the phases of one invocation in turn, each from where it stands (the checkpoint's phase
+    resumed; a finished one trained on from its final state to another ``--epochs``; else afresh),
+    and saves each finished phase's weights (``<phase>.pt``) and final state (``checkpoint.pt``)."""
+
+    def __init__(self, run: Run, ctx: RunContext, resume_state: Optional[dict], finals: dict[str, dict],
+                 done: dict[str, Any]) -> None:
+        self.run, self.ctx, self.resume_state, self.finals, self.done = run, ctx, resume_state, finals, done
+        # the finished phase whose final state only checkpoint.pt holds: kept aside before it is replaced
+        self.held = _held_final_state(resume_state, done)
+        self.trained: list[str] = []  # the phases this invocation trains
+
+    def train(self, phase: Phase) -> bool:
+        """Runs ``phase``; True when it finished, False when it stopped (its checkpoint saved)."""
+        run, out = self.run, self.run.config.out
+        ckpt_path = os.path.join(out, "checkpoint.pt")
+        state = self.resume_state if self.resume_state is not None and self.resume_state["phase"] == phase.name \
+            else None
+        if state is None:
+            state = self.finals.get(phase.name)
+        if self.held is not None and self.held != phase.name and run.dist.main:
+            keep_final_state(out, self.held)  # its checkpoint.pt is about to be replaced
+        self.held = None
+        self.trained.append(phase.name)
+        result = run_phase(phase, run.source(phase), run.eval_batches, self.ctx, state, run.val_batches)
+        if not result["finished"]:
+            if run.dist.main:
+                print(f"mlkd-train: stopped in {phase.name} epoch {result['epoch'] + 1} step {result['step']}; "
+                      f"checkpoint {ckpt_path} (continue with --resume)", flush=True)
+            return False
+        self.done[phase.name] = {k: v for k, v in result.items() if k != "finished"}
+        if run.dist.main:
+            save_checkpoint(os.path.join(out, f"{phase.name}.pt"), {"model": phase.model.state_dict(),
+                                                                   "arch": phase.arch})
+            # the final state, for a later --resume with a larger --epochs (one copy, in checkpoint.pt)
+            save_checkpoint(ckpt_path, phase.state(phase.epochs, 0, self.done, self.ctx.config))
+        if phase.name in EXTENDABLE:
+            self.held = phase.name
+        return True
 
 
 def phase_results(done: dict[str, Any], run: Run) -> dict[str, Any]:
