@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable, Optional, Union
 
 import torch
@@ -86,13 +87,18 @@ class Backend:
         if not self.ops:
             raise ValueError(f"backend {self.name!r} implements none of the ops {', '.join(OPS)}")
 
-    @property
+    @cached_property  # resolution asks on every call of an op: computed once per entry
     def ops(self) -> tuple[str, ...]:
         """The ops this backend implements."""
         return tuple(op for op, fn in OPS.items() if getattr(self, fn) is not None)
 
+    @cached_property
+    def complete(self) -> bool:
+        """Whether it implements every op."""
+        return len(self.ops) == len(OPS)
+
     def implements(self, op: str) -> bool:
-        return getattr(self, _op_field(op)) is not None
+        return op in self.ops
 
 
 def _op_field(op: str) -> str:
@@ -254,16 +260,19 @@ def _missing_op(name: str, op: str, source: str) -> Callable[..., Tensor]:
 
 def _auto(device: torch.device, op: Optional[str]) -> Backend:
     """``auto``: the first available backend of :data:`AUTO_ORDER` (implementing ``op`` when given). With
-    no op, one lacking some op gets it from the next available backend that has it."""
-    order = [REGISTRY[name] for name in AUTO_ORDER.get(device.type, _AUTO_FALLBACK) if name in REGISTRY]
-    up = [entry for entry in order if entry.status(device)] + [REGISTRY["torch"]]
-    if op is not None:
-        return next(entry for entry in up if entry.implements(op))
-    first = up[0]
-    if len(first.ops) == len(OPS):
-        return first
-    return replace(first, **{fn: getattr(next(e for e in up if e.implements(o)), fn)
-                             for o, fn in OPS.items() if not first.implements(o)})
+    no op, one lacking some op gets it from the next available backend that has it. Statuses are asked
+    in order and no further than needed (this runs on every call of an op)."""
+    up = (REGISTRY[name] for name in AUTO_ORDER.get(device.type, _AUTO_FALLBACK)
+          if name in REGISTRY and REGISTRY[name].status(device))
+    for entry in up:
+        if op is not None and not entry.implements(op):
+            continue
+        if op is not None or entry.complete:
+            return entry
+        rest = [*up, REGISTRY["torch"]]  # the gaps of a partial first backend, from those after it
+        return replace(entry, **{fn: getattr(next(e for e in rest if e.implements(o)), fn)
+                                 for o, fn in OPS.items() if not entry.implements(o)})
+    return REGISTRY["torch"]
 
 
 def resolve(backend: str, device: torch.device, op: Optional[str] = None) -> Backend:
@@ -290,7 +299,7 @@ def resolve(backend: str, device: torch.device, op: Optional[str] = None) -> Bac
         raise ValueError(f"backend {backend!r}{source} is not available on {device}: {status.reason}")
     if op is not None and not entry.implements(op):
         raise _lacks(backend, op, source)
-    if op is None and len(entry.ops) < len(OPS):
+    if op is None and not entry.complete:
         entry = replace(entry, **{fn: _missing_op(backend, o, source) for o, fn in OPS.items()
                                   if not entry.implements(o)})
     return entry
