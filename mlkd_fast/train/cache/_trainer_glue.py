@@ -1,18 +1,17 @@
-"""The cache writer's one way into the trainer (:mod:`..cli`, :mod:`..run`'s policies, :mod:`..loop`).
+"""The cache writer's one way into the trainer: :mod:`..loop` and the run's policies (:mod:`..run`).
 
-No other module of the cache package imports the trainer; the writer reads what it needs through the
-names below, so that the trainer can change shape behind them. The training data itself comes from
+No other module of the cache package imports the trainer (``cli``, ``run``, ``loop``); the writer reads
+what it needs through the names below, so that the trainer can change shape behind them. Its command
+line comes from the flags it shares with ``mlkd-train`` (:mod:`..flags`) and its training data from
 the trainer's public loader (:func:`..training_data.load_training_data`), as the run's does. What is
-still borrowed, and the public name that would let this module shrink to a re-export:
+still borrowed here, and the public name that would let this module shrink to a re-export:
 
-- the flag builders and checks ``mlkd-train`` shares with ``mlkd-cache`` (:mod:`..cli`); ``_Parser``
-  (one-line errors, exit status 2) is the only private one: wanted public as ``cli.Parser``;
 - the run's device policy (:func:`device_setup`: device, process group, autocast dtype, channels-last)
   and teacher freezing (:func:`frozen_teacher`), mirrored from ``run.Run.__init__`` and ``Run.frozen``
   because run.py keeps them inside the class: wanted as ``run.device_setup(settings)`` and
   ``run.frozen_teacher(model, device, amp_dtype, channels_last, compile)``;
-- :class:`..loop.StopFlag` (SIGINT / SIGTERM) and :func:`..loop.evaluate` (the teacher's accuracy),
-  public already.
+- :class:`..loop.StopFlag` (SIGINT / SIGTERM) and :func:`..loop.evaluate` with
+  :class:`..loop.RunContext` (the teacher's accuracy), public already.
 """
 from __future__ import annotations
 
@@ -24,9 +23,6 @@ import torch
 from torch import nn
 
 from .. import data as D
-from ..cli import DEFAULTS, add_data_arguments, add_device_arguments, add_teacher_arguments, add_version_argument
-from ..cli import _Parser as Parser  # noqa: F401 - re-exported: one-line errors, exit status 2
-from ..cli import check_data_args, default_teacher_arch  # noqa: F401 - re-exported
 from ..distributed import init_distributed
 from ..errors import InputError
 from ..loop import RunContext, StopFlag, evaluate  # noqa: F401 - StopFlag re-exported
@@ -34,9 +30,7 @@ from ..models import build_model
 from ..training_data import data_kind, load_training_data
 from .inputs import CacheData, WriterSetup
 
-__all__ = ["DEFAULTS", "Parser", "StopFlag", "add_data_arguments", "add_device_arguments", "add_teacher_arguments",
-           "add_version_argument", "check_data_args", "default_teacher_arch", "device_setup", "frozen_teacher",
-           "writer_setup"]
+__all__ = ["StopFlag", "device_setup", "frozen_teacher", "writer_setup"]
 
 
 def device_setup(args: Any) -> tuple[torch.device, Any, Optional[torch.dtype], bool]:

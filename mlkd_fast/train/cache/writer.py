@@ -30,6 +30,7 @@ from ..._hashing import file_sha256
 from ...methods.base import ModelSpec
 from ...methods.taps import TappedNetwork, model_spec
 from .. import data as D
+from .. import flags
 from ..checkpoint import CACHE_FILES, RUN_FILES, check_writable, move_aside, present, write_json_atomic
 from ..data import with_rotations
 from ..errors import InputError, UserError, one_line
@@ -72,12 +73,12 @@ the shards.
 # --------------------------------------------------------------------------------------------
 def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The checked arguments of ``mlkd-cache``: mlkd-train's data, teacher and device flags (the same
-    functions add them: :func:`~.cli.add_data_arguments`, ...) and the cache's own."""
-    p = glue.Parser(prog=PROG, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    glue.add_version_argument(p)
-    glue.add_data_arguments(p)
+    functions add them: :func:`~.flags.add_data_arguments`, ...) and the cache's own."""
+    p = flags.FlagParser(prog=PROG, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags.add_version_argument(p)
+    flags.add_data_arguments(p)
     g = p.add_argument_group("teacher")
-    glue.add_teacher_arguments(g, weights_help="the teacher's state dict (torchvision, timm or mlkd-train .pt), used as "
+    flags.add_teacher_arguments(g, weights_help="the teacher's state dict (torchvision, timm or mlkd-train .pt), used as "
                                           "it is; required (its sha256 goes into the manifest)")
     g = p.add_argument_group("cache")
     g.add_argument("--out", required=True, metavar="DIR",
@@ -90,10 +91,10 @@ def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that holds a cache (or a run): the old folder is moved aside to "
                         "<out>.old-<time> (nothing is deleted), once every check has passed")
-    g.add_argument("--epochs", type=int, default=glue.DEFAULTS["epochs"],
+    g.add_argument("--epochs", type=int, default=flags.DEFAULTS["epochs"],
                    help="epochs of views to cache: mlkd-train --epochs E reads epochs 0..E-1 (default: %(default)s, "
                         "mlkd-train's; --cache-wrap there reuses fewer)")
-    g.add_argument("--batch-size", type=int, default=glue.DEFAULTS["batch_size"],
+    g.add_argument("--batch-size", type=int, default=flags.DEFAULTS["batch_size"],
                    help="the teacher's forward batch (default: %(default)s, mlkd-train's per-process batch: its "
                         "teacher batches are then training's own)")
     g.add_argument("--seed", type=int, default=0, help="mlkd-train's --seed: the order and views (default: %(default)s)")
@@ -114,9 +115,9 @@ def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
                    help="no progress (a bar on a terminal, else a plain line every 30 s)")
     g.add_argument("--debug", action="store_true", help="on an error in what was given, show the traceback")
     g = p.add_argument_group("speed")
-    glue.add_device_arguments(g)
+    flags.add_device_arguments(g)
     args = p.parse_args(argv)
-    glue.check_data_args(p, args)
+    flags.check_data_args(p, args)
     if args.synthetic:
         p.error("--data synthetic: random batches and a random teacher have no samples worth caching")
     if args.teacher_weights is None:
@@ -132,7 +133,7 @@ def parse_cache_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
     if args.resume and args.overwrite:
         p.error("--resume continues the cache in --out and --overwrite moves it aside to start afresh: give one "
                 "of them")
-    args.teacher_arch = args.teacher_arch or glue.default_teacher_arch(args.data_kind)
+    args.teacher_arch = args.teacher_arch or flags.default_teacher_arch(args.data_kind)
     return args
 
 
