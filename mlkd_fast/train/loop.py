@@ -202,6 +202,62 @@ def checks_each_step(ctx: RunContext) -> bool:
     return ctx.on_nonfinite == "skip" or (ctx.device.type != "cuda" and not ctx.dist.enabled)
 
 
+class EpochSums:
+    """An epoch's running sums, on the device: ``[loss, *terms]`` each times the batch size (a term is
+    first seen in some step, the usual case being the epoch's first), the images per key on the host
+    (a term absent from a step is not counted), and the values of the first non-finite step (for the
+    deferred check). Rank 0 starts from an interrupted epoch's global sums (``partial``)."""
+
+    def __init__(self, device: torch.device, partial: Optional[dict[str, Any]], main: bool) -> None:
+        self.keys: list[str] = ["loss"]
+        self.sums = torch.zeros(1, dtype=torch.float64, device=device)
+        self.counts = [0]
+        self.skipped = 0
+        if partial and main:
+            self.keys = ["loss"] + list(partial["terms"])
+            self.sums = torch.tensor([partial["loss_sum"]] + [v for v, _ in partial["terms"].values()],
+                                     dtype=torch.float64, device=device)
+            self.counts = [partial["images"]] + [n for _, n in partial["terms"].values()]
+            self.skipped = partial.get("skipped", 0)
+        self.bad_values = self.sums.new_zeros(len(self.keys))
+
+    def values(self, loss: torch.Tensor, terms: dict[str, Any]) -> tuple[torch.Tensor, list[bool]]:
+        """A step's ``[loss, *terms]`` as one fp64 vector (one stack and one cast: the terms are fp32
+        scalars), 0 for a term absent from it, and which are present."""
+        new = [k for k in _term_keys(terms) if k not in self.keys]
+        if new:
+            self.keys += new
+            self.counts += [0] * len(new)
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(len(new))])
+            self.bad_values = torch.cat([self.bad_values, self.bad_values.new_zeros(len(new))])
+        present = [True] + [k in terms for k in self.keys[1:]]
+        values = torch.stack([loss.detach().float().reshape(())] + [
+            torch.as_tensor(terms[k], device=loss.device).detach().float().reshape(()) if here
+            else loss.new_zeros((), dtype=torch.float32) for k, here in zip(self.keys[1:], present[1:])]).double()
+        return values, present
+
+    def add(self, values: torch.Tensor, present: list[bool], batch: int) -> None:
+        """A trained step's values, weighted by its batch size."""
+        self.sums += values * batch
+        for i, here in enumerate(present):
+            self.counts[i] += batch if here else 0
+
+    def totals(self, ctx: "RunContext", images: int) -> tuple[dict[str, Optional[float]], dict[str, Any], float, int]:
+        """Over ranks: the means per key, the sums a mid-epoch checkpoint keeps, the images trained
+        and the skipped steps."""
+        totals = sum_across(self.sums.tolist() + [float(c) for c in self.counts] + [float(images), float(self.skipped)],
+                            ctx.device)
+        n = len(self.keys)
+        global_sums, global_counts = totals[:n], [int(c) for c in totals[n:2 * n]]
+        count, skipped_all = totals[2 * n], int(totals[2 * n + 1])
+        means = {k: v / c if c else None for k, v, c in zip(self.keys, global_sums, global_counts)}
+        if not global_counts[0]:
+            means["loss"] = float("nan")
+        sums = {"loss_sum": global_sums[0], "images": global_counts[0], "skipped": skipped_all,
+                "terms": {k: (v, c) for k, v, c in zip(self.keys[1:], global_sums[1:], global_counts[1:])}}
+        return means, sums, count, skipped_all
+
+
 def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, ctx: RunContext,
                 partial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to.
@@ -226,20 +282,8 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
     views = phase.views
     skip = ctx.on_nonfinite == "skip"
     immediate = checks_each_step(ctx)
-    # running sums: [loss, *terms] x batch size, on the device; images per key on the host (a term absent
-    # from a step is not counted); rank 0 restores an interrupted epoch's (global) sums
-    keys: list[str] = ["loss"]
-    sums = torch.zeros(1, dtype=torch.float64, device=ctx.device)
-    counts = [0]
-    skipped = 0
-    if partial and ctx.dist.main:
-        keys = ["loss"] + list(partial["terms"])
-        sums = torch.tensor([partial["loss_sum"]] + [v for v, _ in partial["terms"].values()], dtype=torch.float64,
-                            device=ctx.device)
-        counts = [partial["images"]] + [n for _, n in partial["terms"].values()]
-        skipped = partial.get("skipped", 0)
+    acc = EpochSums(ctx.device, partial, ctx.dist.main)
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)  # deferred check: the first bad step
-    bad_values = sums.new_zeros(len(keys))
     images, steps = 0, 0
     bar = progress(source.steps_per_epoch(), start_step, f"{phase.name} {epoch + 1}/{phase.epochs}",
                    ctx.progress and ctx.dist.main)
@@ -265,42 +309,28 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
             x = with_rotations(x, views)
         with ctx.autocast():
             loss = phase.step_module(x, y, **extras)
-        terms = distiller.last if distiller is not None else {}
-        step_keys = _term_keys(terms)
-        new = [k for k in step_keys if k not in keys]
-        if new:  # a term first seen here (the usual case: the epoch's first step)
-            keys += new
-            counts += [0] * len(new)
-            sums = torch.cat([sums, sums.new_zeros(len(new))])
-            bad_values = torch.cat([bad_values, bad_values.new_zeros(len(new))])
-        present = [True] + [k in terms for k in keys[1:]]
-        # one stack and one cast a step (the terms are fp32 scalars: .float() is free); a term absent: 0, not counted
-        values = torch.stack([loss.detach().float().reshape(())] + [
-            torch.as_tensor(terms[k], device=loss.device).detach().float().reshape(()) if here
-            else loss.new_zeros((), dtype=torch.float32) for k, here in zip(keys[1:], present[1:])]).double()
+        values, present = acc.values(loss, distiller.last if distiller is not None else {})
         if immediate:
             bad = not bool(torch.isfinite(loss.detach()))
             if ctx.dist.enabled:  # every rank skips (or stops at) the same step
                 bad = sum_across([float(bad)], ctx.device)[0] > 0
             if bad and not skip:
                 raise NonFiniteLossError(f"non-finite loss at {phase.name} epoch {epoch + 1} step {step} ("
-                                         + nonfinite_detail(keys, values.tolist()) + ")")
+                                         + nonfinite_detail(acc.keys, values.tolist()) + ")")
             if bad:  # --on-nonfinite skip: no update from this step, counted
-                skipped += 1
+                acc.skipped += 1
                 if bar is not None:
                     bar.update(1)
                 continue
         else:
             fresh = (first_bad < 0) & ~torch.isfinite(loss.detach())
             first_bad = torch.where(fresh, step, first_bad)
-            bad_values = torch.where(fresh, values, bad_values)
+            acc.bad_values = torch.where(fresh, values, acc.bad_values)
         phase.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         phase.optimizer.step()
         b = y.shape[0]
-        sums += values * b
-        for i, here in enumerate(present):
-            counts[i] += b if here else 0
+        acc.add(values, present, b)
         if every and (epoch * per_epoch + step) % every == 0:
             rows.append((step, values.float(), present))
         images += b
@@ -320,30 +350,28 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
         at = int(first_bad)
         seen = sum_across([float(at >= 0)], ctx.device)[0] > 0 if ctx.dist.enabled else at >= 0
         if seen:  # every rank stops (the all-reduced weights are non-finite on all of them)
-            where = (f"step {at} ({nonfinite_detail(keys, bad_values.tolist())})" if at >= 0
+            where = (f"step {at} ({nonfinite_detail(acc.keys, acc.bad_values.tolist())})" if at >= 0
                      else "a step of another process")
             raise NonFiniteLossError(f"non-finite loss at {phase.name} epoch {epoch + 1} {where}")
     if rows:
-        flat = torch.cat([r[1] for r in rows]).cpu().tolist()
-        records, at = [], 0
-        for s, v, present in rows:
-            vals, at = flat[at:at + len(v)], at + len(v)
-            terms = {k: (val if here else None) for k, val, here in zip(keys[1:], vals[1:], present[1:])}
-            records.append({"phase": phase.name, "epoch": epoch + 1, "step": s,
-                            "global_step": epoch * per_epoch + s + 1, "loss": vals[0], **terms, "lr": lr})
-        ctx.log_steps(records)
-    # over ranks: the sums, the images per key, this invocation's images, the skipped steps
-    totals = sum_across(sums.tolist() + [float(c) for c in counts] + [float(images), float(skipped)], ctx.device)
-    n = len(keys)
-    global_sums, global_counts = totals[:n], [int(c) for c in totals[n:2 * n]]
-    count, skipped_all = totals[2 * n], int(totals[2 * n + 1])
-    means = {k: v / c if c else None for k, v, c in zip(keys, global_sums, global_counts)}
-    return {"loss": means["loss"] if global_counts[0] else float("nan"), "terms": {k: means[k] for k in keys[1:]},
+        ctx.log_steps(step_records(rows, acc.keys, phase.name, epoch, per_epoch, lr))
+    means, sums, count, skipped_all = acc.totals(ctx, images)
+    return {"loss": means["loss"], "terms": {k: means[k] for k in acc.keys[1:]},
             "lr": lr, "skipped": skipped_all, "images": count, "seconds": elapsed, "steps": steps,
             "images_per_s": count / max(elapsed, 1e-9), "step_ms": 1e3 * elapsed / max(steps, 1),
-            "interrupted_at": interrupted_at,
-            "sums": {"loss_sum": global_sums[0], "images": global_counts[0], "skipped": skipped_all,
-                     "terms": {k: (v, c) for k, v, c in zip(keys[1:], global_sums[1:], global_counts[1:])}}}
+            "interrupted_at": interrupted_at, "sums": sums}
+
+
+def step_records(rows: list, keys: list[str], phase: str, epoch: int, per_epoch: int, lr: float) -> list[dict]:
+    """The steps.jsonl records of an epoch's logged steps, read back from the device in one copy."""
+    flat = torch.cat([r[1] for r in rows]).cpu().tolist()
+    records, at = [], 0
+    for s, v, present in rows:
+        vals, at = flat[at:at + len(v)], at + len(v)
+        terms = {k: (val if here else None) for k, val, here in zip(keys[1:], vals[1:], present[1:])}
+        records.append({"phase": phase, "epoch": epoch + 1, "step": s,
+                        "global_step": epoch * per_epoch + s + 1, "loss": vals[0], **terms, "lr": lr})
+    return records
 
 
 def _round(value: Optional[float], digits: int) -> Optional[float]:
