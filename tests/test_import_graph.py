@@ -84,9 +84,6 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-@pytest.mark.xfail(strict=True, reason="the cache writer still reaches the trainer through "
-                   "mlkd_fast/train/cache/_trainer_glue.py (cli's flag builders and parser, run.Run) until the "
-                   "cache engineer's decoupling lands (#35 deliverable 1)")
 def test_the_cache_writer_does_not_import_the_trainer():
     """The teacher-cache writer (``mlkd_fast.train.cache*``) builds its data and teacher from the
     shared pieces (``training_data``, ``placement``, ``models``), never through the trainer's
