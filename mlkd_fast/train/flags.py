@@ -14,8 +14,9 @@ from .data import NOISE_TYPES
 from .models import check_arch
 from .training_data import DATA_KINDS, DataKind, kind_named, kinds_reading, parse_data
 
-__all__ = ["FlagParser", "arch_flag", "DEFAULTS", "config_note", "add_version_argument", "add_data_arguments", "add_teacher_arguments",
-           "add_device_arguments", "data_settings", "check_data_args", "default_teacher_arch", "KIND_FLAG_DEFAULTS"]
+__all__ = ["FlagParser", "arch_flag", "DEFAULTS", "config_note", "add_version_argument", "add_data_arguments",
+           "add_teacher_arguments", "add_device_arguments", "data_settings", "check_data_args", "default_teacher_arch",
+           "KIND_FLAG_DEFAULTS"]
 
 
 def arch_flag(name: str) -> str:

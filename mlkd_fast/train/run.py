@@ -27,7 +27,7 @@ from .models import build_model, load_weights
 from .placement import frozen, place
 from .preflight import check_student_method
 from .teacher_source import CACHE, LiveBatches, StepBatches, teacher_source
-from .training_data import data_kind, load_training_data
+from .training_data import load_training_data
 
 # the seed of each phase's networks: the student and the baseline start from the same weights
 PHASE_SEEDS = {"teacher": 0, "student": 100, "baseline": 100}
@@ -39,8 +39,7 @@ class Run:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        placement = place(config.device, config.precision, config.channels_last,
-                          data_kind(config.data).channels_last_pays)
+        placement = place(config.device, config.precision, config.channels_last, config.kind.channels_last_pays)
         self.placement = placement
         self.device, self.dist = placement.device, placement.dist
         self.amp_dtype, self.channels_last = placement.amp_dtype, placement.channels_last

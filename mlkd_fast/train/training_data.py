@@ -21,7 +21,7 @@ from torch import Tensor
 from . import data as D
 
 __all__ = ["DataKind", "DATA_KINDS", "DataRequest", "TrainingData", "data_kind", "parse_data", "kind_named",
-           "load_training_data", "corrupt_training_labels", "recipe_kinds", "kinds_reading"]
+           "check_folder", "load_training_data", "corrupt_training_labels", "recipe_kinds", "kinds_reading"]
 
 
 # --------------------------------------------------------------------------------------------
