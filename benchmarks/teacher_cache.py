@@ -279,6 +279,7 @@ def main(argv=None) -> dict:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--teacher-arch", default="resnet34")
     p.add_argument("--no-digits", action="store_true", help="skip the digits pair")
+    p.add_argument("--no-folder", action="store_true", help="skip the folder (or --data cifar100) pair")
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long check of the script (cnn-small -> cnn-tiny, 16 px, 2 classes)")
     p.add_argument("--time-limit", type=float, default=None, help="stop measuring after this many seconds")
@@ -316,17 +317,18 @@ def main(argv=None) -> dict:
     try:
         from helpers import make_cifar_pickles, make_image_folder
 
-        if a.data == "folder":
+        if not a.no_folder and a.data == "folder":
             make_image_folder(work / "images", classes=tuple(f"c{i:03d}" for i in range(a.classes)),
                               per_class=a.per_class)
             data_args = ["--data", str(work / "images"), "--image-size", str(a.image_size), "--workers", str(a.workers)]
             classes, name = a.classes, f"{a.teacher_arch}->{a.arch} folder {a.image_size}px {a.classes} classes"
-        else:
+        elif not a.no_folder:
             make_cifar_pickles(work / "cifar", kind="cifar100", train_per_class=a.per_class, test_per_class=1)
             data_args, classes = ["--data", f"cifar100:{work / 'cifar'}"], 100
             name = f"{a.teacher_arch}->{a.arch} cifar100-format 32px in device memory"
-        measure_pair(name, data_args, a.arch, a.teacher_arch, classes, 3, a.method, a.epochs, a.batch_size,
-                     work / "pair", deadline, results, save, a.rounds)
+        if not a.no_folder:
+            measure_pair(name, data_args, a.arch, a.teacher_arch, classes, 3, a.method, a.epochs, a.batch_size,
+                         work / "pair", deadline, results, save, a.rounds)
         if not a.no_digits:
             measure_pair("cnn-large->cnn-small digits", ["--data", "digits"], "cnn-small", "cnn-large", 10, 1,
                          a.method, a.epochs, 64, work / "digits", deadline, results, save, a.rounds)
