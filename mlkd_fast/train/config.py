@@ -41,6 +41,7 @@ class TrainConfig:
     imbalance: float
     val_fraction: float
     train_per_class: Optional[int]
+    subset_seed: Optional[int]                # None: the first --train-per-class images of each class
     # models
     arch: str
     teacher_arch: Optional[str]               # None only with --teacher-cache (the cache's, once opened)

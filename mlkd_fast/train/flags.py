@@ -123,6 +123,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                    help="digits: this many training images per class, every other image in the test set "
                         "(default: a stratified 75/25 split); mnist5k: the first N of each class's 400 training "
                         "images (nested subsets), the test set staying its fixed 1,000 images")
+    g.add_argument("--subset-seed", type=int, default=None, metavar="S",
+                   help="mnist5k with --train-per-class N: draw the N images of each class at random from its 400, "
+                        "seeded by S (the same S, the same images; for one S, N = 50 is part of N = 100), instead "
+                        "of the first N (default: the first N). digits already draws its N with --seed")
 
     return g
 
@@ -210,6 +214,17 @@ def _check_samples_flags(p: argparse.ArgumentParser, args: argparse.Namespace, k
         largest, why = kind.train_per_class
         if not 1 <= args.train_per_class <= largest:
             p.error(f"--train-per-class must be in [1, {largest}] {why}")
+    subset_seed = getattr(args, "subset_seed", None)
+    if subset_seed is not None:
+        drawing = " and ".join(k.name for k in DATA_KINDS if k.draws_subset)
+        if not kind.draws_subset:
+            p.error(f"--subset-seed applies to {drawing} data"
+                    + (" (digits draws its --train-per-class images with --seed)" if kind.name == "digits" else ""))
+        if args.train_per_class is None:
+            p.error(f"--subset-seed draws the --train-per-class images of each class: give --train-per-class N "
+                    f"(without it every training image of {kind.name} is used)")
+        if subset_seed < 0:
+            p.error(f"--subset-seed must be >= 0, got {subset_seed}")
 
 
 def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

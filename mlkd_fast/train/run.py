@@ -538,8 +538,9 @@ def write_summary(summary: dict[str, Any], run: Run, trained: bool) -> dict[str,
 # run silently (or, for the optimiser's settings, ignore them while config.json recorded them).
 RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
                    "global_correlation", "global_supcon", "seed", "label_noise", "noise_type", "imbalance",
-                   "train_per_class", "val_fraction", "lr_steps", "teacher_new_head", "nesterov", "lr", "scale_lr",
-                   "weight_decay", "batch_size", "sync_bn", "cache_wrap", "image_size", "steps_per_epoch", "decode")
+                   "train_per_class", "subset_seed", "val_fraction", "lr_steps", "teacher_new_head", "nesterov", "lr",
+                   "scale_lr", "weight_decay", "batch_size", "sync_bn", "cache_wrap", "image_size", "steps_per_epoch",
+                   "decode")
 # ... and what the run made of its inputs (resume_config): the data's and the teacher's identity, precision
 DERIVED_SETTINGS = ("data_sha256", "teacher_sha256", "precision")
 # Not among them: --epochs and --teacher-epochs. A resume with another count trains the phase to it on

