@@ -45,6 +45,32 @@ def test_evaluate_reports_top1_and_top5_and_no_top5_for_five_classes_or_fewer():
     assert top1 == 25.0 and top5 != top5  # NaN: 100 by definition, reported as n/a (None)
 
 
+def test_evaluate_reports_the_class_balanced_top1_the_mean_of_per_class_recalls():
+    """Hand computation: class 0 has 3 samples (2 right), class 1 has 1 (right), class 2 has 2 (none right),
+    class 3 none: balanced = (2/3 + 1 + 0) / 3 = 55.56 %, the plain top-1 3/6 = 50 %."""
+    ctx = loop.RunContext(torch.device("cpu"), loop.DistInfo(), None, "", print, loop.StopFlag())
+    predicted = torch.tensor([0, 0, 3, 1, 0, 1])  # the class each sample's logits put first
+    y = torch.tensor([0, 0, 0, 1, 2, 2])
+    logits = nn.functional.one_hot(predicted, 4).float()
+    idx = torch.arange(6.0)[:, None]
+    accuracy = loop.evaluate(_Fixed(logits), [(idx[:4], y[:4]), (idx[4:], y[4:])], ctx)
+    top1, top5 = accuracy  # still a pair
+    assert top1 == 50.0 and abs(accuracy.balanced_top1 - 100 * (2 / 3 + 1 + 0) / 3) < 1e-9
+    assert loop.evaluate(_Fixed(logits), [], ctx).balanced_top1 != loop.evaluate(_Fixed(logits), [], ctx).balanced_top1
+
+
+def test_the_balanced_top1_is_logged_beside_top1_and_val_top1(tmp_path):
+    summary = main(["--method", "ce", "--teacher-epochs", "0", "--epochs", "2", "--train-per-class", "30",
+                    "--imbalance", "5", "--val-fraction", "0.3", "--batch-size", "16", "--quiet", "--no-curves",
+                    "--out", str(tmp_path)])
+    records = _records(tmp_path / "metrics.jsonl")
+    assert all(0 <= r["balanced_top1"] <= 100 and 0 <= r["val_balanced_top1"] <= 100 for r in records)
+    assert summary["balanced_top1"] == records[-1]["balanced_top1"] or \
+        abs(summary["balanced_top1"] - records[-1]["balanced_top1"]) < 1e-3
+    assert abs(summary["val_balanced_top1"] - records[-1]["val_balanced_top1"]) < 1e-3
+    assert json.loads((tmp_path / "summary.json").read_text())["val_balanced_top1"] == summary["val_balanced_top1"]
+
+
 # ---- metrics, steps, TensorBoard, curves ---------------------------------------------------------------
 def test_a_run_logs_top5_per_epoch_terms_per_step_tensorboard_and_curves(tmp_path):
     pytest.importorskip("tensorboard", reason="--tensorboard needs the tensorboard package")

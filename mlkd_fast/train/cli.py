@@ -42,9 +42,10 @@ global batch is N times it; --scale-lr multiplies the lr by N, the linear scalin
 
 Outputs in --out (a folder holding a run is refused: --resume or --overwrite): config.json,
 metrics.jsonl (one line per epoch: the epoch's mean loss and mean of each of the method's terms,
-top-1, top-5, the lr it trained with, images/s), steps.jsonl (loss and terms every --log-every
-steps), curves.png (with matplotlib), tensorboard/ (with --tensorboard), summary.json
-(teacher/student_top1 and _top5, best/last epoch, images/s; baseline_top1 with --compare-baseline),
+top-1, top-5, the class-balanced top-1, the lr it trained with, images/s), steps.jsonl (loss and
+terms every --log-every steps), curves.png (with matplotlib), tensorboard/ (with --tensorboard), summary.json
+(teacher/student_top1 and _top5, balanced_top1, val_top1 and val_balanced_top1 with --val-fraction,
+best/last epoch, images/s; baseline_top1 with --compare-baseline),
 checkpoint.pt (every epoch, atomically; --resume continues exactly; at the end the last phase's final
 training state, for --resume with a larger --epochs), <phase>.pt (final weights of each trained
 network; python -m mlkd_fast.train.export writes one in its library's own layout),

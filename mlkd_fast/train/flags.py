@@ -117,7 +117,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         "ratio^(-k/(K-1)) of the largest class's size (1 = off)")
     g.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of each class of the (corrupted) training data as a validation "
-                        "split, evaluated with the test set (val_top1 in metrics.jsonl and summary.json): for choosing "
+                        "split, evaluated with the test set (val_top1 and val_balanced_top1, the mean of the per-class "
+                        "top-1, in metrics.jsonl and summary.json): for choosing "
                         "weights without the test set; fixed by --seed (default: 0, none)")
     g.add_argument("--train-per-class", type=int, default=None,
                    help="digits: this many training images per class, every other image in the test set "

@@ -387,12 +387,49 @@ def _warn_corrupt(count: int, phase: str, epoch: int, ctx: RunContext) -> None:
               f"in corrupt_images; --on-corrupt fail stops at the first, naming it)", file=sys.stderr, flush=True)
 
 
+class Accuracy(tuple):
+    """What :func:`evaluate` returns: ``(top1, top5)`` (unpacked as before), with ``balanced_top1`` as an
+    attribute: the mean over the classes present in the batches of each class's top-1 (its recall), in
+    percent; NaN without samples. On a long-tailed split it weighs every class alike, as a balanced test
+    set does."""
+
+    balanced_top1: float
+
+    def __new__(cls, top1: float, top5: float, balanced_top1: float = float("nan")) -> "Accuracy":
+        accuracy = super().__new__(cls, (top1, top5))
+        accuracy.balanced_top1 = balanced_top1
+        return accuracy
+
+
+def balanced_top1(correct: torch.Tensor, count: torch.Tensor) -> float:
+    """The class-balanced top-1 in percent: the mean of ``correct[c] / count[c]`` over the classes c with
+    ``count[c] > 0`` (NaN when none has samples)."""
+    present = count > 0
+    if not bool(present.any()):
+        return float("nan")
+    return 100.0 * float((correct[present].double() / count[present].double()).mean())
+
+
+def _classes_across(classes: int, device: torch.device) -> int:
+    """The classes of the logits on any rank (a rank without evaluation batches saw none): every rank's
+    per-class sums then have one length."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return classes
+    t = torch.tensor([classes], dtype=torch.int64, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, ctx: RunContext) -> tuple[float, float]:
-    """``(top1, top5)`` accuracy in percent over this rank's share of ``batches``, summed over ranks.
-    Top-5 is NaN (reported as n/a) with 5 classes or fewer, where it is 100 by definition."""
+def evaluate(model: nn.Module, batches, ctx: RunContext) -> Accuracy:
+    """``(top1, top5)`` accuracy in percent over this rank's share of ``batches``, summed over ranks,
+    with the class-balanced top-1 as ``.balanced_top1`` (:class:`Accuracy`). Top-5 is NaN (reported as
+    n/a) with 5 classes or fewer, where it is 100 by definition."""
     model.eval()
     correct = torch.zeros(2, dtype=torch.int64, device=ctx.device)
+    per_class: Optional[torch.Tensor] = None  # (2, classes): right at top-1, samples
     count, classes = 0, 0
     for x, y in batches:
         with ctx.autocast():
@@ -401,8 +438,16 @@ def evaluate(model: nn.Module, batches, ctx: RunContext) -> tuple[float, float]:
         top = logits.topk(min(5, classes), dim=1).indices == y[:, None]
         correct += torch.stack([top[:, 0].sum(), top.any(1).sum()])
         count += y.shape[0]
+        if per_class is None:
+            per_class = torch.zeros(2, classes, dtype=torch.int64, device=ctx.device)
+        per_class[0] += torch.bincount(y[top[:, 0]], minlength=classes)[:classes]
+        per_class[1] += torch.bincount(y, minlength=classes)[:classes]
     c1, c5, n = sum_across([float(correct[0]), float(correct[1]), float(count)], ctx.device)
-    return 100.0 * c1 / max(n, 1), (100.0 * c5 / max(n, 1) if classes > 5 else float("nan"))
+    k = _classes_across(classes, ctx.device)
+    sums = torch.zeros(2, k, dtype=torch.int64) if per_class is None else per_class.cpu()
+    by_class = torch.tensor(sum_across(sums.flatten().tolist(), ctx.device), dtype=torch.float64).view(2, k)
+    return Accuracy(100.0 * c1 / max(n, 1), (100.0 * c5 / max(n, 1) if classes > 5 else float("nan")),
+                    balanced_top1(by_class[0], by_class[1]))
 
 
 def run_phase(phase: Phase, source: StepBatches, eval_batches: Optional[Callable[[], Any]], ctx: RunContext,
@@ -416,6 +461,7 @@ def run_phase(phase: Phase, source: StepBatches, eval_batches: Optional[Callable
     partial = resume.get("partial") if resume is not None and step else None
     last_top1 = phase.history[-1]["top1"] if phase.history else float("nan")
     last_top5 = phase.history[-1].get("top5", float("nan")) if phase.history else float("nan")
+    last_balanced = phase.history[-1].get("balanced_top1", float("nan")) if phase.history else float("nan")
     while epoch < phase.epochs:
         corrupt_before = source.corrupt
         stats = train_epoch(phase, source, epoch, step, ctx, partial)
@@ -434,26 +480,35 @@ def run_phase(phase: Phase, source: StepBatches, eval_batches: Optional[Callable
         # every rank evaluates (and rank 0 saves) the same statistics: rank 0's
         broadcast_buffers(phase.model, phase.distiller)
         evaluates = (epoch + 1) % ctx.eval_every == 0 or epoch + 1 == phase.epochs
-        top1, top5 = (evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None and evaluates
-                      else (float("nan"),) * 2)
+        test = (evaluate(phase.model, eval_batches(), ctx) if eval_batches is not None and evaluates
+                else Accuracy(float("nan"), float("nan")))
+        top1, top5 = test
+        balanced = getattr(test, "balanced_top1", float("nan"))
         if top1 > phase.best_top1:
             phase.best_top1, phase.best_epoch = top1, epoch + 1
         if evaluates:
-            last_top1, last_top5 = top1, top5
-        val_top1 = evaluate(phase.model, val_batches(), ctx)[0] if val_batches is not None and evaluates else None
+            last_top1, last_top5, last_balanced = top1, top5, balanced
+        val = evaluate(phase.model, val_batches(), ctx) if val_batches is not None and evaluates else None
+        val_top1 = val[0] if val is not None else None
+        val_balanced = getattr(val, "balanced_top1", float("nan")) if val is not None else None
+        if val_balanced is not None and math.isnan(val_balanced):
+            val_balanced = None
         # one meaning per field: the epoch's means (the loss and every term, over the whole epoch, a resumed
         # one included) and the lr the epoch trained with (the scheduler has already stepped to the next)
         record = {"phase": phase.name, "epoch": epoch + 1, "loss": _round(stats["loss"], 5),
                   "top1": round(top1, 3) if not math.isnan(top1) else None,
                   "top5": round(top5, 3) if not math.isnan(top5) else None,
+                  "balanced_top1": round(balanced, 3) if not math.isnan(balanced) else None,
                   "images_per_s": round(stats["images_per_s"], 1), "step_ms": round(stats["step_ms"], 2),
                   "lr": stats["lr"], "corrupt_images": source.corrupt}
         if ctx.on_nonfinite == "skip":
             record["skipped_steps"] = stats["skipped"]
         if val_top1 is not None:
             record["val_top1"] = round(val_top1, 3)
+            record["val_balanced_top1"] = round(val_balanced, 3) if val_balanced is not None else None
         record.update({k: _round(v, 5) for k, v in stats["terms"].items()})
-        phase.history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "val_top1": val_top1,
+        phase.history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "balanced_top1": balanced,
+                              "val_top1": val_top1, "val_balanced_top1": val_balanced,
                               "images_per_s": stats["images_per_s"]})
         ctx.log(record)
         epoch, step = epoch + 1, 0
@@ -461,7 +516,9 @@ def run_phase(phase: Phase, source: StepBatches, eval_batches: Optional[Callable
             save_checkpoint(ctx.checkpoint_path, phase.state(epoch, 0, ctx.completed, ctx.config))
     rates = [h["images_per_s"] for h in phase.history]
     last_val = phase.history[-1].get("val_top1") if phase.history else None
+    last_val_balanced = phase.history[-1].get("val_balanced_top1") if phase.history else None
     return {"finished": True, "last_top1": last_top1, "last_top5": last_top5, "last_val_top1": last_val,
+            "last_balanced_top1": last_balanced, "last_val_balanced_top1": last_val_balanced,
             "best_top1": phase.best_top1,
             "best_epoch": phase.best_epoch,
             "last_epoch": phase.epochs, "images_per_s": sum(rates) / max(len(rates), 1)}

@@ -501,7 +501,9 @@ def phase_results(done: dict[str, Any], run: Run) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if s.get("last_val_top1") is not None:
         results["val_top1"] = s["last_val_top1"]
-    results.update(student_top1=s["last_top1"], student_top5=s.get("last_top5"), best_top1=s["best_top1"],
+        results["val_balanced_top1"] = s.get("last_val_balanced_top1")
+    results.update(student_top1=s["last_top1"], student_top5=s.get("last_top5"),
+                   balanced_top1=s.get("last_balanced_top1"), best_top1=s["best_top1"],
                    best_epoch=s["best_epoch"], last_epoch=s["last_epoch"], images_per_s=round(s["images_per_s"], 1),
                    corrupt_images=run.train.corrupt)
     if "baseline" in done:
