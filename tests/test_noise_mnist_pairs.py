@@ -32,3 +32,11 @@ def test_mnist_pairs_needs_ten_classes_and_reaches_the_cli():
         D.add_label_noise(torch.arange(5), 0.2, 5, seed=0, kind="mnist-pairs")
     args = parse_args(["--data", "digits", "--label-noise", "0.4", "--noise-type", "mnist-pairs"])
     assert args.noise_type == "mnist-pairs"
+
+
+def test_the_help_of_noise_type_says_what_mnist_pairs_does():
+    from mlkd_fast.train.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if "--noise-type" in a.option_strings)
+    assert "mnist-pairs" in action.choices
+    assert "mnist-pairs:" in action.help and "2->7, 3->8, 5<->6, 7->1" in action.help

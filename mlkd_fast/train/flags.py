@@ -111,7 +111,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                    help="fraction of training labels replaced by another class, fixed by --seed")
     g.add_argument("--noise-type", choices=NOISE_TYPES, default="symmetric",
                    help="symmetric: a noisy label is a uniformly drawn other class; asymmetric: class c becomes "
-                        "class (c + 1) mod K, the same fraction in every class (default: %(default)s)")
+                        "class (c + 1) mod K, the same fraction in every class; mnist-pairs: the standard MNIST "
+                        "class-pair noise, the fraction of classes 2, 3, 5, 6, 7 becoming 7, 8, 6, 5, 1 (2->7, "
+                        "3->8, 5<->6, 7->1), the other classes clean (10-class data only) (default: %(default)s)")
     g.add_argument("--imbalance", type=float, default=1.0,
                    help="long-tailed training set: largest / smallest class size ratio, class k keeping "
                         "ratio^(-k/(K-1)) of the largest class's size (1 = off)")
