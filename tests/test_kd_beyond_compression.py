@@ -293,3 +293,50 @@ def test_choices_under_long_tail_read_the_balanced_validation_when_reported():
     assert study.validation(plain) == 90.0
     assert study.validation({**plain, study.BALANCED_VAL: 60.0}) == 60.0
     assert study.validation({**plain, "setting": "sym40", study.BALANCED_VAL: 60.0}) == 90.0
+
+
+def test_each_seed_draws_its_own_pool_and_every_run_of_a_seed_shares_it(tmp_path):
+    """mnist5k: --subset-seed is the run's seed for the teacher, its cache and the students (one draw per
+    seed; the cache's data hash then matches the students'); digits (--quick) draws with --seed itself."""
+    args, extra = study.parse_args([])
+    protocol = study.build_protocol(args, extra)
+    assert protocol.draws_pool
+    choice = study.planned_choice(protocol)
+    keys = [k for k in study.table_plan(protocol, choice) if k.seed == 3]
+    assert {k.role for k in keys} >= {"teacher", "cache", "base", "method"}
+    for k in keys:
+        argv = study.argv_of(k, protocol, str(tmp_path))
+        assert argv[argv.index("--subset-seed") + 1] == argv[argv.index("--seed") + 1] == "3"
+        assert argv[argv.index("--train-per-class") + 1] == str(protocol.pool)
+    text = study.protocol_text(protocol)
+    assert "drawn per seed from each class's 400" in text and "Ratio 100 would leave 2" in text
+    args, extra = study.parse_args(["--quick"])
+    quick = study.build_protocol(args, extra)
+    assert not quick.draws_pool and "--subset-seed" not in study.argv_of(study.ladder_plan(quick)[0], quick, "R")
+    # a runs folder of the older protocol (the first images of each class for every seed) is refused
+    old = tmp_path / "runs" / "calibration" / "clean" / "base-ce" / "lr0.1_s100" / "seed1000"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text(json.dumps({"seed": 1000, "train_per_class": 200}))
+    with pytest.raises(SystemExit, match="the first images of each class"):
+        study.check_runs(str(tmp_path / "runs"), protocol)
+    study.check_runs(str(tmp_path / "runs"), quick)  # digits: nothing drawn by --subset-seed, as recorded
+    (old / "config.json").write_text(json.dumps({"seed": 1000, "subset_seed": 1000}))
+    study.check_runs(str(tmp_path / "runs"), protocol)
+
+
+def test_the_curve_under_long_tail_reads_the_balanced_validation(tmp_path):
+    key = study.Key("table", "lt10", "base", "ce", 0, 0.1, 100)
+    folder = tmp_path / key.folder
+    folder.mkdir(parents=True)
+    records = [{"phase": "student", "epoch": 1, "top1": 80.0, "val_top1": 90.0, study.BALANCED_VAL: 50.0},
+               {"phase": "student", "epoch": 2, "top1": 85.0, "val_top1": 85.0, study.BALANCED_VAL: 70.0}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert study.curve(str(tmp_path), key) == [[1, 50.0, 80.0], [2, 70.0, 85.0]]
+    values = study.table_values([{"phase": "table", "role": "base", "label": "ce", "setting": "lt10", "seed": 0,
+                                  "top1": 85.0, "val_top1": 85.0, study.BALANCED_VAL: 70.0, "failed": None,
+                                  "curve": study.curve(str(tmp_path), key)}])
+    assert values[(study.EARLY_STOPPED, "lt10", 0)]["epoch"] == 2  # the best balanced epoch, not the plain one
+    plain = study.Key("table", "sym40", "base", "ce", 0, 0.1, 100)
+    (tmp_path / plain.folder).mkdir(parents=True)
+    (tmp_path / plain.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert study.curve(str(tmp_path), plain) == [[1, 90.0, 80.0], [2, 85.0, 85.0]]
