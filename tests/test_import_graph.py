@@ -124,3 +124,17 @@ def test_each_module_imports_alone():
     run = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *modules], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_trainer_imports_no_private_name_of_the_zoo():
+    """mlkd_fast.train reads the zoo (mlkd_fast.methods) through its public names only (models.py: the
+    classifier finder is taps.find_classifier; _find_classifier stays an alias for older callers)."""
+    from mlkd_fast.methods import taps
+
+    assert taps._find_classifier is taps.find_classifier
+    private = []
+    for path in (ROOT / "mlkd_fast" / "train").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and "methods" in (node.module or "").split("."):
+                private += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, private

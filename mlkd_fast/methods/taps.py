@@ -292,7 +292,11 @@ class _InputTap:
         self._handle.remove()
 
 
-def _find_classifier(net: nn.Module, input_shape: Sequence[int]) -> str:
+def find_classifier(net: nn.Module, input_shape: Sequence[int]) -> str:
+    """The module path of ``net``'s classifier (the layer that maps its pooled features to the logits),
+    found by one forward of zero inputs of ``input_shape`` (C, H, W) with every module recorded: the
+    outermost module returning the logits from ``(B, D)`` features through a single linear layer, else
+    the innermost that returned them. A ValueError when no submodule produced the logits."""
     recorded: list[tuple[str, Any, Any]] = []  # (module, input, output) in the order they finished
 
     def recorder(name: str):
@@ -321,6 +325,9 @@ def _find_classifier(net: nn.Module, input_shape: Sequence[int]) -> str:
     return name
 
 
+_find_classifier = find_classifier  # the older, private name
+
+
 @torch.no_grad()
 def model_spec(model: nn.Module, input_shape: Sequence[int], stages: Optional[Sequence[str]] = None) -> ModelSpec:
     """The :class:`ModelSpec` of ``model`` for inputs of ``input_shape`` (C, H, W): classes,
@@ -342,7 +349,7 @@ def model_spec(model: nn.Module, input_shape: Sequence[int], stages: Optional[Se
     else:
         names = list(stages)
     logits, feats = split_outputs(_probe(net, input_shape))
-    feature_module = None if feats is not None else _find_classifier(net, input_shape)
+    feature_module = None if feats is not None else find_classifier(net, input_shape)
     tapped = TappedNetwork(net, names, feature_module)
     try:
         out = _probe(net, input_shape, tapped)

@@ -105,9 +105,9 @@ class WithFeatures(nn.Module):
     def __init__(self, net: nn.Module, head_path: Optional[str] = None, input_shape: tuple = (3, 64, 64)) -> None:
         super().__init__()
         if head_path is None:
-            from ..methods.taps import _find_classifier
+            from ..methods.taps import find_classifier
 
-            head_path = _find_classifier(net, input_shape)
+            head_path = find_classifier(net, input_shape)
         parent_path, _, leaf = head_path.rpartition(".")
         parent = net.get_submodule(parent_path) if parent_path else net
         self.head = getattr(parent, leaf)
