@@ -467,3 +467,18 @@ def test_export_of_a_digits_student_loads_into_the_library_network(finished, tmp
     assert meta["library"] == "mlkd_fast" and meta["transform"]["input_size"] == [1, 8, 8]
     build_model("cnn-tiny", 10, in_channels=1).load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert export_cli([str(tmp_path / "nowhere"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_python_m_export_prints_no_runpy_warning(finished, tmp_path):
+    """``python -m mlkd_fast.train.export``: the package does not import the module first (runpy's
+    "found in sys.modules after import of package" RuntimeWarning), and ``from mlkd_fast.train import
+    export_student`` still works."""
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "mlkd_fast.train.export", str(finished),
+                           str(tmp_path / "s.pt")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning" not in done.stderr and "sys.modules" not in done.stderr, done.stderr
+    assert (tmp_path / "s.pt").is_file()
+    from mlkd_fast.train import export_student
+    from mlkd_fast.train.export import export_student as direct
+
+    assert export_student is direct

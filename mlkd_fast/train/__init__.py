@@ -14,8 +14,24 @@
 - :mod:`.export`: :func:`export_student`, a trained network in its library's own layout.
 The objective of a phase is a distiller of :mod:`mlkd_fast.methods`.
 """
+from typing import Any
+
 from .cli import parse_args  # noqa: E402
-from .export import export_student  # noqa: E402
 from .run import main  # noqa: E402
 
 __all__ = ["main", "parse_args", "export_student"]
+
+
+def __getattr__(name: str) -> Any:
+    """``export_student``, imported when first asked for: importing :mod:`.export` with the package would
+    make ``python -m mlkd_fast.train.export`` warn that the module was already imported (runpy)."""
+    if name == "export_student":
+        from .export import export_student
+
+        globals()["export_student"] = export_student
+        return export_student
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"export_student"})
