@@ -41,6 +41,7 @@ BAD_NUMBERS = {
     "--imbalance": ["0.5", "nan", "inf"],
     "--val-fraction": ["-0.1", "1", "nan"],
     "--train-per-class": ["0", "151", "-1"],
+    "--subset-seed": ["-1", "x", "1.5"],
     "--lr-steps": ["a,b", "0", "-5"],
     "--num-classes": ["3", "0"],
     "--steps-per-epoch": ["2", "0"],
