@@ -9,7 +9,6 @@ slot, decoded by that slot's decoder (:data:`.format.SLOTS`).
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -105,7 +104,7 @@ class TeacherCache:
 
 @dataclass
 class _Shard:
-    """A shard read and verified in the background: its tensors, the error its first use raises (samples
+    """A shard read (in the background) and verified (on first use): its tensors, the error its first use raises (samples
     of another order, views of another augmentation), whether every sample in it has outputs, and
     whether its views were checked as a whole (then a batch's are not)."""
 
@@ -122,8 +121,8 @@ class CachedSource:
     stored teacher outputs, ``(x, y, index, Outputs)`` (``yields_teacher_outputs``: the loop passes them
     to the Distillation). With ``wrap``, epoch e replays the cache's epoch e mod E.
 
-    What is checked, and when: each shard once, as it is read in the background (its samples are the
-    epoch order's at its positions; where the base source's views are a function of (seed, epoch,
+    What is checked, and when: each shard once, read and checksummed in the background and verified on
+    its first use (its samples are the epoch order's at its positions; where the base source's views are a function of (seed, epoch,
     index) alone, ``base.epoch_params(epoch)`` as in the in-memory sets, its stored views are those
     drawn; whether every sample has outputs). A batch then costs a position lookup and, for the usual
     batch of consecutive positions in one shard, slices of the stored tensors (no copy on CPU). Views
@@ -144,8 +143,7 @@ class CachedSource:
         self._loaded: dict[tuple[int, int], Future] = {}
         self._current: Optional[tuple[tuple[int, int], _Shard]] = None
         self._orders: dict[int, Tensor] = {}
-        self._orders_lock = threading.Lock()  # the training thread and the reading one share the orders
-        self._pool = ThreadPoolExecutor(1)  # reads and verifies the next shard while this one trains
+        self._pool = ThreadPoolExecutor(1)  # reads the next shard while this one trains (no torch compute there)
 
     @property
     def corrupt(self) -> int:
@@ -155,18 +153,18 @@ class CachedSource:
         return self.base.steps_per_epoch()
 
     def _order(self, epoch: int) -> Tensor:
-        """The cached epoch's order (the last two kept: the background thread reads ahead one epoch)."""
-        with self._orders_lock:
-            if epoch not in self._orders:
-                if len(self._orders) > 1:
-                    self._orders.pop(min(self._orders))
-                self._orders[epoch] = D.epoch_order(self.n, self.cache.manifest["seed"], epoch)
-            return self._orders[epoch]
+        """The cached epoch's order (the last two kept: a batch's epoch and the shard verified ahead of it)."""
+        if epoch not in self._orders:
+            if len(self._orders) > 1:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = D.epoch_order(self.n, self.cache.manifest["seed"], epoch)
+        return self._orders[epoch]
 
-    def _load(self, epoch: int, k: int) -> _Shard:
-        """Shard k of a cached epoch, read, checked (:meth:`TeacherCache.shard`) and verified against this
-        run's order and, where the source can say them without the images, its views (background thread)."""
-        state = self.cache.shard(epoch, k)
+    def _verify(self, epoch: int, k: int, state: dict[str, Any]) -> _Shard:
+        """Shard k of a cached epoch verified against this run's order and, where the source can say them
+        without the images, its views. On the training thread, once per shard: torch ops on the reading
+        thread would start a second OpenMP team beside training's, whose spinning workers slowed a
+        2-core CPU's steps 2.6x (measured on digits)."""
         start = state["start"]
         path = shard_path(self.cache.folder, epoch, k)
         index = state["index"]
@@ -184,20 +182,21 @@ class CachedSource:
 
     def _shard(self, epoch: int, k: int) -> _Shard:
         """Shard k of a cached epoch (the one of the batch before, mostly); a newly needed one is
-        awaited, its verification's error raised, and the next one, across the epoch's end too, queued."""
+        awaited (read and checksummed in the background), verified, its error raised, and the next one,
+        across the epoch's end too, queued."""
         key = (epoch, k)
         if self._current is not None and self._current[0] == key:
             return self._current[1]
         if key not in self._loaded:
-            self._loaded[key] = self._pool.submit(self._load, epoch, k)
-        shard = self._loaded[key].result()
+            self._loaded[key] = self._pool.submit(self.cache.shard, epoch, k)
+        shard = self._verify(epoch, k, self._loaded[key].result())
         if k + 1 < self.per_epoch:
             nxt: Optional[tuple[int, int]] = (epoch, k + 1)
         else:
             following = (epoch + 1) % self.cache.epochs if self.wrap else epoch + 1
             nxt = (following, 0) if following < self.cache.epochs else None
         if nxt is not None and nxt not in self._loaded:
-            self._loaded[nxt] = self._pool.submit(self._load, *nxt)
+            self._loaded[nxt] = self._pool.submit(self.cache.shard, *nxt)
         for old in [s for s in self._loaded if s not in (key, nxt)]:
             del self._loaded[old]
         if shard.error is not None:
