@@ -120,7 +120,7 @@ def kd_kl_div(
     device = s.device
     if t.device != device or (row_mask is not None and row_mask.device != device):
         device = check.same_device({"student_logits": s, "teacher_logits": t, "row_mask": row_mask})
-    impl = backends.resolve(backend, device)
+    impl = backends.resolve(backend, device, op="kd_kl")
 
     lead_shape = s.shape[:-1]
     num_classes = s.shape[-1]
@@ -243,7 +243,7 @@ def correlation_kl(
     rows_in_cols = square or bool(cols_start_with_rows)  # row i is column i: (i, i) is its self-similarity
     exclude_diagonal = rows_in_cols and not keep_diagonal
     counted_cols = n_cols - 1 if exclude_diagonal else n_cols
-    impl = backends.resolve(backend, device)
+    impl = backends.resolve(backend, device, op="correlation")
     if counted_cols < 2:
         # One-point (or empty) row distributions: KL exactly 0. Decided by the shapes alone (no host sync).
         rows = _zero_rows(a_s, None if square else b_s, math_dtype(a_s, a_t, b_s, b_t))

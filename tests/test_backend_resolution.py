@@ -207,7 +207,7 @@ def spy(monkeypatch):
     monkeypatch.setitem(REGISTRY, "spy", entry)
     resolved = []
     resolve = backends.resolve
-    monkeypatch.setattr(backends, "resolve", lambda b, d: resolved.append(b) or resolve(b, d))
+    monkeypatch.setattr(backends, "resolve", lambda b, d, op=None: resolved.append(b) or resolve(b, d, op))
     spy.resolved = resolved
     return spy
 
