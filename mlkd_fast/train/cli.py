@@ -13,6 +13,7 @@ import torch
 from .. import methods as M
 from ..backends import BACKENDS, ENV_VAR, resolve_backend
 from .config import DERIVED, TrainConfig
+from .method_lists import cache_served_methods
 # the flags and checks shared with mlkd-cache (also importable from here, as they always were)
 from .flags import (DEFAULTS, KIND_FLAG_DEFAULTS, SYNTHETIC_DEFAULTS, FlagParser, _Parser, arch_flag,  # noqa: F401
                     add_data_arguments, add_device_arguments, add_teacher_arguments, add_version_argument,
@@ -36,7 +37,7 @@ epochs, lr schedule, weight decay and momentum; flags given explicitly override 
 replays a run's config.json (or reads a YAML file) with the command line's flags on top (--unset FLAG
 drops one of the file's values).
 Teacher cache: mlkd-cache (same data flags) runs the teacher once over the views E epochs draw;
---teacher-cache DIR then trains without a teacher network (README, "The teacher cache").
+--teacher-cache DIR then trains without a teacher network (docs/cache.md).
 Multi-GPU: torchrun --nproc_per_node N -m mlkd_fast.train ... (--batch-size is per process; the
 global batch is N times it; --scale-lr multiplies the lr by N, the linear scaling rule).
 
@@ -376,11 +377,12 @@ def add_speed_arguments(g: argparse._ArgumentGroup) -> None:
     add_device_arguments(g)
     g.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="distil from a teacher cache written by mlkd-cache instead of a teacher network: the data "
-                        "pipeline replays the views it stored (checked batch by batch), no teacher is built or trained "
-                        "(--teacher-arch / --teacher-weights are not needed; given, they are checked against the "
-                        "cache's manifest, as are the data, its augmentation, --seed and --rotations). For methods "
-                        "that read the teacher's logits and pooled features (kd, dkd, dist, crd, pkt, rkd, cc, "
-                        "mlkd, paper); a method that needs stage maps or a live teacher is refused")
+                        "pipeline replays the views it stored (checked as each shard is first read; folder views "
+                        "batch by batch), no teacher is built or trained (--teacher-arch / --teacher-weights are "
+                        "not needed; given, they are checked against the cache's manifest, as are the data, its "
+                        "augmentation, --seed and --rotations). For methods that read the teacher's logits and "
+                        "pooled features (" + ", ".join(cache_served_methods()) + "); a method that needs stage "
+                        "maps or a live teacher is refused")
     g.add_argument("--cache-wrap", action="store_true",
                    help="with --teacher-cache of fewer epochs than --epochs: epoch e replays the cache's epoch "
                         "e mod E (its order and views too); without it, more epochs than cached is an error")
