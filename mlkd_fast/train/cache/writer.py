@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Iterator, Optional, Sequence
@@ -33,7 +32,7 @@ from .. import data as D
 from .. import flags
 from ..checkpoint import CACHE_FILES, RUN_FILES, check_writable, move_aside, present, write_json_atomic
 from ..data import with_rotations
-from ..errors import InputError, UserError, one_line
+from ..errors import InputError, UserError, exit_status, one_line
 from ..method_lists import cache_feature_methods
 from . import _trainer_glue as glue
 from ._trainer_glue import writer_setup  # public here: the data, device and teacher of the arguments
@@ -543,21 +542,6 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_cache_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    try:
-        create(args)
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
-        print(f"{PROG}: {one_line(Exception(exc.code))}".replace(f"{PROG}: mlkd-train: ", f"{PROG}: "),
-              file=sys.stderr, flush=True)
-        return 2
-    except UserError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the shards written so far are kept: the same command with --resume continues",
-              file=sys.stderr, flush=True)
-        return 130
-    return 0
+    return exit_status(lambda: create(args), PROG, debug=args.debug,
+                       interrupted="interrupted; the shards written so far are kept: the same command with "
+                                   "--resume continues")
