@@ -67,3 +67,23 @@ def test_a_new_method_appears_in_the_lists_by_registering(monkeypatch):
         assert parser.parse_args(["--global-echo-bank"]).global_echo_bank
     finally:
         L._probe.cache_clear()
+
+
+def test_mlkd_train_flags_config_fields_and_resume_settings_follow_the_hooks():
+    """mlkd-train declares one --global-<hook> flag per optional hook (add_gather_hook_arguments), its
+    TrainConfig has a field for each (a hook a new method adds fails here until the field is added) and
+    a resume checks each; the misuse error names the methods that have the hook."""
+    import dataclasses
+
+    from mlkd_fast.train import cli, run
+    from mlkd_fast.train.config import TrainConfig
+
+    dests = set(L.gather_hook_dests())
+    fields = {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("global_")}
+    assert fields == dests
+    assert dests <= set(run.RESUME_SETTINGS)
+    help_text = cli.build_parser().format_help()
+    for hook in L.gather_hooks():
+        assert f"--global-{hook.replace('_', '-')}" in help_text
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--method", "kd", "--global-supcon"])

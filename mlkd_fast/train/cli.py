@@ -13,7 +13,7 @@ import torch
 from .. import methods as M
 from ..backends import BACKENDS, ENV_VAR, resolve_backend
 from .config import DERIVED, TrainConfig
-from .method_lists import cache_served_methods
+from .method_lists import add_gather_hook_arguments, cache_served_methods, gather_hooks
 # the flags and checks shared with mlkd-cache (also importable from here, as they always were)
 from .flags import (DEFAULTS, KIND_FLAG_DEFAULTS, SYNTHETIC_DEFAULTS, FlagParser, _Parser, arch_flag,  # noqa: F401
                     add_data_arguments, add_device_arguments, add_teacher_arguments, add_version_argument,
@@ -331,13 +331,7 @@ def add_objective_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--temperature", type=float, default=None,
                    help="temperature option of the methods that have one (default: each method's own, e.g. 4 for "
                         "mlkd and kd)")
-    g.add_argument("--global-correlation", action="store_true",
-                   help="under DDP, the correlation spans the global batch: each process's rows against "
-                        "all processes' columns (all-gathered with gradient)")
-    g.add_argument("--global-supcon", action="store_true",
-                   help="under DDP, the SupCon term (mlkd with w_supcon > 0, e.g. paper) spans the global batch: "
-                        "each process's "
-                        "embeddings are contrasted with all processes' (all-gathered with gradient)")
+    add_gather_hook_arguments(g)
     g.add_argument("--sync-bn", action="store_true",
                    help="under DDP, BatchNorm in the trained networks and the loss heads normalises with the "
                         "global batch's statistics (SyncBatchNorm); a no-op in a single process")
@@ -590,10 +584,10 @@ def check_method_flags(p: FlagParser, args: argparse.Namespace, method: type) ->
     if args.rotations > 1 and not method.takes_views:
         p.error(f"--rotations {args.rotations} applies to methods that take rotated views ({', '.join(with_views)}), "
                 f"not {args.method}")
-    for hook in ("correlation", "supcon"):
+    for hook, names in gather_hooks().items():
         if getattr(args, f"global_{hook}") and hook not in method.gather_hooks:
-            p.error(f"--global-{hook} applies to methods with a {hook} term spanning the batch "
-                    f"({', '.join(m for m in METHODS if hook in M.method_class(m).gather_hooks)}), not {args.method}")
+            p.error(f"--global-{hook.replace('_', '-')} applies to methods with a {hook} term spanning the batch "
+                    f"({', '.join(names)}), not {args.method}")
     if args.temperature is not None and not (args.temperature > 0 and math.isfinite(args.temperature)):
         p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
 

