@@ -258,6 +258,49 @@ class EpochSums:
         return means, sums, count, skipped_all
 
 
+class NonFiniteGuard:
+    """An epoch's check for a non-finite loss (``where``: "teacher epoch 3", for its message).
+
+    Where the check costs nothing (one process on CPU, or ``--on-nonfinite skip``, where every step is
+    checked: a host sync on CUDA) each step is checked before its update (:meth:`skips`); elsewhere
+    (CUDA, DDP) the first non-finite step is kept on the device, with no sync in the step, and read
+    once by :meth:`finish` at the end of the epoch."""
+
+    def __init__(self, where: str, acc: "EpochSums", ctx: RunContext):
+        self.where, self.acc, self.ctx = where, acc, ctx
+        self.immediate = checks_each_step(ctx)
+        self.skip = ctx.on_nonfinite == "skip"
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
+
+    def skips(self, step: int, loss: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether the step is to be skipped (``--on-nonfinite skip``); raises :class:`NonFiniteLossError`
+        naming the step and its terms under ``stop``. False without a look where the check is deferred."""
+        if not self.immediate:
+            fresh = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+            self.first_bad = torch.where(fresh, step, self.first_bad)
+            self.acc.bad_values = torch.where(fresh, values, self.acc.bad_values)
+            return False
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.ctx.dist.enabled:  # every rank skips (or stops at) the same step
+            bad = sum_across([float(bad)], self.ctx.device)[0] > 0
+        if bad and not self.skip:
+            raise NonFiniteLossError(f"non-finite loss at {self.where} step {step} ("
+                                     + nonfinite_detail(self.acc.keys, values.tolist()) + ")")
+        return bad
+
+    def finish(self) -> None:
+        """The deferred check: raises when a step of any process was non-finite (every rank stops: the
+        all-reduced weights are non-finite on all of them)."""
+        if self.immediate:
+            return
+        at = int(self.first_bad)
+        seen = sum_across([float(at >= 0)], self.ctx.device)[0] > 0 if self.ctx.dist.enabled else at >= 0
+        if seen:
+            where = (f"step {at} ({nonfinite_detail(self.acc.keys, self.acc.bad_values.tolist())})" if at >= 0
+                     else "a step of another process")
+            raise NonFiniteLossError(f"non-finite loss at {self.where} {where}")
+
+
 def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, ctx: RunContext,
                 partial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One epoch (from ``start_step``); stops early, returning ``interrupted_at``, when asked to.
@@ -271,19 +314,15 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
     running ``sums`` (summed over ranks) that a mid-epoch checkpoint keeps: ``partial``, the sums of a
     checkpoint's interrupted epoch, makes the resumed epoch's means those of the whole epoch.
 
-    A non-finite loss raises :class:`NonFiniteLossError` naming the step and the term, before the
-    step's update where the check costs nothing (one process on CPU, or ``skip``, where every step is
-    checked, a host sync on CUDA); on CUDA and under DDP the flag of the first non-finite step is kept
-    on the device and read at the end of the epoch (no sync in the step), before anything is saved.
+    A non-finite loss raises :class:`NonFiniteLossError` naming the step and the term (when it is
+    checked: :class:`NonFiniteGuard`), before anything of the epoch is saved.
     """
     phase.step_module.train()
     if phase.teacher is not None:
         phase.teacher.eval()
     views = phase.views
-    skip = ctx.on_nonfinite == "skip"
-    immediate = checks_each_step(ctx)
     acc = EpochSums(ctx.device, partial, ctx.dist.main)
-    first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)  # deferred check: the first bad step
+    guard = NonFiniteGuard(f"{phase.name} epoch {epoch + 1}", acc, ctx)
     images, steps = 0, 0
     bar = progress(source.steps_per_epoch(), start_step, f"{phase.name} {epoch + 1}/{phase.epochs}",
                    ctx.progress and ctx.dist.main)
@@ -310,22 +349,11 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
         with ctx.autocast():
             loss = phase.step_module(x, y, **extras)
         values, present = acc.values(loss, distiller.last if distiller is not None else {})
-        if immediate:
-            bad = not bool(torch.isfinite(loss.detach()))
-            if ctx.dist.enabled:  # every rank skips (or stops at) the same step
-                bad = sum_across([float(bad)], ctx.device)[0] > 0
-            if bad and not skip:
-                raise NonFiniteLossError(f"non-finite loss at {phase.name} epoch {epoch + 1} step {step} ("
-                                         + nonfinite_detail(acc.keys, values.tolist()) + ")")
-            if bad:  # --on-nonfinite skip: no update from this step, counted
-                acc.skipped += 1
-                if bar is not None:
-                    bar.update(1)
-                continue
-        else:
-            fresh = (first_bad < 0) & ~torch.isfinite(loss.detach())
-            first_bad = torch.where(fresh, step, first_bad)
-            acc.bad_values = torch.where(fresh, values, acc.bad_values)
+        if guard.skips(step, loss, values):  # --on-nonfinite skip: no update from this step, counted
+            acc.skipped += 1
+            if bar is not None:
+                bar.update(1)
+            continue
         phase.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         phase.optimizer.step()
@@ -346,13 +374,7 @@ def train_epoch(phase: Phase, source: StepBatches, epoch: int, start_step: int, 
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    if not immediate:  # the deferred check, before anything of this epoch is logged or saved
-        at = int(first_bad)
-        seen = sum_across([float(at >= 0)], ctx.device)[0] > 0 if ctx.dist.enabled else at >= 0
-        if seen:  # every rank stops (the all-reduced weights are non-finite on all of them)
-            where = (f"step {at} ({nonfinite_detail(acc.keys, acc.bad_values.tolist())})" if at >= 0
-                     else "a step of another process")
-            raise NonFiniteLossError(f"non-finite loss at {phase.name} epoch {epoch + 1} {where}")
+    guard.finish()  # the deferred check, before anything of this epoch is logged or saved
     if rows:
         ctx.log_steps(step_records(rows, acc.keys, phase.name, epoch, per_epoch, lr))
     means, sums, count, skipped_all = acc.totals(ctx, images)
