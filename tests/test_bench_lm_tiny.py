@@ -104,11 +104,11 @@ def test_targets_pass_and_miss(tmp_path):
     good.write_text(json.dumps(_doc(1000, 2000, 1500, 900, 600, 12000, 3000)))
     text = report_lm.main([str(good), "--out", str(tmp_path)])
     assert "**PASS** CPU fp32 fwd+bwd >= 1.0x eager" in text
-    assert "**PASS** CPU extra peak memory <= 1/8 of eager" in text
-    assert "**PASS** CPU ahead of Liger-Kernel" in text and "**PASS** CPU within 1.25x" in text
+    assert "**PASS** CPU fp32 extra peak memory <= 1/8 of eager" in text
+    assert "**PASS** CPU fp32 ahead of Liger-Kernel" in text and "**PASS** CPU within 1.25x" in text
     assert "load averages (1, 5, 15 min) 1.0, 1.0, 1.0 before and 1.5, 1.2, 1.0 after" in text
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(_doc(2100, 2000, 1500, 900, 2000, 12000, 3000)))
     text = report_lm.main([str(bad), "--out", str(tmp_path)])
     assert "**MISS** CPU fp32 fwd+bwd >= 1.0x eager" in text and "0.95x" in text
-    assert "**MISS** CPU extra peak memory" in text and "**MISS** CPU within 1.25x" in text
+    assert "**MISS** CPU fp32 extra peak memory" in text and "**MISS** CPU within 1.25x" in text

@@ -104,7 +104,7 @@ def test_the_docs_sections_are_what_the_generators_write_from_the_committed_resu
     rows, runs = report.load([os.path.join(results, "cpu.json")])
     short = report.summary(rows, runs) + "\n" + report.composition(os.path.join(results, "train_throughput_cpu.json"))
     plots = [os.path.join(results, "plots", os.path.basename(p)) for p in report.plots(rows, str(tmp_path))]
-    lm_rows, lm_runs = report_lm.load([os.path.join(results, "lm_cpu.json"), os.path.join(results, "lm_cpu_bf16.json")])
+    lm_rows, lm_runs = report_lm.load([os.path.join(results, name) for name in report_lm.COMMITTED_RUNS])
     cases = [
         ("docs/benchmarks.md", report.START, report.END,
          lambda page: report.update_readme(page, short, plots, os.path.join(results, "cpu.md"))),
