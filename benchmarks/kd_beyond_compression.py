@@ -1128,7 +1128,7 @@ def claims(result: dict) -> str:
                 out.append(f"{parts[0]} at {parts[1]} vs {fam[k]['reference']} ({fam[k]['mean']:+.1f} points)")
         return "; ".join(out) or "none"
 
-    rising = {g: p for g, p in result["choice"]["student_plateau"].items() if not p["plateaued"]}
+    rising = {g: p for g, p in result.get("choice", {}).get("student_plateau", {}).items() if not p["plateaued"]}
     caveat = ("" if not rising else
               "**Not at the end point:** the students' length ladder was still rising at its top in "
               + ", ".join(f"{g} ({p['steps']} steps)" for g, p in rising.items())

@@ -340,3 +340,16 @@ def test_the_curve_under_long_tail_reads_the_balanced_validation(tmp_path):
     (tmp_path / plain.folder).mkdir(parents=True)
     (tmp_path / plain.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert study.curve(str(tmp_path), plain) == [[1, 90.0, 80.0], [2, 85.0, 85.0]]
+
+
+def test_the_claims_say_first_when_a_students_ladder_did_not_plateau():
+    """A ladder still rising at its top is stated before any claim (the figures are at a budget, not at the
+    end point); none is stated when every group plateaued."""
+    fam = {"kd:sym40": {"direction": "none", "mean": 0.1, "reference": "ce"}}
+    result = {"statistics": {"confirmatory": fam, "seeds": [0, 1], "exploratory_vs_ce": {}},
+              "choice": {"student_plateau": {"clean": {"steps": 800, "plateaued": True},
+                                             "imbalance": {"steps": 1600, "plateaued": False}}}}
+    text = study.claims(result)
+    assert text.startswith("**Not at the end point:**") and "imbalance (1600 steps)" in text and "clean (" not in text
+    result["choice"]["student_plateau"]["imbalance"]["plateaued"] = True
+    assert study.claims(result).startswith("Confirmatory family")
