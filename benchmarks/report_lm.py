@@ -35,7 +35,7 @@ MEMORY_SHAPE = (4096, 1024, 128256)  # SPEC §9: extra peak memory <= 1/8 of eag
 GPU_SHAPE = (8192, 4096, 128256)
 # the committed CPU runs (benchmarks/results/, in this order) that docs/benchmarks.md's table is made of
 COMMITTED_RUNS = ("lm_cpu.json", "lm_cpu_bf16.json", "lm_cpu_dense_compile.json", "lm_cpu_jsd_4096.json",
-                  "lm_cpu_8192.json", "lm_cpu_bf16_4096.json")
+                  "lm_cpu_8192.json", "lm_cpu_bf16_4096.json", "lm_cpu_4096_dense_compile.json", "lm_cpu_8192_dense.json")
 
 
 def load(paths: list[str]) -> tuple[list[dict], list[dict]]:
