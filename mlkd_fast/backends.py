@@ -305,6 +305,15 @@ def resolve(backend: str, device: torch.device, op: Optional[str] = None) -> Bac
     return entry
 
 
+def pinned_backend(backend: str, device: torch.device) -> str:
+    """The name ``backend`` resolves to on ``device`` when that backend implements every op, for a caller
+    that calls the ops every step on one device (a training run): its calls then skip ``auto``'s
+    search and the environment variable, read here once. A backend implementing only some ops is
+    returned as given (each op then resolves per call)."""
+    entry = resolve(backend, device)
+    return entry.name if REGISTRY.get(entry.name) is entry and entry.complete else backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The name of the backend :func:`resolve` picks (for callers that only report it)."""
     return resolve(backend, device).name

@@ -164,6 +164,19 @@ def test_a_backend_may_implement_a_subset_of_the_ops(partial):
     assert choice.backend == following and "partial: does not implement the correlation op" in choice.reason
 
 
+def test_a_training_run_pins_auto_to_a_complete_backend_but_not_to_a_partial_one(partial, monkeypatch):
+    """``pinned_backend`` (what mlkd-train hands its method): ``auto`` and the environment variable
+    resolved once to a backend implementing every op; a partial first backend leaves ``auto`` as it is,
+    so that each op still finds its own."""
+    cpu = torch.device("cpu")
+    assert backends.pinned_backend("auto", cpu) == "auto"  # "partial" comes first and lacks the correlation
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", backends.AUTO_ORDER["cpu"][1:])
+    first = next(n for n in backends.AUTO_ORDER["cpu"] if REGISTRY[n].status(cpu))
+    assert backends.pinned_backend("auto", cpu) == first
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert backends.pinned_backend("auto", cpu) == "torch" and backends.pinned_backend("partial", cpu) == "partial"
+
+
 def test_a_backend_asked_for_an_op_it_lacks_names_the_op(partial, monkeypatch):
     partial, calls = partial
     cpu = torch.device("cpu")

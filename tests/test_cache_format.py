@@ -203,6 +203,17 @@ def test_the_replay_verifies_each_shard_once_and_names_it(damage, message, tmp_p
     assert "e0000-s00001.pt" in str(err.value)
 
 
+def test_an_in_memory_source_drawing_another_order_is_refused_before_its_first_batch(tmp_path):
+    """An in-memory set's batches are read as slices of the stored order: the source's epoch order is
+    compared with the cache's once, at the epoch's start (here a source of another seed, which
+    ``check_against`` would have refused by name before training)."""
+    x, y, _, _ = D.load_digits_split(seed=0, train_per_class=5)
+    source = D.MemorySource(x, y, D.Shard(16), 1, torch.device("cpu"), pad=D.DIGITS_PAD)
+    replay = CachedSource(source, TeacherCache.open(_copy("all_fp32", tmp_path)), torch.device("cpu"), views=1)
+    with pytest.raises(ValueError, match="draws epoch 1's samples in another order than the cache holds"):
+        next(replay.epoch(0))
+
+
 def test_replayed_outputs_are_the_stored_rows_in_the_batch_order(tmp_path):
     """Batches of consecutive positions read slices, others gather: the same rows either way (a batch of
     12 crosses the 32-sample shards and a DDP rank's batches are strided)."""

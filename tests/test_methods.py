@@ -25,6 +25,22 @@ def test_unknown_option_lists_the_method_options():
         M.build("kd", M.ModelSpec(10, 8), M.ModelSpec(10, 8), temprature=2.0)
 
 
+def test_the_total_is_the_terms_sum_and_nothing_to_train_on_is_named():
+    """The loss is the sum of the terms in ``.last`` (CE unscaled at w_ce = 1, scaled otherwise); a
+    method left with no term (CE at w_ce = 0) is an error naming it, not a crash on the number 0."""
+    spec = M.ModelSpec(10, 8)
+    s, t, y = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    for w_ce in (1.0, 0.5):
+        kd = M.build("kd", spec, spec, w_ce=w_ce)
+        loss = kd(M.Outputs(s), M.Outputs(t), y)
+        assert torch.equal(loss.detach(), kd.last["total"]) and set(kd.last) == {"ce", "kd", "total"}
+        assert torch.equal(loss.detach(), kd.last["ce"] + kd.last["kd"])
+        ce = torch.nn.functional.cross_entropy(s, y)
+        assert torch.equal(kd.last["ce"], (ce if w_ce == 1.0 else w_ce * ce).detach())
+    with pytest.raises(ValueError, match="method 'ce' has no term to train on: w_ce is 0"):
+        M.build("ce", spec, None, w_ce=0.0)(M.Outputs(s), None, y)
+
+
 def test_a_layer_that_does_not_exist_is_named():
     net = build_model("cnn-small", 10)
     with pytest.raises(ValueError, match=r"no module named 'body.99' in SmallCNN; its modules are: body, body.0"):

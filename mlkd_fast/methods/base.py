@@ -192,12 +192,18 @@ class Distiller(nn.Module):
         self.check(student, teacher, context)
         terms: dict[str, Tensor] = {}
         if self.w_ce > 0:
-            terms["ce"] = self.w_ce * cross_entropy(student.logits, target)
+            ce = cross_entropy(student.logits, target)
+            terms["ce"] = ce if self.w_ce == 1.0 else self.w_ce * ce  # no product (and no node) for the default
         terms.update(self.loss_terms(student, teacher, target, **context))
         return self._total(terms)
 
     def _total(self, terms: dict[str, Tensor]) -> Tensor:
-        total = sum(terms.values())
+        values = iter(terms.values())
+        total = next(values, None)
+        if total is None:
+            raise ValueError(f"method {self.name!r} has no term to train on: w_ce is 0 and its loss_terms are empty")
+        for v in values:  # from the first term on: sum() would start with an addition of 0 (one more node)
+            total = total + v
         self.last = {k: v.detach() for k, v in terms.items()}
         self.last["total"] = total.detach()
         return total

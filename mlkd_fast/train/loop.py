@@ -169,6 +169,15 @@ class NonFiniteLossError(RuntimeError):
     one line with exit status 1 (training failed; not an error in what was given)."""
 
 
+def _scalar(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """A term (a 0-dim or one-element tensor, or a number) as a detached fp32 0-dim tensor on the loss's
+    device; the usual one (a detached fp32 0-dim tensor: the distillers' ``.last``) as it is."""
+    if (type(value) is torch.Tensor and value.dtype is torch.float32 and value.ndim == 0 and not value.requires_grad
+            and value.device == like.device):
+        return value
+    return torch.as_tensor(value, device=like.device).detach().float().reshape(())
+
+
 def _term_keys(terms: dict[str, Any]) -> list[str]:
     return [k for k, v in terms.items() if not torch.is_tensor(v) or v.numel() == 1]
 
@@ -231,9 +240,9 @@ class EpochSums:
             self.sums = torch.cat([self.sums, self.sums.new_zeros(len(new))])
             self.bad_values = torch.cat([self.bad_values, self.bad_values.new_zeros(len(new))])
         present = [True] + [k in terms for k in self.keys[1:]]
-        values = torch.stack([loss.detach().float().reshape(())] + [
-            torch.as_tensor(terms[k], device=loss.device).detach().float().reshape(()) if here
-            else loss.new_zeros((), dtype=torch.float32) for k, here in zip(self.keys[1:], present[1:])]).double()
+        values = torch.stack([_scalar(loss, loss)] + [_scalar(terms[k], loss) if here
+                                                      else loss.new_zeros((), dtype=torch.float32)
+                                                      for k, here in zip(self.keys[1:], present[1:])]).double()
         return values, present
 
     def add(self, values: torch.Tensor, present: list[bool], batch: int) -> None:

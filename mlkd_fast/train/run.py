@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import methods as M
+from ..backends import pinned_backend
 from . import data as D
 from .checkpoint import (CACHE_FILES, RUN_FILES, check_writable, load_checkpoint, move_aside, present,
                          save_checkpoint, write_json_atomic)
@@ -148,7 +149,7 @@ class Run:
         if config.temperature is not None and "temperature" in known:
             options.setdefault("temperature", config.temperature)
         if "backend" in known:
-            options.setdefault("backend", config.backend)
+            options.setdefault("backend", pinned_backend(config.backend, self.device))
         if cls.takes_views:
             options.setdefault("views", views)
         for option, fact in cls.data_options.items():

@@ -25,8 +25,13 @@ class Shard:
         """Full global batches per epoch (the partial last one is dropped so that ranks agree)."""
         return n // (self.batch_size * self.world)
 
+    def start(self, step: int) -> int:
+        """The position in the epoch's order of this process's first sample at ``step``: its batch is the
+        ``batch_size`` consecutive positions from there."""
+        return (step * self.world + self.rank) * self.batch_size
+
     def indices(self, order: Tensor, step: int) -> Tensor:
-        start = (step * self.world + self.rank) * self.batch_size
+        start = self.start(step)
         return order[start:start + self.batch_size]
 
 
@@ -136,6 +141,11 @@ class MemorySource:
             return xb.contiguous(memory_format=torch.channels_last) if self.channels_last else xb
         return normalize_with(xb, self._mean, self._std, self.channels_last)
 
+    def order(self, epoch: int) -> Tensor:
+        """The epoch's order of the samples (:func:`epoch_order`, on the CPU): a process's batch at a step
+        holds the ones at :meth:`Shard.start` and after."""
+        return epoch_order(len(self.x), self.seed, epoch)
+
     def epoch_params(self, epoch: int) -> Tensor:
         """:func:`augment_params` of an epoch, on the CPU (kept for the last epoch asked)."""
         if self._params is None or self._params[0] != epoch:
@@ -143,12 +153,13 @@ class MemorySource:
         return self._params[1]
 
     def epoch(self, epoch: int, start_step: int = 0, with_index: bool = False,
-              with_params: bool = False) -> Iterator[tuple[Tensor, ...]]:
+              with_params: bool = False, with_start: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """``(images, labels)`` batches of this rank from ``start_step``; with ``with_index`` also the
         samples' indices in the training set (methods with a per-sample memory, e.g. CRD); with
-        ``with_params`` also ``(indices, params)`` on the CPU (a teacher cache checks them)."""
+        ``with_params`` also ``(indices, params)`` on the CPU; with ``with_start`` also the batch's first
+        position in :meth:`order` (an int: a teacher cache reads the rows stored there)."""
         # the epoch's order and views go to the device once: a step copies nothing from the host
-        order_cpu = epoch_order(len(self.x), self.seed, epoch)
+        order_cpu = self.order(epoch)
         order = order_cpu.to(self.device)
         params_cpu = self.epoch_params(epoch)
         params = params_cpu.to(self.device) if self.pad or self.flip else None
@@ -163,6 +174,8 @@ class MemorySource:
             if with_params:
                 idx_cpu = self.shard.indices(order_cpu, step)
                 out += ((idx_cpu, params_cpu[idx_cpu]),)
+            if with_start:
+                out += (self.shard.start(step),)
             yield out
 
     def views(self, batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

@@ -124,8 +124,9 @@ class CachedSource:
     What is checked, and when: each shard once, read and checksummed in the background and verified on
     its first use (its samples are the epoch order's at its positions; where the base source's views are a function of (seed, epoch,
     index) alone, ``base.epoch_params(epoch)`` as in the in-memory sets, its stored views are those
-    drawn; whether every sample has outputs). A batch then costs a position lookup and, for the usual
-    batch of consecutive positions in one shard, slices of the stored tensors (no copy on CPU). Views
+    drawn; whether every sample has outputs). A batch of an in-memory set (consecutive positions of the
+    epoch order, which is compared with the cache's once per epoch) then costs slices of the stored
+    tensors (no copy on CPU); any other batch a position lookup and slices or a gather. Views
     drawn by the loader workers (folders: they depend on each image's size) and samples that had no
     outputs when cached are checked batch by batch."""
 
@@ -210,6 +211,16 @@ class CachedSource:
             raise InputError(f"--teacher-cache {self.cache.folder!r} holds {self.cache.epochs} epoch(s), not epoch "
                              f"{epoch + 1} (--cache-wrap replays epoch e mod {self.cache.epochs})")
         order = self._order(cached)
+        if self._epoch_params is not None and hasattr(self.base, "order"):
+            # an in-memory set: every batch is the consecutive positions of the epoch order from the one its
+            # source names, so one comparison of the orders, here, checks every batch's samples (and each
+            # shard's views were checked whole when it was read)
+            if not torch.equal(self.base.order(cached), order):
+                raise InputError(f"--teacher-cache {self.cache.folder!r}: this run draws epoch {cached + 1}'s samples "
+                                 f"in another order than the cache holds: the cache is not of this run")
+            for x, y, index, first in self.base.epoch(cached, start_step, with_index=True, with_start=True):
+                yield x, y, index, self._outputs_at(cached, first, len(y))
+            return
         position = torch.empty(self.n, dtype=torch.long)
         position[order] = torch.arange(self.n)
         for x, y, index, (index_cpu, params) in self.base.epoch(cached, start_step, with_index=True, with_params=True):
@@ -223,22 +234,39 @@ class CachedSource:
         for x, y, index, outputs in self.epoch(epoch, start_step):
             yield x, y, ({"index": index, "teacher_outputs": outputs} if with_index else {"teacher_outputs": outputs})
 
-    def _rows(self, epoch: int, k: int, rows: Any, index: Tensor, params: Tensor) -> dict[str, Tensor]:
+    def _rows(self, epoch: int, k: int, rows: Any, index: Optional[Tensor], params: Optional[Tensor]) -> dict[str, Tensor]:
         """The stored outputs of ``rows`` (a slice or positions) of shard k, (b, V, ...), after the checks
-        its verification left to the batch (an error naming the shard)."""
+        its verification left to the batch (an error naming the shard): the samples' ``index`` and their
+        drawn views ``params`` are read only where the shard's views were not checked whole."""
         shard = self._shard(epoch, k)
         state = shard.state  # its samples are the epoch order's at its positions (verified when it was read)
         if not shard.all_valid:
             valid = state["valid"][rows]
             if not bool(valid.all()):
                 raise InputError(f"teacher cache shard {shard.path!r} holds no outputs for sample "
-                                 f"{int(index[~valid][0])} (undecodable when the cache was made, decodable now): make "
-                                 f"the cache again")
+                                 f"{int(state['index'][rows][~valid][0])} (undecodable when the cache was made, "
+                                 f"decodable now): make the cache again")
         if not shard.views_checked:
             error = checks.view_mismatch(shard.path, epoch, index, state["aug"][rows], params, self.view_params)
             if error is not None:
                 raise error
         return {f.name: state[f.name][rows, :self.views] for f in self.fed}
+
+    def _decoded(self, got: dict[str, Tensor]) -> Outputs:
+        """The teacher's :class:`Outputs` from the stored fields of a batch, on the training device."""
+        if self.device.type != "cpu":
+            got = {name: t.to(self.device, non_blocking=True) for name, t in got.items()}
+        return Outputs(**{slot: SLOTS[slot](got, self.cache.manifest) for slot in self.slots})
+
+    def _outputs_at(self, epoch: int, first: int, b: int) -> Outputs:
+        """The stored outputs of the ``b`` consecutive positions of the epoch order from ``first``: slices
+        of one shard (no copy on CPU), or of two where the batch crosses a shard's end."""
+        k, last = first // self.size, (first + b - 1) // self.size
+        parts = [self._rows(epoch, j, slice(max(first, j * self.size) - j * self.size,
+                                            min(first + b, (j + 1) * self.size) - j * self.size), None, None)
+                 for j in range(k, last + 1)]
+        return self._decoded(parts[0] if len(parts) == 1 else
+                             {name: torch.cat([p[name] for p in parts]) for name in parts[0]})
 
     def _outputs(self, epoch: int, index: Tensor, params: Tensor, position: Tensor, order: Tensor) -> Outputs:
         b = len(index)
@@ -262,6 +290,4 @@ class CachedSource:
             back = torch.empty_like(sel)
             back[sel] = torch.arange(len(sel))
             got = {name: torch.cat(ts)[back] for name, ts in parts.items()}
-        if self.device.type != "cpu":
-            got = {name: t.to(self.device, non_blocking=True) for name, t in got.items()}
-        return Outputs(**{slot: SLOTS[slot](got, self.cache.manifest) for slot in self.slots})
+        return self._decoded(got)
