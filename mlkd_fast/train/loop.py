@@ -240,7 +240,7 @@ class EpochSums:
             self.sums = torch.cat([self.sums, self.sums.new_zeros(len(new))])
             self.bad_values = torch.cat([self.bad_values, self.bad_values.new_zeros(len(new))])
         present = [True] + [k in terms for k in self.keys[1:]]
-        values = torch.stack([_scalar(loss, loss)] + [_scalar(terms[k], loss) if here
+        values = torch.stack([_scalar(loss.detach(), loss)] + [_scalar(terms[k], loss) if here
                                                       else loss.new_zeros((), dtype=torch.float32)
                                                       for k, here in zip(self.keys[1:], present[1:])]).double()
         return values, present
