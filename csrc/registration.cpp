@@ -45,6 +45,16 @@ TORCH_LIBRARY_IMPL(mlkd_fast_lm_native, CPU, m) {
   m.impl("token_rows", &lm_token_rows_cpu);
 }
 
+// The KD method's whole loss in one pass, CPU only (mlkd_fast/ops.py KD_CE_SCHEMAS declares its ops); kd_ce's
+// autograd is C++ (no Python on an eager step's path), kd_ce_fwd has none (kd_ce calls it below autograd).
+TORCH_LIBRARY_IMPL(mlkd_fast_kd_ce, CPU, m) {
+  m.impl("kd_ce_fwd", &kd_ce_fwd_cpu);
+  m.impl("kd_ce", &kd_ce_cpu);
+}
+TORCH_LIBRARY_IMPL(mlkd_fast_kd_ce, Autograd, m) {
+  m.impl("kd_ce", &kd_ce_autograd);
+}
+
 #ifdef MLKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(mlkd_fast, CUDA, m) {
   m.impl("kd_kl", &kd_kl_cuda);

@@ -17,9 +17,10 @@ from torch import Tensor
 from . import _checks as check
 from . import backends
 from ._checks import REDUCTIONS
-from .ops import math_dtype
+from .ops import KD_CE_NAMESPACE, math_dtype
+from .terms import cross_entropy
 
-__all__ = ["kd_kl_div", "correlation_kl", "explain", "REDUCTIONS"]
+__all__ = ["kd_kl_div", "kd_ce_loss", "correlation_kl", "explain", "REDUCTIONS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +147,80 @@ def _kd_row_weights(mask: Optional[Tensor], n: int, c: int, reduction: str, weig
     if reduction in ("batchmean", "mean"):
         return w * (weight / divisor) / mask.sum().to(dtype).clamp_min(1)
     return w if weight == 1.0 else w * weight
+
+
+# ---------------------------------------------------------------------------------------------
+# the KD method's whole loss: CE and the temperature KL in one pass (docs/design.md §1.1)
+# ---------------------------------------------------------------------------------------------
+_ONE_PASS_TEACHER = (torch.float32, torch.bfloat16, torch.float16)
+_ONE_PASS: list = []  # [whether the compiled library has the kd_ce kernel], decided at the first call
+
+
+def _one_pass_available() -> bool:
+    if not _ONE_PASS:
+        from . import _native
+
+        _ONE_PASS.append(_native.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"{KD_CE_NAMESPACE}::kd_ce", "CPU"))
+    return _ONE_PASS[0]
+
+
+def kd_ce_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    temperature: float = 4.0,
+    w_kd: float = 1.0,
+    w_ce: float = 1.0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The KD method's whole loss, ``w_ce CE(s, y) + w_kd T^2 KL(softmax(t/T) || softmax(s/T))``, each
+    term a mean over the rows, in one pass over the logits where it can be.
+
+    Args:
+        student_logits: ``(N, C)`` logits of the student (fp32, fp16, bf16 or fp64).
+        teacher_logits: ``(N, C)`` logits of the teacher, any of those dtypes; constants (no gradient
+            reaches them: detach them, or use :func:`kd_kl_div` for a teacher that trains).
+            ``-inf`` entries are masked classes, as in :func:`kd_kl_div`.
+        target: ``(N,)`` integer class indices in ``[0, C)`` (an index out of range raises an
+            IndexError, as ``F.cross_entropy`` does).
+        temperature: T > 0.
+        w_kd, w_ce: the terms' weights (finite reals).
+        backend: as for :func:`kd_kl_div`.
+
+    Returns:
+        ``(total, kd, ce)``: the fp32 scalar loss (fp64 for fp64 logits), differentiable with respect
+        to ``student_logits``, and its two weighted terms, detached (for logging).
+
+    Where the backend is ``native`` and the student's logits are fp32 on the CPU (outside
+    ``torch.compile``), one compiled op computes both terms and the gradient in one sweep of each row
+    (csrc/cpu/kd_ce.cpp) and records one autograd node written in C++, whose backward hands back the
+    stored gradient: at classification sizes the Python around a loss, not its arithmetic, is what a
+    CPU step pays for it. Everywhere else the two terms are :func:`mlkd_fast.terms.cross_entropy` and
+    :func:`kd_kl_div`, the same values to rounding.
+    """
+    s, t = student_logits, teacher_logits
+    if (type(s) is Tensor and type(t) is Tensor and type(target) is Tensor and s.dtype == torch.float32
+            and t.dtype in _ONE_PASS_TEACHER and s.ndim == 2 and t.shape == s.shape and target.ndim == 1
+            and target.shape[0] == s.shape[0] and s.numel() > 0 and s.device.type == "cpu"
+            and t.device.type == "cpu" and target.device.type == "cpu" and not target.is_floating_point()
+            and target.dtype != torch.bool and not torch.compiler.is_compiling() and _one_pass_available()
+            and not torch._C._are_functorch_transforms_active()
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and backends.resolve(backend, s.device, op="kd_kl").name == "native"):
+        return getattr(torch.ops, KD_CE_NAMESPACE).kd_ce(s, t.detach(), target, _real(temperature, "temperature", True),
+                                                         _real(w_kd, "w_kd", False), _real(w_ce, "w_ce", False))
+    s, t = check.logit_pair(s, t)
+    target = check.labels(target, s.shape[0])
+    temperature = _real(temperature, "temperature", True)
+    w_kd, w_ce = _real(w_kd, "w_kd", False), _real(w_ce, "w_ce", False)
+    kd = kd_kl_div(s, t.detach(), temperature, weight=w_kd, backend=backend)
+    if w_ce == 0.0:
+        return kd, kd.detach(), torch.zeros((), dtype=kd.dtype, device=kd.device)
+    ce = cross_entropy(s, target)
+    if w_ce != 1.0:
+        ce = w_ce * ce
+    return ce + kd, kd.detach(), ce.detach()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,20 @@ LM_SCHEMAS: dict[str, str] = {
                   "int vocab, bool want_grad) -> (Tensor, Tensor)",
 }
 
+# The compiled library's KD method loss in one pass (csrc/cpu/kd_ce.cpp; :func:`mlkd_fast.fused.kd_ce_loss`),
+# CPU only, in a namespace of its own: ``w_ce`` CE + ``w_kd T^2`` KL, each a mean over the rows, of fp32
+# student logits (N, C), the teacher's (fp32, bf16 or fp16) and integer targets. ``kd_ce_fwd`` returns
+# the fp32 total, kd and ce terms and, with ``student_grad``, d(total)/d(student) ((0,) otherwise);
+# ``kd_ce`` returns the three terms, its autograd registered in C++ (one node, no Python on an eager
+# step's path). Declared with the native namespace (:func:`define_schemas`).
+KD_CE_NAMESPACE = "mlkd_fast_kd_ce"
+KD_CE_SCHEMAS: dict[str, str] = {
+    "kd_ce_fwd": "kd_ce_fwd(Tensor student, Tensor teacher, Tensor target, float temperature, float w_kd, "
+                 "float w_ce, bool student_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "kd_ce": "kd_ce(Tensor student, Tensor teacher, Tensor target, float temperature, float w_kd, float w_ce) "
+             "-> (Tensor, Tensor, Tensor)",
+}
+
 
 def math_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """The dtype of the loss rows, statistics and row weights: fp64 when any input is fp64 (so that
@@ -121,6 +135,15 @@ def _fake_dense_correlation_bwd(g, grad_operand, a_s, b_s):
 def _fake_lm_token_rows(z_s, z_t, labels, kd_weight, ce_weight, divergence, coef, temperature, student_softcap,
                         teacher_softcap, vocab, want_grad):
     return z_s.new_empty(z_s.shape[0]), z_s.new_empty(z_s.shape[0])
+
+
+def _fake_kd_ce_fwd(student, teacher, target, temperature, w_kd, w_ce, student_grad):
+    scalars = tuple(student.new_empty((), dtype=torch.float32) for _ in range(3))
+    return (*scalars, student.new_empty(student.shape) if student_grad else student.new_empty(0))
+
+
+def _fake_kd_ce(student, teacher, target, temperature, w_kd, w_ce):
+    return tuple(student.new_empty((), dtype=torch.float32) for _ in range(3))
 
 
 DENSE_FAKES: dict[str, Callable] = {
@@ -255,6 +278,8 @@ def register_fakes_and_autograd(namespace: str) -> None:
     if namespace == NATIVE_NAMESPACE:
         _register_dense_fakes_and_autograd()
         torch.library.register_fake(f"{LM_NAMESPACE}::token_rows", _fake_lm_token_rows)
+        torch.library.register_fake(f"{KD_CE_NAMESPACE}::kd_ce_fwd", _fake_kd_ce_fwd)
+        torch.library.register_fake(f"{KD_CE_NAMESPACE}::kd_ce", _fake_kd_ce)
 
 
 def _register_dense_fakes_and_autograd() -> None:
@@ -309,6 +334,8 @@ def define_schemas(namespace: str) -> None:
             torch.library.define(f"{DENSE_NAMESPACE}::{name}", schema[len(name):])
         for name, schema in LM_SCHEMAS.items():  # and the LM loss's row function
             torch.library.define(f"{LM_NAMESPACE}::{name}", schema[len(name):])
+        for name, schema in KD_CE_SCHEMAS.items():  # and the KD method's one-pass loss
+            torch.library.define(f"{KD_CE_NAMESPACE}::{name}", schema[len(name):])
     _DECLARED.add(namespace)
 
 

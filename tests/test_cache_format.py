@@ -13,7 +13,7 @@ import torch
 from mlkd_fast.train import data as D
 from mlkd_fast.train import main as train
 from mlkd_fast.train import replay as R
-from mlkd_fast.train.cache import checks, format as F
+from mlkd_fast.train.cache import checks, format as F, reader
 from mlkd_fast.train.cache import writer as W
 from mlkd_fast.train.cache.reader import CachedSource, TeacherCache
 from mlkd_fast.train.models import build_model
@@ -171,15 +171,19 @@ def test_the_trainer_facing_names_stay_importable():
     assert os.path.basename(F.shard_path("x", 3, 12)) == "e0003-s00012.pt"
 
 
+@pytest.mark.parametrize("read", ["whole", "streamed"])
 @pytest.mark.parametrize("damage, message", [
     ("order", "holds other samples at these positions of epoch 1 than this run draws"),
     ("valid", "holds no outputs for sample"),
     ("view", "was cached with the view"),
 ])
-def test_the_replay_verifies_each_shard_once_and_names_it(damage, message, tmp_path):
+def test_the_replay_verifies_each_shard_once_and_names_it(damage, message, read, tmp_path, monkeypatch):
     """A shard whose samples are of another order, lack outputs, or were cached with other views (its
     checksum rewritten to match): refused when the replay reaches it, naming the file, whichever of its
-    rows differs (here the last one drawn, in the epoch's last batch)."""
+    rows differs (here the last one drawn, in the epoch's last batch); the same whether the cache was
+    read whole when the replay was built or is streamed."""
+    if read == "streamed":
+        monkeypatch.setattr(reader, "PRELOAD_MAX_BYTES", 0)
     cache = _copy("all_fp32", tmp_path)
     m = _manifest(cache)
     path = F.shard_path(cache, 0, 1)
@@ -201,6 +205,35 @@ def test_the_replay_verifies_each_shard_once_and_names_it(damage, message, tmp_p
     with pytest.raises(ValueError, match=message) as err:
         list(batches)
     assert "e0000-s00001.pt" in str(err.value)
+
+
+def test_a_small_cache_is_read_whole_when_built_and_replays_as_the_streamed_one(tmp_path, monkeypatch):
+    """A cache within PRELOAD_MAX_BYTES is read and verified when the replay is built: its epochs read
+    no file (here every shard file is gone by then), and they yield what the streamed replay yields, in
+    one slice per slot where the stored logits are a view of training's (all C, fp32, one view)."""
+    cache = _copy("all_fp32", tmp_path)
+    x, y, _, _ = D.load_digits_split(seed=0, train_per_class=5)
+
+    def source():
+        return D.MemorySource(x, y, D.Shard(12), 0, torch.device("cpu"), pad=D.DIGITS_PAD)
+
+    whole = CachedSource(source(), TeacherCache.open(cache), torch.device("cpu"), views=1)
+    monkeypatch.setattr(reader, "PRELOAD_MAX_BYTES", 0)
+    streamed = CachedSource(source(), TeacherCache.open(cache), torch.device("cpu"), views=1)
+    epochs = TeacherCache.open(cache).epochs
+    expected = [list(streamed.epoch(e)) for e in range(epochs)]
+    for f in os.listdir(cache):
+        if f.endswith(".pt"):
+            os.unlink(os.path.join(cache, f))
+    for e in range(epochs):
+        for (xb, yb, ib, out), (xs, ys, is_, out_s) in zip(whole.epoch(e), expected[e], strict=True):
+            assert torch.equal(xb, xs) and torch.equal(yb, ys) and torch.equal(ib, is_)
+            assert torch.equal(out.logits, out_s.logits) and (out.feats is None) == (out_s.feats is None)
+            if out.feats is not None:
+                assert torch.equal(out.feats, out_s.feats)
+    held = whole._shard(0, 0)
+    assert held.slots is not None and held.slots["logits"].untyped_storage().data_ptr() == \
+        held.state["logits"].untyped_storage().data_ptr()
 
 
 def test_an_in_memory_source_drawing_another_order_is_refused_before_its_first_batch(tmp_path):

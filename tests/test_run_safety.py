@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from mlkd_fast.methods import base as methods_base
+from mlkd_fast.methods import kd as kd_method
 from mlkd_fast.train import cache as C
 from mlkd_fast.train.__main__ import main as train_cli
 
@@ -247,18 +248,31 @@ def test_resume_refuses_other_data_and_accepts_what_it_documents_as_changeable(t
 
 # ---- 5. a non-finite loss stops the run ---------------------------------------------------------------
 def _poison(monkeypatch, term: str, at_call: int) -> None:
-    """Makes ``term`` NaN in the ``at_call``-th training call of a distiller that has that term."""
+    """Makes ``term`` NaN in the ``at_call``-th training call of a distiller that has that term: in the sum
+    of its terms (``Distiller._total``) or, for kd, whose CE and KD are one op, in that op's result."""
     plain = methods_base.Distiller._total
     calls = {"n": 0}
 
+    def now() -> bool:
+        calls["n"] += 1
+        return calls["n"] == at_call
+
     def total(self, terms):
-        if term in terms and self.training:
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                terms = {**terms, term: terms[term] * float("nan")}
+        if term in terms and self.training and now():
+            terms = {**terms, term: terms[term] * float("nan")}
         return plain(self, terms)
 
     monkeypatch.setattr(methods_base.Distiller, "_total", total)
+    if term == "kd":
+        one_op = kd_method.kd_ce_loss
+
+        def kd_ce_loss(*args, **kwargs):
+            loss, kd, ce = one_op(*args, **kwargs)
+            if torch.is_grad_enabled() and now():
+                return loss * float("nan"), kd * float("nan"), ce
+            return loss, kd, ce
+
+        monkeypatch.setattr(kd_method, "kd_ce_loss", kd_ce_loss)
 
 
 def test_a_nonfinite_loss_stops_naming_the_step_and_term_and_keeps_the_last_good_checkpoint(

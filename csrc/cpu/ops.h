@@ -52,6 +52,22 @@ std::tuple<at::Tensor, at::Tensor> lm_token_rows_cpu(const at::Tensor& z_s, cons
                                                      double student_softcap, double teacher_softcap, int64_t vocab,
                                                      bool want_grad);
 
+// kd_ce.cpp: the KD method's whole loss (w_ce CE + w_kd T^2 KL, means over the rows) in one pass, ops of
+// their own namespace (mlkd_fast_kd_ce; schemas in mlkd_fast/ops.py KD_CE_SCHEMAS). kd_ce_fwd returns the
+// fp32 total, kd and ce terms and, with student_grad, d(total)/d(student) ((0,) otherwise); kd_ce returns
+// the three terms, its autograd kernel (kd_ce_autograd) recording one C++ node that hands back the
+// stored gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_ce_fwd_cpu(const at::Tensor& student,
+                                                                         const at::Tensor& teacher,
+                                                                         const at::Tensor& target, double temperature,
+                                                                         double w_kd, double w_ce, bool student_grad);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_ce_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const at::Tensor& target, double temperature, double w_kd,
+                                                        double w_ce);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_ce_autograd(const at::Tensor& student, const at::Tensor& teacher,
+                                                             const at::Tensor& target, double temperature,
+                                                             double w_kd, double w_ce);
+
 // ---- shared with the CUDA glue ----
 
 // The math dtype of kd_kl: fp64 when either input is fp64, else fp32.

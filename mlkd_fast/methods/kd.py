@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import _checks as check
-from ..fused import kd_kl_div
+from ..fused import kd_ce_loss, kd_kl_div
 from ._common import require_teacher
 from .base import Distiller, ModelSpec
 from .registry import register
@@ -40,6 +40,16 @@ class KD(Distiller):
                  temperature: float = 4.0, backend: str = "auto") -> None:
         super().__init__(student, require_teacher(teacher, "kd"), w_ce)
         self.w_kd, self.temperature, self.backend = float(w_kd), float(temperature), backend
+
+    def forward(self, student, teacher, target, **context):
+        # CE and KD read the same logits: one op for both (one pass and one autograd node on the native
+        # backend; the two terms elsewhere), the same terms as the base class's CE + loss_terms
+        self.check(student, teacher, context)
+        total, kd, ce = kd_ce_loss(student.logits, teacher.logits.detach(), target, self.temperature, w_kd=self.w_kd,
+                                   w_ce=self.w_ce, backend=self.backend)
+        self.last = {"ce": ce} if self.w_ce > 0 else {}
+        self.last.update(kd=kd, total=total.detach())
+        return total
 
     def loss_terms(self, student, teacher, target, **context):
         return {"kd": kd_kl_div(student.logits, teacher.logits.detach(), self.temperature,

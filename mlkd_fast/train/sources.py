@@ -128,6 +128,7 @@ class MemorySource:
         self._mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(self.std, dtype=torch.float32, device=self.device)
         self._params: Optional[tuple[int, Tensor]] = None  # the last epoch's augment_params (CPU)
+        self._order: Optional[tuple[int, Tensor]] = None  # the last epoch's order (CPU)
 
     def augmentation(self) -> dict:
         """What draws the training views (a teacher cache's manifest records it)."""
@@ -142,9 +143,12 @@ class MemorySource:
         return normalize_with(xb, self._mean, self._std, self.channels_last)
 
     def order(self, epoch: int) -> Tensor:
-        """The epoch's order of the samples (:func:`epoch_order`, on the CPU): a process's batch at a step
+        """The epoch's order of the samples (:func:`epoch_order`, on the CPU; kept for the last epoch asked,
+        which a teacher cache's replay compares before the epoch reads it): a process's batch at a step
         holds the ones at :meth:`Shard.start` and after."""
-        return epoch_order(len(self.x), self.seed, epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.x), self.seed, epoch))
+        return self._order[1]
 
     def epoch_params(self, epoch: int) -> Tensor:
         """:func:`augment_params` of an epoch, on the CPU (kept for the last epoch asked)."""
