@@ -8,6 +8,7 @@ per-row function.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from . import _checks as check
 from . import backends
 from ._checks import REDUCTIONS
-from .ops import KD_CE_NAMESPACE, math_dtype
+from .ops import KD_CE_NAMESPACE, eager_autograd_applies, math_dtype
 from .terms import cross_entropy
 
 __all__ = ["kd_kl_div", "kd_ce_loss", "correlation_kl", "explain", "REDUCTIONS"]
@@ -153,16 +154,14 @@ def _kd_row_weights(mask: Optional[Tensor], n: int, c: int, reduction: str, weig
 # the KD method's whole loss: CE and the temperature KL in one pass (docs/design.md §1.1)
 # ---------------------------------------------------------------------------------------------
 _ONE_PASS_TEACHER = (torch.float32, torch.bfloat16, torch.float16)
-_ONE_PASS: list = []  # [whether the compiled library has the kd_ce kernel], decided at the first call
 
 
+@functools.cache
 def _one_pass_available() -> bool:
-    if not _ONE_PASS:
-        from . import _native
+    """Whether the compiled library is loaded and has the kd_ce kernel (an older build has not)."""
+    from . import _native
 
-        _ONE_PASS.append(_native.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"{KD_CE_NAMESPACE}::kd_ce", "CPU"))
-    return _ONE_PASS[0]
+    return _native.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"{KD_CE_NAMESPACE}::kd_ce", "CPU")
 
 
 def kd_ce_loss(
@@ -200,13 +199,10 @@ def kd_ce_loss(
     :func:`kd_kl_div`, the same values to rounding.
     """
     s, t = student_logits, teacher_logits
-    if (type(s) is Tensor and type(t) is Tensor and type(target) is Tensor and s.dtype == torch.float32
-            and t.dtype in _ONE_PASS_TEACHER and s.ndim == 2 and t.shape == s.shape and target.ndim == 1
-            and target.shape[0] == s.shape[0] and s.numel() > 0 and s.device.type == "cpu"
-            and t.device.type == "cpu" and target.device.type == "cpu" and not target.is_floating_point()
-            and target.dtype != torch.bool and not torch.compiler.is_compiling() and _one_pass_available()
-            and not torch._C._are_functorch_transforms_active()
-            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+    if (eager_autograd_applies(s, t, target) and s.dtype == torch.float32 and t.dtype in _ONE_PASS_TEACHER
+            and s.ndim == 2 and t.shape == s.shape and target.ndim == 1 and target.shape[0] == s.shape[0]
+            and s.numel() > 0 and s.device.type == "cpu" and t.device.type == "cpu" and target.device.type == "cpu"
+            and not target.is_floating_point() and target.dtype != torch.bool and _one_pass_available()
             and backends.resolve(backend, s.device, op="kd_kl").name == "native"):
         return getattr(torch.ops, KD_CE_NAMESPACE).kd_ce(s, t.detach(), target, _real(temperature, "temperature", True),
                                                          _real(w_kd, "w_kd", False), _real(w_ce, "w_ce", False))

@@ -199,7 +199,7 @@ _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-def _eager_autograd_applies(*tensors: Tensor) -> bool:
+def eager_autograd_applies(*tensors: Tensor) -> bool:
     """Whether :class:`_EagerKdKl` may stand in for the registered autograd: plain tensors in plain eager
     autograd (not traced, no functorch transform, no tensor subclass)."""
     return (_BELOW_AUTOGRAD is not None and not torch.compiler.is_compiling() and not _FUNCTORCH_ACTIVE()
@@ -378,7 +378,7 @@ def fused_kd_kl_rows(namespace: str) -> Callable[[Tensor, Tensor, float, Optiona
                 row_weight = scale if row_weight is None else row_weight * scale
         else:
             scale = None
-        if (flags[0] or flags[1]) and _eager_autograd_applies(student, teacher):
+        if (flags[0] or flags[1]) and eager_autograd_applies(student, teacher):
             rows = _EagerKdKl.apply(student, teacher, row_weight, float(temperature), *flags, namespace)[0]
         else:
             rows = getattr(torch.ops, namespace).kd_kl(student, teacher, row_weight, float(temperature), *flags)[0]

@@ -43,7 +43,7 @@ class KD(Distiller):
 
     def forward(self, student, teacher, target, **context):
         # CE and KD read the same logits: one op for both (one pass and one autograd node on the native
-        # backend; the two terms elsewhere), the same terms as the base class's CE + loss_terms
+        # backend; the two terms elsewhere), the terms the base class's CE + loss_terms would give
         self.check(student, teacher, context)
         total, kd, ce = kd_ce_loss(student.logits, teacher.logits.detach(), target, self.temperature, w_kd=self.w_kd,
                                    w_ce=self.w_ce, backend=self.backend)
@@ -51,6 +51,3 @@ class KD(Distiller):
         self.last.update(kd=kd, total=total.detach())
         return total
 
-    def loss_terms(self, student, teacher, target, **context):
-        return {"kd": kd_kl_div(student.logits, teacher.logits.detach(), self.temperature,
-                                backend=self.backend, weight=self.w_kd)}
